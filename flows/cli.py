@@ -1,0 +1,101 @@
+"""`vidtune`: each command parses its arguments and runs the flow of the same name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.config import ParamError, build_params
+
+app = typer.Typer(
+    name="vidtune",
+    help="Raw videos in, a fine-tuned video-diffusion LoRA out. Each command runs the Prefect flow of the same name.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of parameters (same names as --set).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override one parameter, e.g. --set scenes.threshold=30 --set clips.fps=24 (repeatable)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def curate(
+    input: Annotated[str, typer.Argument(help="Folder of raw videos (recursive), one file, or an fsspec URL (s3://...).")],
+    output: Annotated[Path, typer.Argument(help="Dataset folder to write: shards/*.tar, manifest.parquet, stats.json.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    strict: Annotated[bool, typer.Option(help="Exit 1 if any source or clip failed.")] = False,
+) -> None:
+    """Split raw videos into scene clips and write WebDataset shards plus a manifest.
+
+    Every input appears in OUTPUT/manifest.parquet: kept clips, and a row with a reason for each source or
+    clip that was filtered or failed. Rerunning on the same OUTPUT resumes: finished sources are skipped.
+    """
+    from flows.curate import CurateParams, curate as curate_flow
+    from tasks.output import OutputMismatchError
+
+    try:
+        params = build_params(CurateParams, base={"input": input, "output": str(output)}, config=config, overrides=set_ or [])
+    except ParamError as exc:
+        _fail(str(exc))
+    try:
+        summary = curate_flow(params)
+    except (FileNotFoundError, OutputMismatchError) as exc:
+        _fail(str(exc))
+    print_curate_summary(summary)
+    if strict and (summary["sources"]["failed"] or summary["clips"]["failed"]):
+        raise typer.Exit(1)
+
+
+def print_curate_summary(summary: dict) -> None:
+    sources, clips = summary["sources"], summary["clips"]
+    table = Table(title="curate", show_header=True, header_style="bold")
+    for column in ("", "total", "kept", "filtered", "failed", "resumed"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("sources", str(sources["total"]), str(sources["with_clips"]), str(sources["filtered"]), str(sources["failed"]), str(sources["resumed"]))
+    table.add_row("clips", str(sum(clips.values())), str(clips["kept"]), str(clips["filtered"]), str(clips["failed"]), "")
+    console.print(table)
+    console.print(f"hours in → out: {summary['hours_in']:.4f} h → {summary['hours_out']:.4f} h")
+    if summary["reasons"]:
+        console.print("not kept, by reason: " + ", ".join(f"{k} ({v})" for k, v in summary["reasons"].items()), highlight=False)
+    console.print(f"shards: {summary['shards']} in {summary['output']}/shards   manifest: {summary['manifest']}", highlight=False)
+
+
+@app.command("synth-videos")
+def synth_videos(
+    out: Annotated[Path, typer.Argument(help="Folder to write the videos to.")],
+    seconds: Annotated[float, typer.Option(help="Length of each video.")] = 6.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a set of synthetic raw videos with known scene cuts (24/25/30 fps, VFR, odd size, rotated, fade,
+    dissolve, GIF) to try the pipeline without your own footage."""
+    from tasks.synthetic_videos import make_raw_video_set
+
+    for video in make_raw_video_set(out, seed=seed, seconds=seconds):
+        console.print(f"{video.path}  {video.num_frames} frames @ {video.fps:g} fps, cuts at {video.cuts}", highlight=False)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path("demo-run"),
+) -> None:
+    """Run the pipeline end to end on generated videos: raw videos -> curated WebDataset shards."""
+    from flows.demo import run_demo
+
+    run_demo(workdir, console)
+
+
+def main() -> None:  # pragma: no cover - console-script entry point
+    app()

@@ -1,0 +1,69 @@
+"""Build a parameter model from defaults, a YAML file and `--set key.path=value` overrides, with errors that
+name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ParamError(ValueError):
+    """Parameters were rejected before any work started."""
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["scenes.threshold=30", "workers=4"] -> {"scenes": {"threshold": 30}, "workers": 4} (values parsed as YAML)."""
+    tree: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamError(f"--set expects key=value (e.g. scenes.threshold=30), got {item!r}")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamError(f"--set {key}: {part} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+    return merged
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "parameters"
+        message = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict) else ""
+        if err["type"] == "extra_forbidden":
+            message = "unknown parameter"
+        lines.append(f"  {field}: {message}{got}")
+    return "invalid parameters:\n" + "\n".join(lines)
+
+
+def build_params(model: type[M], *, base: dict, config: Path | None = None, overrides: list[str] = ()) -> M:
+    values = dict(base)
+    if config is not None:
+        try:
+            loaded = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ParamError(f"--config {config}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ParamError(f"--config {config}: expected a mapping of parameters at the top level")
+        values = deep_merge(values, loaded)
+    values = deep_merge(values, parse_overrides(list(overrides)))
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ParamError(format_validation_error(exc)) from None

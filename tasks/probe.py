@@ -1,0 +1,74 @@
+"""Read a source's video metadata with PyAV, decoding one frame to prove it is really decodable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+
+
+class ProbeError(Exception):
+    """The file is not a usable video; the message is the manifest reason."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    duration_s: float
+    fps: float  # average frame rate
+    vfr: bool
+    width: int  # coded size
+    height: int
+    rotation: int  # degrees counter-clockwise to display upright
+    codec: str
+    frame_count: int  # from the container; 0 when unknown
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
+
+
+def probe_video(path: str) -> ProbeResult:
+    try:
+        container = av.open(path)
+    except av.error.InvalidDataError:
+        raise ProbeError("not a video: the container could not be parsed (truncated file or not a media file)")
+    except av.error.FFmpegError as exc:
+        raise ProbeError(f"cannot open as video: {exc.strerror or exc}") from exc
+    with container:
+        if not container.streams.video:
+            kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+            raise ProbeError(f"no video stream (streams present: {kinds})")
+        stream = container.streams.video[0]
+        first = _first_frame(container, stream)
+        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        base = float(stream.base_rate or stream.guessed_rate or 0)
+        if fps <= 0:
+            raise ProbeError("no frame rate: the stream has no timing information")
+        duration = _duration_s(container, stream)
+        return ProbeResult(
+            duration_s=duration,
+            fps=fps,
+            vfr=bool(base) and abs(base - fps) / base > 0.01,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            rotation=int(first.rotation or 0) % 360,
+            codec=stream.codec_context.name,
+            frame_count=int(stream.frames or 0),
+        )
+
+
+def _first_frame(container, stream) -> av.VideoFrame:
+    try:
+        for frame in container.decode(stream):
+            return frame
+    except av.error.FFmpegError as exc:
+        raise ProbeError(f"video stream does not decode: {exc.strerror or exc}") from exc
+    raise ProbeError("video stream has no decodable frames")
+
+
+def _duration_s(container, stream) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return 0.0

@@ -1,0 +1,79 @@
+"""Pack staged clips into size-bounded WebDataset shards, atomically and append-only.
+
+The shards themselves are the record of what is packed: a rerun lists their members and packs only clips not
+yet in any shard, so a crash between two shards never duplicates a clip. Each shard is written under a hidden
+temporary name and renamed when complete, so `shards/*.tar` only ever matches whole shards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+
+import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.files import atomic_path
+from tasks.records import ClipRecord, Status
+
+SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.tar$")
+
+
+class ShardParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_shard_mb: float = Field(256.0, gt=0, description="A shard is closed once it reaches this size.")
+    max_clips_per_shard: int = Field(1000, ge=1, description="A shard is closed once it holds this many clips.")
+
+
+def packed_clips(shard_dir: Path) -> dict[str, str]:
+    """clip_id -> shard file name, read from the complete shards on disk."""
+    packed: dict[str, str] = {}
+    for shard in sorted(shard_dir.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for name in tar.getnames():
+                packed.setdefault(name.split(".", 1)[0], shard.name)
+    return packed
+
+
+def _next_shard_index(shard_dir: Path) -> int:
+    indices = [int(m.group(1)) for p in shard_dir.glob("shard-*.tar") if (m := SHARD_PATTERN.match(p.name))]
+    return max(indices, default=-1) + 1
+
+
+def _sample(row: ClipRecord, clip_file: Path, shard_name: str) -> dict:
+    meta = {**row.to_dict(), "shard": shard_name}
+    return {"__key__": row.clip_id, "mp4": clip_file.read_bytes(), "txt": row.caption, "json": json.dumps(meta)}
+
+
+def pack_shards(
+    rows: Iterable[ClipRecord], clip_file_of, shard_dir: Path, params: ShardParams
+) -> dict[str, str]:
+    """Pack every kept clip that is not in a shard yet. `clip_file_of(row)` gives its staged MP4.
+
+    Returns clip_id -> shard name for all kept clips (already packed and new).
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    packed = packed_clips(shard_dir)
+    todo = deque(
+        sorted((r for r in rows if r.status == Status.KEPT and r.clip_id not in packed), key=lambda r: r.clip_id)
+    )
+    index = _next_shard_index(shard_dir)
+    max_bytes = params.max_shard_mb * 2**20
+    while todo:
+        name = f"shard-{index:06d}.tar"
+        with atomic_path(shard_dir / name) as tmp:
+            with wds.TarWriter(str(tmp), mtime=0) as writer:  # mtime=0: same clips, same bytes
+                size, count = 0, 0
+                while todo and count < params.max_clips_per_shard and (count == 0 or size < max_bytes):
+                    row = todo.popleft()
+                    sample = _sample(row, clip_file_of(row), name)
+                    size += writer.write(sample)
+                    count += 1
+                    packed[row.clip_id] = name
+        index += 1
+    return packed
