@@ -30,6 +30,8 @@ class SourceResult:
     rows: list[ClipRecord]
     resumed: bool = False  # rows came from an earlier run's staging
     duration_s: float = 0.0
+    cuts: list[int] = field(default_factory=list)  # detected hard cuts (first frame of the new shot)
+    gradual: list[tuple[int, int]] = field(default_factory=list)  # detected fades/dissolves (inclusive)
 
 
 def curate_source(source: Source, scenes: SceneParams, clips: ClipParams, staging_root: Path) -> SourceResult:
@@ -43,13 +45,17 @@ def curate_source(source: Source, scenes: SceneParams, clips: ClipParams, stagin
     done = staging / ROWS_FILE
     if done.exists():
         saved = json.loads(done.read_text())
-        return SourceResult([ClipRecord.from_dict(r) for r in saved["rows"]], True, saved["duration_s"])
+        rows = [ClipRecord.from_dict(r) for r in saved["rows"]]
+        return SourceResult(rows, True, saved["duration_s"], saved["cuts"], [tuple(g) for g in saved["gradual"]])
     if staging.exists():  # a run died inside this source: start it over
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     result = _curate_new_source(source, scenes, clips, staging)
     rows = [r.to_dict() for r in result.rows]
-    write_json_atomic(done, {"source": source.path, "duration_s": result.duration_s, "rows": rows})
+    write_json_atomic(
+        done,
+        {"source": source.path, "duration_s": result.duration_s, "cuts": result.cuts, "gradual": result.gradual, "rows": rows},
+    )
     return result
 
 
@@ -145,8 +151,10 @@ def extract_clips(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame, error in _decoded_frames(container, stream):
+            if error is None and frame.is_corrupt:
+                error = "frame flagged corrupt by the decoder"
             if error is not None:
-                errors.messages.append(error.strerror or str(error))
+                errors.messages.append(error if isinstance(error, str) else error.strerror or str(error))
                 errors.times.append((times[-1] - times[0]) if times else 0.0)
                 recovering = True
                 continue
@@ -182,4 +190,4 @@ def extract_clips(
             f"blank frames in {duration:.2f} s ({len(times)} frames)"
         )
         records.append(ClipRecord.for_source(source, Status.FILTERED, reason, **facts))
-    return SourceResult(records, False, duration)
+    return SourceResult(records, False, duration, sorted(set(detector.cuts)), detector.gradual)

@@ -207,3 +207,23 @@ def make_raw_video_set(folder: str | Path, *, seed: int = 0, seconds: float = 6.
         name = spec.pop("name")
         videos.append(render_video(folder / name, seed=seed * 100 + i, **spec))
     return videos
+
+
+def score_cuts(
+    detected: list[int], truth: list[int], transitions: list[tuple[int, int]] = (), tolerance: int = 1
+) -> tuple[float, float, float]:
+    """Precision, recall and F1 of detected hard cuts; each truth cut matches at most one detection within
+    `tolerance` frames. A detection inside a known fade/dissolve found that boundary: it is not counted."""
+    inside = lambda f: any(a - tolerance <= f <= b + tolerance for a, b in transitions)  # noqa: E731
+    detected = sorted(f for f in detected if not inside(f))
+    unmatched = sorted(truth)
+    hits = 0
+    for cut in detected:
+        match = next((t for t in unmatched if abs(t - cut) <= tolerance), None)
+        if match is not None:
+            unmatched.remove(match)
+            hits += 1
+    precision = hits / len(detected) if detected else 1.0
+    recall = hits / len(truth) if truth else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1

@@ -1,0 +1,68 @@
+"""Shared fixtures: one Prefect test harness per session, generated raw videos with ground truth, and one
+curated dataset that several tests read."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import tasks  # noqa: F401  (Prefect defaults before prefect is imported)
+from tests.bad_inputs import make_bad_inputs
+
+# Small clips keep the suite fast on 2 CPU cores.
+TEST_CLIPS = {"width": 64, "height": 64, "fps": 8}
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """A real Prefect API (temporary SQLite database) for the whole session; returns its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def raw_videos(tmp_path_factory):
+    """The standard messy synthetic set (with ground truth), generated once."""
+    from tasks.synthetic_videos import make_raw_video_set
+
+    folder = tmp_path_factory.mktemp("raw")
+    return folder, make_raw_video_set(folder, seed=1, seconds=5.0)
+
+
+@pytest.fixture(scope="session")
+def raw_with_bad_inputs(tmp_path_factory, raw_videos):
+    """The synthetic set plus every kind of bad input; returns (folder, videos, expected outcome per bad file)."""
+    folder, videos = raw_videos
+    mixed = tmp_path_factory.mktemp("mixed")
+    for video in videos:
+        shutil.copy(video.path, mixed / video.path.name)
+    expected = make_bad_inputs(mixed / "zz_bad_inputs", good=videos[0].path)  # sorts after the good ones
+    return mixed, videos, expected
+
+
+@pytest.fixture(scope="session")
+def curated(prefect_api, raw_with_bad_inputs, tmp_path_factory):
+    """One real curate flow run over good and bad inputs; returns (output folder, summary, inputs)."""
+    from flows.curate import CurateParams, curate
+
+    folder, videos, expected = raw_with_bad_inputs
+    output = tmp_path_factory.mktemp("dataset")
+    summary = curate(CurateParams(input=str(folder), output=str(output), clips=TEST_CLIPS, workers=2))
+    return output, summary, (folder, videos, expected)
+
+
+@pytest.fixture
+def as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def video_files(folder: Path) -> list[Path]:
+    from tasks.discover import VIDEO_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)

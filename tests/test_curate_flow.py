@@ -1,0 +1,141 @@
+"""The curate flow on real generated videos and every kind of bad input, through the real Prefect engine."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import decord
+import pytest
+import webdataset as wds
+
+from tasks.manifest import read_manifest
+from tests.conftest import TEST_CLIPS, video_files
+
+
+@pytest.fixture(scope="session")
+def manifest(curated):
+    output, _, _ = curated
+    return read_manifest(output / "manifest.parquet")
+
+
+def _rows_for(manifest, path: Path):
+    return [r for r in manifest if r.source == str(path)]
+
+
+def test_every_input_appears_in_the_manifest(curated, manifest):
+    _, _, (folder, _, _) = curated
+    assert {r.source for r in manifest} == {str(p) for p in video_files(folder)}
+
+
+def test_every_row_not_kept_has_a_reason(manifest):
+    for row in manifest:
+        assert (row.status.value == "kept") == (row.reason == ""), row
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["empty.mp4", "readme.mp4", "truncated.mp4", "audio_only.mp4", "too_short.mp4", "one_frame.mp4",
+     "corrupt_middle.mp4", "locked.mp4", "with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4",
+     "it's $(echo pwned) `x` ; & |.mp4", "copy of a good video.mp4"],
+)  # fmt: skip
+def test_bad_input_becomes_a_record(curated, manifest, name, as_root):
+    _, _, (folder, _, expected) = curated
+    want = expected[name]
+    rows = _rows_for(manifest, folder / "zz_bad_inputs" / name)
+    assert rows, f"{name} is missing from the manifest"
+    if as_root and not want.root_can_read:
+        pytest.skip("root reads files regardless of permissions (see test_discover for the permission path)")
+    statuses = {r.status.value for r in rows}
+    assert want.status in statuses, rows
+    if want.reason:
+        assert any(want.reason in r.reason for r in rows if r.status.value == want.status), rows
+
+
+def test_corrupt_source_keeps_its_intact_clips(curated, manifest):
+    _, _, (folder, _, _) = curated
+    rows = _rows_for(manifest, folder / "zz_bad_inputs" / "corrupt_middle.mp4")
+    assert [r for r in rows if r.status.value == "kept"], "clips before and after the corruption should be kept"
+
+
+def test_good_sources_all_produce_clips(curated, manifest):
+    _, summary, (folder, videos, _) = curated
+    for video in videos:
+        kept = [r for r in _rows_for(manifest, folder / video.path.name) if r.status.value == "kept"]
+        assert kept, f"{video.path.name} produced no clips"
+    assert summary["clips"]["kept"] == sum(r.status.value == "kept" for r in manifest)
+
+
+def test_no_clip_crosses_a_scene_boundary(curated, manifest):
+    _, _, (folder, videos, _) = curated
+    for video in videos:
+        boundaries = [(c - 1, c) for c in video.cuts] + video.transitions  # a cut lies between c-1 and c
+        for row in _rows_for(manifest, folder / video.path.name):
+            for first, last in boundaries:
+                overlaps = row.start_frame <= last and first < row.end_frame
+                assert not overlaps, f"{video.path.name} clip [{row.start_frame},{row.end_frame}) crosses {first}-{last}"
+
+
+def test_clip_ids_are_unique_and_deterministic(manifest):
+    from tasks.records import clip_id_for
+
+    clip_rows = [r for r in manifest if r.clip_id]
+    assert len({r.clip_id for r in clip_rows}) == len(clip_rows)
+    for row in clip_rows:
+        assert row.clip_id == clip_id_for(row.source_sha256, row.start_frame, row.end_frame)
+
+
+def test_shards_read_back_and_every_clip_decodes(curated, manifest):
+    output, _, _ = curated
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    assert shards and not list((output / "shards").glob(".*"))  # no temporary files left behind
+    kept = {r.clip_id: r for r in manifest if r.status.value == "kept"}
+    seen = set()
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        row = kept[sample["__key__"]]
+        assert meta["clip_id"] == row.clip_id and Path(sample["__url__"]).name == row.shard == meta["shard"]
+        assert sample["txt"].decode() == row.caption
+        reader = decord.VideoReader(io.BytesIO(sample["mp4"]))
+        assert len(reader) == row.num_frames
+        assert reader[0].shape == (TEST_CLIPS["height"], TEST_CLIPS["width"], 3)
+        seen.add(row.clip_id)
+    assert seen == set(kept)
+
+
+def test_clip_length_and_rate_follow_the_parameters(manifest):
+    for row in (r for r in manifest if r.status.value == "kept"):
+        assert row.fps == TEST_CLIPS["fps"]
+        assert 1.0 - 1e-6 <= row.end_s - row.start_s <= 5.0 + 1 / 24
+        assert row.num_frames == pytest.approx((row.end_s - row.start_s) * row.fps, abs=1.01)
+
+
+def test_stats_json_matches_the_manifest(curated, manifest):
+    output, summary, _ = curated
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["clips"]["kept"] == sum(r.status.value == "kept" for r in manifest)
+    assert stats["sources"]["total"] == len({r.source for r in manifest})
+    assert 0 < stats["hours_out"] < stats["hours_in"]
+    assert stats == {k: v for k, v in summary.items() if k in stats}
+
+
+def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest):
+    from flows.curate import CurateParams, curate
+
+    output, _, (folder, _, _) = curated
+    shards_before = {p.name: p.stat().st_size for p in (output / "shards").glob("*.tar")}
+    summary = curate(CurateParams(input=str(folder), output=str(output), clips=TEST_CLIPS, workers=2))
+    assert summary["sources"]["resumed"] > 0
+    assert {p.name: p.stat().st_size for p in (output / "shards").glob("*.tar")} == shards_before
+    again = read_manifest(output / "manifest.parquet")
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in manifest]
+
+
+def test_other_clip_settings_on_the_same_output_are_refused(curated):
+    from flows.curate import CurateParams, curate
+    from tasks.output import OutputMismatchError
+
+    output, _, (folder, _, _) = curated
+    with pytest.raises(OutputMismatchError, match="clips.fps"):
+        curate(CurateParams(input=str(folder), output=str(output), clips={**TEST_CLIPS, "fps": 12}))
