@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.config import ParamError, build_params
+from flows.config import ParamError, build_params, describe_params
 
 app = typer.Typer(
     name="vidtune",
@@ -21,8 +21,28 @@ console = Console()
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of parameters (same names as --set).")]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override one parameter, e.g. --set scenes.threshold=30 --set clips.fps=24 (repeatable)."),
-]
+    typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Override one parameter, e.g. --set scenes.threshold=30 (repeatable; --list-params shows them all).",
+    ),
+]  # fmt: skip
+
+
+def _list_params_option(model_path: str):
+    """An eager --list-params flag that prints every parameter of the command's model and exits."""
+
+    def callback(value: bool) -> None:
+        if not value:
+            return
+        module, name = model_path.rsplit(".", 1)
+        model = getattr(__import__(module, fromlist=[name]), name)
+        table = Table("parameter", "default", "meaning", title=f"{name} (YAML --config keys and --set targets)")
+        for key, default, description in describe_params(model):
+            table.add_row(key, default, description)
+        console.print(table)
+        raise typer.Exit()
+
+    return typer.Option("--list-params", is_eager=True, callback=callback, help="Show every parameter and exit.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -32,11 +52,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def curate(
-    input: Annotated[str, typer.Argument(help="Folder of raw videos (recursive), one file, or an fsspec URL (s3://...).")],
-    output: Annotated[Path, typer.Argument(help="Dataset folder to write: shards/*.tar, manifest.parquet, stats.json.")],
+    input: Annotated[str, typer.Argument(metavar="INPUT", help="Folder of raw videos (recursive), one file, or an fsspec URL (s3://...).")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Dataset folder to write: shards/*.tar, manifest.parquet, stats.json.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any source or clip failed.")] = False,
+    list_params: Annotated[bool, _list_params_option("flows.curate.CurateParams")] = False,
 ) -> None:
     """Split raw videos into scene clips and write WebDataset shards plus a manifest.
 
@@ -44,22 +65,25 @@ def curate(
     clip that was filtered or failed. Rerunning on the same OUTPUT resumes: finished sources are skipped.
     """
     from flows.curate import CurateParams, curate as curate_flow
+    from tasks.discover import is_remote
     from tasks.output import OutputMismatchError
 
     try:
         params = build_params(CurateParams, base={"input": input, "output": str(output)}, config=config, overrides=set_ or [])
     except ParamError as exc:
         _fail(str(exc))
+    if not is_remote(input) and not Path(input.removeprefix("file://")).expanduser().exists():
+        _fail(f"input: {input!r} does not exist")  # before starting Prefect
     try:
         summary = curate_flow(params)
     except (FileNotFoundError, OutputMismatchError) as exc:
         _fail(str(exc))
-    print_curate_summary(summary)
+    print_curate_summary(summary, console)
     if strict and (summary["sources"]["failed"] or summary["clips"]["failed"]):
         raise typer.Exit(1)
 
 
-def print_curate_summary(summary: dict) -> None:
+def print_curate_summary(summary: dict, console: Console) -> None:
     sources, clips = summary["sources"], summary["clips"]
     table = Table(title="curate", show_header=True, header_style="bold")
     for column in ("", "total", "kept", "filtered", "failed", "resumed"):

@@ -67,3 +67,16 @@ def build_params(model: type[M], *, base: dict, config: Path | None = None, over
         return model.model_validate(values)
     except ValidationError as exc:
         raise ParamError(format_validation_error(exc)) from None
+
+
+def describe_params(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf parameter of `model`, nested sections flattened."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += describe_params(annotation, f"{prefix}{name}.")
+            continue
+        default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows

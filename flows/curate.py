@@ -79,8 +79,8 @@ def _run_per_source(task_, over: dict[str, list], label: str, workers: int, **sh
 def curate(params: CurateParams) -> dict:
     """Raw videos in, scene clips out: discover, probe, detect scenes, extract clips, pack shards, write the manifest."""
     logger = get_run_logger()
-    layout = prepare_output_task(params)
     paths = discover_task(params.input)
+    layout = prepare_output_task(params)
     logger.info("found %d video files under %s", len(paths), params.input)
 
     states = _run_per_source(identify_source_task, {"path": paths}, "hashing", params.workers, download_dir=layout.downloads)

@@ -35,7 +35,7 @@ def run_demo(workdir: Path, console: Console) -> dict:
 
     console.rule("[bold]2. curate")
     summary = curate(CurateParams(input=str(raw), output=str(dataset), clips=DEMO_CLIPS, scenes=DEMO_SCENES))
-    print_curate_summary(summary)
+    print_curate_summary(summary, console)
 
     console.rule("[bold]next")
     console.print(

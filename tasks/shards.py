@@ -69,11 +69,17 @@ def pack_shards(
         with atomic_path(shard_dir / name) as tmp:
             with wds.TarWriter(str(tmp), mtime=0) as writer:  # mtime=0: same clips, same bytes
                 size, count = 0, 0
-                while todo and count < params.max_clips_per_shard and (count == 0 or size < max_bytes):
-                    row = todo.popleft()
-                    sample = _sample(row, clip_file_of(row), name)
+                # A shard stays under max_shard_mb unless one clip alone is larger.
+                while todo and count < params.max_clips_per_shard:
+                    sample = _sample(todo[0], clip_file_of(todo[0]), name)
+                    if count and size + _payload_bytes(sample) > max_bytes:
+                        break
                     size += writer.write(sample)
                     count += 1
-                    packed[row.clip_id] = name
+                    packed[todo.popleft().clip_id] = name
         index += 1
     return packed
+
+
+def _payload_bytes(sample: dict) -> int:
+    return sum(len(v) if isinstance(v, bytes) else len(v.encode()) for k, v in sample.items() if k != "__key__")

@@ -1,0 +1,69 @@
+"""Frame conversion and resampling for clip extraction."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from tasks.clips import ClipParams, FrameResampler, cover_crop_size, to_training_frame
+from tasks.probe import probe_video
+from tasks.synthetic_videos import render_video
+
+
+@pytest.mark.parametrize(
+    "display, target, cover",
+    [((1278, 718), (832, 480), (855, 480)), ((640, 480), (256, 256), (342, 256)), ((100, 400), (64, 64), (64, 256))],
+)
+def test_cover_crop_size_covers_the_target_and_keeps_aspect(display, target, cover):
+    assert cover_crop_size(*display, *target) == cover
+    w, h = cover
+    assert w >= target[0] and h >= target[1]
+    assert w / h == pytest.approx(display[0] / display[1], rel=0.01)
+
+
+def _frame_with_red_top_left(width=64, height=32) -> av.VideoFrame:
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    return av.VideoFrame.from_ndarray(image, format="rgb24")
+
+
+@pytest.mark.parametrize(
+    "rotation, red_corner",
+    # counter-clockwise display rotation moves the top-left corner to the bottom-left (90), bottom-right (180)...
+    [(0, (0, 0)), (90, (1, 0)), (180, (1, 1)), (270, (0, 1))],
+)
+def test_training_frames_are_upright(rotation, red_corner):
+    image = to_training_frame(_frame_with_red_top_left(), rotation, 32, 32)
+    assert image.shape == (32, 32, 3)
+    row, col = red_corner
+    patch = image[row * 24 : row * 24 + 8, col * 24 : col * 24 + 8]
+    assert patch[..., 0].mean() > 200 and patch[..., 2].mean() < 50
+
+
+def test_rotated_source_probes_as_upright_portrait(tmp_path):
+    video = render_video(tmp_path / "r.mp4", seconds=1, fps=25, width=320, height=240, shots=1, rotation=90)
+    probe = probe_video(str(video.path))
+    assert probe.rotation == 90
+    assert probe.display_size == (240, 320)
+
+
+def test_resampler_counts_grid_points_from_30_to_8_fps():
+    resampler = FrameResampler(fps=8)
+    times = [i / 30 for i in range(31)]
+    counts = [resampler.grid_points(a, b) for a, b in zip(times, times[1:])]
+    assert sum(counts) == 8  # one second of 30 fps at 8 fps
+    assert set(counts) <= {0, 1}
+
+
+def test_resampler_repeats_frames_when_upsampling():
+    resampler = FrameResampler(fps=24)
+    times = [i / 10 for i in range(11)]
+    counts = [resampler.grid_points(a, b) for a, b in zip(times, times[1:])]
+    assert sum(counts) == 24 and max(counts) == 3
+
+
+@pytest.mark.parametrize("field, value", [("width", 100), ("height", 30), ("fps", 0), ("crf", 60)])
+def test_clip_params_reject_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        ClipParams(**{field: value})

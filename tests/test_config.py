@@ -1,0 +1,77 @@
+"""Parameters: YAML + --set overrides, and invalid values rejected before any work with the field named."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.config import ParamError, build_params, parse_overrides
+from flows.curate import CurateParams
+
+
+def test_overrides_are_nested_and_typed():
+    assert parse_overrides(["scenes.threshold=30", "workers=4", "overwrite=true", "clips.preset=fast"]) == {
+        "scenes": {"threshold": 30},
+        "workers": 4,
+        "overwrite": True,
+        "clips": {"preset": "fast"},
+    }
+
+
+def test_config_file_then_overrides(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("scenes:\n  threshold: 20\n  max_clip_s: 4\nclips:\n  fps: 24\n")
+    params = build_params(CurateParams, base={"input": "in", "output": "out"}, config=config, overrides=["scenes.threshold=33"])
+    assert (params.scenes.threshold, params.scenes.max_clip_s, params.clips.fps) == (33, 4, 24)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("scenes.min_clip_s=-1", "scenes.min_clip_s"),
+        ("scenes.max_clip_s=0", "scenes.max_clip_s"),
+        ("scenes.trim_frames=-2", "scenes.trim_frames"),
+        ("scenes.detector=histogramz", "scenes.detector"),
+        ("clips.width=100", "clips.width"),
+        ("workers=0", "workers"),
+        ("scenes.thresold=3", "scenes.thresold"),
+    ],
+)
+def test_invalid_parameters_name_the_field(override, field):
+    with pytest.raises(ParamError, match=field.replace(".", r"\.")):
+        build_params(CurateParams, base={"input": "in", "output": "out"}, overrides=[override])
+
+
+def test_min_above_max_names_both_fields():
+    with pytest.raises(ParamError, match=r"min_clip_s \(6.0\) must not be greater than max_clip_s \(5.0\)"):
+        build_params(CurateParams, base={"input": "i", "output": "o"}, overrides=["scenes.min_clip_s=6"])
+
+
+def test_cli_rejects_bad_parameters_before_any_work(tmp_path):
+    out = tmp_path / "never-created"
+    result = CliRunner().invoke(app, ["curate", str(tmp_path), str(out), "--set", "scenes.min_clip_s=9", "--set", "scenes.max_clip_s=2"])
+    assert result.exit_code == 2
+    assert "scenes: min_clip_s (9.0) must not be greater than max_clip_s (2.0)" in result.output
+    assert not out.exists()
+
+
+def test_cli_help_explains_commands():
+    result = CliRunner().invoke(app, ["curate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for word in ("INPUT", "OUTPUT", "--config", "--set", "--strict", "manifest"):
+        assert word in result.output
+
+
+def test_list_params_shows_every_key_with_its_default():
+    result = CliRunner().invoke(app, ["curate", "--list-params"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for key in ("scenes.threshold", "scenes.min_clip_s", "clips.width", "shards.max_shard_mb", "workers"):
+        assert key in result.output
+    assert "27.0" in result.output and "832" in result.output
+
+
+def test_cli_missing_input_fails_fast_naming_it(tmp_path):
+    result = CliRunner().invoke(app, ["curate", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "input:" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "out").exists()
