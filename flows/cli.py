@@ -46,7 +46,7 @@ def _list_params_option(model_path: str):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(code)
 
 
