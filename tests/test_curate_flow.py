@@ -139,3 +139,35 @@ def test_other_clip_settings_on_the_same_output_are_refused(curated):
     output, _, (folder, _, _) = curated
     with pytest.raises(OutputMismatchError, match="clips.fps"):
         curate(CurateParams(input=str(folder), output=str(output), clips={**TEST_CLIPS, "fps": 12}))
+
+
+def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, videos = raw_videos
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.mp4").write_bytes(videos[0].path.read_bytes())
+    sets = [arg for k, v in TEST_CLIPS.items() for arg in ("--set", f"clips.{k}={v}")]
+    assert CliRunner().invoke(app, ["curate", str(folder), str(tmp_path / "a"), "--strict", *sets]).exit_code == 0
+    (folder / "broken.mp4").write_text("not a video")
+    lenient = CliRunner().invoke(app, ["curate", str(folder), str(tmp_path / "b"), *sets], env={"COLUMNS": "200"})
+    assert lenient.exit_code == 0 and "not a video" in lenient.output
+    assert CliRunner().invoke(app, ["curate", str(folder), str(tmp_path / "c"), "--strict", *sets]).exit_code == 1
+
+
+def test_remote_input_url(prefect_api, raw_videos, tmp_path):
+    import fsspec
+
+    from flows.curate import CurateParams, curate
+
+    _, videos = raw_videos
+    fs = fsspec.filesystem("memory")
+    for video in videos[:2]:
+        fs.pipe(f"/vidtune-test/raw/{video.path.name}", video.path.read_bytes())
+    summary = curate(CurateParams(input="memory://vidtune-test/raw", output=str(tmp_path / "out"), clips=TEST_CLIPS))
+    rows = read_manifest(tmp_path / "out" / "manifest.parquet")
+    assert {r.source for r in rows} == {f"memory:///vidtune-test/raw/{v.path.name}" for v in videos[:2]}
+    assert summary["clips"]["kept"] > 0 and all(r.status.value == "kept" for r in rows)
