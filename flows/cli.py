@@ -67,6 +67,7 @@ def curate(
     from flows.curate import CurateParams, curate as curate_flow
     from tasks.discover import is_remote
     from tasks.output import OutputMismatchError
+    from tasks.preflight import ModelSetupError
 
     try:
         params = build_params(CurateParams, base={"input": input, "output": str(output)}, config=config, overrides=set_ or [])
@@ -76,7 +77,7 @@ def curate(
         _fail(f"input: {input!r} does not exist")  # before starting Prefect
     try:
         summary = curate_flow(params)
-    except (FileNotFoundError, OutputMismatchError) as exc:
+    except (FileNotFoundError, OutputMismatchError, ModelSetupError) as exc:
         _fail(str(exc))
     print_curate_summary(summary, console)
     if strict and (summary["sources"]["failed"] or summary["clips"]["failed"]):
@@ -92,9 +93,10 @@ def print_curate_summary(summary: dict, console: Console) -> None:
     table.add_row("clips", str(sum(clips.values())), str(clips["kept"]), str(clips["filtered"]), str(clips["failed"]), "")
     console.print(table)
     console.print(f"hours in → out: {summary['hours_in']:.4f} h → {summary['hours_out']:.4f} h")
-    if summary["reasons"]:
-        console.print("not kept, by reason: " + ", ".join(f"{k} ({v})" for k, v in summary["reasons"].items()), highlight=False)
-    console.print(f"shards: {summary['shards']} in {summary['output']}/shards   manifest: {summary['manifest']}", highlight=False)
+    for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
+        if summary[key]:
+            console.print(f"{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in summary[key].items()), highlight=False)
+    console.print(f"shards: {summary['shards']} in {summary['output']}/shards   manifest: {summary['manifest']}", highlight=False, soft_wrap=True)
 
 
 @app.command("synth-videos")

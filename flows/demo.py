@@ -8,19 +8,26 @@ from rich.console import Console
 
 from flows.cli import print_curate_summary
 from flows.curate import CurateParams, curate
+from tasks.captions import CaptionParams
 from tasks.clips import ClipParams
+from tasks.filters import FilterParams
 from tasks.scenes import SceneParams
-from tasks.synthetic_videos import make_raw_video_set
+from tasks.scoring import ScoreParams
+from tasks.synthetic_videos import make_raw_video_set, render_video
+from tasks.tiny_models import TINY_CLIP, build_tiny_clip
 
 # Small clips keep the CPU demo quick; real runs use the defaults (832x480 @ 16 fps for Wan 2.1).
 DEMO_CLIPS = ClipParams(width=128, height=128, fps=8)
 DEMO_SCENES = SceneParams(min_clip_s=1.0, max_clip_s=3.0)
+DEMO_CAPTIONS = CaptionParams(trigger="in vidtune-demo style")  # template: "{trigger}, {source_name}"
 
 
 def make_demo_inputs(raw: Path) -> None:
-    """Synthetic raw videos plus two broken files, to show that bad input becomes a manifest row, not a crash."""
+    """Synthetic raw videos, a static shot (the motion filter drops it) and two broken files (they become
+    manifest rows with a reason, not a crash)."""
     if not any(raw.glob("*.mp4")):
         make_raw_video_set(raw, seconds=6.0)
+        render_video(raw / "tripod_static.mp4", seconds=3, fps=25, shots=1, motion=0, seed=99)
     (raw / "broken").mkdir(parents=True, exist_ok=True)
     (raw / "broken" / "notes.mp4").write_text("this is a text file with a video extension\n")
     (raw / "broken" / "empty.mov").write_bytes(b"")
@@ -33,14 +40,22 @@ def run_demo(workdir: Path, console: Console) -> dict:
     make_demo_inputs(raw)
     console.print(f"{len(list(raw.rglob('*.*')))} files in {raw}", highlight=False)
 
+    clip_weights = workdir / "models" / "tiny-clip.safetensors"
+    if not clip_weights.exists():
+        build_tiny_clip(clip_weights)  # a random open_clip model: the demo needs no download
     console.rule("[bold]2. curate")
-    summary = curate(CurateParams(input=str(raw), output=str(dataset), clips=DEMO_CLIPS, scenes=DEMO_SCENES))
+    params = CurateParams(
+        input=str(raw), output=str(dataset), clips=DEMO_CLIPS, scenes=DEMO_SCENES, captions=DEMO_CAPTIONS,
+        scores=ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)), filters=FilterParams(min_motion=0.5),
+    )  # fmt: skip
+    summary = curate(params)
     print_curate_summary(summary, console)
 
     console.rule("[bold]next")
     console.print(
         f"shards:    {dataset}/shards/shard-*.tar (WebDataset: mp4 + txt + json per clip)\n"
         f"manifest:  {dataset}/manifest.parquet (every input, with status and reason)\n"
+        f"plots:     {dataset}/clip_score_hist.png, {dataset}/motion_score_hist.png\n"
         "Prefect:   run `prefect server start` and open http://127.0.0.1:4200 to see the flow runs",
         highlight=False,
     )

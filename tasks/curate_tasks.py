@@ -7,11 +7,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.clips import ClipParams
 from tasks.discover import identify_source
 from tasks.records import Source
-from tasks.scenes import SceneParams
-from tasks.source import SourceResult, curate_source
+from tasks.source import SourceResult, SourceSettings, curate_source
 
 # Errors that say something about the input, not the infrastructure: retrying cannot help.
 _PERMANENT = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
@@ -39,5 +37,5 @@ def identify_source_task(path: str, download_dir: Path) -> Source:
 
 
 @task(name="curate-source", task_run_name="curate {source.path}", **_io_task)
-def curate_source_task(source: Source, scenes: SceneParams, clips: ClipParams, staging_root: Path) -> SourceResult:
-    return curate_source(source, scenes, clips, staging_root)
+def curate_source_task(source: Source, settings: SourceSettings, staging_root: Path) -> SourceResult:
+    return curate_source(source, settings, staging_root)

@@ -33,6 +33,7 @@ class Source:
     local_path: str | None = None  # where decoders read it (a cached download for remote URLs)
     duplicate_of: str | None = None
     error: str | None = None
+    sidecar: str | None = None  # caption text from VIDEO.txt or a captions.csv/.jsonl mapping
 
 
 @dataclass

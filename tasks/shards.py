@@ -47,18 +47,29 @@ def _next_shard_index(shard_dir: Path) -> int:
 
 def _sample(row: ClipRecord, clip_file: Path, shard_name: str) -> dict:
     meta = {**row.to_dict(), "shard": shard_name}
-    return {"__key__": row.clip_id, "mp4": clip_file.read_bytes(), "txt": row.caption, "json": json.dumps(meta)}
+    sample = {"__key__": row.clip_id, "mp4": clip_file.read_bytes(), "txt": row.caption, "json": json.dumps(meta)}
+    embedding = clip_file.with_suffix(".npy")  # CLIP image embedding, when scores.clip is on
+    if embedding.exists():
+        sample["npy"] = embedding.read_bytes()
+    return sample
 
 
 def pack_shards(
     rows: Iterable[ClipRecord], clip_file_of, shard_dir: Path, params: ShardParams
 ) -> dict[str, str]:
-    """Pack every kept clip that is not in a shard yet. `clip_file_of(row)` gives its staged MP4.
+    """Pack every kept clip that is not in a shard yet. `clip_file_of(row)` gives its staged MP4 (its CLIP
+    embedding, if any, is the .npy beside it). Shards are rebuilt if they hold a clip that is no longer kept.
 
     Returns clip_id -> shard name for all kept clips (already packed and new).
     """
     shard_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
     packed = packed_clips(shard_dir)
+    if set(packed) - {r.clip_id for r in rows if r.status == Status.KEPT}:
+        # Filters changed since the shards were written: rebuild them rather than serve filtered clips.
+        for shard in shard_dir.glob("shard-*.tar"):
+            shard.unlink()
+        packed = {}
     todo = deque(
         sorted((r for r in rows if r.status == Status.KEPT and r.clip_id not in packed), key=lambda r: r.clip_id)
     )

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import av
 
+from tasks.annotate import annotate_clips
+from tasks.captions import CaptionParams
 from tasks.clips import ClipBuffer, ClipParams, FrameResampler, encode_clip, to_training_frame
 from tasks.files import write_json_atomic
 from tasks.probe import ProbeError, ProbeResult, probe_video
 from tasks.records import ClipRecord, Source, Status, clip_id_for
 from tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
+from tasks.scoring import ScoreParams
 
 log = logging.getLogger(__name__)
 ROWS_FILE = "rows.json"
@@ -34,8 +37,19 @@ class SourceResult:
     gradual: list[tuple[int, int]] = field(default_factory=list)  # detected fades/dissolves (inclusive)
 
 
-def curate_source(source: Source, scenes: SceneParams, clips: ClipParams, staging_root: Path) -> SourceResult:
-    """Rows for one source: its clips (staged as MP4) or one row saying why it was filtered or failed."""
+@dataclass(frozen=True)
+class SourceSettings:
+    """The slices of CurateParams that shape one source's rows (thresholds are applied later, for all)."""
+
+    scenes: SceneParams
+    clips: ClipParams
+    captions: CaptionParams
+    scores: ScoreParams
+
+
+def curate_source(source: Source, settings: SourceSettings, staging_root: Path) -> SourceResult:
+    """Rows for one source: its captioned, scored clips (staged as MP4 + embedding) or one row saying why it
+    was filtered or failed."""
     if source.error:
         return SourceResult([ClipRecord.for_source(source, Status.FAILED, source.error)])
     if source.duplicate_of:
@@ -50,13 +64,24 @@ def curate_source(source: Source, scenes: SceneParams, clips: ClipParams, stagin
     if staging.exists():  # a run died inside this source: start it over
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    result = _curate_new_source(source, scenes, clips, staging)
+    result = _curate_new_source(source, settings.scenes, settings.clips, staging)
+    _annotate(result.rows, staging, source, settings)
     rows = [r.to_dict() for r in result.rows]
     write_json_atomic(
         done,
         {"source": source.path, "duration_s": result.duration_s, "cuts": result.cuts, "gradual": result.gradual, "rows": rows},
     )
     return result
+
+
+def _annotate(rows: list[ClipRecord], staging: Path, source: Source, settings: SourceSettings) -> None:
+    try:
+        annotate_clips(rows, staging, source.sidecar, settings.captions, settings.scores)
+    except (RuntimeError, ValueError) as exc:  # a model failing on this source's clips fails only its clips
+        log.exception("captioning/scoring failed for %s", source.path)
+        for row in rows:
+            if row.clip_id and row.status == Status.KEPT:
+                row.status, row.reason = Status.FAILED, f"captioning/scoring failed: {type(exc).__name__}: {exc}"
 
 
 def _curate_new_source(source: Source, scenes: SceneParams, clips: ClipParams, staging: Path) -> SourceResult:

@@ -41,7 +41,7 @@ class SyntheticVideo:
 class _Shot:
     """One shot: a panning texture with moving shapes, rendered frame by frame."""
 
-    def __init__(self, rng: np.random.Generator, width: int, height: int, hue: float):
+    def __init__(self, rng: np.random.Generator, width: int, height: int, hue: float, motion: float = 1.0):
         self.width, self.height = width, height
         pad_x, pad_y = width // 2, height // 2
         coarse = rng.random((max(2, (height + pad_y) // 48), max(2, (width + pad_x) // 48), 3))
@@ -51,14 +51,14 @@ class _Shot:
         )
         base = np.array(colorsys.hsv_to_rgb(hue, 0.75, 0.8), dtype=np.float32) * 255
         self.texture = np.clip(base * 0.75 + (smooth - 128) * 0.5, 0, 255).astype(np.float32)
-        self.pan = rng.uniform(-1, 1, size=2) * np.array([pad_x, pad_y]) / 120  # px per frame
+        self.pan = rng.uniform(-1, 1, size=2) * np.array([pad_x, pad_y]) / 120 * motion  # px per frame
         self.origin = np.array([pad_x / 2, pad_y / 2])
         self.pad = np.array([pad_x, pad_y])
         n_shapes = int(rng.integers(2, 5))
         self.shapes = [
             dict(
                 pos=rng.uniform(0.2, 0.8, 2) * [width, height],
-                vel=rng.uniform(-1, 1, 2) * min(width, height) / 80,
+                vel=rng.uniform(-1, 1, 2) * min(width, height) / 80 * motion,
                 radius=rng.uniform(0.05, 0.12) * min(width, height),
                 color=np.array(colorsys.hsv_to_rgb((hue + rng.uniform(0.3, 0.7)) % 1, 0.9, 0.95)) * 255,
                 square=bool(rng.integers(0, 2)),
@@ -119,12 +119,14 @@ def render_video(
     rotation: int = 0,
     vfr: bool = False,
     grain: float = 4.0,
+    motion: float = 1.0,
     seed: int = 0,
 ) -> SyntheticVideo:
     """Render a video of `shots` shots to `path` (.mp4 via PyAV/H.264, .gif via Pillow) and return its ground truth.
 
     The first boundary uses `transition` ("cut", "fade" through black, or "dissolve"); the rest are hard cuts.
     `vfr=True` writes irregular frame durations (a mix of 1/fps and 1.5/fps), as phones and screen recorders do.
+    `motion` scales camera pans and object speeds (0 = a locked-off, static shot with only sensor grain).
     """
     if transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
@@ -137,7 +139,7 @@ def render_video(
     lengths[-1] = max(1, num_frames - lengths[:-1].sum())
     plan, cuts, gradual = _plan_shots(num_frames, list(lengths), transition, transition_frames)
     hues = (rng.uniform(0, 1) + np.arange(shots) * 0.381966) % 1.0  # golden-ratio hue steps: neighbours differ
-    scenes = [_Shot(rng, width, height, hue) for hue in hues]
+    scenes = [_Shot(rng, width, height, hue, motion) for hue in hues]
     grain_tiles = [rng.normal(0, grain, (height, width, 1)).astype(np.float32) for _ in range(4)]
     shot_start = {s: int(np.sum(lengths[:s])) for s in range(shots)}
 

@@ -17,6 +17,39 @@ TEST_CLIPS = {"width": 64, "height": 64, "fps": 8}
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """Random open_clip weights for the bundled tiny config, saved to a file (loaded with pretrained=PATH)."""
+    from tasks.tiny_models import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip.safetensors")
+
+
+@pytest.fixture(scope="session")
+def make_params(tiny_clip):
+    """CurateParams for tests: small clips, the tiny CLIP model, and any overrides."""
+    from flows.curate import CurateParams
+    from tasks.tiny_models import TINY_CLIP
+
+    def make(input_path, output, **overrides) -> CurateParams:
+        values = {"input": str(input_path), "output": str(output), "clips": TEST_CLIPS, "workers": 2,
+                  "scores": {"clip_model": TINY_CLIP, "clip_pretrained": str(tiny_clip)}}  # fmt: skip
+        for key, value in overrides.items():
+            values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
+        return CurateParams.model_validate(values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def cli_sets(tiny_clip) -> list[str]:
+    """The same test settings as --set arguments, for CLI subprocesses."""
+    from tasks.tiny_models import TINY_CLIP
+
+    sets = {**{f"clips.{k}": v for k, v in TEST_CLIPS.items()}, "scores.clip_model": TINY_CLIP, "scores.clip_pretrained": tiny_clip}
+    return [f"--set={k}={v}" for k, v in sets.items()]
+
+
+@pytest.fixture(scope="session")
 def prefect_api() -> str:
     """A real Prefect API (temporary SQLite database) for the whole session; returns its URL."""
     from prefect.settings import PREFECT_API_URL
@@ -47,13 +80,13 @@ def raw_with_bad_inputs(tmp_path_factory, raw_videos):
 
 
 @pytest.fixture(scope="session")
-def curated(prefect_api, raw_with_bad_inputs, tmp_path_factory):
+def curated(prefect_api, raw_with_bad_inputs, tmp_path_factory, make_params):
     """One real curate flow run over good and bad inputs; returns (output folder, summary, inputs)."""
-    from flows.curate import CurateParams, curate
+    from flows.curate import curate
 
     folder, videos, expected = raw_with_bad_inputs
     output = tmp_path_factory.mktemp("dataset")
-    summary = curate(CurateParams(input=str(folder), output=str(output), clips=TEST_CLIPS, workers=2))
+    summary = curate(make_params(folder, output))
     return output, summary, (folder, videos, expected)
 
 

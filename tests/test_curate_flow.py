@@ -120,28 +120,28 @@ def test_stats_json_matches_the_manifest(curated, manifest):
     assert stats == {k: v for k, v in summary.items() if k in stats}
 
 
-def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest):
-    from flows.curate import CurateParams, curate
+def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest, make_params):
+    from flows.curate import curate
 
     output, _, (folder, _, _) = curated
     shards_before = {p.name: p.stat().st_size for p in (output / "shards").glob("*.tar")}
-    summary = curate(CurateParams(input=str(folder), output=str(output), clips=TEST_CLIPS, workers=2))
+    summary = curate(make_params(folder, output))
     assert summary["sources"]["resumed"] > 0
     assert {p.name: p.stat().st_size for p in (output / "shards").glob("*.tar")} == shards_before
     again = read_manifest(output / "manifest.parquet")
     assert [r.to_dict() for r in again] == [r.to_dict() for r in manifest]
 
 
-def test_other_clip_settings_on_the_same_output_are_refused(curated):
-    from flows.curate import CurateParams, curate
+def test_other_clip_settings_on_the_same_output_are_refused(curated, make_params):
+    from flows.curate import curate
     from tasks.output import OutputMismatchError
 
     output, _, (folder, _, _) = curated
     with pytest.raises(OutputMismatchError, match="clips.fps"):
-        curate(CurateParams(input=str(folder), output=str(output), clips={**TEST_CLIPS, "fps": 12}))
+        curate(make_params(folder, output, clips={"fps": 12}))
 
 
-def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos, tmp_path):
+def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos, tmp_path, cli_sets):
     import os
     import subprocess
     import sys
@@ -153,8 +153,7 @@ def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "COLUMNS": "200"}
 
     def vidtune_curate(out: str, *extra: str) -> subprocess.CompletedProcess:
-        sets = [f"--set=clips.{k}={v}" for k, v in TEST_CLIPS.items()]
-        cmd = [sys.executable, "-c", "from flows.cli import app; app()", "curate", str(folder), str(tmp_path / out), *sets, *extra]
+        cmd = [sys.executable, "-c", "from flows.cli import app; app()", "curate", str(folder), str(tmp_path / out), *cli_sets, *extra]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     assert vidtune_curate("a", "--strict").returncode == 0
@@ -164,16 +163,16 @@ def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos
     assert vidtune_curate("c", "--strict").returncode == 1
 
 
-def test_remote_input_url(prefect_api, raw_videos, tmp_path):
+def test_remote_input_url(prefect_api, raw_videos, tmp_path, make_params):
     import fsspec
 
-    from flows.curate import CurateParams, curate
+    from flows.curate import curate
 
     _, videos = raw_videos
     fs = fsspec.filesystem("memory")
     for video in videos[:2]:
         fs.pipe(f"/vidtune-test/raw/{video.path.name}", video.path.read_bytes())
-    summary = curate(CurateParams(input="memory://vidtune-test/raw", output=str(tmp_path / "out"), clips=TEST_CLIPS))
+    summary = curate(make_params("memory://vidtune-test/raw", tmp_path / "out"))
     rows = read_manifest(tmp_path / "out" / "manifest.parquet")
     assert {r.source for r in rows} == {f"memory:///vidtune-test/raw/{v.path.name}" for v in videos[:2]}
     assert summary["clips"]["kept"] > 0 and all(r.status.value == "kept" for r in rows)

@@ -13,12 +13,11 @@ import pytest
 import webdataset as wds
 
 from tasks.manifest import read_manifest
-from tests.conftest import TEST_CLIPS
 
 
-def _curate_cmd(input_dir: Path, output: Path) -> list[str]:
-    sets = [f"--set=clips.{k}={v}" for k, v in TEST_CLIPS.items()] + ["--set=workers=1"]
-    return [sys.executable, "-c", "from flows.cli import app; app()", "curate", str(input_dir), str(output), *sets]
+def _curate_cmd(input_dir: Path, output: Path, sets: list[str]) -> list[str]:
+    cli = [sys.executable, "-c", "from flows.cli import app; app()"]
+    return [*cli, "curate", str(input_dir), str(output), *sets, "--set=workers=1"]
 
 
 def _env(prefect_api: str) -> dict:
@@ -26,13 +25,13 @@ def _env(prefect_api: str) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, raw_videos, tmp_path):
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, raw_videos, tmp_path, cli_sets):
     folder, videos = raw_videos
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    subprocess.run(_curate_cmd(folder, reference), env=_env(prefect_api), check=True, capture_output=True, timeout=300)
+    subprocess.run(_curate_cmd(folder, reference, cli_sets), env=_env(prefect_api), check=True, capture_output=True, timeout=300)
 
     proc = subprocess.Popen(
-        _curate_cmd(folder, resumed), env=_env(prefect_api), start_new_session=True,
+        _curate_cmd(folder, resumed, cli_sets), env=_env(prefect_api), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     staging = resumed / ".vidtune" / "staging"
@@ -47,7 +46,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, r
     for shard in (resumed / "shards").glob("*.tar"):  # whatever is visible is complete
         list(wds.WebDataset(str(shard), shardshuffle=False))
 
-    rerun = subprocess.run(_curate_cmd(folder, resumed), env=_env(prefect_api), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(_curate_cmd(folder, resumed, cli_sets), env=_env(prefect_api), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"skipped {done_before_kill} sources already curated" in rerun.stdout + rerun.stderr
 

@@ -1,0 +1,28 @@
+"""The task runner for per-source work: threads on one machine, Dask or Ray on a cluster."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+Runner = Literal["threads", "dask", "ray"]
+
+
+def make_task_runner(runner: Runner, address: str | None, workers: int) -> TaskRunner:
+    """threads: a pool of `workers` threads. dask/ray: the cluster at `address`, or a local one of `workers`
+    single-threaded processes (each loads the models once)."""
+    if runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        local = dict(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        return DaskTaskRunner(cluster_kwargs=local)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise ValueError("runner: 'ray' needs prefect-ray; install it with: pip install 'vidtune[ray]'") from exc
+    return RayTaskRunner(address=address) if address else RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False})

@@ -1,0 +1,93 @@
+"""Caption and score the clips of one source (after extraction, before its rows are marked done)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.captions import CaptionParams, VlmCaptioner, render_caption
+from tasks.files import atomic_path
+from tasks.records import ClipRecord, Status
+from tasks.scoring import ClipScorer, FramesUnavailable, ScoreParams, cached_model, motion_score, resolve_device, sample_frames
+
+CLIP_BATCH = 64  # clips per CLIP forward pass (frames x clips images)
+
+
+@dataclass(frozen=True)
+class Annotators:
+    """The models one worker uses; built once per process through `cached_model`."""
+
+    captioner: VlmCaptioner | None
+    clip: ClipScorer | None
+
+    @classmethod
+    def load(cls, captions: CaptionParams, scores: ScoreParams) -> Annotators:
+        device = resolve_device(scores.device)
+        captioner = None
+        if captions.mode == "vlm":
+            captioner = cached_model(("vlm", captions.vlm_model, device), lambda: VlmCaptioner(captions.vlm_model, device))
+        clip = None
+        if scores.clip:
+            key = ("clip", scores.clip_model, scores.clip_pretrained, device)
+            clip = cached_model(key, lambda: ClipScorer(scores.clip_model, scores.clip_pretrained, device))
+        return cls(captioner, clip)
+
+
+def _evenly(frames: np.ndarray, count: int) -> np.ndarray:
+    return frames[np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)]
+
+
+def embedding_path(clip_dir: Path, clip_id: str) -> Path:
+    return clip_dir / f"{clip_id}.npy"
+
+
+def annotate_clips(
+    rows: list[ClipRecord], clip_dir: Path, sidecar: str | None, captions: CaptionParams, scores: ScoreParams
+) -> list[ClipRecord]:
+    """Fill caption, clip_score and motion_score of the kept clip rows (in place) and save CLIP embeddings.
+
+    A clip whose frames cannot be read back becomes `failed` with the reason; the others go on.
+    """
+    annotators = Annotators.load(captions, scores)
+    per_clip = max(scores.clip_frames, captions.vlm_frames if annotators.captioner else 1)
+    sampled = {}
+    for row in (r for r in rows if r.clip_id and r.status == Status.KEPT):
+        try:
+            sampled[row.clip_id] = sample_frames(clip_dir / f"{row.clip_id}.mp4", row.fps, per_clip, scores.motion_fps)
+        except FramesUnavailable as exc:
+            row.status, row.reason = Status.FAILED, str(exc)
+    ready = [r for r in rows if r.clip_id in sampled]
+    if not ready:
+        return rows
+
+    vlm_texts: list[str | None] = [None] * len(ready)
+    if annotators.captioner:
+        frames = [list(_evenly(sampled[r.clip_id].clip, captions.vlm_frames)) for r in ready]
+        vlm_texts = annotators.captioner.caption(frames, captions.vlm_prompt, captions.vlm_max_new_tokens, captions.vlm_batch_size)
+    template = captions.template_for(has_sidecar=sidecar is not None)
+    for row, vlm in zip(ready, vlm_texts):
+        row.caption = render_caption(template, row, trigger=captions.trigger, sidecar=sidecar, vlm=vlm)
+
+    if scores.motion:
+        for row in ready:
+            s = sampled[row.clip_id]
+            row.motion_score = round(motion_score(s.motion, s.motion_dt, scores.motion_width), 4)
+    if annotators.clip:
+        for start in range(0, len(ready), CLIP_BATCH):
+            batch = ready[start : start + CLIP_BATCH]
+            frames = [_evenly(sampled[r.clip_id].clip, scores.clip_frames) for r in batch]
+            clip_scores, embeddings = annotators.clip.score(frames, [r.caption for r in batch])
+            for row, score, embedding in zip(batch, clip_scores, embeddings):
+                row.clip_score = round(score, 5)
+                _save_npy(embedding_path(clip_dir, row.clip_id), embedding)
+    return rows
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())

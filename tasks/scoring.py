@@ -1,0 +1,160 @@
+"""Clip scores: CLIP text-video alignment (open_clip) and motion (optical flow), from frames sampled with decord.
+
+Models are loaded once per worker process (`cached_model`) and shared by its threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+T = TypeVar("T")
+
+
+class ScoreParams(BaseModel):
+    """Which scores are computed and with which models (thresholds live in FilterParams)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip: bool = Field(True, description="Compute the CLIP text-video score and image embedding.")
+    clip_model: str = Field("ViT-B-32", description="open_clip model name (or 'local-dir:PATH', 'hf-hub:ORG/NAME').")
+    clip_pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="open_clip pretrained tag (downloads) or a local weights file."
+    )
+    clip_frames: int = Field(4, ge=1, le=32, description="Frames per clip for the CLIP score, evenly spaced.")
+    motion: bool = Field(True, description="Compute the optical-flow motion score.")
+    motion_fps: float = Field(2.0, gt=0, le=30, description="Rate frames are sampled at for optical flow.")
+    motion_width: int = Field(128, ge=32, le=1024, description="Width frames are downscaled to for optical flow.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run (auto = cuda if available).")
+
+
+class FramesUnavailable(Exception):
+    """A clip's frames could not be read back; the message is the manifest reason."""
+
+
+# --------------------------------------------------------------------------------------------- model cache
+
+_models: dict[tuple, object] = {}
+_models_lock = threading.Lock()
+
+
+def cached_model(key: tuple, load: Callable[[], T]) -> T:
+    """One instance per process for each key: threads of a worker share it, Dask/Ray workers load their own."""
+    with _models_lock:
+        if key not in _models:
+            _models[key] = load()
+        return _models[key]  # type: ignore[return-value]
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def register_model_configs() -> None:
+    """Make vidtune's bundled open_clip configs (the tiny test model) known to open_clip in this process."""
+    import open_clip
+
+    if "vidtune-tiny-clip" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIGS)
+
+
+# --------------------------------------------------------------------------------------------- frames
+
+
+@dataclass
+class SampledFrames:
+    clip: np.ndarray  # (clip_frames, H, W, 3) uint8, evenly spaced
+    motion: np.ndarray  # (n, H, W, 3) uint8 at ~motion_fps
+    motion_dt: float  # seconds between motion frames
+
+
+def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -> SampledFrames:
+    """Read the frames both scores need from an encoded clip in one decord batch."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        n = len(reader)
+        if n == 0:
+            raise FramesUnavailable("frames could not be sampled: the clip has no frames")
+        clip_idx = np.linspace(0, n - 1, clip_frames).round().astype(int)
+        step = max(1, round(fps / motion_fps))
+        motion_idx = np.arange(0, n, step)
+        wanted = np.unique(np.concatenate([clip_idx, motion_idx]))
+        batch = reader.get_batch(wanted.tolist()).asnumpy()
+    except decord.DECORDError as exc:
+        raise FramesUnavailable(f"frames could not be sampled: {str(exc).splitlines()[0]}") from exc
+    position = {int(i): k for k, i in enumerate(wanted)}
+    return SampledFrames(
+        clip=batch[[position[int(i)] for i in clip_idx]],
+        motion=batch[[position[int(i)] for i in motion_idx]],
+        motion_dt=step / fps,
+    )
+
+
+# --------------------------------------------------------------------------------------------- motion
+
+
+def motion_score(frames: np.ndarray, dt: float, width: int = 128) -> float:
+    """Mean Farnebäck optical-flow magnitude, in percent of the frame width per second (0 for <2 frames)."""
+    import cv2
+
+    if len(frames) < 2:
+        return 0.0
+    h, w = frames.shape[1:3]
+    size = (width, max(8, round(h * width / w)))
+    gray = [cv2.cvtColor(cv2.resize(f, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY) for f in frames]
+    magnitudes = []
+    for prev, nxt in zip(gray, gray[1:]):
+        flow = cv2.calcOpticalFlowFarneback(prev, nxt, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        magnitudes.append(float(np.linalg.norm(flow, axis=2).mean()))
+    return float(np.mean(magnitudes)) / width * 100 / dt
+
+
+# --------------------------------------------------------------------------------------------- CLIP
+
+
+class ClipScorer:
+    """open_clip image/text towers; a clip's score is the mean per-frame cosine with its caption."""
+
+    def __init__(self, model_name: str, pretrained: str | None, device: str):
+        import open_clip
+        import torch
+
+        register_model_configs()
+        self.torch = torch
+        self.device = device
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+
+    def score(self, frames_per_clip: list[np.ndarray], captions: list[str]) -> tuple[list[float], np.ndarray]:
+        """(score per clip, L2-normalised mean image embedding per clip as float16)."""
+        from PIL import Image
+
+        torch = self.torch
+        counts = [len(f) for f in frames_per_clip]
+        pixels = torch.stack([self.preprocess(Image.fromarray(img)) for frames in frames_per_clip for img in frames])
+        with torch.inference_mode():
+            images = self.model.encode_image(pixels.to(self.device)).float()
+            texts = self.model.encode_text(self.tokenizer(captions).to(self.device)).float()
+        images = torch.nn.functional.normalize(images, dim=-1)
+        texts = torch.nn.functional.normalize(texts, dim=-1)
+        scores, embeddings, offset = [], [], 0
+        for clip, count in enumerate(counts):
+            frame_embeddings = images[offset : offset + count]
+            offset += count
+            scores.append(float((frame_embeddings @ texts[clip]).mean()))
+            embeddings.append(torch.nn.functional.normalize(frame_embeddings.mean(0), dim=0))
+        return scores, torch.stack(embeddings).cpu().numpy().astype(np.float16)
