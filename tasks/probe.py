@@ -40,11 +40,12 @@ def probe_video(path: str) -> ProbeResult:
             raise ProbeError(f"no video stream (streams present: {kinds})")
         stream = container.streams.video[0]
         first = _first_frame(container, stream)
-        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        fps = _sane_rate(stream)
         base = float(stream.base_rate or stream.guessed_rate or 0)
         if fps <= 0:
             raise ProbeError("no frame rate: the stream has no timing information")
-        duration = _duration_s(container, stream)
+        # Broken muxers write tiny durations; a known frame count at a sane rate is the better witness.
+        duration = max(_duration_s(container, stream), (stream.frames or 0) / fps)
         return ProbeResult(
             duration_s=duration,
             fps=fps,
@@ -55,6 +56,17 @@ def probe_video(path: str) -> ProbeResult:
             codec=stream.codec_context.name,
             frame_count=int(stream.frames or 0),
         )
+
+
+MAX_SANE_FPS = 240.0
+
+
+def _sane_rate(stream) -> float:
+    """The first plausible frame rate among the container's claims (broken files report e.g. 1875 fps)."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.codec_context.framerate, stream.base_rate):
+        if rate and 0 < float(rate) <= MAX_SANE_FPS:
+            return float(rate)
+    return 0.0
 
 
 def _first_frame(container, stream) -> av.VideoFrame:

@@ -93,7 +93,7 @@ def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -
         motion_idx = np.arange(0, n, step)
         wanted = np.unique(np.concatenate([clip_idx, motion_idx]))
         batch = reader.get_batch(wanted.tolist()).asnumpy()
-    except decord.DECORDError as exc:
+    except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError for unopenable files
         raise FramesUnavailable(f"frames could not be sampled: {str(exc).splitlines()[0]}") from exc
     position = {int(i): k for k, i in enumerate(wanted)}
     return SampledFrames(
@@ -140,7 +140,7 @@ class ClipScorer:
         self.tokenizer = open_clip.get_tokenizer(model_name)
 
     def score(self, frames_per_clip: list[np.ndarray], captions: list[str]) -> tuple[list[float], np.ndarray]:
-        """(score per clip, L2-normalised mean image embedding per clip as float16)."""
+        """(score per clip, L2-normalised mean image embedding per clip, float32)."""
         from PIL import Image
 
         torch = self.torch
@@ -157,4 +157,4 @@ class ClipScorer:
             offset += count
             scores.append(float((frame_embeddings @ texts[clip]).mean()))
             embeddings.append(torch.nn.functional.normalize(frame_embeddings.mean(0), dim=0))
-        return scores, torch.stack(embeddings).cpu().numpy().astype(np.float16)
+        return scores, torch.stack(embeddings).cpu().numpy().astype(np.float32)

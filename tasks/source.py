@@ -183,7 +183,9 @@ def extract_clips(
                 errors.times.append((times[-1] - times[0]) if times else 0.0)
                 recovering = True
                 continue
-            t = frame.time if frame.time is not None else (times[-1] + 1 / fps if times else 0.0)
+            t = frame.time
+            if t is None or (times and t <= times[-1]):  # missing or non-increasing timestamps: assume the rate
+                t = times[-1] + 1 / fps if times else 0.0
             # After corruption, frames are damaged until the next keyframe; the gap itself is a boundary.
             cut_before = recovering and frame.key_frame
             usable = not recovering or frame.key_frame

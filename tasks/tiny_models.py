@@ -36,14 +36,23 @@ def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
 def build_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
     """A tiny random BLIP captioner (BlipForConditionalGeneration + BlipProcessor with a BERT word-piece
     tokenizer written here), saved with `save_pretrained` so AutoProcessor/AutoModel load it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(specials + CAPTION_WORDS) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=64, bos_token="[CLS]")
+    vocab = {token: i for i, token in enumerate(specials + CAPTION_WORDS)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", bos_token="[CLS]", model_max_length=64,
+    )  # fmt: skip
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer)
     text = dict(
         vocab_size=len(specials) + len(CAPTION_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -41,6 +41,17 @@ def _corrupt_middle(src: Path, dst: Path) -> None:
     dst.write_bytes(bytes(data))
 
 
+def _rewrite_without_timestamps(src: Path, dst: Path) -> None:
+    """Re-encode with every timestamp 0 and a nonsense stream rate, as some broken muxers do."""
+    with av.open(str(src)) as source, av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = source.streams.video[0].width, source.streams.video[0].height, "yuv420p"
+        for frame in source.decode(video=0):
+            frame.pts = None
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
 def make_bad_inputs(folder: Path, good: Path) -> dict[str, Expected]:
     """Write the bad inputs into `folder`; returns file name -> expected manifest outcome."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +88,9 @@ def make_bad_inputs(folder: Path, good: Path) -> dict[str, Expected]:
     for seed, name in enumerate(("with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4", "it's $(echo pwned) `x` ; & |.mp4")):
         render_video(folder / name, seconds=2.5, fps=25, width=160, height=128, shots=1, seed=20 + seed)
         expected[name] = Expected("kept", "")
+
+    _rewrite_without_timestamps(good, folder / "zero_timestamps.mp4")
+    expected["zero_timestamps.mp4"] = Expected("kept", "")
 
     # `folder` sorts after the good videos, so this copy is the second of its sha256 and the duplicate.
     shutil.copy(good, folder / "copy of a good video.mp4")

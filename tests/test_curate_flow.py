@@ -38,7 +38,7 @@ def test_every_row_not_kept_has_a_reason(manifest):
     "name",
     ["empty.mp4", "readme.mp4", "truncated.mp4", "audio_only.mp4", "too_short.mp4", "one_frame.mp4",
      "corrupt_middle.mp4", "locked.mp4", "with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4",
-     "it's $(echo pwned) `x` ; & |.mp4", "copy of a good video.mp4"],
+     "it's $(echo pwned) `x` ; & |.mp4", "copy of a good video.mp4", "zero_timestamps.mp4"],
 )  # fmt: skip
 def test_bad_input_becomes_a_record(curated, manifest, name, as_root):
     _, _, (folder, _, expected) = curated

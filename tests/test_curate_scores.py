@@ -1,0 +1,144 @@
+"""The second half of curation through the real flow: captions, CLIP and motion scores, filters, dedup,
+VLM captions, fail-fast model checks, and Dask scale-out giving the same manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from tasks.manifest import read_manifest
+from tasks.synthetic_videos import render_video
+
+
+@pytest.fixture(scope="session")
+def scored_inputs(tmp_path_factory):
+    """Two moving videos (one with a sidecar caption), a static one, and a re-encoded copy of the first."""
+    folder = tmp_path_factory.mktemp("scored-raw")
+    render_video(folder / "city.mp4", seconds=3, fps=25, shots=1, seed=11)
+    (folder / "city.txt").write_text("a purple city with moving shapes\n")
+    render_video(folder / "field.mp4", seconds=3, fps=25, shots=1, seed=12)
+    render_video(folder / "tripod.mp4", seconds=3, fps=25, shots=1, motion=0, seed=13)
+    with av.open(str(folder / "city.mp4")) as src, av.open(str(folder / "zz city copy.mp4"), "w") as dst:
+        stream = dst.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 320, 240, "yuv420p", {"crf": "30"}
+        for i, frame in enumerate(src.decode(video=0)):
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            dst.mux(stream.encode(frame))
+        dst.mux(stream.encode())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def scored(prefect_api, scored_inputs, tmp_path_factory, make_params):
+    from flows.curate import curate
+
+    output = tmp_path_factory.mktemp("scored")
+    summary = curate(make_params(scored_inputs, output, captions={"trigger": "in sks style"}))
+    return output, summary, {r.source.rsplit("/", 1)[-1]: r for r in read_manifest(output / "manifest.parquet") if r.clip_id}
+
+
+def test_captions_come_from_the_sidecar_or_the_template(scored):
+    _, _, rows = scored
+    assert rows["city.mp4"].caption == "in sks style, a purple city with moving shapes"
+    assert rows["field.mp4"].caption == "in sks style, field"
+
+
+def test_static_clips_are_filtered_with_a_reason_and_counted(scored):
+    _, summary, rows = scored
+    assert rows["tripod.mp4"].status.value == "filtered" and rows["tripod.mp4"].reason.startswith("static: motion")
+    assert rows["field.mp4"].motion_score > 1.0 > rows["tripod.mp4"].motion_score
+    assert summary["clip_reasons"]["static"] == 1
+
+
+def test_shards_carry_the_clip_embedding_and_scores(scored):
+    output, _, rows = scored
+    samples = list(wds.WebDataset(sorted(str(p) for p in (output / "shards").glob("*.tar")), shardshuffle=False))
+    assert {s["__key__"] for s in samples} == {r.clip_id for r in rows.values() if r.status.value == "kept"}
+    for sample in samples:
+        embedding = np.load(io.BytesIO(sample["npy"]))
+        meta = json.loads(sample["json"])
+        assert embedding.shape == (32,) and abs(np.linalg.norm(embedding) - 1) < 1e-3
+        assert -1 <= meta["clip_score"] <= 1 and meta["motion_score"] > 0 and meta["caption"] == sample["txt"].decode()
+
+
+def test_score_histograms_are_written(scored):
+    output, _, _ = scored
+    for name in ("clip_score_hist.png", "motion_score_hist.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_new_thresholds_refilter_without_reextracting(scored, scored_inputs, make_params, tmp_path):
+    import shutil
+
+    from flows.curate import curate
+
+    output, _, rows = scored
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    summary = curate(make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_motion": None}))
+    assert summary["sources"]["resumed"] == 4
+    keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (copy / "shards").glob("*.tar")), shardshuffle=False)}
+    assert rows["tripod.mp4"].clip_id in keys  # shards were rebuilt to include the clip now kept
+
+    summary = curate(make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_clip_score": 0.99, "score_only": True}))
+    assert summary["clips"]["filtered"] == 0
+
+
+def test_near_duplicates_are_removed_naming_the_kept_clip(prefect_api, scored_inputs, make_params, tmp_path):
+    from flows.curate import curate
+
+    curate(make_params(scored_inputs, tmp_path / "d", captions={"trigger": "sks"}, filters={"dedup_threshold": 0.9995, "min_motion": None}))
+    rows = {r.source.rsplit("/", 1)[-1]: r for r in read_manifest(tmp_path / "d" / "manifest.parquet") if r.clip_id}
+    assert rows["zz city copy.mp4"].reason == f"duplicate_of:{rows['city.mp4'].clip_id}"
+    assert [name for name, r in rows.items() if r.status.value != "kept"] == ["zz city copy.mp4"]
+
+
+def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, tmp_path):
+    from flows.curate import curate
+    from tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
+
+    blip = build_tiny_captioner(tmp_path / "blip")
+    params = make_params(scored_inputs, tmp_path / "v", captions={"mode": "vlm", "vlm_model": str(blip), "trigger": "sks"})
+    curate(params)
+    for row in read_manifest(tmp_path / "v" / "manifest.parquet"):
+        trigger, _, words = row.caption.partition(", ")
+        assert trigger == "sks" and words and set(words.split()) <= set(CAPTION_WORDS)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"scores": {"clip_pretrained": "/nowhere/weights.safetensors"}}, "scores.clip_pretrained"),
+        ({"captions": {"mode": "vlm", "vlm_model": "./no/such/model"}}, "captions.vlm_model"),
+        ({"captions": {"sidecar_file": "/nowhere/captions.csv"}}, "captions.sidecar_file"),
+    ],
+)
+def test_missing_models_fail_before_any_video_is_decoded(prefect_api, scored_inputs, make_params, tmp_path, overrides, field):
+    from flows.curate import curate
+    from tasks.preflight import ModelSetupError
+
+    with pytest.raises(ModelSetupError, match=field.replace(".", r"\.")):
+        curate(make_params(scored_inputs, tmp_path / "never", **overrides))
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_same_manifest(scored, scored_inputs, make_params, tmp_path):
+    from flows.curate import curate
+
+    output, _, _ = scored
+    curate(make_params(scored_inputs, tmp_path / "dask", captions={"trigger": "in sks style"}, runner="dask", workers=2))
+    threads = sorted(read_manifest(output / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
+    dask = sorted(read_manifest(tmp_path / "dask" / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
+    assert len(threads) == len(dask)
+    for a, b in zip(threads, dask):
+        assert (a.source.rsplit("/", 1)[-1], a.clip_id, a.status, a.reason, a.caption) == (b.source.rsplit("/", 1)[-1], b.clip_id, b.status, b.reason, b.caption)
+        # Dask workers run torch with one thread, the threaded run with two: summation order differs slightly.
+        for score in ("clip_score", "motion_score"):
+            assert getattr(a, score) == pytest.approx(getattr(b, score), abs=1e-3)
