@@ -120,6 +120,8 @@ def render_video(
     vfr: bool = False,
     grain: float = 4.0,
     motion: float = 1.0,
+    crf: int = 18,
+    preset: str = "ultrafast",
     seed: int = 0,
 ) -> SyntheticVideo:
     """Render a video of `shots` shots to `path` (.mp4 via PyAV/H.264, .gif via Pillow) and return its ground truth.
@@ -127,6 +129,7 @@ def render_video(
     The first boundary uses `transition` ("cut", "fade" through black, or "dissolve"); the rest are hard cuts.
     `vfr=True` writes irregular frame durations (a mix of 1/fps and 1.5/fps), as phones and screen recorders do.
     `motion` scales camera pans and object speeds (0 = a locked-off, static shot with only sensor grain).
+    `crf`/`preset` set the x264 encode (camera-like files: crf 23, preset veryfast).
     """
     if transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
@@ -159,15 +162,15 @@ def render_video(
     if path.suffix.lower() == ".gif":
         _write_gif(path, (frame_at(i) for i in range(num_frames)), fps)
     else:
-        _write_mp4(path, (frame_at(i) for i in range(num_frames)), fps, width, height, rotation, vfr, rng)
+        _write_mp4(path, (frame_at(i) for i in range(num_frames)), fps, width, height, rotation, vfr, rng, crf, preset)
     return SyntheticVideo(path, fps, num_frames, width, height, cuts, gradual, rotation, vfr)
 
 
-def _write_mp4(path, frames, fps, width, height, rotation, vfr, rng) -> None:
+def _write_mp4(path, frames, fps, width, height, rotation, vfr, rng, crf, preset) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "18"}
+        stream.options = {"preset": preset, "crf": str(crf)}
         if rotation:
             stream.set_display_rotation(rotation)
         time_base = Fraction(1, 1000) if vfr else None
