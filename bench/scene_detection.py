@@ -18,7 +18,7 @@ from tasks.clips import ClipParams
 from tasks.probe import probe_video
 from tasks.records import Source
 from tasks.scenes import SceneParams
-from tasks.source import extract_clips
+from tasks.extract import extract_clips
 from tasks.synthetic_videos import render_video, score_cuts
 
 CONFIGS = {

@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.discover import identify_source
-from tasks.records import Source
-from tasks.source import SourceResult, SourceSettings, curate_source
+from tasks.records import Source, SourceResult
+from tasks.source import SourceSettings, curate_source
 
 # Errors that say something about the input, not the infrastructure: retrying cannot help.
 _PERMANENT = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 import pyarrow as pa
@@ -73,6 +73,15 @@ class ClipRecord:
     @classmethod
     def for_source(cls, source: Source, status: Status, reason: str, **extra) -> ClipRecord:
         return cls(clip_id=None, source=source.path, source_sha256=source.sha256, status=status, reason=reason, **extra)
+
+
+@dataclass
+class SourceResult:
+    rows: list[ClipRecord]
+    resumed: bool = False  # rows came from an earlier run's staging
+    duration_s: float = 0.0
+    cuts: list[int] = field(default_factory=list)  # detected hard cuts (first frame of the new shot)
+    gradual: list[tuple[int, int]] = field(default_factory=list)  # detected fades/dissolves (inclusive)
 
 
 MANIFEST_SCHEMA = pa.schema(

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from tasks.clips import ClipParams, FrameResampler, cover_crop_size, to_training_frame
+from tasks.clips import ClipParams, FrameResampler, cover_crop_size, to_training_frame, yuv_to_rgb
 from tasks.probe import probe_video
 from tasks.synthetic_videos import render_video
 
@@ -34,8 +34,9 @@ def _frame_with_red_top_left(width=64, height=32) -> av.VideoFrame:
     [(0, (0, 0)), (90, (1, 0)), (180, (1, 1)), (270, (0, 1))],
 )
 def test_training_frames_are_upright(rotation, red_corner):
-    image = to_training_frame(_frame_with_red_top_left(), rotation, 32, 32)
-    assert image.shape == (32, 32, 3)
+    packed, tags = to_training_frame(_frame_with_red_top_left(), rotation, 32, 32)
+    assert packed.shape == (48, 32)  # yuv420p planes
+    image = yuv_to_rgb(packed, tags)
     row, col = red_corner
     patch = image[row * 24 : row * 24 + 8, col * 24 : col * 24 + 8]
     assert patch[..., 0].mean() > 200 and patch[..., 2].mean() < 50
@@ -67,3 +68,30 @@ def test_resampler_repeats_frames_when_upsampling():
 def test_clip_params_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         ClipParams(**{field: value})
+
+
+def test_clip_frames_match_the_source_frame_they_come_from(raw_videos, tmp_path):
+    """Geometry (rotation, cover, crop) and colour survive the YUV path: compare with PIL's own resize/crop."""
+    from PIL import Image
+
+    from tasks.discover import identify_source
+    from tasks.extract import extract_clips
+    from tasks.scenes import SceneParams
+
+    _, videos = raw_videos
+    for video in (v for v in videos if v.rotation or v.path.suffix == ".gif" or v.width == 1278):
+        source = identify_source(str(video.path), tmp_path)
+        probe = probe_video(str(video.path))
+        row = extract_clips(source, probe, SceneParams(), ClipParams(width=128, height=96, fps=8, crf=10), tmp_path).rows[0]
+        with av.open(str(tmp_path / f"{row.clip_id}.mp4")) as clip:
+            first = next(clip.decode(video=0)).to_ndarray(format="rgb24").astype(float)
+        with av.open(str(video.path)) as container:
+            frame = next(f for i, f in enumerate(container.decode(video=0)) if i == row.start_frame)
+        reference = Image.fromarray(frame.to_ndarray(format="rgb24")).rotate(probe.rotation, expand=True)
+        w, h = reference.size
+        scale = max(128 / w, 96 / h)
+        reference = reference.resize((round(w * scale), round(h * scale)), Image.BOX)
+        left, top = (reference.size[0] - 128) // 2, (reference.size[1] - 96) // 2
+        expected = np.asarray(reference.crop((left, top, left + 128, top + 96))).astype(float)
+        assert np.abs(first - expected).mean() < 8, video.path.name
+        assert np.abs(first - expected[::-1, ::-1]).mean() > 20  # the comparison can tell orientation apart

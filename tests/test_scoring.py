@@ -3,6 +3,7 @@ frame sampling failures, and the one-model-per-worker cache."""
 
 from __future__ import annotations
 
+import av
 import numpy as np
 import pytest
 
@@ -12,6 +13,11 @@ from tasks.clips import ClipParams, encode_clip
 from tasks.records import ClipRecord, Status
 from tasks.scoring import ClipScorer, ScoreParams, motion_score, sample_frames
 from tasks.tiny_models import TINY_CLIP
+
+
+def _yuv(rgb: np.ndarray) -> np.ndarray:
+    """An RGB image as the packed yuv420p planes clips are encoded from."""
+    return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()
 
 
 def _texture(h=96, w=160, seed=0) -> np.ndarray:
@@ -50,7 +56,8 @@ def test_a_clip_whose_frames_cannot_be_read_fails_alone(tmp_path, tiny_clip):
     good = ClipRecord(clip_id="good", source="s", source_sha256="x", fps=8, end_s=2)
     bad = ClipRecord(clip_id="bad", source="s", source_sha256="x", fps=8, end_s=2)
     rng = np.random.default_rng(0)
-    encode_clip([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(16)], tmp_path / "good.mp4", 8, ClipParams(width=32, height=32))
+    frames = [_yuv(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(16)]
+    encode_clip(frames, tmp_path / "good.mp4", 8, ClipParams(width=32, height=32))
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
     rows = annotate_clips([good, bad], tmp_path, None, CaptionParams(trigger="t"), ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(tiny_clip)))
     assert bad.status == Status.FAILED and "frames could not be sampled" in bad.reason
@@ -59,7 +66,7 @@ def test_a_clip_whose_frames_cannot_be_read_fails_alone(tmp_path, tiny_clip):
 
 
 def test_sample_frames_spreads_clip_frames_and_steps_motion_frames(tmp_path):
-    frames = [np.full((32, 32, 3), i * 10, np.uint8) for i in range(20)]
+    frames = [_yuv(np.full((32, 32, 3), i * 10, np.uint8)) for i in range(20)]
     encode_clip(frames, tmp_path / "c.mp4", 8, ClipParams(width=32, height=32, crf=0))
     sampled = sample_frames(tmp_path / "c.mp4", fps=8, clip_frames=3, motion_fps=2)
     assert [int(round(f.mean() / 10)) for f in sampled.clip] == [0, 10, 19]
