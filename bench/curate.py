@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("bench-run"))
+    parser.add_argument("--skip-scenedetect", action="store_true", help="Leave out (b), e.g. while iterating on (c).")
     args = parser.parse_args()
 
     print("inputs:", flush=True)
@@ -101,7 +102,9 @@ def main() -> None:
     print("timings:")
     t_a, frames = timed("(a) PyAV bare decode", lambda: sum(pool.map(bare_decode, paths)))
     t_b = clips_b = None
-    if shutil.which("ffmpeg"):
+    if args.skip_scenedetect:
+        print("  (b) skipped (--skip-scenedetect)")
+    elif shutil.which("ffmpeg"):
         t_b, counts = timed("(b) scenedetect detect-content split-video", lambda: list(pool.map(lambda p: scenedetect_cli(p, scratch / "b"), paths)))
         clips_b = sum(counts)
     else:

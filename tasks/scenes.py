@@ -175,11 +175,12 @@ class BoundaryDetector:
         self.frames_seen += 1
         state = _FrameState(usable=usable, cut_before=cut_before and i > 0)
         self._pending.append(state)
-        if self.params.blank_std > 0 and luma_std(small_bgr) < self.params.blank_std:
+        sparse = small_bgr[::2, ::2]  # every 4th pixel: the same statistics at a quarter of the cost
+        if self.params.blank_std > 0 and luma_std(sparse) < self.params.blank_std:
             state.usable = False
         for timecode in self.cut_detector.process_frame(FrameTimecode(i, self.fps), small_bgr):
             self._mark_cut(int(timecode.frame_num))
-        self._check_gradual(i, colour_histogram(small_bgr))
+        self._check_gradual(i, colour_histogram(sparse))
         return self._release(keep=self.lag)
 
     def finish(self) -> list[_FrameState]:
