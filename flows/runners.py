@@ -25,4 +25,7 @@ def make_task_runner(runner: Runner, address: str | None, workers: int) -> TaskR
         from prefect_ray import RayTaskRunner
     except ImportError as exc:
         raise ValueError("runner: 'ray' needs prefect-ray; install it with: pip install 'vidtune[ray]'") from exc
-    return RayTaskRunner(address=address) if address else RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False})
+    if address:
+        return RayTaskRunner(address=address)
+    local = {"num_cpus": workers, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    return RayTaskRunner(init_kwargs=local)

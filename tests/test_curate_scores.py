@@ -129,16 +129,19 @@ def test_missing_models_fail_before_any_video_is_decoded(prefect_api, scored_inp
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_gives_the_same_manifest(scored, scored_inputs, make_params, tmp_path):
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_a_local_cluster_gives_the_same_manifest(scored, scored_inputs, make_params, tmp_path, runner):
+    """Two worker processes (Dask LocalCluster / local Ray) produce what the threaded run produced."""
     from flows.curate import curate
 
+    pytest.importorskip("prefect_ray" if runner == "ray" else "prefect_dask")
     output, _, _ = scored
-    curate(make_params(scored_inputs, tmp_path / "dask", captions={"trigger": "in sks style"}, runner="dask", workers=2))
+    curate(make_params(scored_inputs, tmp_path / runner, captions={"trigger": "in sks style"}, runner=runner, workers=2))
     threads = sorted(read_manifest(output / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
-    dask = sorted(read_manifest(tmp_path / "dask" / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
+    dask = sorted(read_manifest(tmp_path / runner / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
     assert len(threads) == len(dask)
     for a, b in zip(threads, dask):
         assert (a.source.rsplit("/", 1)[-1], a.clip_id, a.status, a.reason, a.caption) == (b.source.rsplit("/", 1)[-1], b.clip_id, b.status, b.reason, b.caption)
-        # Dask workers run torch with one thread, the threaded run with two: summation order differs slightly.
+        # Cluster workers run torch with one thread, the threaded run with two: summation order differs slightly.
         for score in ("clip_score", "motion_score"):
             assert getattr(a, score) == pytest.approx(getattr(b, score), abs=1e-3)
