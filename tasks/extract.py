@@ -7,11 +7,37 @@ import math
 from pathlib import Path
 
 import av
+import cv2
+import numpy as np
 
 from tasks.clips import ClipBuffer, ClipParams, ColorTags, FrameResampler, encode_clip, to_training_frame
 from tasks.probe import ProbeResult
 from tasks.records import ClipRecord, Source, SourceResult, Status, clip_id_for
 from tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
+
+
+def detection_thumbnail(frame: av.VideoFrame, target_width: int) -> np.ndarray:
+    """A BGR thumbnail about `target_width` wide for boundary detection.
+
+    4:2:0 frames are point-sampled straight from their planes and only the thumbnail is colour-converted: 5-10x
+    cheaper than a scaler pass over the full frame, and cut detection compares thumbnails with each other, so
+    the missing low-pass filter does not matter. Other pixel formats go through swscale.
+    """
+    step = frame.width // target_width
+    if frame.format.name not in ("yuv420p", "yuvj420p") or step < 2:
+        width = min(target_width, frame.width)
+        height = max(2, round(frame.height * width / frame.width / 2) * 2)
+        return frame.to_ndarray(width=width, height=height, format="bgr24", interpolation="FAST_BILINEAR")
+    y, u, v = (_plane(frame, i, full)[::step, ::step] for i, full in ((0, True), (1, False), (2, False)))
+    h, w = (min(y.shape[0], 2 * u.shape[0]) // 2) * 2, (min(y.shape[1], 2 * u.shape[1]) // 2) * 2
+    packed = np.concatenate([y[:h, :w].ravel(), u[: h // 2, : w // 2].ravel(), v[: h // 2, : w // 2].ravel()])
+    return cv2.cvtColor(packed.reshape(h * 3 // 2, w), cv2.COLOR_YUV2BGR_I420)
+
+
+def _plane(frame: av.VideoFrame, index: int, full_size: bool) -> np.ndarray:
+    plane = frame.planes[index]
+    h, w = (frame.height, frame.width) if full_size else (frame.height // 2, frame.width // 2)
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w]
 
 
 def decoded_frames(container, stream):
@@ -45,8 +71,6 @@ class SourceExtractor:
         self._previous: tuple[int, av.VideoFrame, float] | None = None  # grid points known once the next arrives
         self._color = ColorTags()  # the source's colour description, carried into every clip
         self._recovering = False  # after corruption, frames are damaged until the next keyframe
-        self._detect_w = min(scenes.detect_width, probe.width)
-        self._detect_h = max(2, round(probe.height * self._detect_w / probe.width / 2) * 2)
 
     # ----------------------------------------------------------------------------------------- events
 
@@ -64,8 +88,7 @@ class SourceExtractor:
         self._recovering = self._recovering and not frame.key_frame
         if self._previous is not None:
             self._buffer_previous(shown_until=t)
-        # Detection only needs a thumbnail: the fast scaler is 5x cheaper than AREA and loses nothing here.
-        small = frame.to_ndarray(width=self._detect_w, height=self._detect_h, format="bgr24", interpolation="FAST_BILINEAR")
+        small = detection_thumbnail(frame, self.scenes.detect_width)
         self._plan(self.detector.push(small, usable=usable, cut_before=cut_before))
         self._previous = (len(self.times), frame, t)
         self.times.append(t)

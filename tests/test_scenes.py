@@ -105,3 +105,20 @@ def test_adaptive_detector_finds_the_cuts_too(tmp_path):
     source = Source(str(video.path), "a" * 64, 1, local_path=str(video.path))
     result = extract_clips(source, probe_video(str(video.path)), SceneParams(detector="adaptive"), ClipParams(width=32, height=32, fps=4), tmp_path)
     assert score_cuts(result.cuts, video.cuts, tolerance=1)[2] >= 0.95
+
+
+def test_hd_sources_detect_cuts_from_plane_thumbnails(tmp_path):
+    """720p frames take the point-sampled thumbnail path (yuv420p, >= 2x the detection width)."""
+    from tasks.extract import detection_thumbnail
+
+    video = render_video(tmp_path / "hd.mp4", seconds=4, fps=25, width=1280, height=720, shots=4, transition="dissolve", seed=4)
+    source = Source(str(video.path), "d" * 64, 1, local_path=str(video.path))
+    result = extract_clips(source, probe_video(str(video.path)), SceneParams(), ClipParams(width=32, height=32, fps=4), tmp_path)
+    assert score_cuts(result.cuts, video.cuts, video.transitions)[2] >= 0.95
+    boundaries = [(c - 1, c) for c in video.cuts] + video.transitions
+    assert not [r for r in result.rows if r.clip_id for a, b in boundaries if r.start_frame <= b and a < r.end_frame]
+    import av
+
+    with av.open(str(video.path)) as container:
+        frame = next(container.decode(video=0))
+    assert detection_thumbnail(frame, 256).shape == (144, 256, 3)
