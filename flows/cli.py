@@ -77,8 +77,8 @@ def curate(
         _fail(f"input: {input!r} does not exist")  # before starting Prefect
     try:
         summary = curate_flow(params)
-    except (FileNotFoundError, OutputMismatchError, ModelSetupError) as exc:
-        _fail(str(exc))
+    except (FileNotFoundError, OutputMismatchError, ModelSetupError, ValueError) as exc:
+        _fail(str(exc))  # input and settings problems (e.g. a malformed captions.csv): a message, not a traceback
     print_curate_summary(summary, console)
     if strict and (summary["sources"]["failed"] or summary["clips"]["failed"]):
         raise typer.Exit(1)

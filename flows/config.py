@@ -29,8 +29,20 @@ def parse_overrides(items: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ParamError(f"--set {key}: {part} is a value, not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = _parse_value(raw)
     return tree
+
+
+def _parse_value(raw: str):
+    """YAML scalars and lists ('30', 'true', 'null', '[a, b]'); anything else, e.g. a caption template like
+    '{trigger}, {sidecar}' (a YAML mapping, or not YAML at all), stays the string it was typed as."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) else value
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -53,7 +65,7 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def build_params(model: type[M], *, base: dict, config: Path | None = None, overrides: list[str] = ()) -> M:
-    values = dict(base)
+    values: dict = {}
     if config is not None:
         try:
             loaded = yaml.safe_load(Path(config).read_text()) or {}
@@ -62,7 +74,7 @@ def build_params(model: type[M], *, base: dict, config: Path | None = None, over
         if not isinstance(loaded, dict):
             raise ParamError(f"--config {config}: expected a mapping of parameters at the top level")
         values = deep_merge(values, loaded)
-    values = deep_merge(values, parse_overrides(list(overrides)))
+    values = deep_merge(deep_merge(values, base), parse_overrides(list(overrides)))  # arguments beat the file
     try:
         return model.model_validate(values)
     except ValidationError as exc:

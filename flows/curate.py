@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.progress import progress_bar
 from flows.runners import Runner, make_task_runner
@@ -48,6 +48,17 @@ class CurateParams(BaseModel):
     runner: Runner = Field("threads", description="threads (one machine), dask or ray (a cluster).")
     runner_address: str | None = Field(None, description="Scheduler address for dask/ray, e.g. tcp://10.0.0.5:8786.")
     overwrite: bool = Field(False, description="Replace OUTPUT if it was curated with different clip settings.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CurateParams:
+        if self.scenes.min_clip_s * self.clips.fps < 1:
+            raise ValueError(
+                f"scenes.min_clip_s ({self.scenes.min_clip_s}) is shorter than one frame at clips.fps ({self.clips.fps})"
+            )
+        needs_clip = [name for name in ("min_clip_score", "dedup_threshold") if getattr(self.filters, name) is not None]
+        if needs_clip and not self.scores.clip:
+            raise ValueError(f"filters.{needs_clip[0]} needs the CLIP score, but scores.clip is false")
+        return self
 
     def source_settings(self) -> SourceSettings:
         return SourceSettings(self.scenes, self.clips, self.captions, self.scores)

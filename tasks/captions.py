@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.records import ClipRecord
 
+log = logging.getLogger(__name__)
+TEMPLATE_FIELDS = ("trigger", "sidecar", "vlm", "source_name", "start_s", "end_s", "duration_s")
 DEFAULT_TEMPLATES = {
     "sidecar": "{trigger}, {sidecar}",
     "template": "{trigger}, {source_name}",
@@ -52,6 +56,11 @@ class CaptionParams(BaseModel):
     def _vlm_needs_a_model(self) -> CaptionParams:
         if self.mode == "vlm" and not self.vlm_model:
             raise ValueError("vlm_model is required when mode is 'vlm' (a local folder or a hub id)")
+        if self.template is not None:
+            try:
+                self.template.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"template: unknown field or bad format {exc} (fields: {', '.join(TEMPLATE_FIELDS)})") from None
         return self
 
     def template_for(self, has_sidecar: bool) -> str:
@@ -98,9 +107,12 @@ def sidecar_caption(source_path: str, input_root: str, mapping: dict[str, str]) 
     """A source's sidecar text: `VIDEO.txt` beside it, else its entry in the mapping (by relative path or name)."""
     beside = re.sub(r"\.[^./]+$", ".txt", source_path)
     fs, local = fsspec.core.url_to_fs(beside)
-    if fs.exists(local):
-        with fs.open(local, "r", encoding="utf-8") as f:
-            return f.read().strip()
+    if fs.isfile(local):
+        try:
+            with fs.open(local, "r", encoding="utf-8") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("ignoring unreadable sidecar caption %s: %s", beside, exc)
     relative = source_path.removeprefix(input_root.rstrip("/") + "/")
     for key in (relative, Path(source_path).name, source_path):
         if key in mapping:
@@ -160,6 +172,7 @@ class VlmCaptioner:
         self.processor = AutoProcessor.from_pretrained(model)
         self.model = AutoModelForImageTextToText.from_pretrained(model).to(device).eval()
         self.chat = getattr(self.processor, "chat_template", None) is not None
+        self.lock = threading.Lock()  # shared by a worker's threads; tokenizers are not re-entrant
 
     def caption(self, clips: list[list[np.ndarray]], prompt: str | None, max_new_tokens: int, batch_size: int) -> list[str]:
         from PIL import Image
@@ -167,7 +180,8 @@ class VlmCaptioner:
         captions: list[str] = []
         for start in range(0, len(clips), batch_size):
             images = [Image.fromarray(tile_frames(frames)) for frames in clips[start : start + batch_size]]
-            captions += self._generate(images, prompt, max_new_tokens)
+            with self.lock:
+                captions += self._generate(images, prompt, max_new_tokens)
         return captions
 
     def _generate(self, images, prompt: str | None, max_new_tokens: int) -> list[str]:

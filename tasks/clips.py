@@ -104,9 +104,12 @@ class FrameResampler:
     next_k: int = 0
 
     def grid_points(self, shown_from: float, shown_until: float) -> int:
-        """How many grid points fall in [shown_from, shown_until) (advancing the grid)."""
+        """How many grid points fall in [shown_from, shown_until) (advancing the grid; points before
+        `shown_from`, in a gap nothing was shown in, are skipped)."""
         if self.t0 is None:
             self.t0 = shown_from
+        while self.t0 + self.next_k / self.fps < shown_from - 1e-9:
+            self.next_k += 1
         count = 0
         while self.t0 + self.next_k / self.fps < shown_until - 1e-9:
             count += 1

@@ -16,6 +16,9 @@ from tasks.records import ClipRecord, Source, SourceResult, Status, clip_id_for
 from tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
 
 
+MAX_FRAME_GAP_S = 2.0  # longer gaps between consecutive frames are treated as a cut
+
+
 def detection_thumbnail(frame: av.VideoFrame, target_width: int) -> np.ndarray:
     """A BGR thumbnail about `target_width` wide for boundary detection.
 
@@ -57,11 +60,9 @@ class SourceExtractor:
         self.source, self.probe, self.scenes, self.clips, self.out_dir = source, probe, scenes, clips, out_dir
         fps = probe.fps
         self.detector = BoundaryDetector(scenes, fps)
-        self.planner = ClipPlanner(
-            min_len=max(1, math.ceil(scenes.min_clip_s * fps - 1e-6)),
-            max_len=max(1, math.floor(scenes.max_clip_s * fps + 1e-6)),
-            trim=scenes.trim_frames,
-        )
+        max_len = max(1, math.floor(scenes.max_clip_s * fps + 1e-6))
+        min_len = min(max_len, max(1, math.ceil(scenes.min_clip_s * fps - 1e-6)))
+        self.planner = ClipPlanner(min_len=min_len, max_len=max_len, trim=scenes.trim_frames)
         self.resampler = FrameResampler(clips.fps)
         self.buffer = ClipBuffer.empty()
         self.times: list[float] = []  # presentation time of every decoded frame
@@ -83,7 +84,12 @@ class SourceExtractor:
         t = frame.time
         if t is None or (self.times and t <= self.times[-1]):  # missing or non-increasing: assume the rate
             t = self.times[-1] + 1 / self.probe.fps if self.times else 0.0
-        cut_before = self._recovering and frame.key_frame  # the gap left by corruption is a boundary
+        jump = bool(self.times) and t - self.times[-1] > MAX_FRAME_GAP_S
+        if jump:  # a frozen stream or a timestamp glitch: a boundary, and the frame before it is not stretched
+            t_shown = self.times[-1] + 1 / self.probe.fps
+            self._buffer_previous(shown_until=t_shown)
+            self._previous = None
+        cut_before = (self._recovering and frame.key_frame) or jump  # the gap left by corruption is a boundary
         usable = not self._recovering or frame.key_frame
         self._recovering = self._recovering and not frame.key_frame
         if self._previous is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.annotate import Annotators
-from tasks.captions import CaptionParams
+from tasks.captions import CaptionParams, load_caption_mapping
 from tasks.scoring import ScoreParams
 
 WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
@@ -32,6 +32,11 @@ def check_models(captions: CaptionParams, scores: ScoreParams) -> None:
     if captions.sidecar_file and not captions.sidecar_file.startswith(("s3://", "gs://", "memory://", "http")):
         if not Path(captions.sidecar_file).expanduser().is_file():
             raise ModelSetupError(f"captions.sidecar_file: no such file: {captions.sidecar_file}")
+    if captions.sidecar_file:
+        try:
+            load_caption_mapping(captions.sidecar_file)
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            raise ModelSetupError(f"captions.sidecar_file: {exc}") from exc
     _load(Annotators.load, captions, scores)
 
 

@@ -52,7 +52,7 @@ def probe_video(path: str) -> ProbeResult:
             vfr=bool(base) and abs(base - fps) / base > 0.01,
             width=stream.codec_context.width,
             height=stream.codec_context.height,
-            rotation=int(first.rotation or 0) % 360,
+            rotation=int(round((first.rotation or 0) / 90)) * 90 % 360,  # matrices store e.g. 89.99
             codec=stream.codec_context.name,
             frame_count=int(stream.frames or 0),
         )

@@ -138,6 +138,7 @@ class ClipScorer:
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.lock = threading.Lock()  # threads of a worker share this model: one forward pass at a time
 
     def score(self, frames_per_clip: list[np.ndarray], captions: list[str]) -> tuple[list[float], np.ndarray]:
         """(score per clip, L2-normalised mean image embedding per clip, float32)."""
@@ -146,7 +147,7 @@ class ClipScorer:
         torch = self.torch
         counts = [len(f) for f in frames_per_clip]
         pixels = torch.stack([self.preprocess(Image.fromarray(img)) for frames in frames_per_clip for img in frames])
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             images = self.model.encode_image(pixels.to(self.device)).float()
             texts = self.model.encode_text(self.tokenizer(captions).to(self.device)).float()
         images = torch.nn.functional.normalize(images, dim=-1)

@@ -64,12 +64,13 @@ def pack_shards(
     """
     shard_dir.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
+    for stale in shard_dir.glob(".shard-*.tmp"):  # left by a run killed while writing a shard
+        stale.unlink()
     packed = packed_clips(shard_dir)
+    outdated: list[Path] = []
     if set(packed) - {r.clip_id for r in rows if r.status == Status.KEPT}:
-        # Filters changed since the shards were written: rebuild them rather than serve filtered clips.
-        for shard in shard_dir.glob("shard-*.tar"):
-            shard.unlink()
-        packed = {}
+        # Filters changed since the shards were written: write a new set, then retire the old one.
+        outdated, packed = sorted(shard_dir.glob("shard-*.tar")), {}
     todo = deque(
         sorted((r for r in rows if r.status == Status.KEPT and r.clip_id not in packed), key=lambda r: r.clip_id)
     )
@@ -89,6 +90,8 @@ def pack_shards(
                     count += 1
                     packed[todo.popleft().clip_id] = name
         index += 1
+    for shard in outdated:
+        shard.unlink()
     return packed
 
 

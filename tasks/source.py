@@ -6,6 +6,7 @@ counts as done only once all its clips are on disk; a rerun skips it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -50,29 +51,26 @@ def curate_source(source: Source, settings: SourceSettings, staging_root: Path) 
     done = staging / ROWS_FILE
     if done.exists():
         saved = json.loads(done.read_text())
-        rows = [ClipRecord.from_dict(r) for r in saved["rows"]]
-        return SourceResult(rows, True, saved["duration_s"], saved["cuts"], [tuple(g) for g in saved["gradual"]])
+        if saved.get("sidecar") == source.sidecar:  # a changed sidecar caption means new captions and scores
+            # Same bytes, maybe a new name or place: rows follow the path of this run.
+            rows = [dataclasses.replace(ClipRecord.from_dict(r), source=source.path) for r in saved["rows"]]
+            return SourceResult(rows, True, saved["duration_s"], saved["cuts"], [tuple(g) for g in saved["gradual"]])
     if staging.exists():  # a run died inside this source: start it over
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     result = _curate_new_source(source, settings.scenes, settings.clips, staging)
-    _annotate(result.rows, staging, source, settings)
+    # Model errors (out of memory, a tokenizer failing) propagate: the task fails, nothing is marked done, and
+    # the source is a failed row in this run's manifest and retried by the next run.
+    annotate_clips(result.rows, staging, source.sidecar, settings.captions, settings.scores)
     rows = [r.to_dict() for r in result.rows]
     write_json_atomic(
         done,
-        {"source": source.path, "duration_s": result.duration_s, "cuts": result.cuts, "gradual": result.gradual, "rows": rows},
+        {
+            "source": source.path, "sidecar": source.sidecar, "duration_s": result.duration_s,
+            "cuts": result.cuts, "gradual": result.gradual, "rows": rows,
+        },  # fmt: skip
     )
     return result
-
-
-def _annotate(rows: list[ClipRecord], staging: Path, source: Source, settings: SourceSettings) -> None:
-    try:
-        annotate_clips(rows, staging, source.sidecar, settings.captions, settings.scores)
-    except (RuntimeError, ValueError) as exc:  # a model failing on this source's clips fails only its clips
-        log.exception("captioning/scoring failed for %s", source.path)
-        for row in rows:
-            if row.clip_id and row.status == Status.KEPT:
-                row.status, row.reason = Status.FAILED, f"captioning/scoring failed: {type(exc).__name__}: {exc}"
 
 
 def _curate_new_source(source: Source, scenes: SceneParams, clips: ClipParams, staging: Path) -> SourceResult:
@@ -88,7 +86,7 @@ def _curate_new_source(source: Source, scenes: SceneParams, clips: ClipParams, s
         return extract_clips(source, probe, scenes, clips, staging)
     except av.error.FFmpegError as exc:
         reason = f"decoding failed: {exc.strerror or exc}"
-    except (ValueError, RuntimeError, MemoryError) as exc:  # a broken file must not stop the other sources
+    except ValueError as exc:  # a file that breaks the extractor must not stop the other sources
         log.exception("extraction failed for %s", source.path)
         reason = f"extraction failed: {type(exc).__name__}: {exc}"
     return SourceResult([ClipRecord.for_source(source, Status.FAILED, reason, **facts)], False, probe.duration_s)

@@ -71,3 +71,8 @@ def test_tiny_blip_captions_through_the_user_code_path(tmp_path):
     assert len(captions) == 3
     for caption in captions:
         assert caption and set(caption.split()) <= set(CAPTION_WORDS)
+
+
+def test_an_unreadable_sidecar_is_ignored_not_fatal(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
+    assert sidecar_caption(str(tmp_path / "a.mp4"), str(tmp_path), {}) is None

@@ -95,3 +95,9 @@ def test_clip_frames_match_the_source_frame_they_come_from(raw_videos, tmp_path)
         expected = np.asarray(reference.crop((left, top, left + 128, top + 96))).astype(float)
         assert np.abs(first - expected).mean() < 8, video.path.name
         assert np.abs(first - expected[::-1, ::-1]).mean() > 20  # the comparison can tell orientation apart
+
+
+def test_resampler_skips_grid_points_inside_a_gap():
+    resampler = FrameResampler(fps=10)
+    assert resampler.grid_points(0.0, 0.1) == 1
+    assert resampler.grid_points(3600.0, 3600.1) == 1  # an hour-long hole is not filled with copies

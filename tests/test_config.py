@@ -75,3 +75,28 @@ def test_cli_missing_input_fails_fast_naming_it(tmp_path):
     result = CliRunner().invoke(app, ["curate", str(tmp_path / "nope"), str(tmp_path / "out")])
     assert result.exit_code == 2 and "input:" in result.output and "does not exist" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_positional_arguments_win_over_the_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("input: from-file\noutput: from-file\nworkers: 3\n")
+    params = build_params(CurateParams, base={"input": "arg-in", "output": "arg-out"}, config=config)
+    assert (params.input, params.output, params.workers) == ("arg-in", "arg-out", 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["captions.template={trigerr}, {source_name}"], "captions: template: unknown field"),
+        (["scenes.min_clip_s=0.05", "clips.fps=8"], "shorter than one frame at clips.fps"),
+        (["scores.clip=false", "filters.dedup_threshold=0.99"], "filters.dedup_threshold needs the CLIP score"),
+    ],
+)
+def test_inconsistent_parameters_are_rejected_up_front(overrides, message):
+    with pytest.raises(ParamError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_params(CurateParams, base={"input": "i", "output": "o"}, overrides=overrides)
+
+
+def test_template_values_pass_through_set_as_strings():
+    params = build_params(CurateParams, base={"input": "i", "output": "o"}, overrides=["captions.template={trigger}, {sidecar}"])
+    assert params.captions.template == "{trigger}, {sidecar}"

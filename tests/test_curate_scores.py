@@ -141,7 +141,8 @@ def test_a_local_cluster_gives_the_same_manifest(scored, scored_inputs, make_par
     dask = sorted(read_manifest(tmp_path / runner / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
     assert len(threads) == len(dask)
     for a, b in zip(threads, dask):
-        assert (a.source.rsplit("/", 1)[-1], a.clip_id, a.status, a.reason, a.caption) == (b.source.rsplit("/", 1)[-1], b.clip_id, b.status, b.reason, b.caption)
+        kind = lambda r: r.reason.split(":", 1)[0]  # noqa: E731  (reasons quote scores to 2 decimals)
+        assert (a.source.rsplit("/", 1)[-1], a.clip_id, a.status, kind(a), a.caption) == (b.source.rsplit("/", 1)[-1], b.clip_id, b.status, kind(b), b.caption)
         # Cluster workers run torch with one thread, the threaded run with two: summation order differs slightly.
         for score in ("clip_score", "motion_score"):
             assert getattr(a, score) == pytest.approx(getattr(b, score), abs=1e-3)
