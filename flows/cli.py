@@ -113,6 +113,25 @@ def synth_videos(
         console.print(f"{video.path}  {video.num_frames} frames @ {video.fps:g} fps, cuts at {video.cuts}", highlight=False)
 
 
+@app.command("tiny-model")
+def tiny_model(
+    family: Annotated[str, typer.Argument(metavar="FAMILY", help="Model family: wan.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the diffusers-format model to.")],
+) -> None:
+    """Build a tiny random model of FAMILY's real diffusers classes and save it with save_pretrained.
+
+    The folder loads with DiffusionPipeline.from_pretrained(OUT), like a real checkpoint: for tests, demos and
+    trying the pipeline without downloading weights.
+    """
+    from training.tiny_models import build_tiny_model
+
+    try:
+        folder = build_tiny_model(family, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"wrote a tiny {family} pipeline to {folder} (load it with DiffusionPipeline.from_pretrained)", highlight=False)
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path("demo-run"),

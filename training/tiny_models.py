@@ -1,0 +1,67 @@
+"""Tiny random models of the real diffusers pipelines, built from config and saved with `save_pretrained`.
+
+The output folder has the layout of a hub checkpoint (`model_index.json`, `transformer/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`) and loads with `DiffusionPipeline.from_pretrained(folder)`, the path
+users take with real weights. Sizes follow diffusers' own test configurations; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+TOKENIZER_WORDS = (
+    "a the of in with and style video shot scene person people car street city red blue green yellow purple light "
+    "dark moving camera pan close wide night day beach sky water tree building road sks vidtune demo"
+).split()
+
+
+def _word_tokenizer(max_length: int):
+    """A word-level fast tokenizer written locally with the `tokenizers` library (T5-style specials)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + TOKENIZER_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny Wan 2.1 text-to-video pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer(max_length=32)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )  # fmt: skip
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {"wan": build_tiny_wan}
+
+
+def build_tiny_model(family: str, folder: str | Path) -> Path:
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"unknown model family {family!r}; supported: {', '.join(sorted(TINY_BUILDERS))}")
+    return TINY_BUILDERS[family](folder)
