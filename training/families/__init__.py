@@ -1,0 +1,32 @@
+"""Model families behind one protocol, a registry, and detection from a model's `model_index.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
+from training.families.wan import WanFamily
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(),)}
+
+__all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def detect_family(model_folder: str | Path) -> ModelFamily:
+    """The family whose pipeline class a local diffusers folder declares."""
+    index = Path(model_folder) / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"model: {model_folder} is not a diffusers model folder (no model_index.json)")
+    pipeline = json.loads(index.read_text()).get("_class_name")
+    for family in FAMILIES.values():
+        if family.pipeline_class_name == pipeline:
+            return family
+    supported = ", ".join(f"{f.name} ({f.pipeline_class_name})" for f in FAMILIES.values())
+    raise ValueError(f"model: {model_folder} is a {pipeline}, which no family handles; supported: {supported}")

@@ -1,0 +1,45 @@
+"""The one small protocol every model family implements (STYLE.md 3), and the records it passes around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class TextEmbeddings:
+    embeds: torch.Tensor  # (batch, tokens, dim)
+    mask: torch.Tensor | None = None  # (batch, tokens), 1 = real token
+
+
+@dataclass
+class TrainingInputs:
+    """What one denoiser forward pass needs, and what it is scored against."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weighting: torch.Tensor  # per-sample loss weight, broadcastable to target
+
+
+class ModelFamily(Protocol):
+    name: str
+    pipeline_class_name: str  # the diffusers pipeline class in model_index.json
+    default_lora_targets: tuple[str, ...]
+
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32): ...
+
+    def valid_num_frames(self, frames: int) -> bool: ...
+
+    def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings: ...
+
+    def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
+        """(batch, 3, frames, h, w) in [-1, 1] -> VAE posterior moments (mean and logvar stacked on dim 1)."""
+
+    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs: ...
+
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor: ...
