@@ -53,7 +53,7 @@ def run_demo(workdir: Path, console: Console) -> dict:
 
     console.rule("[bold]next")
     console.print(
-        f"shards:    {dataset}/shards/shard-*.tar (WebDataset: mp4 + txt + json per clip)\n"
+        f"shards:    {dataset}/shards/shard-*.tar (WebDataset: mp4, txt caption, json row, npy CLIP embedding)\n"
         f"manifest:  {dataset}/manifest.parquet (every input, with status and reason)\n"
         f"plots:     {dataset}/clip_score_hist.png, {dataset}/motion_score_hist.png\n"
         "Prefect:   run `prefect server start` and open http://127.0.0.1:4200 to see the flow runs",

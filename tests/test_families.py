@@ -84,3 +84,43 @@ def test_unknown_family_and_non_diffusers_folder(tmp_path):
         get_family("hunyuan")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
         detect_family(tmp_path)
+
+
+def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_model, tmp_path):
+    from training.trainable import select_trainable
+
+    family, folder = family_model
+    torch.manual_seed(0)
+    pipe = family.load_pipeline(str(folder))
+    text = family.encode_prompts(pipe, ["a red car in sks style"])
+    generator = torch.Generator().manual_seed(1)
+    batch = family.training_inputs(pipe, family.sample_latents(pipe, family.encode_video(pipe, _video(seed=1)), generator), generator)
+    subset_name, pattern = next(iter(family.full_subsets.items()))
+    params = select_trainable(pipe.transformer, pattern)
+    frozen = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if not p.requires_grad}
+    assert 0 < sum(p.numel() for p in params) < sum(p.numel() for p in pipe.transformer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+
+    def loss_fn():
+        return (batch.weighting * (family.predict(pipe, batch, text) - batch.target) ** 2).mean()
+
+    first = loss_fn().item()
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    assert loss_fn().item() < first, subset_name
+    assert all(torch.equal(p, frozen[n]) for n, p in pipe.transformer.named_parameters() if n in frozen)
+
+    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    fresh = family.load_pipeline(str(folder))
+    fresh.transformer = type(pipe.transformer).from_pretrained(tmp_path / "transformer")
+    video = fresh(prompt="sks", num_frames=5, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np").frames
+    assert video.shape == (1, 5, 32, 32, 3)
+
+
+def test_select_trainable_names_an_example_when_nothing_matches():
+    with pytest.raises(ValueError, match="no parameter name matches 'nothing'"):
+        from training.trainable import select_trainable
+
+        select_trainable(torch.nn.Linear(2, 2), "nothing")

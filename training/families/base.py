@@ -28,6 +28,7 @@ class ModelFamily(Protocol):
     name: str
     pipeline_class_name: str  # the diffusers pipeline class in model_index.json
     default_lora_targets: tuple[str, ...]
+    full_subsets: dict[str, str]  # named parameter-name patterns for partial full fine-tuning
 
     def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32): ...
 

@@ -12,6 +12,7 @@ class WanFamily:
     name = "wan"
     pipeline_class_name = "WanPipeline"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
     weighting_scheme = "logit_normal"  # SD3/Wan-style timestep density; loss weighting from the same helper
 
     def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
