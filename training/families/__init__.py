@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
+from training.families.ltx import LtxFamily
 from training.families.wan import WanFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(),)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily())}
 
 __all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
 

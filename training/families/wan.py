@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from training.families.base import TextEmbeddings, TrainingInputs
+from training.families.flow_matching import flow_matching_inputs, sample_posterior
 
 
 class WanFamily:
@@ -41,28 +41,12 @@ class WanFamily:
 
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh posterior sample per step (the cache keeps moments, not one sample), normalised as Wan expects."""
-        mean, logvar = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30, 20))
-        sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        sample = sample_posterior(moments, generator)
         shift, scale = self._normalisation(pipe, sample)
         return (sample - shift) / scale
 
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        scheduler = pipe.scheduler
-        batch = latents.shape[0]
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=self.weighting_scheme, batch_size=batch, logit_mean=0.0, logit_std=1.0, mode_scale=1.29
-        )
-        indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
-        sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(batch, 1, 1, 1, 1)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
-        weighting = compute_loss_weighting_for_sd3(weighting_scheme=self.weighting_scheme, sigmas=sigmas)
-        return TrainingInputs(
-            noisy=(1 - sigmas) * latents + sigmas * noise,
-            timesteps=scheduler.timesteps[indices].to(latents.device),
-            target=noise - latents,  # flow matching: the velocity from data to noise
-            weighting=weighting,
-        )
+        return flow_matching_inputs(pipe.scheduler, latents, self.weighting_scheme, generator)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
         return pipe.transformer(
