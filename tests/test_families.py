@@ -19,7 +19,10 @@ def family_model(request, tmp_path_factory):
     return get_family(name), folder
 
 
-def _video(frames=5, size=32, seed=0) -> torch.Tensor:
+FRAMES = 9  # valid for every family: 4k+1 (Wan, CogVideoX) and 8k+1 (LTX); CogVideoX needs an odd latent count
+
+
+def _video(frames=FRAMES, size=32, seed=0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.uniform(-1, 1, (1, 3, frames, size, size)).astype(np.float32))
 
@@ -68,10 +71,10 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     fresh = family.load_pipeline(str(folder))
     fresh.load_lora_weights(tmp_path / "lora")
     video = fresh(
-        prompt="a red car in sks style", num_frames=5, height=32, width=32, num_inference_steps=2,
+        prompt="a red car in sks style", num_frames=FRAMES, height=32, width=32, num_inference_steps=2,
         guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0),
     ).frames  # fmt: skip
-    assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
+    assert video.shape == (1, FRAMES, 32, 32, 3) and np.isfinite(video).all()
 
 
 def test_valid_frame_counts(family_model):
@@ -80,7 +83,7 @@ def test_valid_frame_counts(family_model):
 
 
 def test_unknown_family_and_non_diffusers_folder(tmp_path):
-    with pytest.raises(ValueError, match="unknown model family 'hunyuan'; supported: ltx-video, wan"):
+    with pytest.raises(ValueError, match="unknown model family 'hunyuan'; supported: cogvideox, ltx-video, wan"):
         get_family("hunyuan")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
         detect_family(tmp_path)
@@ -115,8 +118,8 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     pipe.transformer.save_pretrained(tmp_path / "transformer")
     fresh = family.load_pipeline(str(folder))
     fresh.transformer = type(pipe.transformer).from_pretrained(tmp_path / "transformer")
-    video = fresh(prompt="sks", num_frames=5, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np").frames
-    assert video.shape == (1, 5, 32, 32, 3)
+    video = fresh(prompt="sks", num_frames=FRAMES, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np").frames
+    assert video.shape == (1, FRAMES, 32, 32, 3)
 
 
 def test_select_trainable_names_an_example_when_nothing_matches():

@@ -87,7 +87,38 @@ def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {"wan": build_tiny_wan, "ltx-video": build_tiny_ltx}
+def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny CogVideoX pipeline (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5 encoder, DDIM v-pred)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer(max_length=226)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )  # fmt: skip
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226,
+    )  # fmt: skip
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )  # fmt: skip
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {
+    "wan": build_tiny_wan,
+    "ltx-video": build_tiny_ltx,
+    "cogvideox": build_tiny_cogvideox,
+}
 
 
 def build_tiny_model(family: str, folder: str | Path) -> Path:

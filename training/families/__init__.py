@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
+from training.families.cogvideox import CogVideoXFamily
 from training.families.ltx import LtxFamily
 from training.families.wan import WanFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily())}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily(), CogVideoXFamily())}
 
 __all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
 

@@ -1,0 +1,62 @@
+"""CogVideoX (`THUDM/CogVideoX-2b` / `-5b`): v-prediction on a DDPM-style schedule; the transformer takes
+frames-first latents. Latents here stay (batch, channels, frames, h, w) like every family's."""
+
+from __future__ import annotations
+
+import torch
+
+from training.families.base import TextEmbeddings, TrainingInputs
+from training.families.flow_matching import sample_posterior
+
+
+class CogVideoXFamily:
+    name = "cogvideox"
+    pipeline_class_name = "CogVideoXPipeline"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    full_subsets = {"attention": r"\.attn1\.", "feed_forward": r"\.ff\."}
+
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+        from diffusers import CogVideoXPipeline
+
+        return CogVideoXPipeline.from_pretrained(model, dtype=dtype)
+
+    def valid_num_frames(self, frames: int) -> bool:
+        return frames >= 1 and (frames - 1) % 4 == 0
+
+    def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
+        length = pipe.transformer.config.max_text_seq_length  # the transformer's positional table fixes it
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=pipe.device)
+        return TextEmbeddings(embeds)
+
+    def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return sample_posterior(moments, generator) * pipe.vae_scaling_factor_image
+
+    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+        scheduler = pipe.scheduler
+        batch = latents.shape[0]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+        return TrainingInputs(
+            noisy=scheduler.add_noise(latents, noise, timesteps),
+            timesteps=timesteps,
+            target=scheduler.get_velocity(latents, noise, timesteps),  # v-prediction
+            weighting=torch.ones((batch,) + (1,) * (latents.ndim - 1), dtype=latents.dtype, device=latents.device),
+        )
+
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+        frames_first = inputs.noisy.permute(0, 2, 1, 3, 4)
+        _, frames, _, height, width = frames_first.shape
+        rotary = None
+        if pipe.transformer.config.use_rotary_positional_embeddings:
+            scale = pipe.vae_scale_factor_spatial
+            rotary = pipe._prepare_rotary_positional_embeddings(height * scale, width * scale, frames, inputs.noisy.device)
+        out = pipe.transformer(
+            hidden_states=frames_first, encoder_hidden_states=text.embeds, timestep=inputs.timesteps,
+            image_rotary_emb=rotary, return_dict=False,
+        )[0]  # fmt: skip
+        return out.permute(0, 2, 1, 3, 4)
