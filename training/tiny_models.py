@@ -114,10 +114,40 @@ def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny AnimateDiff pipeline: SD-1.5-style UNet + MotionAdapter (saved as a UNetMotionModel), a 2D VAE and
+    a CLIP text encoder."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer(max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                       num_hidden_layers=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 8), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=2,
+    )  # fmt: skip
+    adapter = MotionAdapter(block_out_channels=(8, 8), motion_layers_per_block=2, motion_norm_num_groups=2, motion_num_attention_heads=4)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
+    )  # fmt: skip
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
+    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter, scheduler=scheduler)
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {
     "wan": build_tiny_wan,
     "ltx-video": build_tiny_ltx,
     "cogvideox": build_tiny_cogvideox,
+    "animatediff": build_tiny_animatediff,
 }
 
 

@@ -27,6 +27,7 @@ class TrainingInputs:
 class ModelFamily(Protocol):
     name: str
     pipeline_class_name: str  # the diffusers pipeline class in model_index.json
+    denoiser_name: str  # the pipeline attribute that trains: "transformer" or "unet"
     default_lora_targets: tuple[str, ...]
     full_subsets: dict[str, str]  # named parameter-name patterns for partial full fine-tuning
 

@@ -12,6 +12,7 @@ from training.families.flow_matching import sample_posterior
 class CogVideoXFamily:
     name = "cogvideox"
     pipeline_class_name = "CogVideoXPipeline"
+    denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn1\.", "feed_forward": r"\.ff\."}
 

@@ -11,6 +11,7 @@ from training.families.flow_matching import flow_matching_inputs, sample_posteri
 class LtxFamily:
     name = "ltx-video"
     pipeline_class_name = "LTXPipeline"
+    denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ff\."}
     weighting_scheme = "logit_normal"

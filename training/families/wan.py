@@ -11,6 +11,7 @@ from training.families.flow_matching import flow_matching_inputs, sample_posteri
 class WanFamily:
     name = "wan"
     pipeline_class_name = "WanPipeline"
+    denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
     weighting_scheme = "logit_normal"  # SD3/Wan-style timestep density; loss weighting from the same helper
