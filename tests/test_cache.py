@@ -1,0 +1,75 @@
+"""The latent/text cache on real curated shards and a tiny Wan: buckets, reuse, incremental adds, fingerprints,
+and clips too short for any bucket."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+import torch
+import webdataset as wds
+
+from training.cache import PrecomputeParams, cache_fingerprint, choose_bucket, load_cache_entry, precompute
+from training.families import get_family
+from training.tiny_models import build_tiny_wan
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    folder = build_tiny_wan(tmp_path_factory.mktemp("wan") / "model")
+    family = get_family("wan")
+    return family, family.load_pipeline(str(folder)), str(folder)
+
+
+def test_choose_bucket_takes_the_longest_that_fits():
+    assert choose_bucket(40, [9, 17, 33]) == 33 and choose_bucket(9, [9, 17]) == 9 and choose_bucket(8, [9, 17]) is None
+
+
+def test_precompute_caches_moments_and_text_then_reuses_them(curated, tiny_wan, tmp_path):
+    output, summary, _ = curated
+    family, pipe, model = tiny_wan
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    params = PrecomputeParams(frame_buckets=[9, 17, 33])  # test clips are 8 fps, 1-5 s: 8-40 frames
+    first = precompute(shards, family, pipe, model, tmp_path / "cache", params)
+    assert first.encoded + sum(first.skipped.values()) == summary["clips"]["kept"] and first.encoded > 0
+    assert all(reason.startswith("shorter than every bucket") for reason in first.skipped)
+
+    entries = list(wds.WebDataset(sorted(str(p) for p in first.cache_dir.glob("*/cache-*.tar")), shardshuffle=False))
+    assert len(entries) == first.encoded
+    moments, text = load_cache_entry(entries[0]["latents.safetensors"], entries[0]["text.safetensors"])
+    bucket = entries[0]["__url__"].split("/")[-2]
+    frames = int(bucket.split("x")[0])
+    assert moments.shape[0] == 2 * pipe.vae.config.z_dim and moments.shape[1] == (frames - 1) // 4 + 1
+    assert torch.isfinite(moments).all() and text["embeds"].ndim == 2
+
+    again = precompute(shards, family, pipe, model, tmp_path / "cache", params)
+    assert (again.encoded, again.reused) == (0, first.encoded)
+    assert not list(first.cache_dir.rglob(".*.tmp"))
+
+
+def test_new_clips_are_added_incrementally(curated, tiny_wan, tmp_path):
+    output, _, _ = curated
+    family, pipe, model = tiny_wan
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    params = PrecomputeParams(frame_buckets=[9], clips_per_shard=4)
+    partial = tmp_path / "partial.tar"
+    with tarfile.open(shards[0]) as src, tarfile.open(partial, "w") as dst:  # the first 3 clips only
+        members = src.getmembers()
+        keys = sorted({m.name.split(".", 1)[0] for m in members})[:3]
+        for member in members:
+            if member.name.split(".", 1)[0] in keys:
+                dst.addfile(member, src.extractfile(member))
+    first = precompute([str(partial)], family, pipe, model, tmp_path / "cache", params)
+    full = precompute(shards, family, pipe, model, tmp_path / "cache", params)
+    assert first.encoded == 3 and full.reused == 3 and full.encoded > 0
+    ids = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in full.cache_dir.rglob("cache-*.tar")), shardshuffle=False)]
+    assert len(ids) == len(set(ids)) == 3 + full.encoded
+
+
+def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path):
+    family, pipe, model = tiny_wan
+    folder = build_tiny_wan(tmp_path / "model", seed=1)
+    before = cache_fingerprint(family, family.load_pipeline(str(folder)), str(folder))
+    build_tiny_wan(folder, seed=2)  # same configs, other weights
+    assert cache_fingerprint(family, family.load_pipeline(str(folder)), str(folder)) != before
+    assert before != cache_fingerprint(family, pipe, model)

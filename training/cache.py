@@ -1,0 +1,177 @@
+"""The latent and text cache: curated shards in, per-(fingerprint, bucket) shards of VAE posterior moments and
+prompt embeddings out. Training reads these instead of decoding and encoding video every step.
+
+Layout: `CACHE/<fingerprint>/<frames>x<height>x<width>/cache-000000.tar`, members
+`{clip_id}.latents.safetensors` (posterior moments: a fresh sample is drawn each step) and
+`{clip_id}.text.safetensors` (prompt embeddings, and the attention mask when the family has one). The fingerprint
+covers the model's VAE and text-encoder configs, the family and the preprocessing, so a cache made for another
+model or setting is never mixed in. Shards are append-only and written atomically, like curated shards: a
+second run reuses what is there and encodes only clips that are new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save as save_tensors
+
+from training.families import ModelFamily
+
+CACHE_VERSION = 1  # bump when what is stored changes
+
+
+class PrecomputeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    frame_buckets: list[int] | None = Field(
+        None, description="Clip lengths (frames) to cache; a clip takes the longest that fits. Default: family's."
+    )
+    vae_slicing: bool = Field(True, description="Encode one video of a batch at a time (bounded memory).")
+    vae_tiling: bool = Field(False, description="Encode in spatial tiles (for large frames on small GPUs).")
+    clips_per_shard: int = Field(256, ge=1, description="Cache entries per shard.")
+
+
+DEFAULT_FRAME_BUCKETS = {"wan": [81, 49, 33, 17, 9], "ltx-video": [121, 97, 65, 33, 17, 9], "cogvideox": [49, 33, 17, 9], "animatediff": [16, 8]}
+
+
+@dataclass
+class PrecomputeResult:
+    cache_dir: Path
+    encoded: int = 0
+    reused: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> clips
+
+
+def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
+    """Hash of what determines the cached tensors: the encoders' configs and weight files, the family and the
+    cache version. Weight files count by name, size and modification time (hashing gigabytes would cost minutes)."""
+    weights = []
+    for part in ("vae", "text_encoder"):
+        folder = Path(model) / part
+        if folder.is_dir():
+            weights += [(f"{part}/{f.name}", f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())]
+    parts = {
+        "version": CACHE_VERSION,
+        "family": family.name,
+        "model": str(model),
+        "vae": dict(pipe.vae.config),
+        "text_encoder": pipe.text_encoder.config.to_dict(),
+        "weights": weights,
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def choose_bucket(num_frames: int, buckets: list[int]) -> int | None:
+    """The longest bucket that fits in the clip (clips are cut to it), or None when the clip is too short."""
+    fitting = [b for b in buckets if b <= num_frames]
+    return max(fitting) if fitting else None
+
+
+def _cached_ids(bucket_dir: Path) -> set[str]:
+    ids = set()
+    for shard in sorted(bucket_dir.glob("cache-*.tar")):
+        with tarfile.open(shard) as tar:
+            ids.update(name.split(".", 1)[0] for name in tar.getnames())
+    return ids
+
+
+def _decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
+    """The first `frames` frames of a clip as (1, 3, frames, h, w) in [-1, 1]."""
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(mp4))
+    array = reader.get_batch(list(range(frames))).asnumpy()
+    video = torch.from_numpy(array).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    return video.unsqueeze(0)
+
+
+class _ShardAppender:
+    """Appends samples to `cache-NNNNNN.tar` shards of a bucket, each written atomically."""
+
+    def __init__(self, bucket_dir: Path, per_shard: int):
+        self.dir, self.per_shard = bucket_dir, per_shard
+        self.pending: list[dict] = []
+        existing = [int(p.stem.split("-")[1]) for p in bucket_dir.glob("cache-*.tar")]
+        self.next_index = max(existing, default=-1) + 1
+
+    def add(self, sample: dict) -> None:
+        self.pending.append(sample)
+        if len(self.pending) >= self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        # Written under a hidden name and renamed when complete (training may not import tasks' helpers).
+        fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as stream, wds.TarWriter(stream, mtime=0) as writer:
+                for sample in self.pending:
+                    writer.write(sample)
+            os.replace(tmp, self.dir / f"cache-{self.next_index:06d}.tar")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.next_index += 1
+        self.pending = []
+
+
+def precompute(
+    shards: list[str], family: ModelFamily, pipe, model: str, cache_root: Path, params: PrecomputeParams
+) -> PrecomputeResult:
+    """Encode every curated clip not cached yet for this fingerprint; count what is skipped and why."""
+    if params.vae_slicing and hasattr(pipe.vae, "enable_slicing"):
+        pipe.vae.enable_slicing()
+    if params.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()
+    buckets = sorted(b for b in (params.frame_buckets or DEFAULT_FRAME_BUCKETS[family.name]) if family.valid_num_frames(b))
+    result = PrecomputeResult(cache_root / cache_fingerprint(family, pipe, model))
+    appenders: dict[str, _ShardAppender] = {}
+    cached: dict[str, set[str]] = {}
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        frames = choose_bucket(meta["num_frames"], buckets)
+        if frames is None:
+            result.skipped[f"shorter than every bucket ({meta['num_frames']} < {buckets[0]} frames)"] += 1
+            continue
+        key = f"{frames}x{meta['height']}x{meta['width']}"
+        bucket_dir = result.cache_dir / key
+        if key not in appenders:
+            bucket_dir.mkdir(parents=True, exist_ok=True)
+            appenders[key], cached[key] = _ShardAppender(bucket_dir, params.clips_per_shard), _cached_ids(bucket_dir)
+        if meta["clip_id"] in cached[key]:
+            result.reused += 1
+            continue
+        moments = family.encode_video(pipe, _decode_clip(sample["mp4"], frames))
+        text = family.encode_prompts(pipe, [meta["caption"]])
+        text_tensors = {"embeds": text.embeds[0].contiguous()}
+        if text.mask is not None:
+            text_tensors["mask"] = text.mask[0].contiguous()
+        appenders[key].add({
+            "__key__": meta["clip_id"],
+            "latents.safetensors": save_tensors({"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}),
+            "text.safetensors": save_tensors(text_tensors, metadata={"caption": meta["caption"]}),
+        })  # fmt: skip
+        result.encoded += 1
+    for appender in appenders.values():
+        appender.flush()
+    return result
+
+
+def load_cache_entry(latents_bytes: bytes, text_bytes: bytes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from safetensors.torch import load
+
+    return load(latents_bytes)["moments"], load(text_bytes)
+
+
