@@ -21,6 +21,24 @@ def tiny_wan(tmp_path_factory):
     return family, family.load_pipeline(str(folder)), str(folder)
 
 
+@pytest.mark.parametrize("name", ["wan", "ltx-video", "cogvideox", "animatediff"])
+def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
+    """The shared suite's precompute step: real curated clips through each family's own encoders."""
+    from training.tiny_models import TINY_BUILDERS
+
+    output, _, _ = curated
+    family = get_family(name)
+    folder = TINY_BUILDERS[name](tmp_path / "model")
+    pipe = family.load_pipeline(str(folder))
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
+    result = precompute(shards, family, pipe, str(folder), tmp_path / "cache", PrecomputeParams(frame_buckets=[9, 17]))
+    assert result.encoded > 0
+    sample = next(iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False)))
+    moments, text = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])
+    latents = family.sample_latents(pipe, moments.unsqueeze(0))
+    assert moments.shape[0] == 2 * latents.shape[1] and torch.isfinite(latents).all() and torch.isfinite(text["embeds"]).all()
+
+
 def test_choose_bucket_takes_the_longest_that_fits():
     assert choose_bucket(40, [9, 17, 33]) == 33 and choose_bucket(9, [9, 17]) == 9 and choose_bucket(8, [9, 17]) is None
 
