@@ -115,7 +115,7 @@ def synth_videos(
 
 @app.command("tiny-model")
 def tiny_model(
-    family: Annotated[str, typer.Argument(metavar="FAMILY", help="Model family: wan, ltx-video, cogvideox or animatediff.")],
+    family: Annotated[str, typer.Argument(metavar="FAMILY", help="Model family: wan, ltx-video, cogvideox, animatediff or animatediff-sdxl.")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the diffusers-format model to.")],
 ) -> None:
     """Build a tiny random model of FAMILY's real diffusers classes and save it with save_pretrained.

@@ -21,7 +21,7 @@ def tiny_wan(tmp_path_factory):
     return family, family.load_pipeline(str(folder)), str(folder)
 
 
-@pytest.mark.parametrize("name", ["wan", "ltx-video", "cogvideox", "animatediff"])
+@pytest.mark.parametrize("name", ["wan", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"])
 def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     """The shared suite's precompute step: real curated clips through each family's own encoders."""
     from training.tiny_models import TINY_BUILDERS

@@ -85,7 +85,7 @@ def test_valid_frame_counts(family_model):
 
 
 def test_unknown_family_and_non_diffusers_folder(tmp_path):
-    with pytest.raises(ValueError, match="unknown model family 'hunyuan'; supported: animatediff, cogvideox, ltx-video, wan"):
+    with pytest.raises(ValueError, match="unknown model family 'hunyuan'; supported: animatediff, animatediff-sdxl, cogvideox, ltx-video, wan"):
         get_family("hunyuan")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
         detect_family(tmp_path)

@@ -27,4 +27,4 @@ def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):
 
 def test_unknown_family_lists_the_supported_ones(tmp_path):
     result = CliRunner().invoke(app, ["tiny-model", "sora", str(tmp_path / "x")], env={"COLUMNS": "200"})
-    assert result.exit_code == 2 and "unknown model family 'sora'; supported: animatediff, cogvideox, ltx-video, wan" in result.output
+    assert result.exit_code == 2 and "unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, ltx-video, wan" in result.output

@@ -42,7 +42,7 @@ class PrecomputeParams(BaseModel):
     clips_per_shard: int = Field(256, ge=1, description="Cache entries per shard.")
 
 
-DEFAULT_FRAME_BUCKETS = {"wan": [81, 49, 33, 17, 9], "ltx-video": [121, 97, 65, 33, 17, 9], "cogvideox": [49, 33, 17, 9], "animatediff": [16, 8]}
+DEFAULT_FRAME_BUCKETS = {"wan": [81, 49, 33, 17, 9], "ltx-video": [121, 97, 65, 33, 17, 9], "cogvideox": [49, 33, 17, 9], "animatediff": [16, 8], "animatediff-sdxl": [16, 8]}
 
 
 @dataclass
@@ -156,8 +156,9 @@ def precompute(
         moments = family.encode_video(pipe, _decode_clip(sample["mp4"], frames))
         text = family.encode_prompts(pipe, [meta["caption"]])
         text_tensors = {"embeds": text.embeds[0].contiguous()}
-        if text.mask is not None:
-            text_tensors["mask"] = text.mask[0].contiguous()
+        for name in ("mask", "pooled"):
+            if getattr(text, name) is not None:
+                text_tensors[name] = getattr(text, name)[0].contiguous()
         appenders[key].add({
             "__key__": meta["clip_id"],
             "latents.safetensors": save_tensors({"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}),

@@ -143,11 +143,50 @@ def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_animatediff_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny AnimateDiff-SDXL pipeline: SDXL-style UNet (text_time conditioning) + MotionAdapter, two CLIP
+    text encoders (the second with projection), a 2D VAE."""
+    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer(max_length=77)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, pad_token_id=0, bos_token_id=0, eos_token_id=1, projection_dim=32,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 128), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4, 8),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2, 4), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        norm_num_groups=1,
+    )  # fmt: skip
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64, 128), motion_layers_per_block=2, motion_norm_num_groups=2,
+        motion_num_attention_heads=4, use_motion_mid_block=False,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
+    )  # fmt: skip
+    pipe = AnimateDiffSDXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, motion_adapter=adapter,
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False),
+    )  # fmt: skip
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {
     "wan": build_tiny_wan,
     "ltx-video": build_tiny_ltx,
     "cogvideox": build_tiny_cogvideox,
     "animatediff": build_tiny_animatediff,
+    "animatediff-sdxl": build_tiny_animatediff_sdxl,
 }
 
 

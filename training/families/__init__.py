@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
-from training.families.animatediff import AnimateDiffFamily
+from training.families.animatediff import AnimateDiffFamily, AnimateDiffSDXLFamily
 from training.families.cogvideox import CogVideoXFamily
 from training.families.ltx import LtxFamily
 from training.families.wan import WanFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily(), CogVideoXFamily(), AnimateDiffFamily())}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily(), CogVideoXFamily(), AnimateDiffFamily(), AnimateDiffSDXLFamily())}
 
 __all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
 

@@ -55,3 +55,29 @@ class AnimateDiffFamily:
         frames = inputs.noisy.shape[2]
         per_frame = text.embeds.repeat_interleave(frames, dim=0)  # the UNet attends per frame, as the pipeline feeds it
         return pipe.unet(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, return_dict=False)[0]
+
+
+class AnimateDiffSDXLFamily(AnimateDiffFamily):
+    """AnimateDiff on an SDXL UNet: two text encoders, a pooled embedding and SDXL's size/crop time ids."""
+
+    name = "animatediff-sdxl"
+    pipeline_class_name = "AnimateDiffSDXLPipeline"
+
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+        from diffusers import AnimateDiffSDXLPipeline
+
+        return AnimateDiffSDXLPipeline.from_pretrained(model, dtype=dtype)
+
+    def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.device, do_classifier_free_guidance=False)
+        return TextEmbeddings(embeds, pooled=pooled)
+
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+        batch, _, frames, height, width = inputs.noisy.shape
+        size = (height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)  # trained clips: uncropped, full size
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=text.embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)  # fmt: skip
+        added = {"text_embeds": text.pooled, "time_ids": time_ids.to(inputs.noisy.device).repeat(batch, 1)}
+        per_frame = text.embeds.repeat_interleave(frames, dim=0)
+        return pipe.unet(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, added_cond_kwargs=added, return_dict=False)[0]

@@ -12,6 +12,7 @@ import torch
 class TextEmbeddings:
     embeds: torch.Tensor  # (batch, tokens, dim)
     mask: torch.Tensor | None = None  # (batch, tokens), 1 = real token
+    pooled: torch.Tensor | None = None  # (batch, dim): SDXL's second text encoder's projection
 
 
 @dataclass
