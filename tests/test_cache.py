@@ -91,3 +91,17 @@ def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path
     build_tiny_wan(folder, seed=2)  # same configs, other weights
     assert cache_fingerprint(family, family.load_pipeline(str(folder)), str(folder)) != before
     assert before != cache_fingerprint(family, pipe, model)
+
+
+def test_vae_slicing_and_tiling_give_the_same_moments(curated, tiny_wan, tmp_path):
+    output, _, _ = curated
+    family, pipe, model = tiny_wan
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
+    results = {}
+    for flags in ((False, False), (True, True)):
+        fresh = family.load_pipeline(model)
+        params = PrecomputeParams(frame_buckets=[9], vae_slicing=flags[0], vae_tiling=flags[1])
+        result = precompute(shards, family, fresh, model, tmp_path / str(flags), params)
+        sample = next(iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False)))
+        results[flags] = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])[0]
+    assert torch.allclose(results[(False, False)], results[(True, True)], atol=1e-4)
