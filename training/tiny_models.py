@@ -34,6 +34,15 @@ def _word_tokenizer(max_length: int):
     )
 
 
+def _tiny_t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )  # fmt: skip
+
+
 def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     """A tiny Wan 2.1 text-to-video pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -61,14 +70,10 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
 def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
     """A tiny LTX-Video pipeline (LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5 encoder)."""
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tokenizer = _word_tokenizer(max_length=32)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )  # fmt: skip
+    text_encoder = _tiny_t5(len(tokenizer))
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
         cross_attention_dim=32, num_layers=1, caption_channels=32,
@@ -90,14 +95,10 @@ def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
 def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
     """A tiny CogVideoX pipeline (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5 encoder, DDIM v-pred)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tokenizer = _word_tokenizer(max_length=226)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )  # fmt: skip
+    text_encoder = _tiny_t5(len(tokenizer))
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=32, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,

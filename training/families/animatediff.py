@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.flow_matching import sample_posterior
+from training.families.objectives import ddpm_inputs, sample_posterior
 
 
 class AnimateDiffFamily:
@@ -40,16 +40,7 @@ class AnimateDiffFamily:
         return sample_posterior(moments, generator) * pipe.vae.config.scaling_factor
 
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        scheduler = pipe.scheduler
-        batch = latents.shape[0]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
-        return TrainingInputs(
-            noisy=scheduler.add_noise(latents, noise, timesteps),
-            timesteps=timesteps,
-            target=noise,  # epsilon prediction
-            weighting=torch.ones((batch,) + (1,) * (latents.ndim - 1), dtype=latents.dtype, device=latents.device),
-        )
+        return ddpm_inputs(pipe.scheduler, latents, "epsilon", generator)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
         frames = inputs.noisy.shape[2]

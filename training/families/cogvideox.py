@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.flow_matching import sample_posterior
+from training.families.objectives import ddpm_inputs, sample_posterior
 
 
 class CogVideoXFamily:
@@ -38,16 +38,7 @@ class CogVideoXFamily:
         return sample_posterior(moments, generator) * pipe.vae_scaling_factor_image
 
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        scheduler = pipe.scheduler
-        batch = latents.shape[0]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
-        return TrainingInputs(
-            noisy=scheduler.add_noise(latents, noise, timesteps),
-            timesteps=timesteps,
-            target=scheduler.get_velocity(latents, noise, timesteps),  # v-prediction
-            weighting=torch.ones((batch,) + (1,) * (latents.ndim - 1), dtype=latents.dtype, device=latents.device),
-        )
+        return ddpm_inputs(pipe.scheduler, latents, "v_prediction", generator)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
         frames_first = inputs.noisy.permute(0, 2, 1, 3, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.flow_matching import flow_matching_inputs, sample_posterior
+from training.families.objectives import flow_matching_inputs, sample_posterior
 
 
 class WanFamily:

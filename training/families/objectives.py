@@ -1,4 +1,5 @@
-"""Rectified-flow training inputs, shared by the flow-matching families (Wan, LTX-Video)."""
+"""Training inputs shared across families: rectified flow (Wan, LTX-Video) and DDPM-style noising with epsilon or
+v targets (AnimateDiff, CogVideoX); and sampling from cached posterior moments."""
 
 from __future__ import annotations
 
@@ -35,3 +36,19 @@ def sample_posterior(moments: torch.Tensor, generator: torch.Generator | None = 
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
     return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+
+
+def ddpm_inputs(
+    scheduler, latents: torch.Tensor, prediction_type: str, generator: torch.Generator | None = None
+) -> TrainingInputs:
+    """Uniform timesteps, `scheduler.add_noise`, and the target the family predicts (epsilon or v)."""
+    batch = latents.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+    return TrainingInputs(
+        noisy=scheduler.add_noise(latents, noise, timesteps),
+        timesteps=timesteps,
+        target=target,
+        weighting=torch.ones((batch,) + (1,) * (latents.ndim - 1), dtype=latents.dtype, device=latents.device),
+    )
