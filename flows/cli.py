@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,9 +18,9 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of parameters (same names as --set).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of parameters (same names as --set).")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--set", metavar="KEY=VALUE",
         help="Override one parameter, e.g. --set scenes.threshold=30 (repeatable; --list-params shows them all).",
@@ -64,7 +64,8 @@ def curate(
     Every input appears in OUTPUT/manifest.parquet: kept clips, and a row with a reason for each source or
     clip that was filtered or failed. Rerunning on the same OUTPUT resumes: finished sources are skipped.
     """
-    from flows.curate import CurateParams, curate as curate_flow
+    from flows.curate import CurateParams
+    from flows.curate import curate as curate_flow
     from tasks.discover import is_remote
     from tasks.output import OutputMismatchError
     from tasks.preflight import ModelSetupError
@@ -97,6 +98,49 @@ def print_curate_summary(summary: dict, console: Console) -> None:
         if summary[key]:
             console.print(f"{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in summary[key].items()), highlight=False)
     console.print(f"shards: {summary['shards']} in {summary['output']}/shards   manifest: {summary['manifest']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Option("--data", help="Curated dataset folder (the OUTPUT of vidtune curate).")],
+    model: Annotated[str, typer.Option("--model", help="Base model: a local diffusers folder or a hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: adapter/ (or model/), checkpoints/, samples/.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    list_params: Annotated[bool, _list_params_option("flows.finetune.FinetuneParams")] = False,
+) -> None:
+    """Fine-tune MODEL on curated clips: a LoRA by default (--set training_type=full for all weights).
+
+    Encodes the clips once into a latent cache (DATA/latent_cache), trains with accelerate, and writes
+    OUT/adapter/pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights) plus an MLflow run.
+    Rerun with --set resume=latest to continue after a crash; --set num_processes=N trains on N GPUs.
+    """
+    from flows.finetune import FinetuneParams
+    from flows.finetune import finetune as finetune_flow
+    from training.data import DatasetError
+    from training.trainer import TrainingDiverged
+
+    try:
+        params = build_params(FinetuneParams, base={"data": str(data), "model": model, "out": str(out)}, config=config, overrides=set_ or [])
+    except ParamError as exc:
+        _fail(str(exc))
+    try:
+        summary = finetune_flow(params)
+    except (DatasetError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    print_finetune_summary(summary, console)
+
+
+def print_finetune_summary(summary: dict, console: Console) -> None:
+    table = Table(title="finetune", show_header=False)
+    for label, value in (
+        ("family", summary["family"]), ("clips", f"{sum(summary['buckets'].values())} of {summary['clips']} fit buckets {summary['buckets']}"),
+        ("steps", str(summary["steps"])), ("loss", f"{summary['losses'][0]:.4f} (first) → {summary['final_loss']:.4f} (last)"),
+        ("speed", f"{summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB"),
+        ("weights", summary["weights"]), ("MLflow run", f"{summary['mlflow_run_id']} at {summary['tracking_uri']}"),
+    ):  # fmt: skip
+        table.add_row(label, value)
+    console.print(table)
 
 
 @app.command("synth-videos")

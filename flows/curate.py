@@ -15,7 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flows.progress import progress_bar
 from flows.runners import Runner, make_task_runner
 from tasks.annotate import embedding_path
-from tasks.captions import CaptionParams, find_mapping_file, load_caption_mapping, sidecar_caption
+from tasks.captions import (
+    CaptionParams,
+    find_mapping_file,
+    load_caption_mapping,
+    sidecar_caption,
+)
 from tasks.clips import ClipParams
 from tasks.curate_tasks import curate_source_task, identify_source_task
 from tasks.discover import list_video_paths, mark_duplicates
@@ -90,13 +95,13 @@ def attach_sidecars_task(sources: list[Source], input_path: str, captions: Capti
 
 @task(name="filter-clips", cache_policy=NO_CACHE)
 def filter_clips_task(rows: list[ClipRecord], layout: OutputLayout, filters: FilterParams) -> list[ClipRecord]:
-    embedding_of = lambda row: np.load(embedding_path(layout.staging / row.source_sha256, row.clip_id))  # noqa: E731
+    embedding_of = lambda row: np.load(embedding_path(layout.staging / row.source_sha256, row.clip_id))
     return apply_filters(rows, filters, embedding_of)
 
 
 @task(name="pack-shards", cache_policy=NO_CACHE)
 def pack_shards_task(rows: list[ClipRecord], layout: OutputLayout, params: ShardParams) -> list[ClipRecord]:
-    clip_file = lambda row: layout.staging / row.source_sha256 / f"{row.clip_id}.mp4"  # noqa: E731
+    clip_file = lambda row: layout.staging / row.source_sha256 / f"{row.clip_id}.mp4"
     shard_of = pack_shards(rows, clip_file, layout.shards, params)
     return [dataclasses.replace(r, shard=shard_of.get(r.clip_id) if r.status == Status.KEPT else None) for r in rows]
 

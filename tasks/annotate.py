@@ -11,7 +11,15 @@ import numpy as np
 from tasks.captions import CaptionParams, VlmCaptioner, render_caption
 from tasks.files import atomic_path
 from tasks.records import ClipRecord, Status
-from tasks.scoring import ClipScorer, FramesUnavailable, ScoreParams, cached_model, motion_score, resolve_device, sample_frames
+from tasks.scoring import (
+    ClipScorer,
+    FramesUnavailable,
+    ScoreParams,
+    cached_model,
+    motion_score,
+    resolve_device,
+    sample_frames,
+)
 
 CLIP_BATCH = 64  # clips per CLIP forward pass (frames x clips images)
 

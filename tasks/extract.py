@@ -10,11 +10,17 @@ import av
 import cv2
 import numpy as np
 
-from tasks.clips import ClipBuffer, ClipParams, ColorTags, FrameResampler, encode_clip, to_training_frame
+from tasks.clips import (
+    ClipBuffer,
+    ClipParams,
+    ColorTags,
+    FrameResampler,
+    encode_clip,
+    to_training_frame,
+)
 from tasks.probe import ProbeResult
 from tasks.records import ClipRecord, Source, SourceResult, Status, clip_id_for
 from tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
-
 
 MAX_FRAME_GAP_S = 2.0  # longer gaps between consecutive frames are treated as a cut
 

@@ -1,37 +1,13 @@
-"""Atomic writes and hashing: every file a reader may see is complete."""
+"""Hashing, and the atomic writers every stage uses (one implementation, in `training.files`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import IO
 
+from training.files import atomic_path, write_json_atomic
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync and rename it into place, else remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+__all__ = ["atomic_path", "sha256_of", "write_json_atomic"]
 
 
 def sha256_of(stream: IO[bytes], chunk: int = 1 << 20) -> str:

@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from tasks.files import atomic_path  # noqa: E402
-from tasks.filters import FilterParams  # noqa: E402
-from tasks.records import ClipRecord, Status  # noqa: E402
+from tasks.files import atomic_path
+from tasks.filters import FilterParams
+from tasks.records import ClipRecord, Status
 
 SCORES = {
     "clip_score": ("CLIP text-video score (cosine)", ("min_clip_score",)),

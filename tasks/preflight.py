@@ -43,7 +43,7 @@ def check_models(captions: CaptionParams, scores: ScoreParams) -> None:
 def _load(load, captions: CaptionParams, scores: ScoreParams) -> None:
     try:
         load(captions.model_copy(update={"mode": "template"}), scores)
-    except Exception as exc:  # noqa: BLE001 - any loader error becomes one clear message
+    except Exception as exc:
         raise ModelSetupError(
             f"scores.clip_model/clip_pretrained: cannot load open_clip {scores.clip_model!r} with "
             f"{scores.clip_pretrained!r}: {exc}. Without network access, pass a local weights file "
@@ -52,5 +52,5 @@ def _load(load, captions: CaptionParams, scores: ScoreParams) -> None:
     if captions.mode == "vlm":
         try:
             load(captions, scores.model_copy(update={"clip": False}))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelSetupError(f"captions.vlm_model: cannot load {captions.vlm_model!r}: {exc}") from exc

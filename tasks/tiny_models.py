@@ -12,10 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 TINY_CLIP = "vidtune-tiny-clip"  # registered from tasks/model_configs/ by tasks.scoring
-CAPTION_WORDS = (
-    "a the video of shot scene with person people car street city red blue green yellow purple light dark "
-    "moving camera pan close wide night day beach sky water tree building road"
-).split()
+CAPTION_WORDS = ["a", "the", "video", "of", "shot", "scene", "with", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road"]
 
 
 def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
@@ -37,7 +34,13 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
     """A tiny random BLIP captioner (BlipForConditionalGeneration + BlipProcessor with a BERT word-piece
     tokenizer written here), saved with `save_pretrained` so AutoProcessor/AutoModel load it."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

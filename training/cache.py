@@ -66,6 +66,7 @@ def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
         "family": family.name,
         "model": str(model),
         "vae": dict(pipe.vae.config),
+        "dtype": str(pipe.vae.dtype),
         "text_encoder": pipe.text_encoder.config.to_dict(),
         "weights": weights,
     }

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_WORDS = (
-    "a the of in with and style video shot scene person people car street city red blue green yellow purple light "
-    "dark moving camera pan close wide night day beach sky water tree building road sks vidtune demo"
-).split()
+TOKENIZER_WORDS = ["a", "the", "of", "in", "with", "and", "style", "video", "shot", "scene", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road", "sks", "vidtune", "demo"]
 
 
 def _word_tokenizer(max_length: int):
@@ -45,7 +42,12 @@ def _tiny_t5(vocab_size: int):
 
 def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     """A tiny Wan 2.1 text-to-video pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
@@ -69,7 +71,12 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
     """A tiny LTX-Video pipeline (LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5 encoder)."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
 
     torch.manual_seed(seed)
     tokenizer = _word_tokenizer(max_length=32)
@@ -94,7 +101,12 @@ def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
     """A tiny CogVideoX pipeline (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5 encoder, DDIM v-pred)."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     torch.manual_seed(seed)
     tokenizer = _word_tokenizer(max_length=226)
@@ -118,7 +130,13 @@ def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
 def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
     """A tiny AnimateDiff pipeline: SD-1.5-style UNet + MotionAdapter (saved as a UNetMotionModel), a 2D VAE and
     a CLIP text encoder."""
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from diffusers import (
+        AnimateDiffPipeline,
+        AutoencoderKL,
+        DDIMScheduler,
+        MotionAdapter,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -147,7 +165,13 @@ def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
 def build_tiny_animatediff_sdxl(folder: str | Path, seed: int = 0) -> Path:
     """A tiny AnimateDiff-SDXL pipeline: SDXL-style UNet (text_time conditioning) + MotionAdapter, two CLIP
     text encoders (the second with projection), a 2D VAE."""
-    from diffusers import AnimateDiffSDXLPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from diffusers import (
+        AnimateDiffSDXLPipeline,
+        AutoencoderKL,
+        DDIMScheduler,
+        MotionAdapter,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

@@ -1,7 +1,9 @@
-"""Choosing what trains: all of a denoiser, or the parameters whose names match a pattern."""
+"""Choosing what trains (a LoRA, all of a denoiser, or the parameters whose names match a pattern) and the
+optimizer that trains it."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import torch
@@ -18,3 +20,36 @@ def select_trainable(module: torch.nn.Module, pattern: str | None = None) -> lis
     if not chosen:
         raise ValueError(f"no parameter name matches {pattern!r} (e.g. {next(iter(dict(module.named_parameters())), '')})")
     return chosen
+
+
+def make_trainable(family, denoiser: torch.nn.Module, params) -> dict[str, torch.nn.Parameter]:
+    """Freeze the denoiser, then add a LoRA (training_type=lora) or unfreeze all or a subset of it (full).
+    Trained parameters are kept in float32 whatever the storage dtype of the rest (mixed-precision master weights)."""
+    if params.training_type == "lora":
+        from peft import LoraConfig
+
+        denoiser.requires_grad_(False)
+        targets = params.lora_targets or list(family.default_lora_targets)
+        denoiser.add_adapter(LoraConfig(r=params.rank, lora_alpha=params.alpha or params.rank,
+                                        lora_dropout=params.lora_dropout, target_modules=targets, init_lora_weights=True))  # fmt: skip
+    else:
+        pattern = family.full_subsets.get(params.full_modules, params.full_modules) if params.full_modules else None
+        select_trainable(denoiser, pattern)
+    trainable = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+    for param in trainable.values():
+        param.data = param.data.float()
+    return trainable
+
+
+def make_optimizer(params_list: list[torch.nn.Parameter], params, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; 8-bit AdamW (bitsandbytes) when asked, or by default when it is installed and a GPU is present."""
+    kind = params.optimizer
+    if kind == "auto":
+        kind = "adamw8bit" if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") else "adamw"
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ValueError("optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes) and a GPU") from exc
+        return bnb.optim.AdamW8bit(params_list, lr=params.learning_rate, weight_decay=params.weight_decay)
+    return torch.optim.AdamW(params_list, lr=params.learning_rate, weight_decay=params.weight_decay)

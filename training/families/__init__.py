@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from training.families.animatediff import AnimateDiffFamily, AnimateDiffSDXLFamily
+from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from training.families.cogvideox import CogVideoXFamily
 from training.families.ltx import LtxFamily
 from training.families.wan import WanFamily
@@ -22,11 +22,24 @@ def get_family(name: str) -> ModelFamily:
     return FAMILIES[name]
 
 
+def _model_index(model: str | Path) -> Path:
+    """`model_index.json` of a local diffusers folder, or of a hub id (fetched then: only that small file)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"model: {model} is not a diffusers model folder (no model_index.json)")
+        return folder / "model_index.json"
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(str(model), "model_index.json"))
+    except Exception as exc:  # offline, unknown repo, gated: say which and what to do
+        raise ValueError(f"model: cannot read model_index.json of hub id {model} ({type(exc).__name__}); pass a local folder") from exc
+
+
 def detect_family(model_folder: str | Path) -> ModelFamily:
-    """The family whose pipeline class a local diffusers folder declares."""
-    index = Path(model_folder) / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"model: {model_folder} is not a diffusers model folder (no model_index.json)")
+    """The family whose pipeline class a diffusers model (local folder or hub id) declares."""
+    index = _model_index(model_folder)
     pipeline = json.loads(index.read_text()).get("_class_name")
     for family in FAMILIES.values():
         if family.pipeline_class_name == pipeline:

@@ -42,10 +42,10 @@ class AnimateDiffFamily:
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
         return ddpm_inputs(pipe.scheduler, latents, "epsilon", generator)
 
-    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         frames = inputs.noisy.shape[2]
         per_frame = text.embeds.repeat_interleave(frames, dim=0)  # the UNet attends per frame, as the pipeline feeds it
-        return pipe.unet(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, return_dict=False)[0]
+        return (pipe.unet if denoiser is None else denoiser)(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, return_dict=False)[0]
 
 
 class AnimateDiffSDXLFamily(AnimateDiffFamily):
@@ -64,11 +64,11 @@ class AnimateDiffSDXLFamily(AnimateDiffFamily):
             embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.device, do_classifier_free_guidance=False)
         return TextEmbeddings(embeds, pooled=pooled)
 
-    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         batch, _, frames, height, width = inputs.noisy.shape
         size = (height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)  # trained clips: uncropped, full size
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=text.embeds.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)  # fmt: skip
         added = {"text_embeds": text.pooled, "time_ids": time_ids.to(inputs.noisy.device).repeat(batch, 1)}
         per_frame = text.embeds.repeat_interleave(frames, dim=0)
-        return pipe.unet(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, added_cond_kwargs=added, return_dict=False)[0]
+        return (pipe.unet if denoiser is None else denoiser)(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, added_cond_kwargs=added, return_dict=False)[0]

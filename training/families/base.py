@@ -45,4 +45,5 @@ class ModelFamily(Protocol):
 
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs: ...
 
-    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor: ...
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
+        """The denoiser's output for `inputs`; `denoiser` overrides the pipeline's own (e.g. its DDP wrapper)."""

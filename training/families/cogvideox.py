@@ -40,14 +40,14 @@ class CogVideoXFamily:
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
         return ddpm_inputs(pipe.scheduler, latents, "v_prediction", generator)
 
-    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         frames_first = inputs.noisy.permute(0, 2, 1, 3, 4)
         _, frames, _, height, width = frames_first.shape
         rotary = None
         if pipe.transformer.config.use_rotary_positional_embeddings:
             scale = pipe.vae_scale_factor_spatial
             rotary = pipe._prepare_rotary_positional_embeddings(height * scale, width * scale, frames, inputs.noisy.device)
-        out = pipe.transformer(
+        out = (pipe.transformer if denoiser is None else denoiser)(
             hidden_states=frames_first, encoder_hidden_states=text.embeds, timestep=inputs.timesteps,
             image_rotary_emb=rotary, return_dict=False,
         )[0]  # fmt: skip

@@ -41,12 +41,12 @@ class LtxFamily:
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
         return flow_matching_inputs(pipe.scheduler, latents, self.weighting_scheme, generator)
 
-    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         _, _, frames, height, width = inputs.noisy.shape
         p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
         rope_scale = (pipe.vae_temporal_compression_ratio / self.frame_rate, pipe.vae_spatial_compression_ratio, pipe.vae_spatial_compression_ratio)
         packed = pipe._pack_latents(inputs.noisy, p, pt)
-        out = pipe.transformer(
+        out = (pipe.transformer if denoiser is None else denoiser)(
             hidden_states=packed, encoder_hidden_states=text.embeds, timestep=inputs.timesteps,
             encoder_attention_mask=text.mask, num_frames=frames, height=height, width=width,
             rope_interpolation_scale=rope_scale, return_dict=False,

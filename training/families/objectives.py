@@ -4,7 +4,10 @@ v targets (AnimateDiff, CogVideoX); and sampling from cached posterior moments."
 from __future__ import annotations
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
 
 from training.families.base import TrainingInputs
 

@@ -14,7 +14,13 @@ class WanFamily:
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
-    weighting_scheme = "logit_normal"  # SD3/Wan-style timestep density; loss weighting from the same helper
+    weighting_scheme = "logit_normal"
+    # diffusers module names -> the original Wan names ComfyUI and most Wan tools key LoRAs by
+    comfyui_renames = (
+        (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+        (".to_out.0.", ".o."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".ffn.net.0.proj.", ".ffn.0."),
+        (".ffn.net.2.", ".ffn.2."),
+    )  # fmt: skip  # SD3/Wan-style timestep density; loss weighting from the same helper
 
     def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
         from diffusers import WanPipeline
@@ -49,7 +55,7 @@ class WanFamily:
     def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
         return flow_matching_inputs(pipe.scheduler, latents, self.weighting_scheme, generator)
 
-    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
-        return pipe.transformer(
+    def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
+        return (pipe.transformer if denoiser is None else denoiser)(
             hidden_states=inputs.noisy, timestep=inputs.timesteps, encoder_hidden_states=text.embeds, return_dict=False
         )[0]

@@ -1,0 +1,92 @@
+"""What training leaves behind: a LoRA in diffusers format (loadable with `pipe.load_lora_weights`, with its
+rank/alpha/targets in the safetensors metadata), optionally re-keyed for ComfyUI; or a full pipeline folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from training.families import ModelFamily
+from training.files import atomic_path, write_json_atomic
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+COMFYUI_FILE = "comfyui_lora.safetensors"
+INFO_FILE = "vidtune.json"
+
+
+def _json_safe(value):
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, list, type(None))) else str(value)
+
+
+def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_lora_adapter(family: ModelFamily, pipe, denoiser: torch.nn.Module, out_dir: Path, info: dict) -> Path:
+    """`out_dir/pytorch_lora_weights.safetensors` (diffusers keys + LoRA metadata) and `vidtune.json`."""
+    config = _json_safe(denoiser.peft_config["default"].to_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        type(pipe).save_lora_weights(
+            tmp, **{f"{family.denoiser_name}_lora_layers": lora_state_dict(denoiser), f"{family.denoiser_name}_lora_adapter_metadata": config}
+        )  # fmt: skip
+        write_json_atomic(tmp / INFO_FILE, {**info, "rank": config["r"], "alpha": config["lora_alpha"], "targets": config["target_modules"]})
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_comfyui(family: ModelFamily, state: dict[str, torch.Tensor], alpha: float, path: Path) -> Path:
+    """The LoRA keyed as ComfyUI loads it: `diffusion_model.<original module>.lora_A/B.weight` plus `.alpha`."""
+    renames = getattr(family, "comfyui_renames", None)
+    if renames is None:
+        raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: wan)")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
+        module = f".{module}."
+        for old, new in renames:
+            module = module.replace(old, new)
+        module = f"diffusion_model{module}".rstrip(".")
+        out[f"{module}.lora_{kind}"] = tensor
+        out[f"{module}.alpha"] = torch.tensor(float(alpha))
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={"format": "comfyui", "alpha": str(alpha), "family": family.name})
+    return path
+
+
+def save_full_model(pipe, out_dir: Path, info: dict) -> Path:
+    """The whole pipeline with the fine-tuned denoiser, loadable with `from_pretrained(out_dir)`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_json_atomic(tmp / INFO_FILE, info)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_info(folder: Path) -> dict:
+    return json.loads((Path(folder) / INFO_FILE).read_text())

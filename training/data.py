@@ -1,0 +1,192 @@
+"""Training data: curated shards checked before any model loads, and an endless stream of single-bucket batches
+from the latent cache (default) or from the curated shards themselves (decoded and encoded on the fly).
+
+Every rank and DataLoader worker reads a disjoint part of the data: whole shards when there are enough of them,
+else every n-th sample. The stream is a pure function of (seed, epoch, rank, worker), so a resumed run skips
+the batches it already trained on and sees exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from training.cache import choose_bucket, load_cache_entry
+
+
+class DatasetError(ValueError):
+    """The data cannot train this model: said before any model is loaded."""
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    shards: list[str]
+    clips: int
+    buckets: Counter  # "FxHxW" -> clips that train in it
+    too_short: list[int]  # frame counts of clips shorter than every bucket
+
+
+def bucket_key(frames: int, height: int, width: int) -> str:
+    return f"{frames}x{height}x{width}"
+
+
+def parse_bucket_key(key: str) -> tuple[int, int, int]:
+    frames, height, width = (int(v) for v in key.split("x"))
+    return frames, height, width
+
+
+def _clip_rows(shard: Path) -> Iterator[dict]:
+    """The manifest rows stored in a curated shard, reading only its `.json` members (video bytes are skipped)."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                yield json.load(tar.extractfile(member))
+
+
+def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) -> DatasetSummary:
+    """Which curated clips fit which bucket; raises DatasetError when nothing can train."""
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise DatasetError(f"data: {data} does not exist; curate raw videos into it first (vidtune curate RAW {data})")
+    shards = sorted(str(p) for p in (data / "shards").glob("shard-*.tar"))
+    if not shards:
+        raise DatasetError(f"data: no shards in {data / 'shards'}; is {data} the OUTPUT of `vidtune curate`?")
+    fitting, too_short = Counter(), []
+    for shard in shards:
+        for row in _clip_rows(Path(shard)):
+            frames = choose_bucket(row["num_frames"], buckets)
+            if frames is None:
+                too_short.append(row["num_frames"])
+            else:
+                fitting[bucket_key(frames, row["height"], row["width"])] += 1
+    clips = sum(fitting.values()) + len(too_short)
+    if clips == 0:
+        raise DatasetError(f"data: the shards in {data / 'shards'} hold no clips (see {data / 'manifest.parquet'} for why)")
+    if not fitting:
+        raise DatasetError(
+            f"data: no clip fits a frame bucket of {family_name} ({', '.join(map(str, sorted(buckets)))} frames): the "
+            f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
+            "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
+        )
+    return DatasetSummary(shards, clips, fitting, too_short)
+
+
+def cache_shards(cache_dir: Path) -> list[str]:
+    return sorted(str(p) for p in cache_dir.glob("*x*x*/cache-*.tar"))
+
+
+def _cache_bucket(sample: dict) -> str:
+    return Path(sample["__url__"]).parent.name
+
+
+def _cache_item(sample: dict, bucket: str) -> dict:
+    moments, text = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])
+    return {"clip_id": sample["__key__"], "moments": moments, "text": text}
+
+
+class _ShardBucket:
+    """Bucket of a curated clip (picklable for DataLoader workers)."""
+
+    def __init__(self, buckets: list[int]):
+        self.buckets = buckets
+
+    def __call__(self, sample: dict) -> str | None:
+        row = json.loads(sample["json"])
+        frames = choose_bucket(row["num_frames"], self.buckets)
+        return None if frames is None else bucket_key(frames, row["height"], row["width"])
+
+
+def _shard_item(sample: dict, bucket: str) -> dict:
+    import decord
+
+    frames = parse_bucket_key(bucket)[0]
+    reader = decord.VideoReader(io.BytesIO(sample["mp4"]))
+    video = torch.from_numpy(reader.get_batch(list(range(frames))).asnumpy()).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    return {"clip_id": sample["__key__"], "video": video, "caption": sample["txt"].decode()}
+
+
+def collate(items: list[dict]) -> dict:
+    batch: dict = {"clip_ids": [item["clip_id"] for item in items]}
+    if "moments" in items[0]:
+        batch["moments"] = torch.stack([item["moments"] for item in items])
+        batch["text"] = {key: torch.stack([item["text"][key] for item in items]) for key in items[0]["text"]}
+    else:
+        batch["video"] = torch.stack([item["video"] for item in items])
+        batch["captions"] = [item["caption"] for item in items]
+    return batch
+
+
+class BucketedStream(torch.utils.data.IterableDataset):
+    """An endless stream of batches, each from one bucket, disjoint across ranks and workers."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        bucket_of: Callable[[dict], str | None],
+        to_item: Callable[[dict, str], dict],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        skip_batches: int = 0,
+    ):
+        super().__init__()
+        self.shards, self.bucket_of, self.to_item = sorted(shards), bucket_of, to_item
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+
+    def _my_samples(self, part: int, parts: int, rng: random.Random) -> Iterator[dict]:
+        if len(self.shards) >= parts:  # whole shards per reader: nobody reads what it does not train on
+            mine = self.shards[part::parts]
+            rng.shuffle(mine)
+            yield from wds.tarfile_to_samples()(iter([{"url": url} for url in mine]))
+            return
+        samples = wds.tarfile_to_samples()(iter([{"url": url} for url in self.shards]))
+        for index, sample in enumerate(samples):  # few shards: every reader takes every parts-th sample
+            if index % parts == part:
+                yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        skip = len(range(worker, self.skip_batches, workers))  # the DataLoader takes batches from workers in turn
+        pending: dict[str, list[dict]] = defaultdict(list)
+        epoch = 0
+        while True:
+            rng = random.Random(f"{self.seed}/{epoch}/{part}")
+            seen = 0
+            for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(self._my_samples(part, parts, rng)):
+                seen += 1
+                key = self.bucket_of(sample)
+                if key is None:
+                    continue
+                pending[key].append(sample)
+                if len(pending[key]) < self.batch_size:
+                    continue
+                raw = pending.pop(key)
+                if skip:  # already trained on before a resume: not decoded
+                    skip -= 1
+                    continue
+                yield collate([self.to_item(s, key) for s in raw])
+            if not seen:
+                raise DatasetError(f"rank {self.rank} worker {worker} has no samples: fewer clips than readers ({parts})")
+            epoch += 1
+
+
+def make_stream(source: str, shards: list[str], buckets: list[int], **kwargs) -> BucketedStream:
+    """`source` "cache": shards of the latent cache; "shards": curated shards, decoded to video tensors."""
+    if source == "cache":
+        return BucketedStream(shards, _cache_bucket, _cache_item, **kwargs)
+    return BucketedStream(shards, _ShardBucket(buckets), _shard_item, **kwargs)

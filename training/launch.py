@@ -1,0 +1,50 @@
+"""Entry point for multi-process training: `accelerate launch [--num_processes N] -m training.launch JOB.json`.
+
+The `finetune` flow writes JOB.json (a `TrainJob`) and starts this under accelerate; the main process writes
+the result next to the run's outputs as `train_result.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from training.data import DatasetError
+from training.files import write_json_atomic
+from training.trainer import TrainingDiverged, TrainJob, train
+
+RESULT_FILE = "train_result.json"
+ERROR_FILE = "train_error.json"
+# Errors that explain themselves (bad data, diverged loss, bad settings): carried to the launching process.
+EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, DatasetError, ValueError)}
+
+
+def raise_launch_error(out: Path, fallback: str) -> None:
+    """Re-raise in the launching process what failed under accelerate, with its message."""
+    error_file = out / ERROR_FILE
+    if error_file.is_file():
+        error = json.loads(error_file.read_text())
+        raise EXPLAINED.get(error["type"], RuntimeError)(error["message"])
+    raise RuntimeError(f"{fallback}; see its output above")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("job", type=Path, help="TrainJob JSON written by the finetune flow")
+    job = TrainJob.model_validate_json(parser.parse_args(argv).job.read_text())
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train(job)
+    except tuple(EXPLAINED.values()) as exc:
+        if main_process:
+            write_json_atomic(Path(job.out) / ERROR_FILE, {"type": type(exc).__name__, "message": str(exc)})
+        raise SystemExit(1) from exc
+    if main_process:
+        write_json_atomic(Path(job.out) / RESULT_FILE, dataclasses.asdict(result))
+
+
+if __name__ == "__main__":
+    main()

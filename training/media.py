@@ -1,0 +1,37 @@
+"""Writing rendered samples: H.264 MP4 (PyAV) and GIF (Pillow), each written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from training.files import atomic_path
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """(frames, h, w, 3) floats in [0, 1] -> uint8."""
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
+    """uint8 (frames, h, w, 3) -> H.264 MP4; odd sizes are padded by one pixel (yuv420p needs even sizes)."""
+    height, width = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
+    frames = np.pad(frames, ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0)), mode="edge")
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return Path(path)
+
+
+def write_gif(frames: np.ndarray, path: str | Path, fps: int) -> Path:
+    images = [Image.fromarray(frame) for frame in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return Path(path)

@@ -1,0 +1,79 @@
+"""What the trainer takes: one pydantic model, declared once (STYLE.md 4). `flows.finetune.FinetuneParams`
+extends it with the data and model, so these names are also the `--set` keys and the Prefect UI form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class ValidationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps (none: no samples).")
+    every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
+    num_frames: int | None = Field(None, ge=1, description="Frames per sample; default: the shortest training bucket.")
+    height: int | None = Field(None, ge=8, description="Sample height; default: the training clips' height.")
+    width: int | None = Field(None, ge=8, description="Sample width; default: the training clips' width.")
+    inference_steps: int = Field(30, ge=1, description="Denoising steps per sample.")
+    guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance scale (1 = off).")
+    seed: int = Field(42, description="Sample seed: the same noise at every validation, so samples compare.")
+    fps: int = Field(16, ge=1, description="Frame rate of the written MP4/GIF.")
+
+
+class TrainParams(BaseModel):
+    """One trainer for LoRA and full fine-tuning: `training_type` picks what trains, nothing else changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    training_type: Literal["lora", "full"] = Field("lora", description="lora: train a low-rank adapter; full: train the denoiser's weights.")
+    rank: int = Field(32, gt=0, le=1024, description="LoRA rank.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (scale = alpha / rank); default: the rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    lora_targets: list[str] | str | None = Field(
+        None, description="Module names to adapt (list) or one regex over module paths; default: the family's attention projections."
+    )
+    full_modules: str | None = Field(
+        None, description="Full fine-tuning of a subset: a family subset name (e.g. temporal) or a regex over parameter names; default: all."
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULES] = Field("constant_with_warmup", description="diffusers learning-rate schedule.")  # type: ignore[valid-type]
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an EMA of the trained weights with this decay and export it (null: off).")
+    seed: int = Field(0, description="Seed for weights, noise, timesteps and data order.")
+    batch_size: int = Field(1, ge=1, description="Clips per batch per process (a batch never mixes buckets).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to train.")
+    gradient_checkpointing: bool = Field(True, description="Recompute denoiser activations in backward: less memory, more time.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else no (fp32).")
+    fp8_storage: bool = Field(False, description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).")
+    checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
+    resume: str | None = Field(None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null.")
+    data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
+    shuffle_buffer: int = Field(64, ge=1, description="Samples held for shuffling.")
+    validation: ValidationParams = Field(default_factory=ValidationParams)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision: fp16 needs a GPU (CPU autocast has no fp16); use bf16 or no")
+        if self.fp8_storage and self.training_type != "lora":
+            raise ValueError("fp8_storage: only with training_type=lora (fully trained weights stay in full precision)")
+        if self.training_type == "lora" and self.full_modules is not None:
+            raise ValueError("full_modules: only with training_type=full (LoRA picks modules with lora_targets)")
+        if self.training_type == "full" and self.lora_targets is not None:
+            raise ValueError("lora_targets: only with training_type=lora")
+        return self
+
+    def resolved_precision(self) -> str:
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

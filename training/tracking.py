@@ -1,0 +1,81 @@
+"""MLflow tracking with explicit locations: `MLFLOW_TRACKING_URI` when set, else a SQLite database and an
+artifact folder under `VIDTUNE_HOME` (MLflow's own default would scatter `./mlruns` wherever a run starts)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+
+def vidtune_home() -> Path:
+    return Path(os.environ.get("VIDTUNE_HOME", "~/.vidtune")).expanduser()
+
+
+def default_tracking_uri() -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    home = vidtune_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def default_artifact_location(experiment: str) -> str | None:
+    """Where a new experiment keeps artifacts; None lets a remote tracking server decide."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "sqlite:").split(":", 1)[0] not in ("sqlite", "file"):
+        return None
+    return (vidtune_home() / "mlartifacts" / experiment).as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(name))
+
+
+class RunTracker:
+    """One MLflow run, written only by the main process; resumable by run id."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, run_id: str | None = None, active: bool = True):
+        self.active = active
+        self.client = MlflowClient(tracking_uri) if active else None
+        self.run_id = run_id
+        if active and run_id is None:
+            run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags={"vidtune.stage": "finetune"})
+            self.run_id = run.info.run_id
+        elif active:
+            self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, params: dict) -> None:
+        if self.active:
+            flat = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for start in range(0, len(flat), 100):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, params=flat[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        if self.active:
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.client.set_terminated(self.run_id, status)
+
+
+def flatten(params: dict, prefix: str = "") -> dict:
+    """{"validation": {"every": 5}} -> {"validation.every": 5} for MLflow params."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

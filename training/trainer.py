@@ -1,0 +1,255 @@
+"""The trainer: one loop for LoRA and full fine-tuning of any model family, under `accelerate` (device placement,
+mixed precision, gradient accumulation, DDP across processes).
+
+`train(job)` runs in-process for one process, and under `accelerate launch -m training.launch JOB.json` for
+several; both write RUN/checkpoints/, RUN/samples/, RUN/adapter/ (or RUN/model/ for full fine-tuning) and one
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.adapters import (
+    COMFYUI_FILE,
+    export_comfyui,
+    lora_state_dict,
+    save_full_model,
+    save_lora_adapter,
+)
+from training.checkpoints import Checkpointer, TrainState, resolve_resume
+from training.data import make_stream
+from training.families import ModelFamily, TextEmbeddings, get_family
+from training.files import write_json_atomic
+from training.params import TrainParams
+from training.sampling import render_samples
+from training.tracking import RunTracker, flatten
+from training.trainable import make_optimizer, make_trainable
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainJob(BaseModel):
+    """Everything one training run needs, resolved by the `finetune` flow (and written as JSON for accelerate)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    family: str
+    out: str
+    data_source: Literal["cache", "shards"]
+    shards: list[str]
+    frame_buckets: list[int]
+    sample_size: tuple[int, int, int] = Field(description="(frames, height, width) of validation samples by default")
+    params: TrainParams
+    tracking_uri: str
+    experiment: str = "vidtune"
+    run_name: str | None = None
+    export_comfyui: bool = False
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    weights: Path  # RUN/adapter (LoRA) or RUN/model (full)
+    steps: int
+    losses: list[float]
+    mlflow_run_id: str | None
+    samples_per_s: float
+    peak_memory_mb: float
+    checkpoints: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainResult:
+        """Read what `training.launch` wrote (paths come back as Paths)."""
+        values = json.loads(Path(path).read_text())
+        values.update(out=Path(values["out"]), weights=Path(values["weights"]), checkpoints=[Path(p) for p in values["checkpoints"]])
+        return cls(**values)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _text_to(text: dict[str, torch.Tensor], device, dtype) -> TextEmbeddings:
+    moved = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in text.items()}
+    return TextEmbeddings(moved["embeds"], moved.get("mask"), moved.get("pooled"))
+
+
+def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Weighted denoising loss on one batch: cached moments (or video encoded now) -> noisy latents -> prediction."""
+    device = pipe.device
+    if "moments" in batch:
+        moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
+    else:  # on-the-fly: what precompute would have cached
+        moments, text = family.encode_video(pipe, batch["video"].to(device)), family.encode_prompts(pipe, batch["captions"])
+        moments = moments.to(dtype)
+    inputs = family.training_inputs(pipe, family.sample_latents(pipe, moments))
+    pred = family.predict(pipe, inputs, text, denoiser=denoiser)
+    return (inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2).mean()
+
+
+def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    params, out, family = job.params, Path(job.out), get_family(job.family)
+    precision = params.resolved_precision()
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=params.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())  # so a torchrun-launched CPU job forms a gloo group
+    set_seed(params.seed)
+    dtype = WEIGHT_DTYPES[precision]
+
+    pipe = family.load_pipeline(job.model, dtype=dtype).to(accelerator.device)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    denoiser = getattr(pipe, family.denoiser_name)
+    if params.fp8_storage:  # before the adapter: the frozen base layers are stored in float8, LoRA stays fp32
+        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    trainable = make_trainable(family, denoiser, params)
+    if params.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    optimizer = make_optimizer(list(trainable.values()), params, accelerator.device)
+    scheduler = get_scheduler(
+        params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps * accelerator.num_processes,
+        num_training_steps=params.max_steps * accelerator.num_processes,
+    )  # fmt: skip  (accelerate steps the schedule once per process)
+    ema = None
+    if params.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(list(trainable.values()), decay=params.ema_decay)
+    wrapped, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
+
+    checkpointer = Checkpointer(out / "checkpoints", accelerator, trainable, ema, params.keep_checkpoints)
+    resume_from = resolve_resume(params.resume, out / "checkpoints")
+    state = checkpointer.load(resume_from) if resume_from else TrainState()
+    if resume_from and accelerator.is_main_process:
+        print(f"resumed from {resume_from} at step {state.step}")
+
+    tracker = RunTracker(job.tracking_uri, job.experiment, job.run_name, state.mlflow_run_id, active=accelerator.is_main_process)
+    state.mlflow_run_id = tracker.run_id
+    if not resume_from:
+        tracker.log_params({**flatten(params.model_dump()), "model": job.model, "family": family.name,
+                            "data_source": job.data_source, "num_processes": accelerator.num_processes,
+                            "trainable_parameters": sum(p.numel() for p in trainable.values()), **job.tags})  # fmt: skip
+
+    stream = make_stream(
+        job.data_source, job.shards, job.frame_buckets, batch_size=params.batch_size, seed=params.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, shuffle_buffer=params.shuffle_buffer,
+        skip_batches=state.batches,
+    )  # fmt: skip
+    # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=params.data_workers,
+                                         generator=torch.Generator().manual_seed(params.seed))  # fmt: skip
+    per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
+
+    def validate(step: int) -> None:
+        if params.validation.prompts and accelerator.is_main_process:
+            folder = out / "samples" / f"step-{step:06d}"
+            with accelerator.autocast():
+                render_samples(pipe, denoiser, params.validation, job.sample_size, folder)
+            tracker.log_artifacts(folder, f"samples/step-{step:06d}")
+
+    bar = tqdm(total=params.max_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_main_process)
+    micro_losses: list[float] = []
+    trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
+    started, started_step, rate = time.perf_counter(), state.step, 0.0
+    try:
+        for batch in loader:
+            if state.step >= params.max_steps:
+                break
+            with accelerator.accumulate(wrapped):
+                with accelerator.autocast():
+                    loss = batch_loss(family, pipe, wrapped, batch, dtype)
+                everyone = accelerator.gather(loss.detach().reshape(1))
+                if not torch.isfinite(everyone).all():
+                    raise TrainingDiverged(
+                        f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
+                        f"Last good checkpoint: {checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
+                    )
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), params.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches += 1
+            trained_clips += batch["clip_ids"]
+            micro_losses.append(everyone.mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            state.samples += per_step
+            state.losses.append(sum(micro_losses) / len(micro_losses))
+            micro_losses = []
+            if ema is not None:
+                ema.step(list(trainable.values()))
+            rate = (state.step - started_step) * per_step / (time.perf_counter() - started)
+            metrics = {"loss": state.losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "samples_per_s": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}  # fmt: skip
+            tracker.log_metrics(metrics, state.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
+            if on_step is not None:
+                on_step(state.step, state.losses[-1])
+            if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:
+                checkpointer.save(state)
+            if state.step % params.validation.every == 0 or state.step == params.max_steps:
+                validate(state.step)
+    except BaseException:
+        bar.close()
+        tracker.finish("FAILED")
+        raise
+    bar.close()
+
+    write_json_atomic(out / "trained_clips" / f"rank-{accelerator.process_index:02d}.json", {"from_step": started_step, "clip_ids": trained_clips})
+    weights = _export(job, family, pipe, accelerator, trainable, ema, state)
+    tracker.log_metrics({"final_loss": state.losses[-1]}, state.step)
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, weights, state.step, state.losses, tracker.run_id, rate, peak_memory_mb(accelerator.device),
+                       sorted((out / "checkpoints").glob("checkpoint-*")))  # fmt: skip
+
+
+def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: dict, ema, state: TrainState) -> Path:
+    """The final weights (the EMA when kept), written by the main process."""
+    out, params = Path(job.out), job.params
+    denoiser = getattr(pipe, family.denoiser_name)
+    weights = out / ("adapter" if params.training_type == "lora" else "model")
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(list(trainable.values()))
+        info = {"base_model": job.model, "family": family.name, "training_type": params.training_type,
+                "steps": state.step, "final_loss": state.losses[-1], "mlflow_run_id": state.mlflow_run_id}  # fmt: skip
+        if params.training_type == "lora":
+            save_lora_adapter(family, pipe, denoiser, weights, info)
+            if job.export_comfyui:
+                export_comfyui(family, lora_state_dict(denoiser), params.alpha or params.rank, weights / COMFYUI_FILE)
+        else:
+            save_full_model(pipe, weights, info)
+    accelerator.wait_for_everyone()
+    return weights
