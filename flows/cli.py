@@ -188,3 +188,7 @@ def demo(
 
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
+
+
+if __name__ == "__main__":  # python -m flows.cli
+    main()

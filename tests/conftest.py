@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import tasks  # noqa: F401  (Prefect defaults before prefect is imported)
 from tests.bad_inputs import make_bad_inputs
+
+# MLflow runs and other VIDTUNE_HOME state go to a throwaway folder, never the developer's ~/.vidtune.
+os.environ["VIDTUNE_HOME"] = tempfile.mkdtemp(prefix="vidtune-home-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # Small clips keep the suite fast on 2 CPU cores.
 TEST_CLIPS = {"width": 64, "height": 64, "fps": 8}

@@ -9,7 +9,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from training.cache import PrecomputeParams, cache_fingerprint, choose_bucket, load_cache_entry, precompute
+from training.cache import (
+    PrecomputeParams,
+    cache_fingerprint,
+    choose_bucket,
+    load_cache_entry,
+    precompute,
+)
 from training.families import get_family
 from training.tiny_models import build_tiny_wan
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from tasks.captions import (
-    CaptionParams, VlmCaptioner, find_mapping_file, load_caption_mapping, render_caption, sidecar_caption, tile_frames,
+    CaptionParams,
+    VlmCaptioner,
+    find_mapping_file,
+    load_caption_mapping,
+    render_caption,
+    sidecar_caption,
+    tile_frames,
 )  # fmt: skip
 from tasks.records import ClipRecord
 from tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner

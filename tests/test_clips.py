@@ -6,7 +6,13 @@ import av
 import numpy as np
 import pytest
 
-from tasks.clips import ClipParams, FrameResampler, cover_crop_size, to_training_frame, yuv_to_rgb
+from tasks.clips import (
+    ClipParams,
+    FrameResampler,
+    cover_crop_size,
+    to_training_frame,
+    yuv_to_rgb,
+)
 from tasks.probe import probe_video
 from tasks.synthetic_videos import render_video
 

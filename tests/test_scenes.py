@@ -7,10 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.clips import ClipParams
+from tasks.extract import extract_clips
 from tasks.probe import probe_video
 from tasks.records import Source
-from tasks.scenes import ClipPlanner, SceneParams, histogram_distance, colour_histogram, plan_clip_spans
-from tasks.extract import extract_clips
+from tasks.scenes import (
+    ClipPlanner,
+    SceneParams,
+    colour_histogram,
+    histogram_distance,
+    plan_clip_spans,
+)
 from tasks.synthetic_videos import render_video, score_cuts
 
 

@@ -1,0 +1,159 @@
+"""The `finetune` flow on real curated shards with a tiny Wan, under the real Prefect harness and MLflow on
+SQLite: the loss goes down, the adapter loads into a fresh pipeline, two accelerate processes train on disjoint
+clips, and bad data or settings are refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import av
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from training.data import cache_shards, make_stream
+from training.families import get_family
+from training.trainer import batch_loss
+
+BUCKETS = [9, 17]
+
+
+@pytest.fixture(scope="module")
+def wan_model(tmp_path_factory) -> str:
+    from training.tiny_models import build_tiny_wan
+
+    return str(build_tiny_wan(tmp_path_factory.mktemp("wan") / "model"))
+
+
+def finetune_params(curated, model, tmp_path, **overrides):
+    from flows.finetune import FinetuneParams
+
+    output, _, _ = curated
+    values = {"data": str(output), "model": model, "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+              "precompute": {"frame_buckets": BUCKETS}, "rank": 4, "learning_rate": 5e-3, "max_steps": 30,
+              "mixed_precision": "no", "checkpoint_every": 10, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+              "validation": {"prompts": ["a red car in vidtune style"], "every": 15, "inference_steps": 2}, **overrides}  # fmt: skip
+    return FinetuneParams.model_validate(values)
+
+
+def fixed_noise_loss(pipe, shards: list[str]) -> float:
+    """Mean loss over the cached clips with the same timesteps and noise for every model compared."""
+    family, total = get_family("wan"), []
+    for batch, _ in zip(make_stream("cache", shards, BUCKETS, batch_size=1, seed=0), range(12)):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            total.append(batch_loss(family, pipe, pipe.transformer, batch, torch.float32).item())
+    return sum(total) / len(total)
+
+
+def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeline(prefect_api, curated, wan_model, tmp_path):
+    from flows.finetune import finetune
+
+    summary = finetune(finetune_params(curated, wan_model, tmp_path))
+    assert summary["family"] == "wan" and summary["steps"] == 30
+    adapter = tmp_path / "run" / "adapter"
+    assert summary["weights"] == str(adapter)
+
+    family = get_family("wan")
+    shards = cache_shards(next((tmp_path / "cache").iterdir()))
+    base = family.load_pipeline(wan_model)
+    tuned = family.load_pipeline(wan_model)
+    tuned.load_lora_weights(adapter)  # the path users take
+    assert tuned.transformer.peft_config["default_0"].r == 4  # rank/alpha travel in the safetensors metadata
+    assert fixed_noise_loss(tuned, shards) < fixed_noise_loss(base, shards)
+    video = tuned(prompt="a red car", num_frames=9, height=64, width=64, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    assert video.shape == (1, 9, 64, 64, 3)
+
+    info = json.loads((adapter / "vidtune.json").read_text())
+    assert info["rank"] == 4 and info["alpha"] == 4 and info["base_model"] == wan_model and info["steps"] == 30
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["training_type"] == "lora" and run.data.params["rank"] == "4"
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "peak_memory_mb"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 30
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples/step-000015")}
+    assert {"samples/step-000015/sample-00.mp4", "samples/step-000015/sample-00.gif"} <= artifacts
+    assert os.path.exists(run.info.artifact_uri.removeprefix("file://"))  # where we said, not ./mlruns
+    assert not os.path.exists("mlruns")
+
+    for step in (15, 30):
+        with av.open(str(tmp_path / "run" / "samples" / f"step-{step:06d}" / "sample-00.mp4")) as container:
+            frames = list(container.decode(video=0))
+        assert len(frames) == 9 and (frames[0].width, frames[0].height) == (64, 64)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-000010", "checkpoint-000020", "checkpoint-000030"]
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(prefect_api, curated, wan_model, tmp_path):
+    from flows.finetune import finetune
+
+    summary = finetune(finetune_params(curated, wan_model, tmp_path, num_processes=2, max_steps=6, checkpoint_every=3, validation={}))
+    run = tmp_path / "run"
+    seen = [set(json.loads((run / "trained_clips" / f"rank-{r:02d}.json").read_text())["clip_ids"]) for r in (0, 1)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert summary["steps"] == 6 and (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-000006").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert json.loads((run / "adapter" / "vidtune.json").read_text())["steps"] == 6
+
+
+def _cli(*args, env_extra=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200", **(env_extra or {})})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def weightless_model(wan_model, tmp_path_factory):
+    """Only model_index.json: the family is detectable, but loading any weights would fail."""
+    folder = tmp_path_factory.mktemp("weightless")
+    shutil.copy(os.path.join(wan_model, "model_index.json"), folder)
+    return str(folder)
+
+
+def test_missing_or_empty_data_is_refused_before_the_model_loads(prefect_api, weightless_model, tmp_path):
+    env = {"PREFECT_API_URL": prefect_api}
+    missing = _cli("finetune", "--data", str(tmp_path / "nope"), "--model", weightless_model, "--out", str(tmp_path / "r"), env_extra=env)
+    assert missing.returncode == 2 and "does not exist; curate raw videos into it first" in missing.stdout
+    (tmp_path / "empty" / "shards").mkdir(parents=True)
+    empty = _cli("finetune", "--data", str(tmp_path / "empty"), "--model", weightless_model, "--out", str(tmp_path / "r"), env_extra=env)
+    assert empty.returncode == 2 and "no shards in" in empty.stdout
+
+
+def test_no_clip_fitting_a_bucket_names_the_buckets_and_the_clips(prefect_api, curated, weightless_model, tmp_path):
+    from flows.finetune import finetune
+    from training.data import DatasetError
+
+    with pytest.raises(DatasetError, match=r"no clip fits a frame bucket of wan \(81 frames\): the \d+ clips have \d+-\d+ frames"):
+        finetune(finetune_params(curated, weightless_model, tmp_path, precompute={"frame_buckets": [81]}))
+
+
+def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path):
+    from flows.config import ParamError, build_params
+    from flows.finetune import FinetuneParams
+
+    result = _cli("finetune", "--data", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "rank=0", "--set", "max_steps=0")
+    assert result.returncode == 2
+    assert "rank: Input should be greater than 0" in result.stdout and "max_steps: Input should be greater than 0" in result.stdout
+
+    base = {"data": str(tmp_path), "model": str(tmp_path), "out": str(tmp_path / "r")}
+    for sets, message in ((["training_type=full", "fp8_storage=true"], "fp8_storage: only with training_type=lora"),
+                          (["alpha=-1"], "alpha: Input should be greater than 0"),
+                          (["data_source=frames"], "data_source: Input should be 'cache' or 'shards'")):  # fmt: skip
+        with pytest.raises(ParamError, match=message):
+            build_params(FinetuneParams, base=base, overrides=sets)
+    if not torch.cuda.is_available():
+        with pytest.raises(ParamError, match="mixed_precision: fp16 needs a GPU"):
+            build_params(FinetuneParams, base=base, overrides=["mixed_precision=fp16"])
+
+
+def test_finetune_help_and_parameter_list():
+    help_text = _cli("finetune", "--help").stdout
+    assert "--data" in help_text and "resume=latest" in help_text
+    listing = _cli("finetune", "--list-params").stdout
+    for name in ("training_type", "rank", "alpha", "learning_rate", "batch_size", "max_steps", "gradient_checkpointing", "mixed_precision", "resume"):
+        assert name in listing

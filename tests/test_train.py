@@ -1,0 +1,195 @@
+"""The trainer on real curated clips and a tiny Wan: resume after a real SIGKILL, gradient checkpointing,
+divergence, the ComfyUI export, and the data stream's guarantees (disjoint readers, one bucket per batch)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.cache import PrecomputeParams, precompute
+from training.data import BucketedStream, cache_shards, make_stream
+from training.families import get_family
+from training.params import TrainParams
+from training.trainer import TrainingDiverged, TrainJob, batch_loss, train
+
+BUCKETS = [9, 17]
+
+
+@pytest.fixture(scope="module")
+def wan_model(tmp_path_factory) -> str:
+    from training.tiny_models import build_tiny_wan
+
+    return str(build_tiny_wan(tmp_path_factory.mktemp("wan") / "model"))
+
+
+@pytest.fixture(scope="module")
+def wan_cache(curated, wan_model, tmp_path_factory) -> list[str]:
+    output, _, _ = curated
+    family = get_family("wan")
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    result = precompute(shards, family, family.load_pipeline(wan_model), wan_model, tmp_path_factory.mktemp("cache"), PrecomputeParams(frame_buckets=BUCKETS))
+    return cache_shards(result.cache_dir)
+
+
+def make_job(model: str, shards: list[str], out, data_source: str = "cache", **params) -> TrainJob:
+    values = {"rank": 4, "learning_rate": 1e-3, "mixed_precision": "no", "max_steps": 6, "checkpoint_every": 3, **params}
+    return TrainJob(model=model, family="wan", out=str(out), data_source=data_source, shards=shards, frame_buckets=BUCKETS,
+                    sample_size=(9, 64, 64), params=TrainParams(**values), tracking_uri=f"sqlite:///{out}.mlflow.db")  # fmt: skip
+
+
+def _kill_self_at(step: int):
+    def on_step(done: int, loss: float) -> None:
+        if done == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def _train_until_killed(job_json: str, step: int) -> None:
+    train(TrainJob.model_validate_json(job_json), on_step=_kill_self_at(step))
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, tmp_path):
+    settings = {"ema_decay": 0.9, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "warmup_steps": 2}
+    full = train(make_job(wan_model, wan_cache, tmp_path / "full", **settings))
+
+    job = make_job(wan_model, wan_cache, tmp_path / "killed", **settings)
+    child = multiprocessing.get_context("spawn").Process(target=_train_until_killed, args=(job.model_dump_json(), 4))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-000003"]  # complete, nothing half-written
+    assert not (tmp_path / "killed" / "adapter").exists()
+
+    resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest"})}))
+    assert resumed.steps == full.steps == 6
+    assert resumed.losses[3:6] == pytest.approx(full.losses[3:6], abs=1e-5)
+    got, want = (load_file(r.weights / "pytorch_lora_weights.safetensors") for r in (resumed, full))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(wan_model, wan_cache):
+    from training.trainable import make_trainable
+
+    family = get_family("wan")
+    batch = next(iter(make_stream("cache", wan_cache, BUCKETS, batch_size=2, seed=0)))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        pipe = family.load_pipeline(wan_model)
+        trainable = make_trainable(family, pipe.transformer, TrainParams(rank=4, lora_targets=None))
+        torch.nn.init.normal_(next(p for n, p in trainable.items() if "lora_B" in n))  # a LoRA that changes the output
+        if checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        pipe.transformer.train()
+        torch.manual_seed(1)
+        loss = batch_loss(family, pipe, pipe.transformer, batch, torch.float32)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in trainable.items()}))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert loss_on == pytest.approx(loss_off, abs=1e-6)
+    assert all(torch.allclose(grads_on[n], grads_off[n], atol=1e-6) for n in grads_off)
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(wan_model, wan_cache, tmp_path):
+    job = make_job(wan_model, wan_cache, tmp_path / "run", learning_rate=1e12, max_grad_norm=1e30, checkpoint_every=1, max_steps=10)
+    with pytest.raises(TrainingDiverged, match=r"loss is \[nan\] at step (\d+).*Last good checkpoint: .*checkpoint-") as info:
+        train(job)
+    step = int(info.value.args[0].split("at step ")[1].split(";")[0])
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved[-1] == f"checkpoint-{step - 1:06d}" and not (tmp_path / "run" / "adapter").exists()
+
+
+def test_comfyui_export_loads_in_diffusers_like_the_diffusers_adapter(wan_model, wan_cache, tmp_path):
+    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=3, learning_rate=1e-2, alpha=8.0)
+    job = job.model_copy(update={"export_comfyui": True})
+    result = train(job)
+    comfy = load_file(result.weights / "comfyui_lora.safetensors")
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy and float(comfy["diffusion_model.blocks.0.self_attn.q.alpha"]) == 8.0
+
+    family = get_family("wan")
+    outputs = []
+    for weights in ("pytorch_lora_weights.safetensors", "comfyui_lora.safetensors"):
+        pipe = family.load_pipeline(wan_model)
+        pipe.load_lora_weights(result.weights, weight_name=weights)
+        torch.manual_seed(0)
+        latents, text = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 32, 32)
+        with torch.no_grad():
+            outputs.append(pipe.transformer(hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0])
+    base = family.load_pipeline(wan_model)
+    with torch.no_grad():
+        plain = base.transformer(hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0]
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5) and not torch.allclose(outputs[0], plain, atol=1e-4)
+
+
+def test_full_fine_tuning_of_a_subset_and_on_the_fly_encoding(wan_model, curated, tmp_path):
+    output, _, _ = curated
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    job = make_job(wan_model, shards, tmp_path / "run", data_source="shards", training_type="full", full_modules="attention",
+                   rank=32, max_steps=2, gradient_checkpointing=False)  # fmt: skip
+    result = train(job)
+    assert result.weights.name == "model" and all(torch.isfinite(torch.tensor(result.losses)))
+    trained = get_family("wan").load_pipeline(str(result.weights))  # a whole pipeline, loadable like the base
+    base = get_family("wan").load_pipeline(wan_model)
+    changed = {n for n, p in trained.transformer.named_parameters() if not torch.equal(p, dict(base.transformer.named_parameters())[n])}
+    assert changed and all(".attn1." in n or ".attn2." in n for n in changed)
+
+
+class _Bucket:
+    def __call__(self, sample):
+        return sample["json"].decode()
+
+
+def _item(sample, bucket):
+    return {"clip_id": sample["__key__"], "moments": torch.zeros(1), "text": {"embeds": torch.zeros(1)}}
+
+
+@pytest.fixture(scope="module")
+def two_bucket_shards(tmp_path_factory) -> list[str]:
+    import webdataset as wds
+
+    folder = tmp_path_factory.mktemp("stream")
+    paths = []
+    for shard in range(3):
+        path = folder / f"s{shard}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for i in range(10):
+                writer.write({"__key__": f"c{shard}-{i}", "json": ("a" if i % 3 else "b").encode()})
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("world_size", [2, 4])  # 3 shards: split by shard (2 readers) or by sample (4)
+def test_stream_gives_readers_disjoint_samples_and_batches_of_one_bucket(two_bucket_shards, world_size):
+    per_rank = []
+    for rank in range(world_size):
+        stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=2, seed=0, rank=rank, world_size=world_size)
+        seen = []
+        for batch, _ in zip(stream, range(5)):
+            seen += batch["clip_ids"]
+        per_rank.append(seen)
+    first_epoch = [set(ids) for ids in per_rank]
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not first_epoch[a] & first_epoch[b]
+    buckets = {f"c{s}-{i}": "a" if i % 3 else "b" for s in range(3) for i in range(10)}
+    for rank in range(world_size):
+        stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=2, seed=0, rank=rank, world_size=world_size)
+        for batch, _ in zip(stream, range(5)):
+            assert len({buckets[c] for c in batch["clip_ids"]}) == 1
+
+
+def test_skipping_batches_resumes_the_same_stream(two_bucket_shards):
+    def take(skip, n):
+        stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=3, seed=7, skip_batches=skip)
+        return [b["clip_ids"] for b, _ in zip(stream, range(n))]
+
+    assert take(4, 10) == take(0, 14)[4:]  # crosses epoch boundaries (30 samples, 3 per batch)
+    assert Counter(c for batch in take(0, 10) for c in batch).most_common(1)[0][1] <= 2  # epochs, not repeats
