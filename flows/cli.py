@@ -180,7 +180,7 @@ def tiny_model(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path("demo-run"),
 ) -> None:
-    """Run the pipeline end to end on generated videos: raw videos -> curated WebDataset shards."""
+    """Run the pipeline end to end on generated videos: raw videos -> curated WebDataset shards -> a LoRA of a tiny Wan."""
     from flows.demo import run_demo
 
     run_demo(workdir, console)

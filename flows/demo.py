@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.console import Console
 
-from flows.cli import print_curate_summary
+from flows.cli import print_curate_summary, print_finetune_summary
 from flows.curate import CurateParams, curate
+from flows.finetune import FinetuneParams, finetune
 from tasks.captions import CaptionParams
 from tasks.clips import ClipParams
 from tasks.filters import FilterParams
@@ -15,11 +17,15 @@ from tasks.scenes import SceneParams
 from tasks.scoring import ScoreParams
 from tasks.synthetic_videos import make_raw_video_set, render_video
 from tasks.tiny_models import TINY_CLIP, build_tiny_clip
+from training.cache import PrecomputeParams
+from training.params import ValidationParams
+from training.tiny_models import build_tiny_wan
 
 # Small clips keep the CPU demo quick; real runs use the defaults (832x480 @ 16 fps for Wan 2.1).
 DEMO_CLIPS = ClipParams(width=128, height=128, fps=8)
 DEMO_SCENES = SceneParams(min_clip_s=1.0, max_clip_s=3.0)
 DEMO_CAPTIONS = CaptionParams(trigger="in vidtune-demo style")  # template: "{trigger}, {source_name}"
+DEMO_STEPS = 40
 
 
 def make_demo_inputs(raw: Path) -> None:
@@ -51,12 +57,31 @@ def run_demo(workdir: Path, console: Console) -> dict:
     summary = curate(params)
     print_curate_summary(summary, console)
 
+    console.rule("[bold]3. fine-tune a LoRA")
+    model = workdir / "models" / "tiny-wan"
+    if not (model / "model_index.json").is_file():
+        build_tiny_wan(model)  # a random Wan 2.1 of the real classes, loaded with from_pretrained like a real one
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    trained = finetune(
+        FinetuneParams(
+            data=str(dataset), model=str(model), out=str(workdir / "runs" / "style-lora"), rank=8, learning_rate=2e-3,
+            max_steps=DEMO_STEPS, checkpoint_every=20, resume="latest", mixed_precision="no", tracking_uri=tracking_uri,
+            precompute=PrecomputeParams(frame_buckets=[9, 17]), export_comfyui=True,
+            validation=ValidationParams(prompts=[f"a red car {DEMO_CAPTIONS.trigger}"], every=20, inference_steps=4, fps=8),
+        )
+    )  # fmt: skip
+    print_finetune_summary(trained, console)
+
     console.rule("[bold]next")
+    run = workdir / "runs" / "style-lora"
     console.print(
         f"shards:    {dataset}/shards/shard-*.tar (WebDataset: mp4, txt caption, json row, npy CLIP embedding)\n"
         f"manifest:  {dataset}/manifest.parquet (every input, with status and reason)\n"
         f"plots:     {dataset}/clip_score_hist.png, {dataset}/motion_score_hist.png\n"
+        f"adapter:   {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
+        f"samples:   {run}/samples/step-*/sample-00.mp4 and .gif\n"
+        f"MLflow:    mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)\n"
         "Prefect:   run `prefect server start` and open http://127.0.0.1:4200 to see the flow runs",
         highlight=False,
     )
-    return summary
+    return {"curate": summary, "finetune": trained}

@@ -68,6 +68,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, 
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-000003"]  # complete, nothing half-written
     assert not (tmp_path / "killed" / "adapter").exists()
 
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run; continue it with resume=latest"):
+        train(job)  # starting over by accident would mix two runs' checkpoints
     resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest"})}))
     assert resumed.steps == full.steps == 6
     assert resumed.losses[3:6] == pytest.approx(full.losses[3:6], abs=1e-5)

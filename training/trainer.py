@@ -27,7 +27,7 @@ from training.adapters import (
     save_full_model,
     save_lora_adapter,
 )
-from training.checkpoints import Checkpointer, TrainState, resolve_resume
+from training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume
 from training.data import make_stream
 from training.families import ModelFamily, TextEmbeddings, get_family
 from training.files import write_json_atomic
@@ -113,6 +113,8 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     from tqdm.auto import tqdm
 
     params, out, family = job.params, Path(job.out), get_family(job.family)
+    if params.resume is None and find_latest(out / "checkpoints"):
+        raise ValueError(f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder")
     precision = params.resolved_precision()
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=params.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())  # so a torchrun-launched CPU job forms a gloo group
