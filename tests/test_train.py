@@ -195,3 +195,23 @@ def test_skipping_batches_resumes_the_same_stream(two_bucket_shards):
 
     assert take(4, 10) == take(0, 14)[4:]  # crosses epoch boundaries (30 samples, 3 per batch)
     assert Counter(c for batch in take(0, 10) for c in batch).most_common(1)[0][1] <= 2  # epochs, not repeats
+
+
+def test_bf16_mixed_precision_with_fp8_storage_keeps_lora_weights_in_fp32(wan_model, wan_cache, tmp_path, monkeypatch):
+    """CPU autocast runs bf16; frozen Linear weights are stored as float8 and upcast per layer."""
+    import training.trainer as trainer_module
+
+    seen = {}
+    real = trainer_module.make_trainable
+
+    def spy(family, denoiser, params):  # observe the real function's result, change nothing
+        trainable = real(family, denoiser, params)
+        seen["base"] = denoiser.blocks[0].attn1.to_q.base_layer.weight.dtype
+        seen["lora"] = {p.dtype for p in trainable.values()}
+        return trainable
+
+    monkeypatch.setattr(trainer_module, "make_trainable", spy)
+    result = train(make_job(wan_model, wan_cache, tmp_path / "run", mixed_precision="bf16", fp8_storage=True, max_steps=3))
+    assert seen == {"base": torch.float8_e4m3fn, "lora": {torch.float32}}
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert load_file(result.weights / "pytorch_lora_weights.safetensors")["transformer.blocks.0.attn1.to_q.lora_A.weight"].dtype == torch.float32

@@ -1,0 +1,197 @@
+"""Trainer throughput and memory, side by side, in one run on this machine.
+
+Model ("tiny but not trivial", built here with the real diffusers classes, saved with `save_pretrained` and
+loaded by the trainer with `from_pretrained`, the path users take): WanTransformer3DModel with 4 layers, 4 heads
+x 32 (inner dim 128), ffn 256, text dim 32, patch (1, 2, 2), 16 latent channels: ~0.98 M parameters. The VAE
+and UMT5 text encoder are the tiny ones of `training.tiny_models.build_tiny_wan`.
+Data: synthetic videos curated by `flows.curate` to 128x128 @ 8 fps clips, cached by `training.cache.precompute`.
+Every leg trains on the 17-frame bucket only, so every step has the same shape in every leg (5 latent frames x
+8 x 8 patches = 320 tokens per clip); batch size 2, LoRA rank 4 on the attention projections, fp32 on CPU.
+
+Legs, each a fresh `train(TrainJob(...))` in its own subprocess (max RSS only ever grows within a process):
+    cache        LoRA, gradient checkpointing on (the TrainParams default), latent cache    <- shared baseline
+    on-the-fly   as cache, data_source=shards: decode + VAE + text encoder every step
+    no-ckpt      as cache, gradient checkpointing off
+    full         as cache, training_type=full
+Prints samples/s (the trainer's TrainResult figure, and a steady one from the median step after --warmup steps),
+peak memory (max RSS, and how much it grew during train()), trainable parameters and the ratio for each pair.
+
+    .venv/bin/python bench/train.py [--steps 20] [--warmup 3] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WAN = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=32, patch_size=(1, 2, 2),
+           in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+           rope_max_seq_len=32)  # fmt: skip
+CLIPS, FRAMES, BATCH, RANK = dict(width=128, height=128, fps=8), 17, 2, 4
+LEGS = {  # name -> (TrainJob.data_source, TrainParams overrides)
+    "cache": ("cache", {}),
+    "on-the-fly": ("shards", {}),
+    "no-ckpt": ("cache", {"gradient_checkpointing": False}),
+    "full": ("cache", {"training_type": "full"}),
+}
+PAIRS = [("on-the-fly / cache", "on-the-fly", "cache"), ("ckpt on / off", "cache", "no-ckpt"), ("full / LoRA", "full", "cache")]
+
+
+def build_wan(folder: Path) -> int:
+    """The benchmark's Wan pipeline; returns the transformer's parameter count."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from training.tiny_models import _word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = _word_tokenizer(max_length=32)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    )  # fmt: skip
+    transformer = WanTransformer3DModel(**WAN)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in transformer.parameters())
+
+
+def prepare(work: Path) -> dict:
+    """Model, curated shards and latent cache, made once and shared by every leg."""
+    import tasks  # noqa: F401  (Prefect defaults, before flows import prefect)
+    from flows.curate import CurateParams, curate
+    from tasks.synthetic_videos import make_raw_video_set
+    from tasks.tiny_models import TINY_CLIP, build_tiny_clip
+    from training.cache import PrecomputeParams, precompute
+    from training.data import cache_shards, summarize_dataset
+    from training.families import get_family
+
+    params = build_wan(work / "wan")
+    make_raw_video_set(work / "raw", seed=1, seconds=8.0)  # 8 s: enough shots reach 17 frames at 8 fps
+    clip = build_tiny_clip(work / "tiny-clip.safetensors")
+    curate(CurateParams(input=str(work / "raw"), output=str(work / "data"), clips=CLIPS,
+                        scores={"clip_model": TINY_CLIP, "clip_pretrained": str(clip)}))  # fmt: skip
+    summary = summarize_dataset(work / "data", [FRAMES], "wan")
+    family = get_family("wan")
+    pipe = family.load_pipeline(str(work / "wan"))
+    cached = precompute(summary.shards, family, pipe, str(work / "wan"), work / "cache", PrecomputeParams(frame_buckets=[FRAMES]))
+    return {"transformer_params": params, "clips": summary.clips, "train_clips": sum(summary.buckets.values()),
+            "shards": summary.shards, "cache_shards": cache_shards(cached.cache_dir)}  # fmt: skip
+
+
+def max_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_leg(work: Path, name: str, steps: int, warmup: int) -> dict:
+    """One fresh training run; step times come from on_step, so model loading and the final export are excluded."""
+    import accelerate, diffusers, peft  # noqa: E401,F401  (imported now so that their memory is not counted as training's)
+    from diffusers import WanPipeline  # noqa: F401
+    from mlflow.tracking import MlflowClient
+
+    from training.params import TrainParams
+    from training.trainer import TrainJob, train
+
+    data = json.loads((work / "prepared.json").read_text())
+    source, overrides = LEGS[name]
+    params = TrainParams(max_steps=steps, batch_size=BATCH, rank=RANK, mixed_precision="no", checkpoint_every=10**6, **overrides)
+    uri = f"sqlite:///{work}/mlflow.db"
+    job = TrainJob(model=str(work / "wan"), family="wan", out=str(work / "runs" / name), data_source=source,
+                   shards=data["cache_shards" if source == "cache" else "shards"], frame_buckets=[FRAMES],
+                   sample_size=(FRAMES, CLIPS["height"], CLIPS["width"]), params=params, tracking_uri=uri, run_name=f"bench-{name}")  # fmt: skip
+    before, stamps = max_rss_mb(), []
+    result = train(job, on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    step_s = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    trainable = MlflowClient(uri).get_run(result.mlflow_run_id).data.params["trainable_parameters"]
+    p50, p90 = statistics.median(step_s), statistics.quantiles(step_s, n=10, method="inclusive")[-1]
+    return {"trainer_sps": result.samples_per_s, "steady_sps": BATCH / p50, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "peak_mb": result.peak_memory_mb,
+            "growth_mb": result.peak_memory_mb - before, "trainable": int(trainable)}  # fmt: skip
+
+
+def in_child(work: Path, flag: str, name: str, args: argparse.Namespace) -> dict:
+    """Run this script with `flag` in a fresh interpreter (its output goes to a log); return the JSON it wrote."""
+    out, log = work / f"{name}.json", work / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "VIDTUNE_HOME": str(work), "PREFECT_HOME": str(work / "prefect")}  # nothing lands in ~/
+    cmd = [sys.executable, __file__, flag, name, "--workdir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    started = time.perf_counter()
+    with log.open("w") as stream:
+        done = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed; the end of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+    print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return json.loads(out.read_text())
+
+
+def header(data: dict, args: argparse.Namespace) -> None:
+    import torch  # only to say which build and how many threads; the parent otherwise stays small
+
+    tokens = ((FRAMES - 1) // 4 + 1) * (CLIPS["height"] // 16) * (CLIPS["width"] // 16)  # VAE 4x time, 8x space; patch 2x2
+    print(f"\nWan transformer: {WAN['num_layers']} layers, {WAN['num_attention_heads']} heads x {WAN['attention_head_dim']}, "
+          f"ffn {WAN['ffn_dim']}, text dim {WAN['text_dim']}, patch {WAN['patch_size']}: {data['transformer_params'] / 1e6:.2f} M params; "
+          "tiny VAE + UMT5 of build_tiny_wan")  # fmt: skip
+    print(f"data: {data['train_clips']} of {data['clips']} curated clips reach {FRAMES} frames "
+          f"({CLIPS['width']}x{CLIPS['height']} @ {CLIPS['fps']} fps, {tokens} tokens each); batch {BATCH}, LoRA rank {RANK}, fp32")  # fmt: skip
+    print(f"run: {args.steps} steps, steady = median of steps {args.warmup + 2}-{args.steps}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+
+
+def report(results: dict) -> None:
+    print(f"{'leg':12s} {'trainable':>10s} {'samples/s':>10s} {'steady/s':>9s} {'step ms p50/p90':>16s} {'peak RSS MB':>12s} {'RSS growth MB':>14s}")
+    for name, r in results.items():
+        steps = f"{r['p50_ms']:.0f} / {r['p90_ms']:.0f}"  # a p90 far above p50: something else used the CPU
+        print(f"{name:12s} {r['trainable']:10,d} {r['trainer_sps']:10.2f} {r['steady_sps']:9.2f} {steps:>16s} {r['peak_mb']:12.0f} {r['growth_mb']:14.0f}")
+    print(f"\n{'ratio':20s} {'speed':>7s} {'peak RSS':>9s} {'RSS growth':>11s}   (steady samples/s; memory)")
+    for label, a, b in PAIRS:
+        x, y = results[a], results[b]
+        print(f"{label:20s} {x['steady_sps'] / y['steady_sps']:7.2f} {x['peak_mb'] / y['peak_mb']:9.2f} {x['growth_mb'] / y['growth_mb']:11.2f}")
+    on, off = results["cache"], results["no-ckpt"]
+    saved, slower = off["growth_mb"] - on["growth_mb"], off["steady_sps"] / on["steady_sps"]
+    print(f"\ngradient checkpointing: saves {saved:.0f} MB of RSS growth ({saved / off['growth_mb']:.0%}; "
+          f"{saved / off['peak_mb']:.0%} of the peak) and costs {slower:.2f}x the time per sample ({slower - 1:+.0%})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per leg.")
+    parser.add_argument("--warmup", type=int, default=3, help="Step intervals left out of the steady samples/s.")
+    parser.add_argument("--workdir", type=Path, help="Work folder (default: a new temporary one, removed at the end).")
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder (models, data, runs, logs, mlflow.db).")
+    parser.add_argument("--prepare", metavar="NAME", help=argparse.SUPPRESS)  # internal: the child processes
+    parser.add_argument("--leg", choices=LEGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < args.warmup + 3:
+        parser.error("--steps must leave at least 2 step intervals after --warmup")
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="vidtune-bench-train-"))).resolve()
+    if args.prepare or args.leg:  # child: do one thing, write its JSON for the parent
+        result = prepare(work) if args.prepare else run_leg(work, args.leg, args.steps, args.warmup)
+        (work / f"{args.prepare or args.leg}.json").write_text(json.dumps(result))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}\nprepare (model, curate, latent cache) and legs, each in a fresh process:", flush=True)
+    data = in_child(work, "--prepare", "prepared", args)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a reused --workdir: the trainer refuses an out folder with checkpoints
+    results = {name: in_child(work, "--leg", name, args) for name in LEGS}
+    header(data, args)
+    report(results)
+    if args.keep or args.workdir:
+        print(f"\nkept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
