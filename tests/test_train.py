@@ -215,3 +215,30 @@ def test_bf16_mixed_precision_with_fp8_storage_keeps_lora_weights_in_fp32(wan_mo
     assert seen == {"base": torch.float8_e4m3fn, "lora": {torch.float32}}
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert load_file(result.weights / "pytorch_lora_weights.safetensors")["transformer.blocks.0.attn1.to_q.lora_A.weight"].dtype == torch.float32
+
+
+def test_dataloader_workers_read_disjoint_samples_and_resume_in_step(two_bucket_shards):
+    def take(skip, n):
+        stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=2, seed=3, skip_batches=skip)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        return [b["clip_ids"] for b, _ in zip(loader, range(n))]
+
+    first = take(0, 12)
+    ids = [c for batch in first[:8] for c in batch]  # 16 of the 30 samples: within the first pass of both workers
+    assert len(ids) == len(set(ids))
+    assert take(5, 7) == first[5:12]
+
+
+def test_resume_from_a_named_checkpoint_and_refusing_what_is_not_one(tmp_path):
+    from training.checkpoints import resolve_resume
+
+    root = tmp_path / "checkpoints"
+    assert resolve_resume(None, root) is None and resolve_resume("latest", root) is None  # nothing yet: a fresh start
+    (root / "checkpoint-000002").mkdir(parents=True)
+    (root / "checkpoint-000002" / "trainer_state.json").write_text("{}")
+    (root / "checkpoint-000010").mkdir()
+    (root / "checkpoint-000010" / "trainer_state.json").write_text("{}")
+    assert resolve_resume("latest", root).name == "checkpoint-000010"
+    assert resolve_resume(str(root / "checkpoint-000002"), root).name == "checkpoint-000002"
+    with pytest.raises(ValueError, match="is not a vidtune checkpoint"):
+        resolve_resume(str(tmp_path), root)

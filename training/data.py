@@ -160,8 +160,11 @@ class BucketedStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes batches from its workers in turn, always starting with worker 0. After skipping
+        # k batches the next one was worker k % workers's, so each worker plays the role that keeps that order.
+        worker = (worker + self.skip_batches) % workers
         part, parts = self.rank * workers + worker, self.world_size * workers
-        skip = len(range(worker, self.skip_batches, workers))  # the DataLoader takes batches from workers in turn
+        skip = len(range(worker, self.skip_batches, workers))
         pending: dict[str, list[dict]] = defaultdict(list)
         epoch = 0
         while True:

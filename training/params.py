@@ -35,7 +35,7 @@ class TrainParams(BaseModel):
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (scale = alpha / rank); default: the rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_targets: list[str] | str | None = Field(
-        None, description="Module names to adapt (list) or one regex over module paths; default: the family's attention projections."
+        None, description="Module names to adapt (list) or one regex that must match a whole module path; default: the family's attention projections."
     )
     full_modules: str | None = Field(
         None, description="Full fine-tuning of a subset: a family subset name (e.g. temporal) or a regex over parameter names; default: all."
