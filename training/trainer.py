@@ -108,40 +108,25 @@ def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dt
 
 def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     params, out, family = job.params, Path(job.out), get_family(job.family)
     if params.resume is None and find_latest(out / "checkpoints"):
         raise ValueError(f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder")
     precision = params.resolved_precision()
+    # accelerate keeps one state per process; a second run in the same process (a Prefect worker, a notebook)
+    # with other precision or accumulation settings must start from a clean one. The process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=params.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())  # so a torchrun-launched CPU job forms a gloo group
     set_seed(params.seed)
     dtype = WEIGHT_DTYPES[precision]
 
-    pipe = family.load_pipeline(job.model, dtype=dtype).to(accelerator.device)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).requires_grad_(False)
-    denoiser = getattr(pipe, family.denoiser_name)
-    if params.fp8_storage:  # before the adapter: the frozen base layers are stored in float8, LoRA stays fp32
-        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    trainable = make_trainable(family, denoiser, params)
-    if params.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    denoiser.train()
-    optimizer = make_optimizer(list(trainable.values()), params, accelerator.device)
-    scheduler = get_scheduler(
-        params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps * accelerator.num_processes,
-        num_training_steps=params.max_steps * accelerator.num_processes,
-    )  # fmt: skip  (accelerate steps the schedule once per process)
-    ema = None
-    if params.ema_decay is not None:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(list(trainable.values()), decay=params.ema_decay)
+    pipe, denoiser, trainable = _prepare_model(job, family, accelerator.device, dtype)
+    optimizer, scheduler, ema = _optimization(params, list(trainable.values()), accelerator)
     wrapped, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
 
     checkpointer = Checkpointer(out / "checkpoints", accelerator, trainable, ema, params.keep_checkpoints)
@@ -185,19 +170,13 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
             with accelerator.accumulate(wrapped):
                 with accelerator.autocast():
                     loss = batch_loss(family, pipe, wrapped, batch, dtype)
-                everyone = accelerator.gather(loss.detach().reshape(1))
+                everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
                 if not torch.isfinite(everyone).all():
                     raise TrainingDiverged(
                         f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
                         f"Last good checkpoint: {checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
                     )
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), params.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = _apply(accelerator, loss, list(trainable.values()), optimizer, scheduler, params.max_grad_norm)
             state.batches += 1
             trained_clips += batch["clip_ids"]
             micro_losses.append(everyone.mean().item())
@@ -235,6 +214,52 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     accelerator.end_training()
     return TrainResult(out, weights, state.step, state.losses, tracker.run_id, rate, peak_memory_mb(accelerator.device),
                        sorted((out / "checkpoints").glob("checkpoint-*")))  # fmt: skip
+
+
+def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dtype: torch.dtype):
+    """The pipeline on `device` in the weight dtype, encoders frozen, and the denoiser's trainable parameters."""
+    params = job.params
+    pipe = family.load_pipeline(job.model, dtype=dtype).to(device)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    denoiser = getattr(pipe, family.denoiser_name)
+    if params.fp8_storage:  # before the adapter: the frozen base layers are stored in float8, LoRA stays fp32
+        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    trainable = make_trainable(family, denoiser, params)
+    if params.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    return pipe, denoiser, trainable
+
+
+def _optimization(params: TrainParams, trainable: list[torch.nn.Parameter], accelerator):
+    """Optimizer, diffusers learning-rate schedule and (optional) EMA of the trained weights."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(trainable, params, accelerator.device)
+    scheduler = get_scheduler(
+        params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps * accelerator.num_processes,
+        num_training_steps=params.max_steps * accelerator.num_processes,
+    )  # fmt: skip  (accelerate steps the schedule once per process)
+    ema = None
+    if params.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=params.ema_decay)
+    return optimizer, scheduler, ema
+
+
+def _apply(accelerator, loss: torch.Tensor, trainable: list, optimizer, scheduler, max_grad_norm: float | None):
+    """Backward, and on the last batch of an accumulation: clip, step, zero. Returns the gradient norm then."""
+    accelerator.backward(loss)
+    grad_norm = None
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    optimizer.step()  # accelerate's wrappers skip these until the accumulation is complete
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: dict, ema, state: TrainState) -> Path:
