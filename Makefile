@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/curate.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf demo-run .pytest_cache
