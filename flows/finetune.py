@@ -8,6 +8,8 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import Field, field_validator
 
+from evaluation.registry import RegistryError
+from flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
 from tasks.finetune_tasks import (
     check_dataset_task,
     frame_buckets,
@@ -18,6 +20,7 @@ from tasks.finetune_tasks import (
 from training.cache import PrecomputeParams
 from training.data import cache_shards, parse_bucket_key
 from training.families import get_family
+from training.files import write_json_atomic
 from training.params import TrainParams
 from training.tracking import default_tracking_uri
 from training.trainer import TrainJob
@@ -39,6 +42,11 @@ class FinetuneParams(TrainParams):
     run_name: str | None = Field(None, description="MLflow run name; default: MLflow's.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
     export_comfyui: bool = Field(False, description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (wan).")
+    holdout_clips: int = Field(2, ge=0, description="Clips kept out of training for the held-out validation loss.")
+    run_evaluation: bool = Field(True, description="Evaluate base vs adapted after training (the evaluate flow).")
+    run_registration: bool = Field(True, description="Register the result in MLflow after evaluation (the register flow).")
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
     @field_validator("data", "model", "out")
     @classmethod
@@ -72,11 +80,24 @@ def finetune(params: FinetuneParams) -> dict:
         model=params.model, family=family.name, out=str(Path(params.out).expanduser().resolve()), data_source=params.data_source,
         shards=shards, frame_buckets=buckets, sample_size=sample_size, params=params.train_params(),
         tracking_uri=params.tracking_uri or default_tracking_uri(), experiment=params.experiment, run_name=params.run_name,
-        export_comfyui=params.export_comfyui, tags={"data": str(Path(params.data).resolve())},
+        export_comfyui=params.export_comfyui, holdout_clip_ids=dataset.holdout(params.holdout_clips),
+        tags={"data": str(Path(params.data).resolve())},
     )  # fmt: skip
+    write_json_atomic(Path(job.out) / "train_job.json", job.model_dump(mode="json"))  # evaluate/register read it
     result = train_task(job, params.num_processes)
     logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
+
+    metrics = evaluate(job.out, params.evaluation) if params.run_evaluation else None
+    registration = None
+    if params.run_registration:
+        registry = params.registry.model_copy(update={"tracking_uri": params.registry.tracking_uri or job.tracking_uri})
+        try:
+            registration = register(job.out, registry)
+        except RegistryError as exc:
+            raise RegistryError(f"{exc}. The trained weights are kept in {result.weights}; register them later with: "
+                                f"vidtune register {job.out} --set name={registry.name}") from exc  # fmt: skip
     return {
+        "metrics": metrics, "registration": registration,
         "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "steps": result.steps,
         "final_loss": result.losses[-1], "losses": result.losses, "weights": str(result.weights), "out": str(result.out),
         "mlflow_run_id": result.mlflow_run_id, "tracking_uri": job.tracking_uri, "samples_per_s": result.samples_per_s,

@@ -140,18 +140,22 @@ class ClipScorer:
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.lock = threading.Lock()  # threads of a worker share this model: one forward pass at a time
 
-    def score(self, frames_per_clip: list[np.ndarray], captions: list[str]) -> tuple[list[float], np.ndarray]:
-        """(score per clip, L2-normalised mean image embedding per clip, float32)."""
+    def embed(self, frames: np.ndarray, texts: list[str]):
+        """L2-normalised CLIP embeddings: (frames, dim) for uint8 RGB `frames`, (len(texts), dim) for `texts`."""
         from PIL import Image
 
         torch = self.torch
-        counts = [len(f) for f in frames_per_clip]
-        pixels = torch.stack([self.preprocess(Image.fromarray(img)) for frames in frames_per_clip for img in frames])
+        pixels = torch.stack([self.preprocess(Image.fromarray(img)) for img in frames])
         with self.lock, torch.inference_mode():
             images = self.model.encode_image(pixels.to(self.device)).float()
-            texts = self.model.encode_text(self.tokenizer(captions).to(self.device)).float()
-        images = torch.nn.functional.normalize(images, dim=-1)
-        texts = torch.nn.functional.normalize(texts, dim=-1)
+            text = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
+        return torch.nn.functional.normalize(images, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+
+    def score(self, frames_per_clip: list[np.ndarray], captions: list[str]) -> tuple[list[float], np.ndarray]:
+        """(score per clip, L2-normalised mean image embedding per clip, float32)."""
+        torch = self.torch
+        counts = [len(f) for f in frames_per_clip]
+        images, texts = self.embed(np.concatenate(frames_per_clip), captions)
         scores, embeddings, offset = [], [], 0
         for clip, count in enumerate(counts):
             frame_embeddings = images[offset : offset + count]

@@ -33,6 +33,13 @@ class DatasetSummary:
     clips: int
     buckets: Counter  # "FxHxW" -> clips that train in it
     too_short: list[int]  # frame counts of clips shorter than every bucket
+    fitting_ids: list[str]  # clips that fit a bucket, sorted
+
+    def holdout(self, count: int) -> list[str]:
+        """`count` clips kept out of training for evaluation: the same ones for the same data (ids are hashes)."""
+        if count and len(self.fitting_ids) <= count:
+            raise DatasetError(f"holdout_clips: {count} held out of {len(self.fitting_ids)} usable clips leaves none to train on; lower holdout_clips")
+        return self.fitting_ids[:count]
 
 
 def bucket_key(frames: int, height: int, width: int) -> str:
@@ -60,7 +67,7 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     shards = sorted(str(p) for p in (data / "shards").glob("shard-*.tar"))
     if not shards:
         raise DatasetError(f"data: no shards in {data / 'shards'}; is {data} the OUTPUT of `vidtune curate`?")
-    fitting, too_short = Counter(), []
+    fitting, too_short, ids = Counter(), [], []
     for shard in shards:
         for row in _clip_rows(Path(shard)):
             frames = choose_bucket(row["num_frames"], buckets)
@@ -68,6 +75,7 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
                 too_short.append(row["num_frames"])
             else:
                 fitting[bucket_key(frames, row["height"], row["width"])] += 1
+                ids.append(row["clip_id"])
     clips = sum(fitting.values()) + len(too_short)
     if clips == 0:
         raise DatasetError(f"data: the shards in {data / 'shards'} hold no clips (see {data / 'manifest.parquet'} for why)")
@@ -77,7 +85,7 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
             f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
             "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
         )
-    return DatasetSummary(shards, clips, fitting, too_short)
+    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids))
 
 
 def cache_shards(cache_dir: Path) -> list[str]:
@@ -140,8 +148,10 @@ class BucketedStream(torch.utils.data.IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 64,
         skip_batches: int = 0,
+        exclude: frozenset[str] = frozenset(),
     ):
         super().__init__()
+        self.exclude = exclude  # clip ids held out of training
         self.shards, self.bucket_of, self.to_item = sorted(shards), bucket_of, to_item
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
@@ -172,6 +182,8 @@ class BucketedStream(torch.utils.data.IterableDataset):
             seen = 0
             for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(self._my_samples(part, parts, rng)):
                 seen += 1
+                if sample["__key__"] in self.exclude:
+                    continue
                 key = self.bucket_of(sample)
                 if key is None:
                     continue
@@ -186,6 +198,14 @@ class BucketedStream(torch.utils.data.IterableDataset):
             if not seen:
                 raise DatasetError(f"rank {self.rank} worker {worker} has no samples: fewer clips than readers ({parts})")
             epoch += 1
+
+
+def read_clips(source: str, shards: list[str], buckets: list[int], clip_ids: set[str]) -> Iterator[dict]:
+    """One pass over the shards of `source` ("cache" or "shards"), yielding one-clip batches of `clip_ids`."""
+    bucket_of, to_item = (_cache_bucket, _cache_item) if source == "cache" else (_ShardBucket(buckets), _shard_item)
+    for sample in wds.tarfile_to_samples()(iter([{"url": url} for url in sorted(shards)])):
+        if sample["__key__"] in clip_ids and (key := bucket_of(sample)) is not None:
+            yield collate([to_item(sample, key)])
 
 
 def make_stream(source: str, shards: list[str], buckets: list[int], **kwargs) -> BucketedStream:

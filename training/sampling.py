@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +14,17 @@ from training.media import to_uint8, write_gif, write_mp4
 from training.params import ValidationParams
 
 
+@contextmanager
+def scheduler_copy(pipe) -> Iterator[None]:
+    """Sampling sets the scheduler's inference timesteps; training and validation loss read its full table."""
+    original = pipe.scheduler
+    pipe.scheduler = copy.deepcopy(original)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
 def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, size: tuple[int, int, int], out_dir: Path) -> list[Path]:
     """One MP4 + GIF per prompt in `out_dir`. Training's RNG streams are left exactly as they were, so a run
     with validation trains like one without."""
@@ -19,11 +32,10 @@ def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, si
     devices = [pipe.device] if pipe.device.type == "cuda" else []
     written = []
     pipe.set_progress_bar_config(disable=True)
-    was_training, training_scheduler = denoiser.training, pipe.scheduler
-    pipe.scheduler = copy.deepcopy(training_scheduler)  # sampling sets inference timesteps; training reads the full table
+    was_training = denoiser.training
     denoiser.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), scheduler_copy(pipe):
             for index, prompt in enumerate(params.prompts):
                 video = pipe(
                     prompt=prompt, num_frames=frames, height=height, width=width,
@@ -35,6 +47,5 @@ def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, si
                 write_gif(video, out_dir / f"sample-{index:02d}.gif", params.fps)
     finally:
         denoiser.train(was_training)
-        pipe.scheduler = training_scheduler
     write_json_atomic(out_dir / "prompts.json", {f"sample-{i:02d}": p for i, p in enumerate(params.prompts)})
     return written

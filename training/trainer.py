@@ -56,6 +56,7 @@ class TrainJob(BaseModel):
     experiment: str = "vidtune"
     run_name: str | None = None
     export_comfyui: bool = False
+    holdout_clip_ids: list[str] = Field(default_factory=list, description="clips never trained on: evaluation's held-out set")
     tags: dict[str, str] = Field(default_factory=dict)
 
 
@@ -145,7 +146,7 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     stream = make_stream(
         job.data_source, job.shards, job.frame_buckets, batch_size=params.batch_size, seed=params.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes, shuffle_buffer=params.shuffle_buffer,
-        skip_batches=state.batches,
+        skip_batches=state.batches, exclude=frozenset(job.holdout_clip_ids),
     )  # fmt: skip
     # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=params.data_workers,

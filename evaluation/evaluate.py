@@ -1,0 +1,134 @@
+"""Evaluate a finished run: base vs adapted samples from the same noise, held-out validation loss, CLIP
+alignment, frame consistency, flicker, motion, and FVD when an I3D TorchScript file is given. Writes
+RUN/evaluation/{metrics.json, report.md, contact_sheet.png, samples/}."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.metrics import (
+    clip_alignment,
+    frame_consistency,
+    frechet_distance,
+    mean,
+    temporal_flicker,
+)
+from evaluation.samples import SampleSettings, contact_sheet, render
+from evaluation.validation import heldout_loss
+from training.data import read_clips
+from training.families import get_family
+from training.files import atomic_path, write_json_atomic
+from training.trainer import TrainJob
+
+Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
+MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frames -> magnitude
+METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
+LOWER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}
+
+
+def load_job(run_dir: Path) -> TrainJob:
+    path = run_dir / "train_job.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"run: {run_dir} has no train_job.json; is it the --out folder of `vidtune finetune`?")
+    return TrainJob.model_validate_json(path.read_text())
+
+
+def _video_metrics(videos: list[np.ndarray], prompts: list[str], embed: Embedder | None, motion: MotionFn | None, fps: int) -> dict:
+    out: dict = {"temporal_flicker": mean([temporal_flicker(v) for v in videos])}
+    if embed is not None:
+        pairs = [embed(video, [prompt]) for video, prompt in zip(videos, prompts)]
+        out["clip_alignment"] = mean([clip_alignment(images, texts[0]) for images, texts in pairs])
+        out["frame_consistency"] = mean([frame_consistency(images) for images, _ in pairs])
+    if motion is not None:
+        out["motion"] = mean([motion(video, 1 / fps) for video in videos])
+    return out
+
+
+def _i3d_features(i3d_path: str, videos: list[np.ndarray]) -> np.ndarray:
+    """Features of a user-supplied I3D TorchScript: input (n, 3, frames, h, w) in [-1, 1], output (n, features)."""
+    import torch
+
+    model = torch.jit.load(i3d_path, map_location="cpu").eval()
+    batch = torch.stack([torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1 for v in videos])
+    with torch.no_grad():
+        try:  # the common FVD export (StyleGAN-V's i3d_torchscript.pt) takes these switches
+            features = model(batch, rescale=False, resize=True, return_features=True)
+        except (RuntimeError, TypeError):
+            features = model(batch)
+    return features.reshape(len(videos), -1).numpy()
+
+
+def _real_videos(job: TrainJob) -> list[np.ndarray]:
+    """The held-out clips as uint8 videos, decoded from the curated shards."""
+    shards = sorted(str(p) for p in (Path(job.tags.get("data", "")) / "shards").glob("shard-*.tar"))
+    batches = read_clips("shards", shards, job.frame_buckets, set(job.holdout_clip_ids))
+    return [((b["video"][0].permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for b in batches]
+
+
+def evaluate_run(
+    run_dir: str | Path, settings: SampleSettings, embed: Embedder | None = None, motion: MotionFn | None = None,
+    i3d_path: str | None = None, draws: int = 4,
+) -> dict:  # fmt: skip
+    run_dir = Path(run_dir)
+    job = load_job(run_dir)
+    family = get_family(job.family)
+    out = run_dir / "evaluation"
+    heldout = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
+    real = _real_videos(job) if i3d_path else []
+
+    results, videos = {}, {}
+    pipe = family.load_pipeline(job.model)
+    for label in ("base", "adapted"):
+        if label == "adapted":
+            if job.params.training_type == "lora":
+                pipe.load_lora_weights(str(run_dir / "adapter"))
+            else:
+                pipe = family.load_pipeline(str(run_dir / "model"))
+        loss = heldout_loss(family, pipe, heldout, draws=draws) if heldout else None  # before sampling sets inference timesteps
+        videos[label] = render(pipe, settings, out / "samples", label)
+        results[label] = {**_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps), "val_loss": loss}
+    results = {f"{name}_{label}": results[label].get(name) for name in METRICS[:-1] for label in ("base", "adapted")}
+    fvd_note = "not computed: pass evaluation.i3d_path (an I3D TorchScript file) to compute FVD"
+    if i3d_path and len(real) >= 2 and len(settings.prompts) >= 2:
+        for label in ("base", "adapted"):
+            results[f"fvd_{label}"] = frechet_distance(_i3d_features(i3d_path, real), _i3d_features(i3d_path, videos[label]))
+        fvd_note = f"against {len(real)} held-out clips"
+    elif i3d_path:
+        fvd_note = "not computed: needs at least 2 prompts and 2 held-out clips (holdout_clips)"
+    results.update(heldout_clips=len(heldout), fvd_note=fvd_note, prompts=settings.prompts)
+    rows = [(f"{label} {i}: {prompt}", videos[label][i]) for i, prompt in enumerate(settings.prompts) for label in ("base", "adapted")]
+    contact_sheet(rows, out / "contact_sheet.png")
+    write_json_atomic(out / "metrics.json", results)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(metrics_markdown(results, run_dir))
+    return results
+
+
+def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) -> str:
+    lines = ["| metric | base | adapted | delta |", "|---|---|---|---|"]
+    for name in METRICS:
+        base, adapted = results.get(f"{name}_base"), results.get(f"{name}_adapted")
+        if base is None and adapted is None:
+            lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
+            continue
+        delta = adapted - base if base is not None and adapted is not None else None
+        arrow = "" if delta is None else (" (better)" if (delta < 0) == (name in LOWER_IS_BETTER) and delta != 0 else "")
+        lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
+    lines += ["", f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
+              f"contact sheet: {run_dir}/evaluation/contact_sheet.png"]  # fmt: skip
+    if decision:
+        lines += ["", f"Promotion gate: {decision}"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "evaluation" / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None

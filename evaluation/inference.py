@@ -1,0 +1,110 @@
+"""Generate from a registered model: `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> base pipeline from the
+registered base-model reference + the LoRA (or the fully fine-tuned pipeline) -> an MP4 or GIF.
+
+    from evaluation.inference import generate
+    generate("models:/vidtune-style@champion", "a red car in sks style", "car.mp4", num_frames=33)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from training.families import detect_family
+from training.media import to_uint8, write_gif, write_mp4
+from training.tracking import default_tracking_uri, vidtune_home
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class ModelNotFound(ValueError):
+    """The model URI names no registered version; the message lists what is registered."""
+
+
+def _registered(client: MlflowClient, name: str) -> str:
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        names = sorted(m.name for m in client.search_registered_models())
+        return f"no model named {name!r} is registered (registered: {', '.join(names) or 'none'})"
+    lines = [f"v{v.version}" + (f" [{', '.join(sorted(v.aliases))}]" if v.aliases else "") for v in sorted(versions, key=lambda v: int(v.version))]
+    return f"registered versions of {name}: {'; '.join(lines)}"
+
+
+def resolve_version(model_uri: str, client: MlflowClient):
+    match = MODEL_URI.match(model_uri)
+    if not match:
+        raise ModelNotFound(f"model: {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    name = match["name"]
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(name, match["alias"])
+        return client.get_model_version(name, match["version"])
+    except MlflowException:
+        raise ModelNotFound(f"model: {model_uri} does not exist; {_registered(client, name)}") from None
+
+
+def fetch(version, tracking_uri: str) -> Path:
+    """The version's files, downloaded once into $VIDTUNE_HOME/models/NAME/VERSION (then reused)."""
+    import mlflow
+
+    target = vidtune_home() / "models" / version.name / str(version.version)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=target.parent))
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(tmp))
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lora_scale: float = 1.0, device: str | None = None):
+    """The pipeline a registered version describes, on `device` (GPU when there is one)."""
+    tracking_uri = tracking_uri or default_tracking_uri()
+    version = resolve_version(model_uri, MlflowClient(tracking_uri))
+    local = fetch(version, tracking_uri)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if (local / "artifacts" / "pipeline").is_dir():  # a full fine-tune: the pipeline itself
+        folder = local / "artifacts" / "pipeline"
+        return detect_family(folder).load_pipeline(str(folder), dtype=dtype), version
+    base = version.tags.get("vidtune.base_model")
+    family = detect_family(base)
+    pipe = family.load_pipeline(base, dtype=dtype)
+    pipe.load_lora_weights(str(local / "adapter_weights"), adapter_name="vidtune")
+    pipe.set_adapters(["vidtune"], adapter_weights=[lora_scale])
+    return pipe, version
+
+
+def generate(
+    model_uri: str, prompt: str, out: str | Path, *, tracking_uri: str | None = None, lora_scale: float = 1.0,
+    steps: int = 30, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+    seed: int = 0, guidance_scale: float = 5.0, fps: int = 16, cpu_offload: bool = False, vae_tiling: bool = False,
+) -> Path:  # fmt: skip
+    """Render `prompt` with a registered model to `out` (.mp4 or .gif); returns the path."""
+    out = Path(out)
+    if out.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"out: {out} must end in .mp4 or .gif")
+    pipe, version = load_registered_pipeline(model_uri, tracking_uri, lora_scale, device="cpu" if cpu_offload else None)
+    if cpu_offload and torch.cuda.is_available():
+        pipe.enable_model_cpu_offload()
+    elif torch.cuda.is_available():
+        pipe.to("cuda")
+    if vae_tiling and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()
+    size = version.tags.get("vidtune.sample_size", "")
+    default_frames, default_h, default_w = (int(v) for v in size.split("x")) if size else (None, None, None)
+    kwargs = {k: v for k, v in {"num_frames": num_frames or default_frames, "height": height or default_h, "width": width or default_w}.items() if v}
+    frames = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
+                  generator=torch.Generator().manual_seed(seed), **kwargs).frames[0]  # fmt: skip
+    video = to_uint8(frames)
+    return (write_mp4 if out.suffix.lower() == ".mp4" else write_gif)(video, out, fps)

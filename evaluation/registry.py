@@ -1,0 +1,179 @@
+"""The MLflow model registry: log a finished run's adapter (`mlflow.diffusers`) or full pipeline (pyfunc around
+the diffusers folder), register it as a new version aliased `challenger`, and move `champion` only through the
+promotion gate. Registration is idempotent: a retried call finds the version it made and does not add another.
+
+Gate (all must hold to promote):
+- the adapted model beats the base on held-out validation loss;
+- CLIP alignment does not drop more than `clip_tolerance` below the base's;
+- it beats the current champion built on the same base model: its relative validation-loss gain over the base
+  (each measured against the base on its own held-out clips) is larger.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from training.adapters import read_info
+from training.files import write_json_atomic
+from training.tracking import vidtune_home
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+METRICS_FILE = "evaluation/metrics.json"
+GATE_FILE = "evaluation/gate.json"
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be reached or used; the trained weights stay on disk."""
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    checks: list[dict] = field(default_factory=list)  # {"check", "passed", "value", "threshold"}
+
+    def summary(self) -> str:
+        verdict = "promoted to champion" if self.promote else "kept as challenger"
+        failed = [c["check"] for c in self.checks if not c["passed"]]
+        return verdict + (f" (failed: {', '.join(failed)})" if failed else "")
+
+
+def relative_gain(metrics: dict) -> float | None:
+    base, adapted = metrics.get("val_loss_base"), metrics.get("val_loss_adapted")
+    if base is None or adapted is None or base == 0:
+        return None
+    return (base - adapted) / base
+
+
+def decide(metrics: dict | None, champion: dict | None, clip_tolerance: float) -> GateDecision:
+    """Pure: the gate's checks from this run's metrics and the champion's version tags (same base model)."""
+    if not metrics:
+        return GateDecision(False, [{"check": "evaluated", "passed": False, "value": None, "threshold": None}])
+    checks = []
+    gain = relative_gain(metrics)
+    checks.append({"check": "beats base on val_loss", "passed": gain is not None and gain > 0,
+                   "value": metrics.get("val_loss_adapted"), "threshold": metrics.get("val_loss_base")})  # fmt: skip
+    base_clip, clip = metrics.get("clip_alignment_base"), metrics.get("clip_alignment_adapted")
+    if base_clip is not None and clip is not None:
+        checks.append({"check": "clip_alignment within tolerance", "passed": clip >= base_clip - clip_tolerance,
+                       "value": clip, "threshold": base_clip - clip_tolerance})  # fmt: skip
+    if champion is not None and champion.get("vidtune.val_loss_gain") not in (None, "None"):
+        best = float(champion["vidtune.val_loss_gain"])
+        checks.append({"check": f"beats champion v{champion['version']}", "passed": gain is not None and gain > best,
+                       "value": gain, "threshold": best})  # fmt: skip
+    return GateDecision(all(c["passed"] for c in checks), checks)
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    model_uri: str
+    created: bool  # False: an earlier call had registered this run already
+    decision: GateDecision
+    aliases: list[str]
+
+
+def _retrying(call, attempts: int, what: str, tracking_uri: str):
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            if exc.error_code not in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "ENDPOINT_NOT_FOUND") and "connect" not in str(exc).lower():
+                raise
+            error = exc
+        except (ConnectionError, OSError) as exc:
+            error = exc
+        time.sleep(min(2**attempt, 10))
+    raise RegistryError(f"MLflow at {tracking_uri} is unreachable while trying to {what} ({type(error).__name__}: {str(error)[:200]})")
+
+
+def _find_version(client: MlflowClient, name: str, run_dir: str):
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("vidtune.run_dir") == run_dir:
+            return version
+    return None
+
+
+def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: str) -> tuple[str, str]:
+    """Log the weights into the run that trained them (or a new one); returns (model uri, run id)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id) as run:
+        if info["training_type"] == "lora":
+            import mlflow.diffusers
+
+            logged = mlflow.diffusers.log_model(adapter_path=str(run_dir / "adapter"), base_model=info["base_model"], name="adapter",
+                                                pip_requirements=["diffusers", "peft", "torch", "transformers"])  # fmt: skip
+        else:
+            from evaluation.pyfunc import DiffusersFolderModel
+
+            logged = mlflow.pyfunc.log_model(name="model", python_model=DiffusersFolderModel(), artifacts={"pipeline": str(run_dir / "model")},
+                                             pip_requirements=["diffusers", "torch", "transformers"])  # fmt: skip
+        return logged.model_uri, run.info.run_id
+
+
+def register_run(run_dir: str | Path, name: str, tracking_uri: str, clip_tolerance: float = 0.02, attempts: int = 3) -> Registration:
+    from filelock import FileLock
+
+    run_dir = Path(run_dir).resolve()
+    weights = run_dir / ("adapter" if (run_dir / "adapter").is_dir() else "model")
+    if not weights.is_dir():
+        raise FileNotFoundError(f"run: {run_dir} has no adapter/ or model/; is it a finished `vidtune finetune` run?")
+    info = read_info(weights)
+    metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else None
+    client = MlflowClient(tracking_uri)
+    lock_dir = vidtune_home() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    # One registrar at a time per model name on this machine: read champion, decide, move aliases.
+    with FileLock(str(lock_dir / f"registry-{name}.lock"), timeout=600):
+        _retrying(lambda: _ensure_model(client, name), attempts, f"create registered model {name}", tracking_uri)
+        existing = _retrying(lambda: _find_version(client, name, str(run_dir)), attempts, "look up versions", tracking_uri)
+        created = existing is None
+        if created:
+            model_uri, run_id = _retrying(lambda: _log_weights(run_dir, info, info.get("mlflow_run_id"), tracking_uri), attempts, "log the weights", tracking_uri)
+            job = json.loads((run_dir / "train_job.json").read_text()) if (run_dir / "train_job.json").is_file() else {}
+            tags = {"vidtune.run_dir": str(run_dir), "vidtune.sample_size": "x".join(map(str, job.get("sample_size", []))), "vidtune.base_model": info["base_model"], "vidtune.family": info["family"],
+                    "vidtune.training_type": info["training_type"], "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
+                    **{f"vidtune.metric.{k}": str(v) for k, v in (metrics or {}).items() if not isinstance(v, (dict, list))}}  # fmt: skip
+            existing = _retrying(lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags), attempts, "register", tracking_uri)
+        version = existing
+        champion = _champion_of_base(client, name, info["base_model"], exclude=version.version)
+        decision = decide(metrics, champion, clip_tolerance)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+        client.set_model_version_tag(name, version.version, "vidtune.gate", decision.summary())
+        if version.run_id:
+            client.set_tag(version.run_id, "vidtune.gate", decision.summary())
+            client.log_dict(version.run_id, asdict(decision), "evaluation/gate.json")
+    write_json_atomic(run_dir / GATE_FILE, {"name": name, "version": version.version, **asdict(decision)})
+    aliases = client.get_model_version(name, version.version).aliases
+    return Registration(name, version.version, f"models:/{name}/{version.version}", created, decision, list(aliases))
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="vidtune fine-tunes; aliases: champion (promoted), challenger (newest)")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another registrar made it meanwhile
+                raise
+
+
+def _champion_of_base(client: MlflowClient, name: str, base_model: str, exclude: str) -> dict | None:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    if champion.version == exclude or champion.tags.get("vidtune.base_model") != base_model:
+        return None
+    return {**champion.tags, "version": champion.version}

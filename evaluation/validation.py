@@ -1,0 +1,22 @@
+"""Validation loss on held-out clips at fixed noise and timesteps: the same draws for every model compared, so
+the difference is the model, whatever the model."""
+
+from __future__ import annotations
+
+import torch
+
+from training.families import ModelFamily
+from training.trainer import batch_loss
+
+
+def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, draws: int = 4) -> float:
+    """Mean denoising loss over `batches` x `draws` seeded noise/timestep draws; global RNG left as it was."""
+    denoiser = getattr(pipe, family.denoiser_name)
+    dtype = next(denoiser.parameters()).dtype
+    losses = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for index, batch in enumerate(batches):
+            for draw in range(draws):
+                torch.manual_seed(seed + 1000 * index + draw)
+                losses.append(batch_loss(family, pipe, denoiser, batch, dtype).item())
+    return sum(losses) / len(losses)

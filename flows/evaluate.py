@@ -1,0 +1,71 @@
+"""The `evaluate` and `register` flows: a finished run -> base-vs-adapted metrics -> a registry version, with the
+promotion gate deciding `champion`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from evaluation.samples import SampleSettings
+from tasks.evaluate_tasks import evaluate_task, register_task
+from training.tracking import default_tracking_uri
+
+DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]
+
+
+class EvaluationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(default_factory=list, description="Sample prompts; default: the run's validation prompts, else two generic ones.")
+    num_frames: int | None = Field(None, ge=1, description="Frames per sample; default: the run's shortest bucket.")
+    height: int | None = Field(None, ge=8, description="Sample height; default: the training clips'.")
+    width: int | None = Field(None, ge=8, description="Sample width; default: the training clips'.")
+    inference_steps: int = Field(30, ge=1, description="Denoising steps per sample.")
+    guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance (1 = off).")
+    seed: int = Field(42, description="The same noise for base and adapted samples.")
+    draws: int = Field(4, ge=1, description="Noise/timestep draws per held-out clip for the validation loss.")
+    clip_model: str | None = Field("ViT-B-32", description="open_clip model for alignment/consistency (null: skip).")
+    clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip weights: a tag (downloads) or a local file.")
+    i3d_path: str | None = Field(None, description="I3D TorchScript file for FVD; without it FVD is reported as not computed.")
+
+
+class RegistryParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("vidtune-style", min_length=1, description="Registered model name.")
+    clip_tolerance: float = Field(0.02, ge=0, description="Largest CLIP-alignment drop below the base that still promotes.")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
+
+
+def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
+    from evaluation.evaluate import load_job
+
+    job = load_job(Path(run))
+    frames, height, width = job.sample_size
+    validation = job.params.validation
+    return SampleSettings(
+        prompts=params.prompts or validation.prompts or DEFAULT_PROMPTS, num_frames=params.num_frames or frames,
+        height=params.height or height, width=params.width or width, inference_steps=params.inference_steps,
+        guidance_scale=params.guidance_scale, seed=params.seed, fps=validation.fps,
+    )  # fmt: skip
+
+
+@flow(name="evaluate", log_prints=True, validate_parameters=True)
+def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
+    """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/."""
+    params = params or EvaluationParams()
+    metrics = evaluate_task(run, sample_settings(run, params), params.clip_model, params.clip_pretrained, params.i3d_path, params.draws)
+    get_run_logger().info("validation loss %s -> %s (base -> adapted)", metrics.get("val_loss_base"), metrics.get("val_loss_adapted"))
+    return metrics
+
+
+@flow(name="register", log_prints=True, validate_parameters=True)
+def register(run: str, params: RegistryParams | None = None) -> dict:
+    """Register RUN's weights as a new version (alias challenger); the gate decides whether it becomes champion."""
+    params = params or RegistryParams()
+    registration = register_task(str(Path(run).resolve()), params.name, params.tracking_uri or default_tracking_uri(), params.clip_tolerance)
+    get_run_logger().info("%s v%s: %s", registration.name, registration.version, registration.decision.summary())
+    return {"name": registration.name, "version": registration.version, "model_uri": registration.model_uri, "aliases": registration.aliases,
+            "created": registration.created, "promoted": registration.decision.promote, "gate": registration.decision.summary()}  # fmt: skip

@@ -1,0 +1,51 @@
+"""Prefect tasks of the `evaluate` and `register` flows: the CLIP and motion scorers of curation measure the
+samples; the registry call retries while MLflow is unreachable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from evaluation.evaluate import evaluate_run, metrics_markdown
+from evaluation.registry import Registration, RegistryError, register_run
+from evaluation.samples import SampleSettings
+from tasks.scoring import (
+    ClipScorer,
+    cached_model,
+    motion_score,
+    register_model_configs,
+    resolve_device,
+)
+
+
+def clip_embedder(model_name: str, pretrained: str | None, device: str = "auto"):
+    register_model_configs()
+    device = resolve_device(device)
+    scorer = cached_model(("clip", model_name, pretrained, device), lambda: ClipScorer(model_name, pretrained, device))
+
+    def embed(frames, texts):
+        images, text = scorer.embed(frames, texts)
+        return images.cpu().numpy(), text.cpu().numpy()
+
+    return embed
+
+
+@task(name="evaluate-run", cache_policy=NO_CACHE)
+def evaluate_task(run: str, settings: SampleSettings, clip_model: str | None, clip_pretrained: str | None, i3d_path: str | None, draws: int) -> dict:
+    embed = clip_embedder(clip_model, clip_pretrained) if clip_model else None
+    metrics = evaluate_run(run, settings, embed, motion_score, i3d_path, draws)
+    create_markdown_artifact(metrics_markdown(metrics, Path(run)), key="evaluation", description=f"base vs adapted: {run}")
+    return metrics
+
+
+@task(name="register-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
+      retry_condition_fn=lambda task, run, state: isinstance(state.result(raise_on_failure=False), RegistryError))  # fmt: skip
+def register_task(run: str, name: str, tracking_uri: str, clip_tolerance: float) -> Registration:
+    registration = register_run(run, name, tracking_uri, clip_tolerance)
+    lines = [f"**{name} v{registration.version}**: {registration.decision.summary()}", "", "| check | passed | value | threshold |", "|---|---|---|---|"]
+    lines += [f"| {c['check']} | {c['passed']} | {c['value']} | {c['threshold']} |" for c in registration.decision.checks]
+    create_markdown_artifact("\n".join(lines), key="promotion-gate", description="the promotion gate's decision")
+    return registration
