@@ -27,7 +27,7 @@ from training.trainer import TrainJob
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
 MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frames -> magnitude
 METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
-LOWER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}
+LOWER_IS_BETTER, HIGHER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}, {"clip_alignment", "frame_consistency"}
 
 
 def load_job(run_dir: Path) -> TrainJob:
@@ -116,7 +116,8 @@ def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) 
             lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
             continue
         delta = adapted - base if base is not None and adapted is not None else None
-        arrow = "" if delta is None else (" (better)" if (delta < 0) == (name in LOWER_IS_BETTER) and delta != 0 else "")
+        better = delta is not None and abs(delta) >= 5e-5 and ((delta < 0 and name in LOWER_IS_BETTER) or (delta > 0 and name in HIGHER_IS_BETTER))
+        arrow = " (better)" if better else ""
         lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
     lines += ["", f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
               f"contact sheet: {run_dir}/evaluation/contact_sheet.png"]  # fmt: skip

@@ -32,7 +32,10 @@ def _registered(client: MlflowClient, name: str) -> str:
     if not versions:
         names = sorted(m.name for m in client.search_registered_models())
         return f"no model named {name!r} is registered (registered: {', '.join(names) or 'none'})"
-    lines = [f"v{v.version}" + (f" [{', '.join(sorted(v.aliases))}]" if v.aliases else "") for v in sorted(versions, key=lambda v: int(v.version))]
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    lines = [f"v{v.version}" + (f" [{', '.join(sorted(aliases[v.version]))}]" if v.version in aliases else "") for v in sorted(versions, key=lambda v: int(v.version))]
     return f"registered versions of {name}: {'; '.join(lines)}"
 
 

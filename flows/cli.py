@@ -115,6 +115,7 @@ def finetune(
     OUT/adapter/pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights) plus an MLflow run.
     Rerun with --set resume=latest to continue after a crash; --set num_processes=N trains on N GPUs.
     """
+    from evaluation.registry import RegistryError
     from flows.finetune import FinetuneParams
     from flows.finetune import finetune as finetune_flow
     from training.data import DatasetError
@@ -126,9 +127,81 @@ def finetune(
         _fail(str(exc))
     try:
         summary = finetune_flow(params)
-    except (DatasetError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, TrainingDiverged, RegistryError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     print_finetune_summary(summary, console)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    list_params: Annotated[bool, _list_params_option("flows.evaluate.EvaluationParams")] = False,
+) -> None:
+    """Compare the base model and RUN's fine-tune on fixed prompts and noise.
+
+    Writes RUN/evaluation/: metrics.json, report.md (base, adapted, delta), contact_sheet.png and the samples.
+    """
+    from flows.evaluate import EvaluationParams, evaluate as evaluate_flow
+
+    try:
+        params = build_params(EvaluationParams, base={}, config=config, overrides=set_ or [])
+        evaluate_flow(str(run), params)
+    except (ParamError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    console.print((run / "evaluation" / "report.md").read_text(), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def register(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    list_params: Annotated[bool, _list_params_option("flows.evaluate.RegistryParams")] = False,
+) -> None:
+    """Register RUN's adapter (or full model) in MLflow as a new version aliased `challenger`.
+
+    The promotion gate moves `champion` to it when it beats the base on held-out loss, keeps CLIP alignment
+    within tolerance and beats the current champion of the same base model. Running it twice adds no version.
+    """
+    from evaluation.registry import RegistryError
+    from flows.evaluate import RegistryParams, register as register_flow
+
+    try:
+        params = build_params(RegistryParams, base={}, config=config, overrides=set_ or [])
+        result = register_flow(str(run), params)
+    except (ParamError, FileNotFoundError, RegistryError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"{result['model_uri']} [{', '.join(result['aliases'])}]: {result['gate']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="What to render.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file, .mp4 or .gif.")],
+    lora_scale: Annotated[float, typer.Option(help="LoRA strength (0 = base model).")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    frames: Annotated[int | None, typer.Option(help="Frames; default: the training clips'.")] = None,
+    height: Annotated[int | None, typer.Option(help="Height; default: the training clips'.")] = None,
+    width: Annotated[int | None, typer.Option(help="Width; default: the training clips'.")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (1 = off).")] = 5.0,
+    fps: Annotated[int, typer.Option(help="Frame rate of the written file.")] = 16,
+    cpu_offload: Annotated[bool, typer.Option(help="Keep idle components on the CPU (GPU memory saver).")] = False,
+    vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles (large frames on small GPUs).")] = False,
+) -> None:
+    """Render PROMPT with a registered model: the base pipeline from the version's base-model reference plus its
+    LoRA (downloaded once into $VIDTUNE_HOME/models), or the registered full pipeline."""
+    from evaluation.inference import ModelNotFound, generate as generate_video
+
+    try:
+        path = generate_video(model, prompt, out, lora_scale=lora_scale, steps=steps, num_frames=frames, height=height, width=width,
+                              seed=seed, guidance_scale=guidance_scale, fps=fps, cpu_offload=cpu_offload, vae_tiling=vae_tiling)  # fmt: skip
+    except (ModelNotFound, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def print_finetune_summary(summary: dict, console: Console) -> None:
@@ -141,6 +214,11 @@ def print_finetune_summary(summary: dict, console: Console) -> None:
     ):  # fmt: skip
         table.add_row(label, value)
     console.print(table)
+    if summary.get("metrics"):
+        console.print(Path(summary["out"], "evaluation", "report.md").read_text(), highlight=False, soft_wrap=True)
+    if summary.get("registration"):
+        reg = summary["registration"]
+        console.print(f"registered {reg['model_uri']} [{', '.join(reg['aliases'])}]: {reg['gate']}", highlight=False, soft_wrap=True)
 
 
 @app.command("synth-videos")
