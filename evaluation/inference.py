@@ -35,7 +35,7 @@ def _registered(client: MlflowClient, name: str) -> str:
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    lines = [f"v{v.version}" + (f" [{', '.join(sorted(aliases[v.version]))}]" if v.version in aliases else "") for v in sorted(versions, key=lambda v: int(v.version))]
+    lines = [f"v{v.version}" + (f" [{', '.join(sorted(aliases[str(v.version)]))}]" if str(v.version) in aliases else "") for v in sorted(versions, key=lambda v: int(v.version))]
     return f"registered versions of {name}: {'; '.join(lines)}"
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.config import ParamError, build_params, describe_params
@@ -46,7 +47,7 @@ def _list_params_option(model_path: str):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(code)
 
 
@@ -173,7 +174,7 @@ def register(
         result = register_flow(str(run), params)
     except (ParamError, FileNotFoundError, RegistryError, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"{result['model_uri']} [{', '.join(result['aliases'])}]: {result['gate']}", highlight=False, soft_wrap=True)
+    console.print(escape(f"{result['model_uri']} [{', '.join(result['aliases'])}]: {result['gate']}"), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -218,7 +219,7 @@ def print_finetune_summary(summary: dict, console: Console) -> None:
         console.print(Path(summary["out"], "evaluation", "report.md").read_text(), highlight=False, soft_wrap=True)
     if summary.get("registration"):
         reg = summary["registration"]
-        console.print(f"registered {reg['model_uri']} [{', '.join(reg['aliases'])}]: {reg['gate']}", highlight=False, soft_wrap=True)
+        console.print(escape(f"registered {reg['model_uri']} [{', '.join(reg['aliases'])}]: {reg['gate']}"), highlight=False, soft_wrap=True)
 
 
 @app.command("synth-videos")
