@@ -120,14 +120,23 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
 
 
 def register_run(run_dir: str | Path, name: str, tracking_uri: str, clip_tolerance: float = 0.02, attempts: int = 3) -> Registration:
-    from filelock import FileLock
-
+    """Register a finished run's weights (idempotently) and apply the promotion gate; see the module docstring."""
     run_dir = Path(run_dir).resolve()
     weights = run_dir / ("adapter" if (run_dir / "adapter").is_dir() else "model")
     if not weights.is_dir():
         raise FileNotFoundError(f"run: {run_dir} has no adapter/ or model/; is it a finished `vidtune finetune` run?")
     info = read_info(weights)
     metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else None
+    try:
+        return _register(run_dir, weights, info, metrics, name, tracking_uri, clip_tolerance, attempts)
+    except RegistryError as exc:
+        raise RegistryError(f"{exc}. The trained weights are kept in {weights}; register them later with: "
+                            f"vidtune register {run_dir} --set name={name} --set tracking_uri={tracking_uri}") from exc  # fmt: skip
+
+
+def _register(run_dir: Path, weights: Path, info: dict, metrics: dict | None, name: str, tracking_uri: str, clip_tolerance: float, attempts: int) -> Registration:
+    from filelock import FileLock
+
     client = MlflowClient(tracking_uri)
     lock_dir = vidtune_home() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -139,14 +148,15 @@ def register_run(run_dir: str | Path, name: str, tracking_uri: str, clip_toleran
         if created:
             model_uri, run_id = _retrying(lambda: _log_weights(run_dir, info, info.get("mlflow_run_id"), tracking_uri), attempts, "log the weights", tracking_uri)
             job = json.loads((run_dir / "train_job.json").read_text()) if (run_dir / "train_job.json").is_file() else {}
-            tags = {"vidtune.run_dir": str(run_dir), "vidtune.sample_size": "x".join(map(str, job.get("sample_size", []))), "vidtune.base_model": info["base_model"], "vidtune.family": info["family"],
-                    "vidtune.training_type": info["training_type"], "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
+            tags = {"vidtune.run_dir": str(run_dir), "vidtune.sample_size": "x".join(map(str, job.get("sample_size", []))),
+                    "vidtune.base_model": info["base_model"], "vidtune.family": info["family"], "vidtune.training_type": info["training_type"], "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
                     **{f"vidtune.metric.{k}": str(v) for k, v in (metrics or {}).items() if not isinstance(v, (dict, list))}}  # fmt: skip
             existing = _retrying(lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags), attempts, "register", tracking_uri)
         version = existing
         champion = _champion_of_base(client, name, info["base_model"], exclude=version.version)
         decision = decide(metrics, champion, clip_tolerance)
-        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        if created:  # the newest version is the challenger; a repeated call must not move it back
+            client.set_registered_model_alias(name, CHALLENGER, version.version)
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version.version)
         client.set_model_version_tag(name, version.version, "vidtune.gate", decision.summary())

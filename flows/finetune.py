@@ -8,7 +8,6 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import Field, field_validator
 
-from evaluation.registry import RegistryError
 from flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
 from tasks.finetune_tasks import (
     check_dataset_task,
@@ -91,11 +90,7 @@ def finetune(params: FinetuneParams) -> dict:
     registration = None
     if params.run_registration:
         registry = params.registry.model_copy(update={"tracking_uri": params.registry.tracking_uri or job.tracking_uri})
-        try:
-            registration = register(job.out, registry)
-        except RegistryError as exc:
-            raise RegistryError(f"{exc}. The trained weights are kept in {result.weights}; register them later with: "
-                                f"vidtune register {job.out} --set name={registry.name}") from exc  # fmt: skip
+        registration = register(job.out, registry)  # an unreachable MLflow: RegistryError says how to register later
     return {
         "metrics": metrics, "registration": registration,
         "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "steps": result.steps,

@@ -1,0 +1,163 @@
+"""Evaluate, register and generate with real MLflow on SQLite, the real Prefect harness and tiny models: the gate
+promotes a better adapter and never a worse one, registration is idempotent and safe when two runs register at
+once, and `generate` renders from `models:/NAME@champion`."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from evaluation.registry import CHALLENGER, CHAMPION, RegistryError, decide, register_run
+
+BUCKETS = [9, 17]
+
+
+@pytest.fixture(scope="module")
+def wan_model(tmp_path_factory) -> str:
+    from training.tiny_models import build_tiny_wan
+
+    return str(build_tiny_wan(tmp_path_factory.mktemp("wan") / "model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_i3d(tmp_path_factory) -> str:
+    """A TorchScript video feature extractor with the I3D interface ((n, 3, t, h, w) in [-1, 1] -> (n, d))."""
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv3d(3, 8, kernel_size=3, stride=2)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean(dim=(2, 3, 4))
+
+    path = tmp_path_factory.mktemp("i3d") / "i3d.pt"
+    torch.jit.script(Features()).save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_api, curated, wan_model, tiny_clip, tiny_i3d, tmp_path_factory):
+    """Two finished, evaluated runs: `strong` (30 steps) and `weak` (3 tiny steps); both beat the base a little."""
+    from flows.finetune import FinetuneParams, finetune
+    from tasks.tiny_models import TINY_CLIP
+
+    output, _, _ = curated
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, steps, lr in (("strong", 30, 5e-3), ("weak", 3, 2e-4)):
+        params = FinetuneParams.model_validate({
+            "data": str(output), "model": wan_model, "out": str(root / name), "cache_dir": str(root / "cache"),
+            "precompute": {"frame_buckets": BUCKETS}, "rank": 4, "learning_rate": lr, "max_steps": steps,
+            "mixed_precision": "no", "checkpoint_every": 100, "tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "run_registration": False, "holdout_clips": 3,
+            "evaluation": {"prompts": ["a red car", "a blue sky"], "inference_steps": 2, "clip_model": TINY_CLIP,
+                           "clip_pretrained": str(tiny_clip), "i3d_path": tiny_i3d},
+        })  # fmt: skip
+        made[name] = finetune(params)
+    return root, made
+
+
+def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs):
+    root, made = runs
+    metrics = made["strong"]["metrics"]
+    for name in ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd"):
+        assert np.isfinite(metrics[f"{name}_base"]) and np.isfinite(metrics[f"{name}_adapted"]), name
+    assert metrics["heldout_clips"] == 3 and metrics["val_loss_adapted"] < metrics["val_loss_base"]
+    evaluation = root / "strong" / "evaluation"
+    from PIL import Image
+
+    sheet = Image.open(evaluation / "contact_sheet.png")
+    assert sheet.size[1] == 4 * 64  # rows: (base, adapted) x 2 prompts, 64-pixel frames
+    for label in ("base-00", "adapted-01"):
+        with av.open(str(evaluation / "samples" / f"{label}.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 9
+    report = (evaluation / "report.md").read_text()
+    assert "| val_loss |" in report and "contact_sheet.png" in report
+    # held-out clips were never trained on
+    job = json.loads((root / "strong" / "train_job.json").read_text())
+    trained = set(json.loads((root / "strong" / "trained_clips" / "rank-00.json").read_text())["clip_ids"])
+    assert job["holdout_clip_ids"] and not trained & set(job["holdout_clip_ids"])
+
+
+def test_gate_decisions():
+    better = {"val_loss_base": 2.0, "val_loss_adapted": 1.5, "clip_alignment_base": 0.30, "clip_alignment_adapted": 0.29}
+    assert decide(better, None, clip_tolerance=0.02).promote
+    assert not decide({**better, "val_loss_adapted": 2.1}, None, 0.02).promote  # worse than the base
+    assert not decide({**better, "clip_alignment_adapted": 0.27}, None, 0.02).promote  # alignment dropped too far
+    assert not decide(better, {"vidtune.val_loss_gain": "0.5", "version": "3"}, 0.02).promote  # champion gained more
+    assert decide(better, {"vidtune.val_loss_gain": "0.1", "version": "3"}, 0.02).promote
+    assert not decide(None, None, 0.02).promote  # never evaluated: registered, not promoted
+
+
+def test_a_better_adapter_is_promoted_a_worse_one_never_and_registering_twice_adds_nothing(runs):
+    root, made = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    weak = register_run(root / "weak", "style-a", uri)
+    assert weak.decision.promote and set(weak.aliases) == {CHALLENGER, CHAMPION}
+    strong = register_run(root / "strong", "style-a", uri)
+    assert strong.decision.promote and set(strong.aliases) == {CHALLENGER, CHAMPION}
+    again = register_run(root / "weak", "style-a", uri)  # a retried task, or a rerun: no new version
+    assert not again.created and again.version == weak.version and not again.decision.promote
+    assert set(again.aliases) == set()  # challenger stays on the newest version
+    assert "beats champion" in json.dumps(again.decision.checks)
+
+    client = MlflowClient(uri)
+    assert len(client.search_model_versions("name = 'style-a'")) == 2
+    assert client.get_model_version_by_alias("style-a", CHAMPION).version == strong.version
+    gate = json.loads((root / "strong" / "evaluation" / "gate.json").read_text())
+    assert gate["promote"] and gate["version"] == strong.version
+    run = client.get_run(made["strong"]["mlflow_run_id"])
+    assert run.data.tags["vidtune.gate"] == "promoted to champion"
+
+
+def _register(args):
+    run_dir, name, uri, home = args
+    os.environ["VIDTUNE_HOME"] = home
+    return register_run(run_dir, name, uri).version
+
+
+def test_concurrent_registration_keeps_both_versions_and_consistent_aliases(runs):
+    root, _ = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        versions = pool.map(_register, [(str(root / n), "style-b", uri, os.environ["VIDTUNE_HOME"]) for n in ("weak", "strong")])
+    client = MlflowClient(uri)
+    registered = client.search_model_versions("name = 'style-b'")
+    assert sorted(int(v.version) for v in registered) == [1, 2] and sorted(map(int, versions)) == [1, 2]
+    by_run = {v.tags["vidtune.run_dir"]: str(v.version) for v in registered}
+    assert str(client.get_model_version_by_alias("style-b", CHAMPION).version) == by_run[str(root / "strong")]
+    assert str(client.get_model_version_by_alias("style-b", CHALLENGER).version) == "2"  # the newest
+
+
+def test_generate_from_the_champion_writes_the_requested_frames(runs, tmp_path):
+    from evaluation.inference import ModelNotFound, generate
+
+    root, _ = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    register_run(root / "strong", "style-c", uri)
+    out = generate("models:/style-c@champion", "a red car", tmp_path / "car.mp4", tracking_uri=uri, steps=2, num_frames=13, height=32, width=48)
+    with av.open(str(out)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 13 and (frames[0].width, frames[0].height) == (48, 32)
+    gif = generate("models:/style-c/1", "a red car", tmp_path / "car.gif", tracking_uri=uri, steps=2, lora_scale=0.5)
+    assert gif.stat().st_size > 0  # default size: the training clips'
+    with pytest.raises(ModelNotFound, match=r"models:/style-c@best does not exist; registered versions of style-c: v1 \[challenger, champion\]"):
+        generate("models:/style-c@best", "x", tmp_path / "x.mp4", tracking_uri=uri)
+
+
+def test_an_unreachable_registry_fails_clearly_and_keeps_the_weights(runs, monkeypatch):
+    root, _ = runs
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(RegistryError, match=r"MLflow at http://127.0.0.1:9 is unreachable .*weights are kept in .*adapter; register them later with: vidtune register .*weak --set name=style-d"):
+        register_run(root / "weak", "style-d", "http://127.0.0.1:9", attempts=2)
+    assert (root / "weak" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
