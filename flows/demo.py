@@ -9,6 +9,8 @@ from rich.console import Console
 
 from flows.cli import print_curate_summary, print_finetune_summary
 from flows.curate import CurateParams, curate
+from evaluation.inference import generate
+from flows.evaluate import EvaluationParams, RegistryParams
 from flows.finetune import FinetuneParams, finetune
 from tasks.captions import CaptionParams
 from tasks.clips import ClipParams
@@ -26,6 +28,7 @@ DEMO_CLIPS = ClipParams(width=128, height=128, fps=8)
 DEMO_SCENES = SceneParams(min_clip_s=1.0, max_clip_s=3.0)
 DEMO_CAPTIONS = CaptionParams(trigger="in vidtune-demo style")  # template: "{trigger}, {source_name}"
 DEMO_STEPS = 40
+DEMO_MODEL = "vidtune-demo"
 
 
 def make_demo_inputs(raw: Path) -> None:
@@ -41,6 +44,7 @@ def make_demo_inputs(raw: Path) -> None:
 
 def run_demo(workdir: Path, console: Console) -> dict:
     workdir = workdir.resolve()
+    os.environ.setdefault("VIDTUNE_HOME", str(workdir / "home"))  # downloads cache and locks stay in the demo folder
     raw, dataset = workdir / "raw", workdir / "dataset"
     console.rule("[bold]1. raw videos")
     make_demo_inputs(raw)
@@ -57,7 +61,7 @@ def run_demo(workdir: Path, console: Console) -> dict:
     summary = curate(params)
     print_curate_summary(summary, console)
 
-    console.rule("[bold]3. fine-tune a LoRA")
+    console.rule("[bold]3. fine-tune a LoRA, evaluate it against the base, register it")
     model = workdir / "models" / "tiny-wan"
     if not (model / "model_index.json").is_file():
         build_tiny_wan(model)  # a random Wan 2.1 of the real classes, loaded with from_pretrained like a real one
@@ -68,9 +72,17 @@ def run_demo(workdir: Path, console: Console) -> dict:
             max_steps=DEMO_STEPS, checkpoint_every=20, resume="latest", mixed_precision="no", tracking_uri=tracking_uri,
             precompute=PrecomputeParams(frame_buckets=[9, 17]), export_comfyui=True,
             validation=ValidationParams(prompts=[f"a red car {DEMO_CAPTIONS.trigger}"], every=20, inference_steps=4, fps=8),
+            evaluation=EvaluationParams(prompts=[f"a red car {DEMO_CAPTIONS.trigger}", f"a city street {DEMO_CAPTIONS.trigger}"],
+                                        inference_steps=4, clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)),
+            registry=RegistryParams(name=DEMO_MODEL),
         )
     )  # fmt: skip
     print_finetune_summary(trained, console)
+
+    console.rule(f"[bold]4. generate from models:/{DEMO_MODEL}@champion")
+    video = generate(f"models:/{DEMO_MODEL}@champion", f"a red car {DEMO_CAPTIONS.trigger}", workdir / "generated.gif",
+                     tracking_uri=tracking_uri, steps=8, fps=8)  # fmt: skip
+    console.print(f"wrote {video}", highlight=False)
 
     console.rule("[bold]next")
     run = workdir / "runs" / "style-lora"
@@ -79,9 +91,10 @@ def run_demo(workdir: Path, console: Console) -> dict:
         f"manifest:  {dataset}/manifest.parquet (every input, with status and reason)\n"
         f"plots:     {dataset}/clip_score_hist.png, {dataset}/motion_score_hist.png\n"
         f"adapter:   {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
-        f"samples:   {run}/samples/step-*/sample-00.mp4 and .gif\n"
+        f"samples:   {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {run}/evaluation/contact_sheet.png\n"
+        f"generate:  vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '...' --out clip.mp4  (with VIDTUNE_HOME={os.environ['VIDTUNE_HOME']})\n"
         f"MLflow:    mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)\n"
         "Prefect:   run `prefect server start` and open http://127.0.0.1:4200 to see the flow runs",
         highlight=False,
     )
-    return {"curate": summary, "finetune": trained}
+    return {"curate": summary, "finetune": trained, "generated": video}

@@ -22,6 +22,9 @@ def test_demo_curates_generated_videos_and_fine_tunes_a_lora(prefect_api, tmp_pa
     assert (run / "adapter" / "comfyui_lora.safetensors").is_file() and (run / "samples" / f"step-{DEMO_STEPS:06d}" / "sample-00.gif").is_file()
     text = out.getvalue()
     assert "manifest.parquet" in text and "not a video" in text and "mlflow ui --backend-store-uri" in text
+    assert trained["registration"]["promoted"] and "champion" in trained["registration"]["aliases"]
+    assert summary["generated"].is_file() and "| val_loss |" in text
 
     again = run_demo(tmp_path / "demo", Console(file=io.StringIO(), width=120))  # a rerun resumes, it does not redo
     assert again["finetune"]["steps"] == DEMO_STEPS and again["finetune"]["losses"] == trained["losses"]
+    assert not again["finetune"]["registration"]["created"]  # the same run is not registered twice
