@@ -77,8 +77,9 @@ def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lo
     local = fetch(version, tracking_uri)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if (local / "artifacts" / "pipeline").is_dir():  # a full fine-tune: the pipeline itself
-        folder = local / "artifacts" / "pipeline"
+    pipelines = sorted((local / "artifacts").glob("*/model_index.json"))
+    if pipelines:  # a full fine-tune: the pipeline folder itself (read from safetensors; the pyfunc pickle is not loaded)
+        folder = pipelines[0].parent
         return detect_family(folder).load_pipeline(str(folder), dtype=dtype), version
     base = version.tags.get("vidtune.base_model")
     family = detect_family(base)

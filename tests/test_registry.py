@@ -66,7 +66,7 @@ def runs(prefect_api, curated, wan_model, tiny_clip, tiny_i3d, tmp_path_factory)
     return root, made
 
 
-def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs):
+def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs, prefect_api):
     root, made = runs
     metrics = made["strong"]["metrics"]
     for name in ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd"):
@@ -82,6 +82,11 @@ def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs):
             assert sum(1 for _ in container.decode(video=0)) == 9
     report = (evaluation / "report.md").read_text()
     assert "| val_loss |" in report and "contact_sheet.png" in report
+    import httpx
+
+    body = {"artifacts": {"key": {"any_": ["evaluation"]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"}
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json=body).json()  # the same table, as a Prefect artifact
+    assert any("| val_loss |" in a["data"] and str(root / "strong") in a["data"] for a in artifacts)
     # held-out clips were never trained on
     job = json.loads((root / "strong" / "train_job.json").read_text())
     trained = set(json.loads((root / "strong" / "trained_clips" / "rank-00.json").read_text())["clip_ids"])
@@ -161,3 +166,23 @@ def test_an_unreachable_registry_fails_clearly_and_keeps_the_weights(runs, monke
     with pytest.raises(RegistryError, match=r"MLflow at http://127.0.0.1:9 is unreachable .*weights are kept in .*adapter; register them later with: vidtune register .*weak --set name=style-d"):
         register_run(root / "weak", "style-d", "http://127.0.0.1:9", attempts=2)
     assert (root / "weak" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_full_fine_tune_registers_as_a_pipeline_and_generates(prefect_api, curated, wan_model, tmp_path):
+    from evaluation.inference import generate
+    from flows.finetune import FinetuneParams, finetune
+
+    output, _, _ = curated
+    params = FinetuneParams.model_validate({
+        "data": str(output), "model": wan_model, "out": str(tmp_path / "full"), "cache_dir": str(tmp_path / "cache"),
+        "precompute": {"frame_buckets": BUCKETS}, "training_type": "full", "full_modules": "attention", "max_steps": 2,
+        "mixed_precision": "no", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "run_evaluation": False, "run_registration": False,
+    })  # fmt: skip
+    finetune(params)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    registration = register_run(tmp_path / "full", "style-full", uri)
+    assert registration.created and not registration.decision.promote  # not evaluated: registered, never champion
+    assert registration.aliases == [CHALLENGER]
+    out = generate("models:/style-full@challenger", "a red car", tmp_path / "full.mp4", tracking_uri=uri, steps=2, num_frames=9)
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9
