@@ -106,6 +106,11 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id) as run:
+        evaluation = run_dir / "evaluation"
+        metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else {}
+        mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if evaluation.is_dir():
+            mlflow.log_artifacts(str(evaluation), "evaluation")  # samples, contact sheet, report
         if info["training_type"] == "lora":
             import mlflow.diffusers
 

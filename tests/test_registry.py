@@ -122,6 +122,8 @@ def test_a_better_adapter_is_promoted_a_worse_one_never_and_registering_twice_ad
     assert gate["promote"] and gate["version"] == strong.version
     run = client.get_run(made["strong"]["mlflow_run_id"])
     assert run.data.tags["vidtune.gate"] == "promoted to champion"
+    assert run.data.metrics["eval_val_loss_adapted"] < run.data.metrics["eval_val_loss_base"]  # metrics and samples on the run
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/contact_sheet.png", "evaluation/samples"}
 
 
 def _register(args):

@@ -242,3 +242,12 @@ def test_resume_from_a_named_checkpoint_and_refusing_what_is_not_one(tmp_path):
     assert resolve_resume(str(root / "checkpoint-000002"), root).name == "checkpoint-000002"
     with pytest.raises(ValueError, match="is not a vidtune checkpoint"):
         resolve_resume(str(tmp_path), root)
+
+
+def test_an_unreachable_mlflow_does_not_cost_the_training_run(wan_model, wan_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=2).model_copy(update={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.warns(UserWarning, match="MLflow at http://127.0.0.1:9 failed .* training continues without tracking"):
+        result = train(job)
+    assert result.steps == 2 and result.mlflow_run_id is None and (result.weights / "pytorch_lora_weights.safetensors").is_file()

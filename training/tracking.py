@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
@@ -38,36 +39,47 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 class RunTracker:
-    """One MLflow run, written only by the main process; resumable by run id."""
+    """One MLflow run, written only by the main process; resumable by run id. If MLflow cannot be reached, training
+    goes on untracked (a warning says so) and the run can be registered later with `vidtune register`."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, run_id: str | None = None, active: bool = True):
-        self.active = active
+        self.active, self.uri, self.run_id = active, tracking_uri, run_id
         self.client = MlflowClient(tracking_uri) if active else None
-        self.run_id = run_id
-        if active and run_id is None:
+        if active:
+            self._safely(self._start, experiment, run_name)
+
+    def _start(self, experiment: str, run_name: str | None) -> None:
+        if self.run_id is None:
             run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags={"vidtune.stage": "finetune"})
             self.run_id = run.info.run_id
-        elif active:
-            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+
+    def _safely(self, call, *args) -> None:
+        try:
+            call(*args)
+        except Exception as exc:  # noqa: BLE001 - tracking must never cost a training run
+            self.active = False
+            warnings.warn(f"MLflow at {self.uri} failed ({type(exc).__name__}: {str(exc)[:160]}); training continues without tracking", stacklevel=3)
 
     def log_params(self, params: dict) -> None:
         if self.active:
             flat = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for start in range(0, len(flat), 100):  # MLflow's batch limit
-                self.client.log_batch(self.run_id, params=flat[start : start + 100])
+                self._safely(self.client.log_batch, self.run_id, [], flat[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self._safely(self.client.log_batch, self.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         if self.active:
-            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+            self._safely(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
-            self.client.set_terminated(self.run_id, status)
+            self._safely(self.client.set_terminated, self.run_id, status)
 
 
 def flatten(params: dict, prefix: str = "") -> dict:
