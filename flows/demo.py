@@ -92,7 +92,8 @@ def run_demo(workdir: Path, console: Console) -> dict:
         f"plots:     {dataset}/clip_score_hist.png, {dataset}/motion_score_hist.png\n"
         f"adapter:   {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
         f"samples:   {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {run}/evaluation/contact_sheet.png\n"
-        f"generate:  vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '...' --out clip.mp4  (with VIDTUNE_HOME={os.environ['VIDTUNE_HOME']})\n"
+        f"generate:  MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
+        f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt 'a red car' --out clip.mp4\n"
         f"MLflow:    mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)\n"
         "Prefect:   run `prefect server start` and open http://127.0.0.1:4200 to see the flow runs",
         highlight=False,
