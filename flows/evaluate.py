@@ -10,21 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evaluation.samples import SampleSettings
 from tasks.evaluate_tasks import evaluate_task, register_task
+from training.params import SamplingParams
 from training.tracking import default_tracking_uri
 
 DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]
 
 
-class EvaluationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvaluationParams(SamplingParams):
     prompts: list[str] = Field(default_factory=list, description="Sample prompts; default: the run's validation prompts, else two generic ones.")
-    num_frames: int | None = Field(None, ge=1, description="Frames per sample; default: the run's shortest bucket.")
-    height: int | None = Field(None, ge=8, description="Sample height; default: the training clips'.")
-    width: int | None = Field(None, ge=8, description="Sample width; default: the training clips'.")
-    inference_steps: int = Field(30, ge=1, description="Denoising steps per sample.")
-    guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance (1 = off).")
-    seed: int = Field(42, description="The same noise for base and adapted samples.")
     draws: int = Field(4, ge=1, description="Noise/timestep draws per held-out clip for the validation loss.")
     clip_model: str | None = Field("ViT-B-32", description="open_clip model for alignment/consistency (null: skip).")
     clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip weights: a tag (downloads) or a local file.")

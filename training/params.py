@@ -11,17 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class ValidationParams(BaseModel):
+class SamplingParams(BaseModel):
+    """How samples are rendered: shared by validation during training and by evaluation afterwards."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps (none: no samples).")
-    every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
     num_frames: int | None = Field(None, ge=1, description="Frames per sample; default: the shortest training bucket.")
     height: int | None = Field(None, ge=8, description="Sample height; default: the training clips' height.")
     width: int | None = Field(None, ge=8, description="Sample width; default: the training clips' width.")
     inference_steps: int = Field(30, ge=1, description="Denoising steps per sample.")
     guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance scale (1 = off).")
-    seed: int = Field(42, description="Sample seed: the same noise at every validation, so samples compare.")
+    seed: int = Field(42, description="Sample seed: the same noise every time, so samples compare.")
+
+
+class ValidationParams(SamplingParams):
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps (none: no samples).")
+    every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
     fps: int = Field(16, ge=1, description="Frame rate of the written MP4/GIF.")
 
 
