@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from evaluation.metrics import (
     clip_alignment,
@@ -81,13 +82,15 @@ def evaluate_run(
     real = _real_videos(job) if i3d_path else []
 
     results, videos = {}, {}
-    pipe = family.load_pipeline(job.model)
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    pipe = family.load_pipeline(job.model, dtype=dtype).to(device)
     for label in ("base", "adapted"):
         if label == "adapted":
             if job.params.training_type == "lora":
                 pipe.load_lora_weights(str(run_dir / "adapter"))
             else:
-                pipe = family.load_pipeline(str(run_dir / "model"))
+                del pipe
+                pipe = family.load_pipeline(str(run_dir / "model"), dtype=dtype).to(device)
         loss = heldout_loss(family, pipe, heldout, draws=draws) if heldout else None  # before sampling sets inference timesteps
         videos[label] = render(pipe, settings, out / "samples", label)
         results[label] = {**_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps), "val_loss": loss}

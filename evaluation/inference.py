@@ -56,7 +56,8 @@ def fetch(version, tracking_uri: str) -> Path:
     """The version's files, downloaded once into $VIDTUNE_HOME/models/NAME/VERSION (then reused)."""
     import mlflow
 
-    target = vidtune_home() / "models" / version.name / str(version.version)
+    # Keyed by the run too: another tracking server (or a reset database) has its own "version 1".
+    target = vidtune_home() / "models" / version.name / f"{version.version}-{(version.run_id or 'norun')[:12]}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,11 @@ def fetch(version, tracking_uri: str) -> Path:
     try:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(tmp))
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # a concurrent generate got there first: theirs is the same files
+            if not target.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -76,17 +81,17 @@ def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lo
     version = resolve_version(model_uri, MlflowClient(tracking_uri))
     local = fetch(version, tracking_uri)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # also when offloading from the CPU
     pipelines = sorted((local / "artifacts").glob("*/model_index.json"))
     if pipelines:  # a full fine-tune: the pipeline folder itself (read from safetensors; the pyfunc pickle is not loaded)
         folder = pipelines[0].parent
-        return detect_family(folder).load_pipeline(str(folder), dtype=dtype), version
+        return detect_family(folder).load_pipeline(str(folder), dtype=dtype).to(device), version
     base = version.tags.get("vidtune.base_model")
     family = detect_family(base)
     pipe = family.load_pipeline(base, dtype=dtype)
     pipe.load_lora_weights(str(local / "adapter_weights"), adapter_name="vidtune")
     pipe.set_adapters(["vidtune"], adapter_weights=[lora_scale])
-    return pipe, version
+    return pipe.to(device), version
 
 
 def generate(
@@ -101,8 +106,6 @@ def generate(
     pipe, version = load_registered_pipeline(model_uri, tracking_uri, lora_scale, device="cpu" if cpu_offload else None)
     if cpu_offload and torch.cuda.is_available():
         pipe.enable_model_cpu_offload()
-    elif torch.cuda.is_available():
-        pipe.to("cuda")
     if vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     size = version.tags.get("vidtune.sample_size", "")

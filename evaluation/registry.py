@@ -93,11 +93,25 @@ def _retrying(call, attempts: int, what: str, tracking_uri: str):
     raise RegistryError(f"MLflow at {tracking_uri} is unreachable while trying to {what} ({type(error).__name__}: {str(error)[:200]})")
 
 
-def _find_version(client: MlflowClient, name: str, run_dir: str):
+def _find_version(client: MlflowClient, name: str, run_dir: str, weights_sha: str):
+    """The version made from these very weights of this run folder (a run trained further is a new version)."""
     for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("vidtune.run_dir") == run_dir:
+        if version.tags.get("vidtune.run_dir") == run_dir and version.tags.get("vidtune.weights_sha256") == weights_sha:
             return version
     return None
+
+
+def weights_digest(weights: Path) -> str:
+    """sha256 over the weight files of an adapter/ or model/ folder (names and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(weights.rglob("*.safetensors")):
+        digest.update(str(path.relative_to(weights)).encode())
+        with open(path, "rb") as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: str) -> tuple[str, str]:
@@ -105,7 +119,12 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id) as run:
+    if run_id is not None:
+        try:
+            MlflowClient(tracking_uri).get_run(run_id)
+        except MlflowException:  # trained against another tracking server (or untracked): log into a new run
+            run_id = None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register {run_dir.name}") as run:
         evaluation = run_dir / "evaluation"
         metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else {}
         mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -148,29 +167,37 @@ def _register(run_dir: Path, weights: Path, info: dict, metrics: dict | None, na
     # One registrar at a time per model name on this machine: read champion, decide, move aliases.
     with FileLock(str(lock_dir / f"registry-{name}.lock"), timeout=600):
         _retrying(lambda: _ensure_model(client, name), attempts, f"create registered model {name}", tracking_uri)
-        existing = _retrying(lambda: _find_version(client, name, str(run_dir)), attempts, "look up versions", tracking_uri)
+        weights_sha = weights_digest(weights)
+        existing = _retrying(lambda: _find_version(client, name, str(run_dir), weights_sha), attempts, "look up versions", tracking_uri)
         created = existing is None
         if created:
             model_uri, run_id = _retrying(lambda: _log_weights(run_dir, info, info.get("mlflow_run_id"), tracking_uri), attempts, "log the weights", tracking_uri)
             job = json.loads((run_dir / "train_job.json").read_text()) if (run_dir / "train_job.json").is_file() else {}
-            tags = {"vidtune.run_dir": str(run_dir), "vidtune.sample_size": "x".join(map(str, job.get("sample_size", []))),
+            tags = {"vidtune.run_dir": str(run_dir), "vidtune.weights_sha256": weights_sha, "vidtune.sample_size": "x".join(map(str, job.get("sample_size", []))),
                     "vidtune.base_model": info["base_model"], "vidtune.family": info["family"], "vidtune.training_type": info["training_type"], "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
                     **{f"vidtune.metric.{k}": str(v) for k, v in (metrics or {}).items() if not isinstance(v, (dict, list))}}  # fmt: skip
             existing = _retrying(lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags), attempts, "register", tracking_uri)
         version = existing
-        champion = _champion_of_base(client, name, info["base_model"], exclude=version.version)
-        decision = decide(metrics, champion, clip_tolerance)
-        if created:  # the newest version is the challenger; a repeated call must not move it back
-            client.set_registered_model_alias(name, CHALLENGER, version.version)
-        if decision.promote:
-            client.set_registered_model_alias(name, CHAMPION, version.version)
-        client.set_model_version_tag(name, version.version, "vidtune.gate", decision.summary())
-        if version.run_id:
-            client.set_tag(version.run_id, "vidtune.gate", decision.summary())
-            client.log_dict(version.run_id, asdict(decision), "evaluation/gate.json")
+        decision = _retrying(lambda: _apply_gate(client, name, version, info["base_model"], metrics, clip_tolerance), attempts, "move aliases", tracking_uri)
     write_json_atomic(run_dir / GATE_FILE, {"name": name, "version": version.version, **asdict(decision)})
     aliases = client.get_model_version(name, version.version).aliases
     return Registration(name, version.version, f"models:/{name}/{version.version}", created, decision, list(aliases))
+
+
+def _apply_gate(client: MlflowClient, name: str, version, base_model: str, metrics: dict | None, clip_tolerance: float) -> GateDecision:
+    """Decide, then move aliases: `challenger` to the newest version, `champion` to this one if it passed."""
+    champion = _champion_of_base(client, name, base_model, exclude=str(version.version))
+    decision = decide(metrics, champion, clip_tolerance)
+    newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    if int(version.version) == newest:  # a repeated call for an older version must not move it back
+        client.set_registered_model_alias(name, CHALLENGER, str(version.version))
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, str(version.version))
+    client.set_model_version_tag(name, str(version.version), "vidtune.gate", decision.summary())
+    if version.run_id:
+        client.set_tag(version.run_id, "vidtune.gate", decision.summary())
+        client.log_dict(version.run_id, asdict(decision), "evaluation/gate.json")
+    return decision
 
 
 def _ensure_model(client: MlflowClient, name: str) -> None:
@@ -189,6 +216,6 @@ def _champion_of_base(client: MlflowClient, name: str, base_model: str, exclude:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    if champion.version == exclude or champion.tags.get("vidtune.base_model") != base_model:
+    if str(champion.version) == exclude or champion.tags.get("vidtune.base_model") != base_model:
         return None
     return {**champion.tags, "version": champion.version}

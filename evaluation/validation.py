@@ -14,7 +14,8 @@ def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, 
     denoiser = getattr(pipe, family.denoiser_name)
     dtype = next(denoiser.parameters()).dtype
     losses = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    devices = [pipe.device] if pipe.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         for index, batch in enumerate(batches):
             for draw in range(draws):
                 torch.manual_seed(seed + 1000 * index + draw)

@@ -3,6 +3,7 @@ promotion gate deciding `champion`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -29,7 +30,7 @@ class RegistryParams(BaseModel):
 
     name: str = Field("vidtune-style", min_length=1, description="Registered model name.")
     clip_tolerance: float = Field(0.02, ge=0, description="Largest CLIP-alignment drop below the base that still promotes.")
-    tracking_uri: str | None = Field(None, description="MLflow URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default: the one the run trained against, else $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
 
 
 def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
@@ -45,6 +46,12 @@ def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
     )  # fmt: skip
 
 
+def _run_tracking_uri(run: Path) -> str | None:
+    """The MLflow the run was trained against (its train_job.json), so its version joins that run."""
+    job = run / "train_job.json"
+    return json.loads(job.read_text()).get("tracking_uri") if job.is_file() else None
+
+
 @flow(name="evaluate", log_prints=True, validate_parameters=True)
 def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
     """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/."""
@@ -58,7 +65,8 @@ def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
 def register(run: str, params: RegistryParams | None = None) -> dict:
     """Register RUN's weights as a new version (alias challenger); the gate decides whether it becomes champion."""
     params = params or RegistryParams()
-    registration = register_task(str(Path(run).resolve()), params.name, params.tracking_uri or default_tracking_uri(), params.clip_tolerance)
+    tracking_uri = params.tracking_uri or _run_tracking_uri(Path(run)) or default_tracking_uri()
+    registration = register_task(str(Path(run).resolve()), params.name, tracking_uri, params.clip_tolerance)
     get_run_logger().info("%s v%s: %s", registration.name, registration.version, registration.decision.summary())
     return {"name": registration.name, "version": registration.version, "model_uri": registration.model_uri, "aliases": registration.aliases,
             "created": registration.created, "promoted": registration.decision.promote, "gate": registration.decision.summary()}  # fmt: skip

@@ -54,8 +54,23 @@ class FinetuneParams(TrainParams):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _absolute_if_local(cls, value: str) -> str:
+        """A local folder is stored absolute: evaluate, register and generate may run from elsewhere."""
+        local = Path(value).expanduser()
+        return str(local.resolve()) if local.exists() else value
+
     def train_params(self) -> TrainParams:
         return TrainParams.model_validate(self.model_dump(include=set(TrainParams.model_fields)))
+
+
+def _holdout(params: FinetuneParams, dataset) -> list[str]:
+    """The held-out clips: chosen once per run; a resumed run keeps the ones it started with (the data may have grown)."""
+    previous = Path(params.out).expanduser() / "train_job.json"
+    if params.resume is not None and previous.is_file():
+        return TrainJob.model_validate_json(previous.read_text()).holdout_clip_ids
+    return dataset.holdout(params.holdout_clips)
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True)
@@ -72,14 +87,14 @@ def finetune(params: FinetuneParams) -> dict:
     if params.data_source == "cache":
         cache_root = Path(params.cache_dir or Path(params.data) / "latent_cache")
         cache = precompute_task(dataset.shards, family.name, params.model, cache_root, params.precompute)
-        shards = cache_shards(cache.cache_dir)
+        shards = cache_shards(cache.cache_dir, set(dataset.buckets))
     sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
 
     job = TrainJob(
         model=params.model, family=family.name, out=str(Path(params.out).expanduser().resolve()), data_source=params.data_source,
         shards=shards, frame_buckets=buckets, sample_size=sample_size, params=params.train_params(),
         tracking_uri=params.tracking_uri or default_tracking_uri(), experiment=params.experiment, run_name=params.run_name,
-        export_comfyui=params.export_comfyui, holdout_clip_ids=dataset.holdout(params.holdout_clips),
+        export_comfyui=params.export_comfyui, holdout_clip_ids=_holdout(params, dataset),
         tags={"data": str(Path(params.data).resolve())},
     )  # fmt: skip
     write_json_atomic(Path(job.out) / "train_job.json", job.model_dump(mode="json"))  # evaluate/register read it

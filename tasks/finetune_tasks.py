@@ -18,8 +18,9 @@ from training.cache import (
     PrecomputeResult,
     precompute,
 )
-from training.data import DatasetSummary, cache_shards, summarize_dataset
+from training.data import DatasetSummary, summarize_dataset
 from training.families import ModelFamily, detect_family, get_family
+from training.files import write_json_atomic
 from training.launch import ERROR_FILE, RESULT_FILE, raise_launch_error
 from training.trainer import TrainJob, TrainResult, train
 
@@ -72,7 +73,7 @@ def train_task(job: TrainJob, num_processes: int) -> TrainResult:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     job_file = out / "train_job.json"
-    job_file.write_text(job.model_dump_json(indent=2))
+    write_json_atomic(job_file, job.model_dump(mode="json"))
     for stale in (RESULT_FILE, ERROR_FILE):
         (out / stale).unlink(missing_ok=True)
     completed = subprocess.run(accelerate_command(job_file, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
@@ -80,6 +81,3 @@ def train_task(job: TrainJob, num_processes: int) -> TrainResult:
         raise_launch_error(out, f"training under accelerate launch ({num_processes} processes) exited with {completed.returncode}")
     return TrainResult.from_json(out / RESULT_FILE)
 
-
-def cache_shards_of(result: PrecomputeResult) -> list[str]:
-    return cache_shards(result.cache_dir)

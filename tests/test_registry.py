@@ -188,3 +188,22 @@ def test_a_full_fine_tune_registers_as_a_pipeline_and_generates(prefect_api, cur
     out = generate("models:/style-full@challenger", "a red car", tmp_path / "full.mp4", tracking_uri=uri, steps=2, num_frames=9)
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9
+
+
+def test_a_run_trained_further_is_a_new_version_not_the_old_one_relabelled(runs, tiny_clip):
+    from flows.finetune import FinetuneParams, finetune
+
+    root, made = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    first = register_run(root / "weak", "style-f", uri)
+    job = json.loads((root / "weak" / "train_job.json").read_text())
+    params = FinetuneParams.model_validate({
+        "data": job["tags"]["data"], "model": job["model"], "out": str(root / "weak"), "cache_dir": str(root / "cache"),
+        "precompute": {"frame_buckets": BUCKETS}, "rank": 4, "learning_rate": 2e-4, "max_steps": 6, "resume": "latest",
+        "mixed_precision": "no", "checkpoint_every": 100, "tracking_uri": uri, "run_registration": False, "holdout_clips": 3,
+        "evaluation": {"prompts": ["a red car"], "inference_steps": 2, "clip_model": None},
+    })  # fmt: skip
+    finetune(params)
+    assert json.loads((root / "weak" / "train_job.json").read_text())["holdout_clip_ids"] == job["holdout_clip_ids"]
+    second = register_run(root / "weak", "style-f", uri)
+    assert second.created and int(second.version) == int(first.version) + 1 and CHALLENGER in second.aliases

@@ -251,3 +251,21 @@ def test_an_unreachable_mlflow_does_not_cost_the_training_run(wan_model, wan_cac
     with pytest.warns(UserWarning, match="MLflow at http://127.0.0.1:9 failed .* training continues without tracking"):
         result = train(job)
     assert result.steps == 2 and result.mlflow_run_id is None and (result.weights / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_reader_left_without_trainable_clips_fails_instead_of_waiting_forever(two_bucket_shards):
+    from training.data import DatasetError
+
+    odd = frozenset(f"c{s}-{i}" for s in range(3) for i in range(1, 10, 2))  # every sample of reader 1 of 2 (by sample)
+    stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=1, seed=0, rank=1, world_size=2, exclude=odd)
+    stream.shards = stream.shards[:1]  # one shard: readers split it sample by sample
+    with pytest.raises(DatasetError, match="rank 1 worker 0 has no trainable clips"):
+        next(iter(stream))
+
+
+def test_cache_shards_are_limited_to_the_requested_buckets(tmp_path):
+    for bucket in ("9x64x64", "81x64x64"):
+        (tmp_path / bucket).mkdir()
+        (tmp_path / bucket / "cache-000000.tar").write_bytes(b"")
+    assert [p.split("/")[-2] for p in cache_shards(tmp_path, {"9x64x64"})] == ["9x64x64"]
+    assert len(cache_shards(tmp_path)) == 2

@@ -88,8 +88,10 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     return DatasetSummary(shards, clips, fitting, too_short, sorted(ids))
 
 
-def cache_shards(cache_dir: Path) -> list[str]:
-    return sorted(str(p) for p in cache_dir.glob("*x*x*/cache-*.tar"))
+def cache_shards(cache_dir: Path, buckets: set[str] | None = None) -> list[str]:
+    """Shards of the latent cache, only those of `buckets` ("FxHxW") when given (the cache keeps every bucket it
+    ever encoded; a run trains on the ones it asks for)."""
+    return sorted(str(p) for p in cache_dir.glob("*x*x*/cache-*.tar") if buckets is None or p.parent.name in buckets)
 
 
 def _cache_bucket(sample: dict) -> str:
@@ -181,12 +183,12 @@ class BucketedStream(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}/{epoch}/{part}")
             seen = 0
             for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(self._my_samples(part, parts, rng)):
-                seen += 1
                 if sample["__key__"] in self.exclude:
                     continue
                 key = self.bucket_of(sample)
                 if key is None:
                     continue
+                seen += 1
                 pending[key].append(sample)
                 if len(pending[key]) < self.batch_size:
                     continue
@@ -196,7 +198,8 @@ class BucketedStream(torch.utils.data.IterableDataset):
                     continue
                 yield collate([self.to_item(s, key) for s in raw])
             if not seen:
-                raise DatasetError(f"rank {self.rank} worker {worker} has no samples: fewer clips than readers ({parts})")
+                raise DatasetError(f"rank {self.rank} worker {worker} has no trainable clips (after held-out and too-short ones): "
+                                   f"fewer usable clips or shards than readers ({parts}); lower num_processes or data_workers")
             epoch += 1
 
 

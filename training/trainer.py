@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import timedelta
 import resource
 import time
 from collections.abc import Callable
@@ -110,6 +111,7 @@ def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dt
 def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -121,8 +123,10 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     # with other precision or accumulation settings must start from a clean one. The process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    # Other ranks wait while rank 0 renders validation samples: allow that longer than NCCL's 10-minute default.
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=params.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())  # so a torchrun-launched CPU job forms a gloo group
+                              cpu=not torch.cuda.is_available(),  # so a torchrun-launched CPU job forms a gloo group
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # fmt: skip
     set_seed(params.seed)
     dtype = WEIGHT_DTYPES[precision]
 
@@ -207,7 +211,10 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
         raise
     bar.close()
 
-    write_json_atomic(out / "trained_clips" / f"rank-{accelerator.process_index:02d}.json", {"from_step": started_step, "clip_ids": trained_clips})
+    clips_file = out / "trained_clips" / f"rank-{accelerator.process_index:02d}.json"
+    if resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
+        trained_clips = json.loads(clips_file.read_text())["clip_ids"] + trained_clips
+    write_json_atomic(clips_file, {"clip_ids": trained_clips, "last_resumed_at_step": started_step})
     weights = _export(job, family, pipe, accelerator, trainable, ema, state)
     tracker.log_metrics({"final_loss": state.losses[-1]}, state.step)
     tracker.finish()
