@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -102,15 +103,20 @@ def _find_version(client: MlflowClient, name: str, run_dir: str, weights_sha: st
 
 
 def weights_digest(weights: Path) -> str:
-    """sha256 over the weight files of an adapter/ or model/ folder (names and bytes)."""
+    """sha256 over the tensors (names and values) of an adapter/ or model/ folder. File bytes would not do:
+    safetensors writes its metadata in hash-map order, which differs from process to process."""
     import hashlib
+
+    from safetensors import safe_open
 
     digest = hashlib.sha256()
     for path in sorted(weights.rglob("*.safetensors")):
-        digest.update(str(path.relative_to(weights)).encode())
-        with open(path, "rb") as stream:
-            while block := stream.read(1 << 20):
-                digest.update(block)
+        if path.name == "comfyui_lora.safetensors":  # derived from the adapter
+            continue
+        with safe_open(str(path), "pt") as tensors:
+            for key in sorted(tensors.keys()):
+                digest.update(f"{path.relative_to(weights)}:{key}".encode())
+                digest.update(tensors.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
