@@ -193,8 +193,11 @@ def generate(
     cpu_offload: Annotated[bool, typer.Option(help="Keep idle components on the CPU (GPU memory saver).")] = False,
     vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles (large frames on small GPUs).")] = False,
 ) -> None:
-    """Render PROMPT with a registered model: the base pipeline from the version's base-model reference plus its
-    LoRA (downloaded once into $VIDTUNE_HOME/models), or the registered full pipeline."""
+    """Render a prompt with a registered model (models:/NAME@ALIAS) to an MP4 or GIF.
+
+    Builds the base pipeline from the version's base-model reference and loads its LoRA (downloaded once into
+    $VIDTUNE_HOME/models), or loads the registered fully fine-tuned pipeline.
+    """
     from evaluation.inference import ModelNotFound, generate as generate_video
 
     try:
@@ -259,7 +262,7 @@ def tiny_model(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path("demo-run"),
 ) -> None:
-    """Run the pipeline end to end on generated videos: raw videos -> curated WebDataset shards -> a LoRA of a tiny Wan."""
+    """Run the whole pipeline on generated videos and a tiny Wan: curate, fine-tune a LoRA, evaluate, register, generate."""
     from flows.demo import run_demo
 
     run_demo(workdir, console)
