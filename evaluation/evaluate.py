@@ -18,11 +18,12 @@ from evaluation.metrics import (
     mean,
     temporal_flicker,
 )
-from evaluation.samples import SampleSettings, contact_sheet, render
+from evaluation.samples import contact_sheet
 from evaluation.validation import heldout_loss
 from training.data import read_clips
 from training.families import get_family
 from training.files import atomic_path, write_json_atomic
+from training.sampling import SampleSettings, render_videos
 from training.trainer import TrainJob
 
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
@@ -92,7 +93,7 @@ def evaluate_run(
                 del pipe
                 pipe = family.load_pipeline(str(run_dir / "model"), dtype=dtype).to(device)
         loss = heldout_loss(family, pipe, heldout, draws=draws) if heldout else None  # before sampling sets inference timesteps
-        videos[label] = render(pipe, settings, out / "samples", label)
+        videos[label] = render_videos(pipe, settings, out / "samples", label)
         results[label] = {**_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps), "val_loss": loss}
     results = {f"{name}_{label}": results[label].get(name) for name in METRICS[:-1] for label in ("base", "adapted")}
     fvd_note = "not computed: pass evaluation.i3d_path (an I3D TorchScript file) to compute FVD"

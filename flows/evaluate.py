@@ -9,9 +9,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from evaluation.samples import SampleSettings
 from tasks.evaluate_tasks import evaluate_task, register_task
 from training.params import SamplingParams
+from training.sampling import SampleSettings
 from training.tracking import default_tracking_uri
 
 DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluation.evaluate import evaluate_run, metrics_markdown
 from evaluation.registry import Registration, RegistryError, register_run
-from evaluation.samples import SampleSettings
+from training.sampling import SampleSettings
 from tasks.scoring import (
     ClipScorer,
     cached_model,

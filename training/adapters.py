@@ -4,16 +4,13 @@ rank/alpha/targets in the safetensors metadata), optionally re-keyed for ComfyUI
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from training.families import ModelFamily
-from training.files import atomic_path, write_json_atomic
+from training.files import atomic_dir, atomic_path, write_json_atomic
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "comfyui_lora.safetensors"
@@ -34,25 +31,14 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def save_lora_adapter(family: ModelFamily, pipe, denoiser: torch.nn.Module, out_dir: Path, info: dict) -> Path:
     """`out_dir/pytorch_lora_weights.safetensors` (diffusers keys + LoRA metadata) and `vidtune.json`."""
     config = _json_safe(denoiser.peft_config["default"].to_dict())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         type(pipe).save_lora_weights(
             tmp, **{f"{family.denoiser_name}_lora_layers": lora_state_dict(denoiser), f"{family.denoiser_name}_lora_adapter_metadata": config}
         )  # fmt: skip
         write_json_atomic(tmp / INFO_FILE, {**info, "rank": config["r"], "alpha": config["lora_alpha"], "targets": config["target_modules"]})
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -77,14 +63,9 @@ def export_comfyui(family: ModelFamily, state: dict[str, torch.Tensor], alpha: f
 
 def save_full_model(pipe, out_dir: Path, info: dict) -> Path:
     """The whole pipeline with the fine-tuned denoiser, loadable with `from_pretrained(out_dir)`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_json_atomic(tmp / INFO_FILE, info)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

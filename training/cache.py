@@ -88,7 +88,7 @@ def _cached_ids(bucket_dir: Path) -> set[str]:
     return ids
 
 
-def _decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
+def decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
     """The first `frames` frames of a clip as (1, 3, frames, h, w) in [-1, 1]."""
     import decord
 
@@ -154,7 +154,7 @@ def precompute(
         if meta["clip_id"] in cached[key]:
             result.reused += 1
             continue
-        moments = family.encode_video(pipe, _decode_clip(sample["mp4"], frames))
+        moments = family.encode_video(pipe, decode_clip(sample["mp4"], frames))
         text = family.encode_prompts(pipe, [meta["caption"]])
         text_tensors = {"embeds": text.embeds[0].contiguous()}
         for name in ("mask", "pooled"):

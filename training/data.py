@@ -8,7 +8,6 @@ the batches it already trained on and sees exactly what an uninterrupted run wou
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import tarfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from training.cache import choose_bucket, load_cache_entry
+from training.cache import choose_bucket, decode_clip, load_cache_entry
 
 
 class DatasetError(ValueError):
@@ -116,11 +115,7 @@ class _ShardBucket:
 
 
 def _shard_item(sample: dict, bucket: str) -> dict:
-    import decord
-
-    frames = parse_bucket_key(bucket)[0]
-    reader = decord.VideoReader(io.BytesIO(sample["mp4"]))
-    video = torch.from_numpy(reader.get_batch(list(range(frames))).asnumpy()).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    video = decode_clip(sample["mp4"], parse_bucket_key(bucket)[0])[0]  # the frames precompute would have encoded
     return {"clip_id": sample["__key__"], "video": video, "caption": sample["txt"].decode()}
 
 

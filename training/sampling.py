@@ -1,17 +1,32 @@
-"""Validation samples: fixed prompts and seed rendered with the current weights, written as MP4 and GIF."""
+"""Rendering samples from fixed prompts and seed, written as MP4 and GIF: validation during training here, and
+the base-vs-adapted comparison of `evaluation` through the same `render_videos`."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training.files import write_json_atomic
 from training.media import to_uint8, write_gif, write_mp4
 from training.params import ValidationParams
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    prompts: list[str]
+    num_frames: int
+    height: int
+    width: int
+    inference_steps: int = 30
+    guidance_scale: float = 5.0
+    seed: int = 42
+    fps: int = 16
 
 
 @contextmanager
@@ -25,27 +40,37 @@ def scheduler_copy(pipe) -> Iterator[None]:
         pipe.scheduler = original
 
 
-def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, size: tuple[int, int, int], out_dir: Path) -> list[Path]:
-    """One MP4 + GIF per prompt in `out_dir`. Training's RNG streams are left exactly as they were, so a run
-    with validation trains like one without."""
-    frames, height, width = params.num_frames or size[0], params.height or size[1], params.width or size[2]
-    devices = [pipe.device] if pipe.device.type == "cuda" else []
-    written = []
+def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str) -> list[np.ndarray]:
+    """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time)."""
     pipe.set_progress_bar_config(disable=True)
+    videos = []
+    with torch.no_grad(), scheduler_copy(pipe):
+        for index, prompt in enumerate(settings.prompts):
+            frames = pipe(
+                prompt=prompt, num_frames=settings.num_frames, height=settings.height, width=settings.width,
+                num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance_scale,
+                generator=torch.Generator().manual_seed(settings.seed), output_type="np",
+            ).frames[0]  # fmt: skip
+            video = to_uint8(frames)
+            write_mp4(video, out_dir / f"{label}-{index:02d}.mp4", settings.fps)
+            write_gif(video, out_dir / f"{label}-{index:02d}.gif", settings.fps)
+            videos.append(video)
+    return videos
+
+
+def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, size: tuple[int, int, int], out_dir: Path) -> None:
+    """Validation samples `out_dir/sample-NN.mp4|gif`. Training's RNG streams are left exactly as they were, so a
+    run with validation trains like one without."""
+    settings = SampleSettings(
+        params.prompts, params.num_frames or size[0], params.height or size[1], params.width or size[2],
+        params.inference_steps, params.guidance_scale, params.seed, params.fps,
+    )  # fmt: skip
+    devices = [pipe.device] if pipe.device.type == "cuda" else []
     was_training = denoiser.training
     denoiser.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), scheduler_copy(pipe):
-            for index, prompt in enumerate(params.prompts):
-                video = pipe(
-                    prompt=prompt, num_frames=frames, height=height, width=width,
-                    num_inference_steps=params.inference_steps, guidance_scale=params.guidance_scale,
-                    generator=torch.Generator().manual_seed(params.seed), output_type="np",
-                ).frames[0]  # fmt: skip
-                video = to_uint8(video)
-                written.append(write_mp4(video, out_dir / f"sample-{index:02d}.mp4", params.fps))
-                write_gif(video, out_dir / f"sample-{index:02d}.gif", params.fps)
+        with torch.random.fork_rng(devices=devices):
+            render_videos(pipe, settings, out_dir, "sample")
     finally:
         denoiser.train(was_training)
     write_json_atomic(out_dir / "prompts.json", {f"sample-{i:02d}": p for i, p in enumerate(params.prompts)})
-    return written

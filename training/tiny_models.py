@@ -31,6 +31,13 @@ def _word_tokenizer(max_length: int):
     )
 
 
+def _save(pipe, folder: str | Path) -> Path:
+    """Write the pipeline the way a hub checkpoint is laid out (safetensors), for `from_pretrained`."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def _tiny_t5(vocab_size: int):
     from transformers import T5Config, T5EncoderModel
 
@@ -64,9 +71,7 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
-    folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save(pipe, folder)
 
 
 def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
@@ -94,9 +99,7 @@ def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
         patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
     )  # fmt: skip
     pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-    folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save(pipe, folder)
 
 
 def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
@@ -122,9 +125,7 @@ def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
         layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
     )  # fmt: skip
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=CogVideoXDDIMScheduler())
-    folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save(pipe, folder)
 
 
 def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
@@ -157,9 +158,7 @@ def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
     )  # fmt: skip
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
     pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter, scheduler=scheduler)
-    folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save(pipe, folder)
 
 
 def build_tiny_animatediff_sdxl(folder: str | Path, seed: int = 0) -> Path:
@@ -201,9 +200,7 @@ def build_tiny_animatediff_sdxl(folder: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, motion_adapter=adapter,
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False),
     )  # fmt: skip
-    folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save(pipe, folder)
 
 
 TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {
