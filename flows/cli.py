@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -87,18 +88,9 @@ def curate(
 
 
 def print_curate_summary(summary: dict, console: Console) -> None:
-    sources, clips = summary["sources"], summary["clips"]
-    table = Table(title="curate", show_header=True, header_style="bold")
-    for column in ("", "total", "kept", "filtered", "failed", "resumed"):
-        table.add_column(column, justify="right" if column else "left")
-    table.add_row("sources", str(sources["total"]), str(sources["with_clips"]), str(sources["filtered"]), str(sources["failed"]), str(sources["resumed"]))
-    table.add_row("clips", str(sum(clips.values())), str(clips["kept"]), str(clips["filtered"]), str(clips["failed"]), "")
-    console.print(table)
-    console.print(f"hours in → out: {summary['hours_in']:.4f} h → {summary['hours_out']:.4f} h")
-    for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
-        if summary[key]:
-            console.print(f"{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in summary[key].items()), highlight=False)
-    console.print(f"shards: {summary['shards']} in {summary['output']}/shards   manifest: {summary['manifest']}", highlight=False, soft_wrap=True)
+    from tasks.manifest import curate_summary_markdown
+
+    console.print(curate_summary_markdown(summary, Path(summary["output"])), highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -106,14 +98,16 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help="Curated dataset folder (the OUTPUT of vidtune curate).")],
     model: Annotated[str, typer.Option("--model", help="Base model: a local diffusers folder or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: adapter/ (or model/), checkpoints/, samples/.")],
+    raw: Annotated[str | None, typer.Option("--raw", help="Raw videos to curate into DATA first (folder, file or fsspec URL; curate.* settings apply).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     list_params: Annotated[bool, _list_params_option("flows.finetune.FinetuneParams")] = False,
 ) -> None:
     """Fine-tune MODEL on curated clips: a LoRA by default (--set training_type=full for all weights).
 
-    Encodes the clips once into a latent cache (DATA/latent_cache), trains with accelerate, and writes
-    OUT/adapter/pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights) plus an MLflow run.
+    With --raw, the curate flow first turns raw videos into DATA. Encodes the clips once into a latent cache
+    (DATA/latent_cache), trains with accelerate, evaluates against the base model and registers the result
+    in MLflow; writes OUT/adapter/pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights).
     Rerun with --set resume=latest to continue after a crash; --set num_processes=N trains on N GPUs.
     """
     from evaluation.registry import RegistryError
@@ -122,14 +116,19 @@ def finetune(
     from training.data import DatasetError
     from training.trainer import TrainingDiverged
 
+    base = {"data": str(data), "model": model, "out": str(out), **({"curate": {"input": raw, "output": str(data)}} if raw else {})}
     try:
-        params = build_params(FinetuneParams, base={"data": str(data), "model": model, "out": str(out)}, config=config, overrides=set_ or [])
+        params = build_params(FinetuneParams, base=base, config=config, overrides=set_ or [])
     except ParamError as exc:
         _fail(str(exc))
     try:
         summary = finetune_flow(params)
-    except (DatasetError, TrainingDiverged, RegistryError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, TrainingDiverged, RegistryError, ValueError, FileNotFoundError) as exc:  # curate's are ValueErrors
         _fail(str(exc))
+    if summary.get("prepared"):
+        console.print(f"prepared {summary['out']}/train_job.json ({sum(summary['buckets'].values())} clips in buckets {summary['buckets']}); "
+                      f"train with: accelerate launch [your config] -m training.launch {summary['out']}/train_job.json", highlight=False, soft_wrap=True)  # fmt: skip
+        return
     print_finetune_summary(summary, console)
 
 
@@ -209,20 +208,9 @@ def generate(
 
 
 def print_finetune_summary(summary: dict, console: Console) -> None:
-    table = Table(title="finetune", show_header=False)
-    for label, value in (
-        ("family", summary["family"]), ("clips", f"{sum(summary['buckets'].values())} of {summary['clips']} fit buckets {summary['buckets']}"),
-        ("steps", str(summary["steps"])), ("loss", f"{summary['losses'][0]:.4f} (first) → {summary['final_loss']:.4f} (last)"),
-        ("speed", f"{summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB"),
-        ("weights", summary["weights"]), ("MLflow run", f"{summary['mlflow_run_id']} at {summary['tracking_uri']}"),
-    ):  # fmt: skip
-        table.add_row(label, value)
-    console.print(table)
-    if summary.get("metrics"):
-        console.print(Path(summary["out"], "evaluation", "report.md").read_text(), highlight=False, soft_wrap=True)
-    if summary.get("registration"):
-        reg = summary["registration"]
-        console.print(escape(f"registered {reg['model_uri']} [{', '.join(reg['aliases'])}]: {reg['gate']}"), highlight=False, soft_wrap=True)
+    from tasks.finetune_tasks import finetune_summary_markdown
+
+    console.print(finetune_summary_markdown(summary), highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("synth-videos")
@@ -258,11 +246,87 @@ def tiny_model(
     console.print(f"wrote a tiny {family} pipeline to {folder} (load it with DiffusionPipeline.from_pretrained)", highlight=False)
 
 
+def _require_prefect_server() -> str:
+    """The configured Prefect API, checked reachable; serving or triggering deployments needs a real server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    start = "start one with `prefect server start` (it listens on 127.0.0.1:4200) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+    if not url:
+        _fail(f"no Prefect server configured: {start}")
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        _fail(f"the Prefect server at {url} does not answer ({problem}); {start}")
+    return url
+
+
+@app.command()
+def serve(
+    file: Annotated[Path | None, typer.Option("--file", help="Deployments file; default: ./prefect.yaml, else the project's.")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", metavar="FLOW/NAME", help="Serve just these deployments (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Flow runs at a time (default: no limit; the `gpu` concurrency limit still queues GPU work).")] = None,
+) -> None:
+    """Serve the deployments of prefect.yaml from this process (no work pool needed): a laptop or one GPU box.
+
+    Needs a Prefect server (PREFECT_API_URL). Start runs from its UI (Deployments -> finetune/style -> Run),
+    with `prefect deployment run finetune/style`, or with `vidtune run finetune/style --set key=value`.
+    Each run executes in a subprocess of this one; stop with Ctrl-C.
+    """
+    from flows.deployments import find_project_file, serve_project
+
+    url = _require_prefect_server()
+    try:
+        path = find_project_file(file)
+        console.print(f"serving the deployments of {path} against {url.removesuffix('/api')}", highlight=False, soft_wrap=True)
+        serve_project(path, only=only, limit=limit)
+    except (ParamError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    deployment: Annotated[str, typer.Argument(metavar="FLOW/NAME", help="A deployment, e.g. finetune/style (see `prefect deployment ls`).")],
+    set_: SetOpt = None,
+    watch: Annotated[bool, typer.Option(help="Wait for the run to finish; exit 1 unless it completed.")] = False,
+) -> None:
+    """Start a run of a deployment with its preset parameters plus --set changes (merged key by key).
+
+    Keys are the flow's parameter fields: `vidtune run finetune/style --set curate.input=/data/raw --set
+    max_steps=500`. Bad keys or values are refused before the run is created. (`prefect deployment run`
+    replaces the whole `params` object instead.)
+    """
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    from flows.deployments import run_with_overrides
+
+    url = _require_prefect_server()
+    try:
+        flow_run = run_with_overrides(deployment, set_ or [], watch)
+    except ParamError as exc:
+        _fail(str(exc))
+    except PrefectHTTPStatusError as exc:  # e.g. the server's own parameter-schema check
+        _fail(str(exc.response.json().get("detail", exc)))
+    except ObjectNotFound:
+        _fail(f"no deployment {deployment!r} on {url}; `prefect deployment ls` lists them (vidtune serve or prefect deploy --all creates them)")
+    console.print(f"flow run {flow_run.name} ({flow_run.id}): {flow_run.state.name if flow_run.state else 'created'}", highlight=False)
+    console.print(f"{url.removesuffix('/api')}/runs/flow-run/{flow_run.id}", highlight=False, soft_wrap=True)
+    if watch and not (flow_run.state and flow_run.state.is_completed()):
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path("demo-run"),
 ) -> None:
-    """Run the whole pipeline on generated videos and a tiny Wan: curate, fine-tune a LoRA, evaluate, register, generate."""
+    """Run the whole pipeline on generated videos and a tiny Wan: curate, fine-tune a LoRA, evaluate, register, generate.
+
+    Without PREFECT_API_URL the flow runs are kept in WORKDIR/prefect (a temporary server writes them there), so
+    `PREFECT_HOME=WORKDIR/prefect prefect server start` shows them in the Prefect UI afterwards.
+    """
+    if not os.environ.get("PREFECT_API_URL"):  # before prefect is imported: its settings read the environment once
+        os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
     from flows.demo import run_demo
 
     run_demo(workdir, console)

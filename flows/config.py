@@ -35,13 +35,16 @@ def parse_overrides(items: list[str]) -> dict:
 
 def _parse_value(raw: str):
     """YAML scalars and lists ('30', 'true', 'null', '[a, b]'); anything else, e.g. a caption template like
-    '{trigger}, {sidecar}' (a YAML mapping, or not YAML at all), stays the string it was typed as."""
+    '{trigger}, {sidecar}' (a YAML mapping, or not YAML at all), stays the string it was typed as. Only
+    true/false are booleans: YAML 1.1's yes/no/on/off stay words (mixed_precision=no means "no")."""
     if not raw.strip():
         return ""
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw.strip()
     return raw if isinstance(value, dict) else value
 
 
@@ -52,10 +55,11 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, section: str | None = None) -> str:
+    """One line per error, naming the field (inside `section`, e.g. a flow's `params`, when given)."""
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "parameters"
+        field = ".".join(str(p) for p in ((section,) if section else ()) + tuple(err["loc"])) or "parameters"
         message = err["msg"].removeprefix("Value error, ")
         got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict) else ""
         if err["type"] == "extra_forbidden":

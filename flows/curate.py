@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -25,7 +26,7 @@ from tasks.clips import ClipParams
 from tasks.curate_tasks import curate_source_task, identify_source_task
 from tasks.discover import list_video_paths, mark_duplicates
 from tasks.filters import FilterParams, apply_filters
-from tasks.manifest import curate_stats, write_manifest, write_stats
+from tasks.manifest import curate_stats, curate_summary_markdown, write_manifest, write_stats
 from tasks.output import OutputLayout, prepare_output
 from tasks.plots import write_score_histograms
 from tasks.preflight import check_models
@@ -112,14 +113,15 @@ def write_manifest_task(rows: list[ClipRecord], layout: OutputLayout, durations:
     write_score_histograms(rows, filters, layout.root)
     stats = curate_stats(rows, durations, resumed, shards=len(list(layout.shards.glob("shard-*.tar"))))
     write_stats(stats, layout.stats)
+    create_markdown_artifact(curate_summary_markdown(stats, layout.root), key="curate-summary", description=f"curate: {layout.root}")
     return stats
 
 
 def _run_per_source(task_, over: dict[str, list], label: str, runner: TaskRunner, **shared) -> list:
-    """Submit `task_` once per item of `over` ({parameter: items}) on `runner`; a progress bar advances as
-    each finishes. Returns the final states, in input order."""
+    """Submit `task_` once per item of `over` ({parameter: items}) on `runner`; a progress bar (and the Prefect
+    progress artifact `{label}-progress`) advances as each finishes. Returns the final states, in input order."""
     ((name, items),) = over.items()
-    with runner, progress_bar(label, total=len(items)) as advance:
+    with runner, progress_bar(label, total=len(items), key=f"{label}-progress") as advance:
         futures = [runner.submit(task_, parameters={name: item, **shared}) for item in items]
         for future in as_completed(futures):
             future.wait()

@@ -8,11 +8,11 @@ from pathlib import Path
 from rich.console import Console
 
 from flows.cli import print_curate_summary, print_finetune_summary
-from flows.curate import CurateParams, curate
+from flows.curate import CurateParams
 from evaluation.inference import generate
 from flows.evaluate import EvaluationParams, RegistryParams
 from flows.finetune import FinetuneParams, finetune
-from tasks.captions import CaptionParams
+from tasks.captions import CaptionParams, prompt_with_trigger
 from tasks.clips import ClipParams
 from tasks.filters import FilterParams
 from tasks.scenes import SceneParams
@@ -29,6 +29,7 @@ DEMO_SCENES = SceneParams(min_clip_s=1.0, max_clip_s=3.0)
 DEMO_CAPTIONS = CaptionParams(trigger="in vidtune-demo style")  # template: "{trigger}, {source_name}"
 DEMO_STEPS = 40
 DEMO_MODEL = "vidtune-demo"
+DEMO_PROMPTS = ["a red car {trigger}", "a city street {trigger}"]  # {trigger}: the dataset's trigger words
 
 
 def make_demo_inputs(raw: Path) -> None:
@@ -53,49 +54,61 @@ def run_demo(workdir: Path, console: Console) -> dict:
     clip_weights = workdir / "models" / "tiny-clip.safetensors"
     if not clip_weights.exists():
         build_tiny_clip(clip_weights)  # a random open_clip model: the demo needs no download
-    console.rule("[bold]2. curate")
-    params = CurateParams(
-        input=str(raw), output=str(dataset), clips=DEMO_CLIPS, scenes=DEMO_SCENES, captions=DEMO_CAPTIONS,
-        scores=ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)), filters=FilterParams(min_motion=0.5),
-    )  # fmt: skip
-    summary = curate(params)
-    print_curate_summary(summary, console)
-
-    console.rule("[bold]3. fine-tune a LoRA, evaluate it against the base, register it")
     model = workdir / "models" / "tiny-wan"
     if not (model / "model_index.json").is_file():
         build_tiny_wan(model)  # a random Wan 2.1 of the real classes, loaded with from_pretrained like a real one
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    console.rule("[bold]2. one finetune flow run: curate (subflow) -> latents -> LoRA -> evaluate -> register")
     trained = finetune(
         FinetuneParams(
-            data=str(dataset), model=str(model), out=str(workdir / "runs" / "style-lora"), rank=8, learning_rate=2e-3,
+            curate=CurateParams(
+                input=str(raw), output=str(dataset), clips=DEMO_CLIPS, scenes=DEMO_SCENES, captions=DEMO_CAPTIONS,
+                scores=ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)), filters=FilterParams(min_motion=0.5),
+            ),
+            model=str(model), out=str(workdir / "runs" / "style-lora"), rank=8, learning_rate=2e-3,
             max_steps=DEMO_STEPS, checkpoint_every=20, resume="latest", mixed_precision="no", tracking_uri=tracking_uri,
             precompute=PrecomputeParams(frame_buckets=[9, 17]), export_comfyui=True,
-            validation=ValidationParams(prompts=[f"a red car {DEMO_CAPTIONS.trigger}"], every=20, inference_steps=4, fps=8),
-            evaluation=EvaluationParams(prompts=[f"a red car {DEMO_CAPTIONS.trigger}", f"a city street {DEMO_CAPTIONS.trigger}"],
-                                        inference_steps=4, clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)),
+            validation=ValidationParams(prompts=[DEMO_PROMPTS[0]], every=20, inference_steps=4, fps=8),
+            evaluation=EvaluationParams(prompts=DEMO_PROMPTS, inference_steps=4, clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)),
             registry=RegistryParams(name=DEMO_MODEL),
         )
     )  # fmt: skip
+    console.rule("[bold]what the curate subflow did")
+    print_curate_summary(trained["curate"], console)
+    console.rule("[bold]what training, evaluation and registration did")
     print_finetune_summary(trained, console)
 
-    console.rule(f"[bold]4. generate from models:/{DEMO_MODEL}@champion")
-    video = generate(f"models:/{DEMO_MODEL}@champion", f"a red car {DEMO_CAPTIONS.trigger}", workdir / "generated.gif",
-                     tracking_uri=tracking_uri, steps=8, fps=8)  # fmt: skip
-    console.print(f"wrote {video}", highlight=False)
+    console.rule(f"[bold]3. generate from models:/{DEMO_MODEL}@champion")
+    prompt = prompt_with_trigger(DEMO_PROMPTS[0], DEMO_CAPTIONS.trigger)
+    video = generate(f"models:/{DEMO_MODEL}@champion", prompt, workdir / "generated.gif", tracking_uri=tracking_uri, steps=8, fps=8)
+    console.print(f"wrote {video} ({prompt!r})", highlight=False)
+    print_next_steps(workdir, dataset, tracking_uri, console)
+    return {"curate": trained["curate"], "finetune": trained, "generated": video}
 
-    console.rule("[bold]next")
+
+def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: Console) -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    api = PREFECT_API_URL.value()
+    prefect_ui = (
+        f"open {api.removesuffix('/api')}/runs" if api
+        else f"PREFECT_HOME={PREFECT_HOME.value()} .venv/bin/prefect server start   then open http://127.0.0.1:4200/runs"
+    )  # fmt: skip
     run = workdir / "runs" / "style-lora"
+    console.rule("[bold]where to look")
     console.print(
-        f"shards:    {dataset}/shards/shard-*.tar (WebDataset: mp4, txt caption, json row, npy CLIP embedding)\n"
-        f"manifest:  {dataset}/manifest.parquet (every input, with status and reason)\n"
-        f"plots:     {dataset}/clip_score_hist.png, {dataset}/motion_score_hist.png\n"
-        f"adapter:   {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
-        f"samples:   {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {run}/evaluation/contact_sheet.png\n"
-        f"generate:  MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
+        f"Prefect UI: {prefect_ui}\n"
+        "            (the finetune run, its curate/evaluate/register subflows, task runs, logs, and the artifacts\n"
+        "             curate-summary, finetune-summary, evaluation, promotion-gate and the *-progress bars)\n"
+        f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000\n"
+        f"            then open http://127.0.0.1:5000/#/models/{DEMO_MODEL} (versions, aliases, gate tags; the run's metrics and samples)\n"
+        f"shards:     {dataset}/shards/shard-*.tar (WebDataset: mp4, txt caption, json row, npy CLIP embedding)\n"
+        f"manifest:   {dataset}/manifest.parquet (every input, with status and reason); plots: {dataset}/*_hist.png\n"
+        f"adapter:    {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
+        f"samples:    {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {run}/evaluation/contact_sheet.png\n"
+        f"generate:   MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
         f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt 'a red car' --out clip.mp4\n"
-        f"MLflow:    mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)\n"
-        "Prefect:   run `prefect server start` and open http://127.0.0.1:4200 to see the flow runs",
-        highlight=False,
+        "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, evaluate/default); serve them with\n"
+        "            PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/vidtune serve   (README: the Prefect UI path)",
+        highlight=False, soft_wrap=True,
     )
-    return {"curate": summary, "finetune": trained, "generated": video}

@@ -9,7 +9,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.gpu import GPU_LIMIT, gpu_slot
+from tasks.captions import prompt_with_trigger
 from tasks.evaluate_tasks import evaluate_task, register_task
+from tasks.output import dataset_trigger
 from training.params import SamplingParams
 from training.sampling import SampleSettings
 from training.tracking import default_tracking_uri
@@ -18,7 +21,9 @@ DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]
 
 
 class EvaluationParams(SamplingParams):
-    prompts: list[str] = Field(default_factory=list, description="Sample prompts; default: the run's validation prompts, else two generic ones.")
+    prompts: list[str] = Field(
+        default_factory=list, description="Sample prompts ({trigger}: the dataset's trigger word); default: the run's validation prompts, else two generic ones."
+    )
     draws: int = Field(4, ge=1, description="Noise/timestep draws per held-out clip for the validation loss.")
     clip_model: str | None = Field("ViT-B-32", description="open_clip model for alignment/consistency (null: skip).")
     clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip weights: a tag (downloads) or a local file.")
@@ -39,8 +44,10 @@ def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
     job = load_job(Path(run))
     frames, height, width = job.sample_size
     validation = job.params.validation
+    trigger = dataset_trigger(job.tags["data"]) if "data" in job.tags else ""
+    prompts = [prompt_with_trigger(p, trigger) for p in params.prompts or validation.prompts or DEFAULT_PROMPTS]
     return SampleSettings(
-        prompts=params.prompts or validation.prompts or DEFAULT_PROMPTS, num_frames=params.num_frames or frames,
+        prompts=prompts, num_frames=params.num_frames or frames,
         height=params.height or height, width=params.width or width, inference_steps=params.inference_steps,
         guidance_scale=params.guidance_scale, seed=params.seed, fps=validation.fps,
     )  # fmt: skip
@@ -53,10 +60,13 @@ def _run_tracking_uri(run: Path) -> str | None:
 
 
 @flow(name="evaluate", log_prints=True, validate_parameters=True)
-def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
-    """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/."""
+def evaluate(run: str, params: EvaluationParams | None = None, gpu_limit: str | None = GPU_LIMIT) -> dict:
+    """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/.
+    `gpu_limit`: the Prefect global concurrency limit held while rendering (null: none)."""
     params = params or EvaluationParams()
-    metrics = evaluate_task(run, sample_settings(run, params), params.clip_model, params.clip_pretrained, params.i3d_path, params.draws)
+    settings = sample_settings(run, params)
+    with gpu_slot(gpu_limit):
+        metrics = evaluate_task(run, settings, params.clip_model, params.clip_pretrained, params.i3d_path, params.draws)
     get_run_logger().info("validation loss %s -> %s (base -> adapted)", metrics.get("val_loss_base"), metrics.get("val_loss_adapted"))
     return metrics
 

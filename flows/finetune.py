@@ -1,4 +1,5 @@
-"""The `finetune` flow: curated shards -> (latent cache) -> LoRA or full fine-tuning -> adapter + MLflow run."""
+"""The `finetune` flow: (raw videos -> curate subflow ->) curated shards -> latent cache -> LoRA or full fine-tuning
+-> adapter + MLflow run -> evaluate and register subflows."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from flows.curate import CurateParams, curate
 from flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
+from flows.gpu import GPU_LIMIT, gpu_slot
+from tasks.captions import prompt_with_trigger
 from tasks.finetune_tasks import (
     check_dataset_task,
     frame_buckets,
     precompute_task,
+    publish_summary_task,
     resolve_family_task,
     train_task,
 )
+from tasks.output import dataset_trigger
 from training.cache import PrecomputeParams
 from training.data import cache_shards, parse_bucket_key
 from training.families import get_family
@@ -29,7 +35,10 @@ class FinetuneParams(TrainParams):
     """Everything `vidtune finetune` takes (the trainer's parameters plus data, model and outputs): the Prefect
     UI form, the YAML `--config` schema and the `--set` target."""
 
-    data: str = Field(description="Curated dataset folder (the OUTPUT of `vidtune curate`).")
+    data: str | None = Field(None, description="Curated dataset folder (the OUTPUT of `vidtune curate`); default: curate.output.")
+    curate: CurateParams | None = Field(
+        None, description="Curate raw videos first (the curate flow runs as a subflow; its output is the data); null: train on existing data."
+    )
     model: str = Field(description="Base model: a local diffusers folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers).")
     out: str = Field(description="Run folder: adapter/ (or model/), checkpoints/, samples/.")
     family: str | None = Field(None, description="Model family; default: detected from the model's model_index.json.")
@@ -46,13 +55,28 @@ class FinetuneParams(TrainParams):
     run_registration: bool = Field(True, description="Register the result in MLflow after evaluation (the register flow).")
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
+    gpu_limit: str | None = Field(GPU_LIMIT, description="Prefect global concurrency limit held while the GPU is in use (null: none).")
+    prepare_only: bool = Field(
+        False, description="Stop after precompute with RUN/train_job.json written, for your own `accelerate launch -m training.launch` (several machines)."
+    )
 
     @field_validator("data", "model", "out")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _data_or_curate(self) -> FinetuneParams:
+        """`data` is where the clips are: given, or what the curate subflow writes."""
+        if self.curate is None and self.data is None:
+            raise ValueError("data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first")
+        if self.curate is not None:
+            if self.data is not None and Path(self.data).expanduser().resolve() != Path(self.curate.output).expanduser().resolve():
+                raise ValueError(f"data ({self.data}) must be curate.output ({self.curate.output}) when curating first; leave data unset")
+            self.data = self.curate.output
+        return self
 
     @field_validator("model")
     @classmethod
@@ -73,44 +97,62 @@ def _holdout(params: FinetuneParams, dataset) -> list[str]:
     return dataset.holdout(params.holdout_clips)
 
 
+def _train_params(params: FinetuneParams) -> TrainParams:
+    """The trainer's slice, with `{trigger}` in validation prompts replaced by the dataset's trigger word(s)."""
+    train_params, trigger = params.train_params(), dataset_trigger(params.data)
+    prompts = [prompt_with_trigger(p, trigger) for p in train_params.validation.prompts]
+    return train_params.model_copy(update={"validation": train_params.validation.model_copy(update={"prompts": prompts})})
+
+
 @flow(name="finetune", log_prints=True, validate_parameters=True)
 def finetune(params: FinetuneParams) -> dict:
-    """Curated clips in, a trained adapter out: check data, precompute latents, train."""
+    """Curated clips (or raw videos, curated first) in, a trained, evaluated and registered adapter out."""
     logger = get_run_logger()
-    family = get_family(resolve_family_task(params.model, params.family))
+    family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
     if params.export_comfyui and not hasattr(family, "comfyui_renames"):
         raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: wan)")
+    curated = curate(params.curate) if params.curate is not None else None
     buckets = frame_buckets(family, params.precompute)
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
 
-    shards = dataset.shards
-    if params.data_source == "cache":
-        cache_root = Path(params.cache_dir or Path(params.data) / "latent_cache")
-        cache = precompute_task(dataset.shards, family.name, params.model, cache_root, params.precompute)
-        shards = cache_shards(cache.cache_dir, set(dataset.buckets))
-    sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
-
-    job = TrainJob(
-        model=params.model, family=family.name, out=str(Path(params.out).expanduser().resolve()), data_source=params.data_source,
-        shards=shards, frame_buckets=buckets, sample_size=sample_size, params=params.train_params(),
-        tracking_uri=params.tracking_uri or default_tracking_uri(), experiment=params.experiment, run_name=params.run_name,
-        export_comfyui=params.export_comfyui, holdout_clip_ids=_holdout(params, dataset),
-        tags={"data": str(Path(params.data).resolve())},
-    )  # fmt: skip
-    write_json_atomic(Path(job.out) / "train_job.json", job.model_dump(mode="json"))  # evaluate/register read it
-    result = train_task(job, params.num_processes)
+    with gpu_slot(params.gpu_limit):  # precompute and training share the GPU with nothing else of ours
+        shards = dataset.shards
+        if params.data_source == "cache":
+            cache_root = Path(params.cache_dir or Path(params.data) / "latent_cache")
+            cache = precompute_task(dataset, family.name, params.model, cache_root, params.precompute)
+            shards = cache_shards(cache.cache_dir, set(dataset.buckets))
+        job = _train_job(params, family.name, dataset, shards, buckets)
+        if params.prepare_only:
+            logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m training.launch %s/train_job.json", job.out, job.out)
+            return {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out, "prepared": True}
+        result = train_task(job, params.num_processes)
     logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
 
-    metrics = evaluate(job.out, params.evaluation) if params.run_evaluation else None
+    metrics = evaluate(job.out, params.evaluation, gpu_limit=params.gpu_limit) if params.run_evaluation else None
     registration = None
     if params.run_registration:
         registry = params.registry.model_copy(update={"tracking_uri": params.registry.tracking_uri or job.tracking_uri})
         registration = register(job.out, registry)  # an unreachable MLflow: RegistryError says how to register later
-    return {
-        "metrics": metrics, "registration": registration,
+    summary = {
+        "curate": curated, "metrics": metrics, "registration": registration,
         "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "steps": result.steps,
         "final_loss": result.losses[-1], "losses": result.losses, "weights": str(result.weights), "out": str(result.out),
         "mlflow_run_id": result.mlflow_run_id, "tracking_uri": job.tracking_uri, "samples_per_s": result.samples_per_s,
         "peak_memory_mb": result.peak_memory_mb,
     }  # fmt: skip
+    publish_summary_task(summary)
+    return summary
 
+
+def _train_job(params: FinetuneParams, family: str, dataset, shards: list[str], buckets: list[int]) -> TrainJob:
+    """What the trainer runs, also written to RUN/train_job.json (evaluate, register and accelerate read it)."""
+    sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
+    job = TrainJob(
+        model=params.model, family=family, out=str(Path(params.out).expanduser().resolve()), data_source=params.data_source,
+        shards=shards, frame_buckets=buckets, sample_size=sample_size, params=_train_params(params),
+        tracking_uri=params.tracking_uri or default_tracking_uri(), experiment=params.experiment, run_name=params.run_name,
+        export_comfyui=params.export_comfyui, holdout_clip_ids=_holdout(params, dataset),
+        tags={"data": str(Path(params.data).resolve())},
+    )  # fmt: skip
+    write_json_atomic(Path(job.out) / "train_job.json", job.model_dump(mode="json"))
+    return job

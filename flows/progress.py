@@ -1,4 +1,5 @@
-"""A progress bar for long flow stages: drawn on a terminal, silent elsewhere (Prefect logs cover that)."""
+"""A progress bar for long flow stages: drawn on a terminal, and published as a Prefect progress artifact so the
+UI shows it too."""
 
 from __future__ import annotations
 
@@ -15,11 +16,24 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from tasks.progress import progress_artifact
+
 
 @contextmanager
-def progress_bar(label: str, total: int) -> Iterator[Callable[[], None]]:
+def progress_bar(label: str, total: int, key: str | None = None) -> Iterator[Callable[[], None]]:
+    """Yields `advance()`. With `key`, the same progress goes to the Prefect artifact `key`."""
     console = Console(stderr=True)
     columns = (TextColumn(f"{label:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal, transient=False) as progress:
+    publish = progress_artifact(key, total, f"{label}: {total} items")
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=False) as progress, publish as report:
         bar = progress.add_task(label, total=total)
-        yield lambda: progress.advance(bar)
+        done = 0
+
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            progress.advance(bar)
+            report(done)
+
+        yield advance
+

@@ -140,6 +140,12 @@ def render_caption(template: str, row: ClipRecord, *, trigger: str, sidecar: str
     return tidy_caption(text)
 
 
+def prompt_with_trigger(prompt: str, trigger: str) -> str:
+    """A sample prompt written for any style, e.g. "a city street at night, {trigger}", with the dataset's trigger
+    word(s) put in (and tidied like a caption, so an empty trigger leaves no dangling comma)."""
+    return tidy_caption(prompt.replace("{trigger}", trigger)) if "{trigger}" in prompt else prompt
+
+
 def tidy_caption(text: str) -> str:
     parts = [re.sub(r"\s+", " ", p).strip() for p in text.split(",")]
     return ", ".join(p for p in parts if p)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from evaluation.evaluate import metrics_markdown
+from tasks.progress import progress_artifact
 from training.cache import (
     DEFAULT_FRAME_BUCKETS,
     PrecomputeParams,
@@ -21,7 +25,7 @@ from training.cache import (
 from training.data import DatasetSummary, summarize_dataset
 from training.families import ModelFamily, detect_family, get_family
 from training.files import write_json_atomic
-from training.launch import ERROR_FILE, RESULT_FILE, raise_launch_error
+from training.launch import ERROR_FILE, PROGRESS_FILE, RESULT_FILE, raise_launch_error, read_progress
 from training.trainer import TrainJob, TrainResult, train
 
 
@@ -45,13 +49,14 @@ def check_dataset_task(data: str, buckets: list[int], family: str) -> DatasetSum
 
 
 @task(name="precompute-latents", cache_policy=NO_CACHE)
-def precompute_task(shards: list[str], family_name: str, model: str, cache_root: Path, params: PrecomputeParams) -> PrecomputeResult:
+def precompute_task(dataset: DatasetSummary, family_name: str, model: str, cache_root: Path, params: PrecomputeParams) -> PrecomputeResult:
     """Encode clips not cached yet with the model's VAE and text encoder (on the GPU when there is one)."""
     family = get_family(family_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     pipe = family.load_pipeline(model, dtype=dtype).to(device)
-    result = precompute(shards, family, pipe, model, cache_root, params)
+    with progress_artifact("precompute-progress", dataset.clips, f"latents for {dataset.clips} clips") as report:
+        result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report)
     get_run_logger().info("latent cache %s: %d clips encoded, %d reused", result.cache_dir, result.encoded, result.reused)
     return result
 
@@ -68,16 +73,53 @@ def accelerate_command(job_file: Path, num_processes: int) -> list[str]:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(job: TrainJob, num_processes: int) -> TrainResult:
-    if num_processes == 1:
-        return train(job)
+    """Train in this process, or in `num_processes` under `accelerate launch`; progress goes to the artifact
+    `train-progress` either way (from the trainer's step callback, or from the file the main process writes)."""
+    steps = job.params.max_steps
+    with progress_artifact("train-progress", steps, f"{steps} optimizer steps of {job.out}") as report:
+        if num_processes == 1:
+            return train(job, on_step=lambda step, loss: report(step))
+        return _launch(job, num_processes, report)
+
+
+def _launch(job: TrainJob, num_processes: int, report) -> TrainResult:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     job_file = out / "train_job.json"
     write_json_atomic(job_file, job.model_dump(mode="json"))
-    for stale in (RESULT_FILE, ERROR_FILE):
+    for stale in (RESULT_FILE, ERROR_FILE, PROGRESS_FILE):
         (out / stale).unlink(missing_ok=True)
-    completed = subprocess.run(accelerate_command(job_file, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
-    if completed.returncode != 0:
-        raise_launch_error(out, f"training under accelerate launch ({num_processes} processes) exited with {completed.returncode}")
+    process = subprocess.Popen(accelerate_command(job_file, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while process.poll() is None:
+        time.sleep(2)
+        report(read_progress(out))
+    if process.returncode != 0:
+        raise_launch_error(out, f"training under accelerate launch ({num_processes} processes) exited with {process.returncode}")
+    report(read_progress(out))
     return TrainResult.from_json(out / RESULT_FILE)
 
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary_task(summary: dict) -> None:
+    """The run's outcome as the Prefect artifact `finetune-summary`: training, the metrics table, the gate."""
+    create_markdown_artifact(finetune_summary_markdown(summary), key="finetune-summary", description=f"finetune: {summary['out']}")
+
+
+def finetune_summary_markdown(summary: dict) -> str:
+    losses = summary["losses"]
+    lines = [
+        f"**finetune** ({summary['family']}) → `{summary['weights']}`", "",
+        "| | |", "|---|---|",
+        f"| clips | {sum(summary['buckets'].values())} of {summary['clips']} fit buckets {summary['buckets']} |",
+        f"| steps | {summary['steps']} |",
+        f"| loss | {losses[0]:.4f} (first) → {summary['final_loss']:.4f} (last) |",
+        f"| speed | {summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB |",
+        f"| MLflow run | `{summary['mlflow_run_id']}` at `{summary['tracking_uri']}` |",
+    ]  # fmt: skip
+    if summary.get("metrics"):
+        lines += ["", metrics_markdown(summary["metrics"], Path(summary["out"]))]
+    if summary.get("registration"):
+        registration = summary["registration"]
+        lines += ["", f"Registered `{registration['model_uri']}` [{', '.join(registration['aliases'])}]: {registration['gate']}"]
+    return "\n".join(lines)

@@ -70,6 +70,14 @@ def prepare_output(root: Path, clip_settings: dict, overwrite: bool) -> OutputLa
     return layout
 
 
+def dataset_trigger(root: str | Path) -> str:
+    """The caption trigger word(s) a dataset was curated with ("" when unknown, e.g. shards made elsewhere)."""
+    settings = OutputLayout(Path(root).expanduser()).settings_file
+    if not settings.is_file():
+        return ""
+    return json.loads(settings.read_text()).get("captions", {}).get("trigger", "")
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     changed = []
     for key in sorted(set(old) | set(new)):

@@ -102,6 +102,22 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
     assert json.loads((run / "adapter" / "vidtune.json").read_text())["steps"] == 6
 
 
+def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, curated, wan_model, tmp_path):
+    from flows.finetune import finetune
+    from training.launch import PROGRESS_FILE, RESULT_FILE
+
+    validation = {"prompts": ["a red car, {trigger}"], "every": 4, "inference_steps": 2}
+    summary = finetune(finetune_params(curated, wan_model, tmp_path, max_steps=4, checkpoint_every=2, validation=validation, prepare_only=True))
+    run = tmp_path / "run"
+    assert summary["prepared"] and (run / "train_job.json").is_file() and not (run / "adapter").exists()
+    job = json.loads((run / "train_job.json").read_text())
+    assert job["params"]["validation"]["prompts"] == ["a red car"]  # {trigger}: this dataset has none, so no dangling comma
+    launched = subprocess.run([sys.executable, "-m", "training.launch", str(run / "train_job.json")], capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert json.loads((run / PROGRESS_FILE).read_text())["step"] == json.loads((run / RESULT_FILE).read_text())["steps"] == 4
+    assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def _cli(*args, env_extra=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "200", **(env_extra or {})})  # fmt: skip

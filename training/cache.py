@@ -18,6 +18,7 @@ import os
 import tarfile
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +130,11 @@ class _ShardAppender:
 
 
 def precompute(
-    shards: list[str], family: ModelFamily, pipe, model: str, cache_root: Path, params: PrecomputeParams
+    shards: list[str], family: ModelFamily, pipe, model: str, cache_root: Path, params: PrecomputeParams,
+    on_clip: Callable[[int], None] | None = None,
 ) -> PrecomputeResult:
-    """Encode every curated clip not cached yet for this fingerprint; count what is skipped and why."""
+    """Encode every curated clip not cached yet for this fingerprint; count what is skipped and why.
+    `on_clip(n)` is told how many clips have been looked at so far (encoded, reused or skipped)."""
     if params.vae_slicing and hasattr(pipe.vae, "enable_slicing"):
         pipe.vae.enable_slicing()
     if params.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
@@ -140,7 +143,10 @@ def precompute(
     result = PrecomputeResult(cache_root / cache_fingerprint(family, pipe, model))
     appenders: dict[str, _ShardAppender] = {}
     cached: dict[str, set[str]] = {}
+    report, seen = on_clip or (lambda done: None), 0
     for sample in wds.WebDataset(shards, shardshuffle=False):
+        report(seen)  # clips finished before this one
+        seen += 1
         meta = json.loads(sample["json"])
         frames = choose_bucket(meta["num_frames"], buckets)
         if frames is None:
@@ -168,6 +174,7 @@ def precompute(
         result.encoded += 1
     for appender in appenders.values():
         appender.flush()
+    report(seen)
     return result
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 from training.data import DatasetError
@@ -18,6 +19,7 @@ from training.trainer import TrainingDiverged, TrainJob, train
 
 RESULT_FILE = "train_result.json"
 ERROR_FILE = "train_error.json"
+PROGRESS_FILE = "train_progress.json"  # {"step": N}: how far the main process is, for the launching flow
 # Errors that explain themselves (bad data, diverged loss, bad settings): carried to the launching process.
 EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, DatasetError, ValueError)}
 
@@ -31,18 +33,39 @@ def raise_launch_error(out: Path, fallback: str) -> None:
     raise RuntimeError(f"{fallback}; see its output above")
 
 
+def read_progress(out: Path) -> int:
+    """The last optimizer step the main process reported (0 before the first)."""
+    try:
+        return json.loads((out / PROGRESS_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def progress_writer(out: Path, min_interval_s: float = 2.0):
+    """An `on_step` callback writing PROGRESS_FILE at most every `min_interval_s` seconds (`main` writes the last step)."""
+    last = [0.0]
+
+    def on_step(step: int, loss: float) -> None:
+        if time.monotonic() - last[0] >= min_interval_s:
+            write_json_atomic(out / PROGRESS_FILE, {"step": step, "loss": loss})
+            last[0] = time.monotonic()
+
+    return on_step
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.launch", description=__doc__.splitlines()[0])
     parser.add_argument("job", type=Path, help="TrainJob JSON written by the finetune flow")
     job = TrainJob.model_validate_json(parser.parse_args(argv).job.read_text())
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:
-        result = train(job)
+        result = train(job, on_step=progress_writer(Path(job.out)) if main_process else None)
     except tuple(EXPLAINED.values()) as exc:
         if main_process:
             write_json_atomic(Path(job.out) / ERROR_FILE, {"type": type(exc).__name__, "message": str(exc)})
         raise SystemExit(1) from exc
     if main_process:
+        write_json_atomic(Path(job.out) / PROGRESS_FILE, {"step": result.steps, "loss": result.losses[-1]})
         write_json_atomic(Path(job.out) / RESULT_FILE, dataclasses.asdict(result))
 
 

@@ -25,7 +25,7 @@ class SamplingParams(BaseModel):
 
 
 class ValidationParams(SamplingParams):
-    prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps (none: no samples).")
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps ({trigger}: the dataset's trigger word; none: no samples).")
     every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
     fps: int = Field(16, ge=1, description="Frame rate of the written MP4/GIF.")
 

@@ -1,0 +1,49 @@
+"""One GPU job at a time: a Prefect global concurrency limit held while a flow uses the GPU (precompute and
+training, then evaluation), so two runs scheduled together queue instead of sharing one GPU by accident."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+GPU_LIMIT = "gpu"  # the limit's name; `prefect gcl update gpu --limit N` for a box with N GPUs
+
+
+def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
+    """Create the global concurrency limit `name` with `slots` unless it exists (an existing one keeps the
+    limit its owner set). Returns whether it was created."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            return True
+        except ObjectAlreadyExists:  # another run created it a moment ago
+            return False
+
+
+@contextmanager
+def gpu_slot(limit: str | None) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit `limit` (created with one slot if missing); None: no limit.
+
+    The slot is a lease the holder keeps renewing: a run killed outright frees it when the lease lapses."""
+    if not limit:
+        yield
+        return
+    logger = get_run_logger()
+    if ensure_concurrency_limit(limit):
+        logger.info("created the global concurrency limit %r with 1 slot (one GPU job at a time)", limit)
+    logger.info("waiting for a slot of concurrency limit %r", limit)
+    # A transient failure to renew the lease must not kill hours of training; the slot is still released at the end.
+    with concurrency(limit, occupy=1, raise_on_lease_renewal_failure=False):
+        logger.info("holding a slot of %r", limit)
+        yield

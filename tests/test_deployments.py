@@ -1,0 +1,115 @@
+"""prefect.yaml against the flows: every preset validates against its flow's pydantic model, `prefect deploy --all`
+registers them on a process work pool of a real server, `vidtune run` merges changes into a preset key by key,
+and the GPU concurrency limit keeps two GPU stages from overlapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.config import ParamError
+from flows.deployments import load_deployments, load_flow, merge_run_parameters, validate_flow_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+EXPECTED = {"curate/default", "finetune/style", "finetune/full", "evaluate/default"}
+
+
+def presets() -> dict[str, dict]:
+    """{"finetune/style": its parameters, ...} as prefect.yaml declares them."""
+    return {f"{load_flow(e['entrypoint']).name}/{e['name']}": e for e in load_deployments(ROOT / "prefect.yaml")}
+
+
+def test_every_deployment_preset_validates_against_its_flow():
+    deployments = presets()
+    assert set(deployments) == EXPECTED
+    for name, entry in deployments.items():
+        validate_flow_parameters(load_flow(entry["entrypoint"]), entry["parameters"])  # raises, naming the field
+        assert entry["work_pool"]["name"] == "vidtune", name  # the shared pool of `definitions:`
+
+
+def test_the_style_preset_is_a_lora_with_a_trigger_word_from_raw_videos_and_full_trains_on_shards():
+    from flows.finetune import FinetuneParams
+
+    style = FinetuneParams.model_validate(presets()["finetune/style"]["parameters"]["params"])
+    assert style.training_type == "lora" and style.curate is not None and style.curate.captions.trigger
+    assert style.data == style.curate.output  # the curate subflow's output is what trains
+    assert style.validation.prompts and all("{trigger}" in p for p in style.validation.prompts + style.evaluation.prompts)
+    full = FinetuneParams.model_validate(presets()["finetune/full"]["parameters"]["params"])
+    assert full.training_type == "full" and full.curate is None and full.data == style.curate.output
+
+
+def test_a_wrong_key_or_value_is_refused_naming_the_field():
+    flow, stored = load_flow("flows.finetune.finetune"), presets()["finetune/style"]["parameters"]
+    with pytest.raises(ParamError, match=r"params\.max_stepz: unknown parameter"):
+        validate_flow_parameters(flow, merge_run_parameters(stored, ["max_stepz=5"], {"params"}))
+    with pytest.raises(ParamError, match=r"params\.rank: Input should be greater than 0"):
+        validate_flow_parameters(flow, merge_run_parameters(stored, ["rank=0"], {"params"}))
+    with pytest.raises(ParamError, match=r"params: data \(/elsewhere\) must be curate\.output"):
+        validate_flow_parameters(flow, merge_run_parameters(stored, ["data=/elsewhere"], {"params"}))
+    with pytest.raises(ParamError, match="finetune has no parameter param"):
+        validate_flow_parameters(flow, {"param": {}})
+
+
+def test_run_changes_merge_into_the_preset_key_by_key():
+    style = presets()["finetune/style"]["parameters"]
+    merged = merge_run_parameters(style, ["max_steps=5", "curate.input=/videos", "mixed_precision=no"], {"params"})["params"]
+    assert merged["max_steps"] == 5 and merged["curate"]["input"] == "/videos"
+    assert merged["curate"]["captions"] == style["params"]["curate"]["captions"] and merged["rank"] == style["params"]["rank"]
+    assert merged["mixed_precision"] == "no"  # YAML 1.1 would have made it False
+    evaluate = presets()["evaluate/default"]["parameters"]
+    merged = merge_run_parameters(evaluate, ["run=/runs/x", "inference_steps=4"], {"run", "params", "gpu_limit"})
+    assert merged["run"] == "/runs/x" and merged["params"] == {**evaluate["params"], "inference_steps": 4}
+
+
+@pytest.mark.slow
+def test_prefect_deploy_all_registers_every_deployment_on_a_process_work_pool(prefect_api):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    pool = subprocess.run([PREFECT, "work-pool", "create", "vidtune", "--type", "process"], env=env, capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    for name, entry in presets().items():
+        stored = httpx.get(f"{prefect_api}/deployments/name/{name}").json()
+        assert stored["work_pool_name"] == "vidtune" and stored["entrypoint"] == entry["entrypoint"]
+        assert stored["parameters"] == json.loads(json.dumps(entry["parameters"])), name
+        assert "params" in stored["parameter_openapi_schema"]["properties"]  # the UI form
+
+
+def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "prefect server start" in result.stdout and "PREFECT_API_URL" in result.stdout
+
+
+def test_gpu_slot_lets_one_gpu_stage_run_at_a_time(prefect_api):
+    from prefect import flow
+
+    from flows.gpu import gpu_slot
+
+    spans: list[tuple[float, float]] = []
+
+    @flow
+    def gpu_stage() -> None:
+        with gpu_slot("gpu-test"):  # created on first use, with one slot
+            start = time.monotonic()
+            time.sleep(1.5)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=gpu_stage) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    first, second = sorted(spans)
+    assert len(spans) == 2 and first[1] <= second[0]  # the second waited for the first
+    limit = httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu-test").json()
+    assert limit["limit"] == 1 and limit["active_slots"] == 0  # released at the end
