@@ -116,6 +116,15 @@ def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
         assert artifacts["train-progress"]["data"] == artifacts["precompute-progress"]["data"] == artifacts["curating-progress"]["data"] == 100
         assert "| val_loss |" in artifacts["finetune-summary"]["data"] and "models:/vidtune-style/1" in artifacts["finetune-summary"]["data"]
         assert httpx.get(f"{api}/v2/concurrency_limits/gpu").json()["limit"] == 1  # the run created the GPU limit it held
+
+        # `vidtune run`: another deployment's preset plus changes, key by key (evaluate the run just trained, again)
+        sets = [f"run={tmp_path / 'run'}", "inference_steps=2", f"clip_model={TINY_CLIP}", f"clip_pretrained={tiny_clip}", "prompts=[a red car]"]
+        again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "evaluate/default", *(f"--set={s}" for s in sets), "--watch"],
+                               env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert again.returncode == 0 and "Completed" in again.stdout, again.stdout + again.stderr + logs[1].read_text()[-4000:]
+        (evaluated,) = [r for r in httpx.post(f"{api}/flow_runs/filter", json={}).json() if r["deployment_id"] and "run" in r["parameters"]]
+        assert evaluated["state_type"] == "COMPLETED" and evaluated["parameters"]["run"] == str(tmp_path / "run")
+        assert evaluated["parameters"]["params"] == {"prompts": ["a red car"], "inference_steps": 2, "clip_model": TINY_CLIP, "clip_pretrained": str(tiny_clip)}
     finally:
         for process in reversed(processes):
             stop(process)
