@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
@@ -90,7 +91,7 @@ def curate(
 def print_curate_summary(summary: dict, console: Console) -> None:
     from tasks.manifest import curate_summary_markdown
 
-    console.print(curate_summary_markdown(summary, Path(summary["output"])), highlight=False, soft_wrap=True, markup=False)
+    console.print(Markdown(curate_summary_markdown(summary, Path(summary["output"]))))
 
 
 @app.command()
@@ -150,7 +151,7 @@ def evaluate(
         evaluate_flow(str(run), params)
     except (ParamError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    console.print((run / "evaluation" / "report.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(Markdown((run / "evaluation" / "report.md").read_text()))
 
 
 @app.command()
@@ -210,7 +211,7 @@ def generate(
 def print_finetune_summary(summary: dict, console: Console) -> None:
     from tasks.finetune_tasks import finetune_summary_markdown
 
-    console.print(finetune_summary_markdown(summary), highlight=False, soft_wrap=True, markup=False)
+    console.print(Markdown(finetune_summary_markdown(summary)))
 
 
 @app.command("synth-videos")
@@ -251,7 +252,7 @@ def _require_prefect_server() -> str:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    url = PREFECT_API_URL.value()
     start = "start one with `prefect server start` (it listens on 127.0.0.1:4200) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
     if not url:
         _fail(f"no Prefect server configured: {start}")
@@ -322,11 +323,13 @@ def demo(
 ) -> None:
     """Run the whole pipeline on generated videos and a tiny Wan: curate, fine-tune a LoRA, evaluate, register, generate.
 
-    Without PREFECT_API_URL the flow runs are kept in WORKDIR/prefect (a temporary server writes them there), so
-    `PREFECT_HOME=WORKDIR/prefect prefect server start` shows them in the Prefect UI afterwards.
+    Without a Prefect server configured, the flow runs are kept in WORKDIR/prefect/prefect.db, and the command
+    it prints at the end opens them in the Prefect UI.
     """
-    if not os.environ.get("PREFECT_API_URL"):  # before prefect is imported: its settings read the environment once
-        os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
+    # Before prefect is imported (its settings read the environment once); only the database moves, so a profile's
+    # PREFECT_API_URL still wins, and without one the temporary server keeps its runs here.
+    (workdir / "prefect").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{(workdir / 'prefect' / 'prefect.db').resolve()}")
     from flows.demo import run_demo
 
     run_demo(workdir, console)

@@ -3,6 +3,7 @@ name the field."""
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import TypeVar
 
@@ -89,9 +90,11 @@ def describe_params(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
     """(dotted key, default, description) for every leaf parameter of `model`, nested sections flattened."""
     rows = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows += describe_params(annotation, f"{prefix}{name}.")
+        section = next((t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is not None:  # a section, or an optional one (finetune's `curate`)
+            if not field.is_required() and field.get_default(call_default_factory=True) is None:
+                rows.append((f"{prefix}{name}", "None", field.description or ""))
+            rows += describe_params(section, f"{prefix}{name}.")
             continue
         default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
         rows.append((f"{prefix}{name}", default, field.description or ""))

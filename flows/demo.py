@@ -87,12 +87,13 @@ def run_demo(workdir: Path, console: Console) -> dict:
 
 
 def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: Console) -> None:
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
     prefect_ui = (
         f"open {api.removesuffix('/api')}/runs" if api
-        else f"PREFECT_HOME={PREFECT_HOME.value()} .venv/bin/prefect server start   then open http://127.0.0.1:4200/runs"
+        else f"PREFECT_API_DATABASE_CONNECTION_URL={PREFECT_API_DATABASE_CONNECTION_URL.value()} .venv/bin/prefect server start\n"
+             "            then open http://127.0.0.1:4200/runs"
     )  # fmt: skip
     run = workdir / "runs" / "style-lora"
     console.rule("[bold]where to look")
@@ -107,7 +108,7 @@ def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: C
         f"adapter:    {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
         f"samples:    {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {run}/evaluation/contact_sheet.png\n"
         f"generate:   MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
-        f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt 'a red car' --out clip.mp4\n"
+        f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '{prompt_with_trigger(DEMO_PROMPTS[1], DEMO_CAPTIONS.trigger)}' --out clip.mp4\n"
         "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, evaluate/default); serve them with\n"
         "            PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/vidtune serve   (README: the Prefect UI path)",
         highlight=False, soft_wrap=True,

@@ -55,8 +55,8 @@ def validate_flow_parameters(flow, parameters: dict) -> None:
     for name, model in parameter_models(flow).items():
         if parameters.get(name) is None:
             continue
-        try:
-            model.model_validate(parameters[name])
+        try:  # checks of this machine's hardware (fp16 needs a GPU) are the worker's to make
+            model.model_validate(parameters[name], context={"remote": True})
         except ValidationError as exc:
             raise ParamError(format_validation_error(exc, section=name)) from None
 
@@ -85,6 +85,7 @@ def merge_run_parameters(stored: dict, sets: list[str], flow_parameters: set[str
     """A deployment's stored parameters with `--set key=value` changes merged in key by key. Keys are fields of
     the flow's `params` (max_steps, curate.input) unless they name another flow parameter (evaluate's `run`)."""
     changes = parse_overrides(sets)
+    changes = deep_merge(changes, changes.pop("params", {}))  # `params.max_steps` means `max_steps`
     top = {key: changes.pop(key) for key in list(changes) if key in flow_parameters - {"params"}}
     if changes:
         top["params"] = changes

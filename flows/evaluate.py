@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.gpu import GPU_LIMIT, gpu_slot
+from flows.gpu import GpuSlotParams, gpu_slot
 from tasks.captions import prompt_with_trigger
 from tasks.evaluate_tasks import evaluate_task, register_task
 from tasks.output import dataset_trigger
@@ -20,7 +20,9 @@ from training.tracking import default_tracking_uri
 DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]
 
 
-class EvaluationParams(SamplingParams):
+class EvaluationParams(SamplingParams, GpuSlotParams):
+    """Inside `finetune`, its own `gpu_limit` covers evaluation too (one slot from precompute to evaluation)."""
+
     prompts: list[str] = Field(
         default_factory=list, description="Sample prompts ({trigger}: the dataset's trigger word); default: the run's validation prompts, else two generic ones."
     )
@@ -60,12 +62,11 @@ def _run_tracking_uri(run: Path) -> str | None:
 
 
 @flow(name="evaluate", log_prints=True, validate_parameters=True)
-def evaluate(run: str, params: EvaluationParams | None = None, gpu_limit: str | None = GPU_LIMIT) -> dict:
-    """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/.
-    `gpu_limit`: the Prefect global concurrency limit held while rendering (null: none)."""
+def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
+    """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/."""
     params = params or EvaluationParams()
     settings = sample_settings(run, params)
-    with gpu_slot(gpu_limit):
+    with gpu_slot(params.gpu_limit):
         metrics = evaluate_task(run, settings, params.clip_model, params.clip_pretrained, params.i3d_path, params.draws)
     get_run_logger().info("validation loss %s -> %s (base -> adapted)", metrics.get("val_loss_base"), metrics.get("val_loss_adapted"))
     return metrics

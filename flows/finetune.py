@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from flows.curate import CurateParams, curate
 from flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
-from flows.gpu import GPU_LIMIT, gpu_slot
+from flows.gpu import GpuSlotParams, gpu_slot
 from tasks.captions import prompt_with_trigger
 from tasks.finetune_tasks import (
     check_dataset_task,
@@ -31,7 +31,7 @@ from training.tracking import default_tracking_uri
 from training.trainer import TrainJob
 
 
-class FinetuneParams(TrainParams):
+class FinetuneParams(TrainParams, GpuSlotParams):
     """Everything `vidtune finetune` takes (the trainer's parameters plus data, model and outputs): the Prefect
     UI form, the YAML `--config` schema and the `--set` target."""
 
@@ -55,7 +55,6 @@ class FinetuneParams(TrainParams):
     run_registration: bool = Field(True, description="Register the result in MLflow after evaluation (the register flow).")
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
-    gpu_limit: str | None = Field(GPU_LIMIT, description="Prefect global concurrency limit held while the GPU is in use (null: none).")
     prepare_only: bool = Field(
         False, description="Stop after precompute with RUN/train_job.json written, for your own `accelerate launch -m training.launch` (several machines)."
     )
@@ -70,12 +69,13 @@ class FinetuneParams(TrainParams):
     @model_validator(mode="after")
     def _data_or_curate(self) -> FinetuneParams:
         """`data` is where the clips are: given, or what the curate subflow writes."""
-        if self.curate is None and self.data is None:
-            raise ValueError("data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first")
         if self.curate is not None:
             if self.data is not None and Path(self.data).expanduser().resolve() != Path(self.curate.output).expanduser().resolve():
                 raise ValueError(f"data ({self.data}) must be curate.output ({self.curate.output}) when curating first; leave data unset")
             self.data = self.curate.output
+        if self.data is None:
+            raise ValueError("data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first")
+        self.data = str(Path(self.data).expanduser())  # the cache, the trigger lookup and the run's tag all read it
         return self
 
     @field_validator("model")
@@ -115,7 +115,7 @@ def finetune(params: FinetuneParams) -> dict:
     buckets = frame_buckets(family, params.precompute)
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
 
-    with gpu_slot(params.gpu_limit):  # precompute and training share the GPU with nothing else of ours
+    with gpu_slot(params.gpu_limit):  # one slot from precompute to evaluation: a queued run cannot cut in between
         shards = dataset.shards
         if params.data_source == "cache":
             cache_root = Path(params.cache_dir or Path(params.data) / "latent_cache")
@@ -126,9 +126,9 @@ def finetune(params: FinetuneParams) -> dict:
             logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m training.launch %s/train_job.json", job.out, job.out)
             return {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out, "prepared": True}
         result = train_task(job, params.num_processes)
-    logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
-
-    metrics = evaluate(job.out, params.evaluation, gpu_limit=params.gpu_limit) if params.run_evaluation else None
+        logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
+        evaluation = params.evaluation.model_copy(update={"gpu_limit": None})  # this slot covers it
+        metrics = evaluate(job.out, evaluation) if params.run_evaluation else None
     registration = None
     if params.run_registration:
         registry = params.registry.model_copy(update={"tracking_uri": params.registry.tracking_uri or job.tracking_uri})

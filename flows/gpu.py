@@ -7,12 +7,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
+from pydantic import BaseModel, Field
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 GPU_LIMIT = "gpu"  # the limit's name; `prefect gcl update gpu --limit N` for a box with N GPUs
+
+
+class GpuSlotParams(BaseModel):
+    """The parameter of every flow that uses the GPU (finetune, evaluate)."""
+
+    gpu_limit: str | None = Field(
+        GPU_LIMIT, description="Prefect global concurrency limit held while the GPU is in use (null: none; inside finetune, finetune's own covers evaluation)."
+    )
 
 
 def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:

@@ -24,7 +24,6 @@ from training.cache import (
 )
 from training.data import DatasetSummary, summarize_dataset
 from training.families import ModelFamily, detect_family, get_family
-from training.files import write_json_atomic
 from training.launch import ERROR_FILE, PROGRESS_FILE, RESULT_FILE, raise_launch_error, read_progress
 from training.trainer import TrainJob, TrainResult, train
 
@@ -78,24 +77,28 @@ def train_task(job: TrainJob, num_processes: int) -> TrainResult:
     steps = job.params.max_steps
     with progress_artifact("train-progress", steps, f"{steps} optimizer steps of {job.out}") as report:
         if num_processes == 1:
-            return train(job, on_step=lambda step, loss: report(step))
-        return _launch(job, num_processes, report)
+            result = train(job, on_step=lambda step, loss: report(step))
+        else:
+            result = _launch(job, num_processes, report)
+        report(result.steps)  # also when a resumed run had no step left to take
+        return result
 
 
 def _launch(job: TrainJob, num_processes: int, report) -> TrainResult:
+    """`accelerate launch` on RUN/train_job.json (written by the flow); the child is stopped if this task is."""
     out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    job_file = out / "train_job.json"
-    write_json_atomic(job_file, job.model_dump(mode="json"))
     for stale in (RESULT_FILE, ERROR_FILE, PROGRESS_FILE):
         (out / stale).unlink(missing_ok=True)
-    process = subprocess.Popen(accelerate_command(job_file, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    while process.poll() is None:
-        time.sleep(2)
-        report(read_progress(out))
+    with subprocess.Popen(accelerate_command(out / "train_job.json", num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+        try:
+            while process.poll() is None:
+                time.sleep(2)
+                report(read_progress(out))
+        except BaseException:  # cancelled or interrupted: the GPU slot is released, so the training must stop too
+            process.terminate()
+            raise
     if process.returncode != 0:
         raise_launch_error(out, f"training under accelerate launch ({num_processes} processes) exited with {process.returncode}")
-    report(read_progress(out))
     return TrainResult.from_json(out / RESULT_FILE)
 
 
@@ -110,7 +113,7 @@ def finetune_summary_markdown(summary: dict) -> str:
     losses = summary["losses"]
     lines = [
         f"**finetune** ({summary['family']}) → `{summary['weights']}`", "",
-        "| | |", "|---|---|",
+        "| training | |", "|---|---|",
         f"| clips | {sum(summary['buckets'].values())} of {summary['clips']} fit buckets {summary['buckets']} |",
         f"| steps | {summary['steps']} |",
         f"| loss | {losses[0]:.4f} (first) → {summary['final_loss']:.4f} (last) |",

@@ -3,6 +3,7 @@ flow or task run."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,9 +29,13 @@ def progress_artifact(key: str | None, total: int, description: str, min_interva
 
     def _send(done: int) -> None:
         percent = min(100.0, 100.0 * done / total)
-        if percent != last["sent"]:
+        if percent == last["sent"]:
+            return
+        try:
             update_progress_artifact(artifact, percent)
-            last["sent"], last["at"] = percent, time.monotonic()
+        except Exception as exc:  # the UI's progress bar is not worth a failed training run
+            logging.getLogger(__name__).warning("could not update the progress artifact %r: %s", key, exc)
+        last["sent"], last["at"] = percent, time.monotonic()
 
     try:
         yield report

@@ -66,7 +66,7 @@ def test_run_changes_merge_into_the_preset_key_by_key():
     assert merged["curate"]["captions"] == style["params"]["curate"]["captions"] and merged["rank"] == style["params"]["rank"]
     assert merged["mixed_precision"] == "no"  # YAML 1.1 would have made it False
     evaluate = presets()["evaluate/default"]["parameters"]
-    merged = merge_run_parameters(evaluate, ["run=/runs/x", "inference_steps=4"], {"run", "params", "gpu_limit"})
+    merged = merge_run_parameters(evaluate, ["run=/runs/x", "inference_steps=4"], {"run", "params"})
     assert merged["run"] == "/runs/x" and merged["params"] == {**evaluate["params"], "inference_steps": 4}
 
 

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 
 from training.data import DatasetError
@@ -41,16 +40,9 @@ def read_progress(out: Path) -> int:
         return 0
 
 
-def progress_writer(out: Path, min_interval_s: float = 2.0):
-    """An `on_step` callback writing PROGRESS_FILE at most every `min_interval_s` seconds (`main` writes the last step)."""
-    last = [0.0]
-
-    def on_step(step: int, loss: float) -> None:
-        if time.monotonic() - last[0] >= min_interval_s:
-            write_json_atomic(out / PROGRESS_FILE, {"step": step, "loss": loss})
-            last[0] = time.monotonic()
-
-    return on_step
+def write_progress(out: Path):
+    """An `on_step` callback recording the main process's step in PROGRESS_FILE (a tiny atomic write per step)."""
+    return lambda step, loss: write_json_atomic(out / PROGRESS_FILE, {"step": step, "loss": loss})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,13 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     job = TrainJob.model_validate_json(parser.parse_args(argv).job.read_text())
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:
-        result = train(job, on_step=progress_writer(Path(job.out)) if main_process else None)
+        result = train(job, on_step=write_progress(Path(job.out)) if main_process else None)
     except tuple(EXPLAINED.values()) as exc:
         if main_process:
             write_json_atomic(Path(job.out) / ERROR_FILE, {"type": type(exc).__name__, "message": str(exc)})
         raise SystemExit(1) from exc
     if main_process:
-        write_json_atomic(Path(job.out) / PROGRESS_FILE, {"step": result.steps, "loss": result.losses[-1]})
         write_json_atomic(Path(job.out) / RESULT_FILE, dataclasses.asdict(result))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -67,8 +67,9 @@ class TrainParams(BaseModel):
     validation: ValidationParams = Field(default_factory=ValidationParams)
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainParams:
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+    def _consistent(self, info: ValidationInfo) -> TrainParams:
+        on_this_machine = not (info.context or {}).get("remote")  # `vidtune run` validates for a worker elsewhere
+        if self.mixed_precision == "fp16" and on_this_machine and not torch.cuda.is_available():
             raise ValueError("mixed_precision: fp16 needs a GPU (CPU autocast has no fp16); use bf16 or no")
         if self.fp8_storage and self.training_type != "lora":
             raise ValueError("fp8_storage: only with training_type=lora (fully trained weights stay in full precision)")
