@@ -3,6 +3,7 @@ name the field."""
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import TypeVar
@@ -34,18 +35,30 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (as YAML 1.2): `mixed_precision: no` is the word "no", not False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _parse_value(raw: str):
     """YAML scalars and lists ('30', 'true', 'null', '[a, b]'); anything else, e.g. a caption template like
-    '{trigger}, {sidecar}' (a YAML mapping, or not YAML at all), stays the string it was typed as. Only
-    true/false are booleans: YAML 1.1's yes/no/on/off stay words (mixed_precision=no means "no")."""
+    '{trigger}, {sidecar}' (a YAML mapping, or not YAML at all), stays the string it was typed as."""
     if not raw.strip():
         return ""
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError:
         return raw
-    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-        return raw.strip()
     return raw if isinstance(value, dict) else value
 
 
@@ -73,7 +86,7 @@ def build_params(model: type[M], *, base: dict, config: Path | None = None, over
     values: dict = {}
     if config is not None:
         try:
-            loaded = yaml.safe_load(Path(config).read_text()) or {}
+            loaded = load_yaml(Path(config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ParamError(f"--config {config}: {exc}") from exc
         if not isinstance(loaded, dict):

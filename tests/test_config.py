@@ -26,6 +26,17 @@ def test_config_file_then_overrides(tmp_path):
     assert (params.scenes.threshold, params.scenes.max_clip_s, params.clips.fps) == (33, 4, 24)
 
 
+def test_only_true_and_false_are_booleans_in_config_files_and_overrides(tmp_path):
+    from flows.finetune import FinetuneParams
+
+    config = tmp_path / "c.yaml"
+    config.write_text("mixed_precision: no\ngradient_checkpointing: false\ncurate: {input: raw, output: ds, captions: {trigger: on}}\n")
+    params = build_params(FinetuneParams, base={"model": "m", "out": "o"}, config=config, overrides=["export_comfyui=true"])
+    assert (params.mixed_precision, params.gradient_checkpointing, params.export_comfyui) == ("no", False, True)
+    assert params.curate.captions.trigger == "on" and params.data == "ds"  # YAML 1.1 would have made these booleans
+    assert build_params(FinetuneParams, base={"data": "d", "model": "m", "out": "o"}, overrides=["mixed_precision=no"]).mixed_precision == "no"
+
+
 @pytest.mark.parametrize(
     "override, field",
     [
