@@ -122,9 +122,10 @@ def finetune(params: FinetuneParams) -> dict:
             cache = precompute_task(dataset, family.name, params.model, cache_root, params.precompute)
             shards = cache_shards(cache.cache_dir, set(dataset.buckets))
         job = _train_job(params, family.name, dataset, shards, buckets)
+        outline = {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out}
         if params.prepare_only:
             logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m training.launch %s/train_job.json", job.out, job.out)
-            return {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out, "prepared": True}
+            return {**outline, "prepared": True}
         result = train_task(job, params.num_processes)
         logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
         evaluation = params.evaluation.model_copy(update={"gpu_limit": None})  # this slot covers it
@@ -134,9 +135,8 @@ def finetune(params: FinetuneParams) -> dict:
         registry = params.registry.model_copy(update={"tracking_uri": params.registry.tracking_uri or job.tracking_uri})
         registration = register(job.out, registry)  # an unreachable MLflow: RegistryError says how to register later
     summary = {
-        "curate": curated, "metrics": metrics, "registration": registration,
-        "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "steps": result.steps,
-        "final_loss": result.losses[-1], "losses": result.losses, "weights": str(result.weights), "out": str(result.out),
+        **outline, "metrics": metrics, "registration": registration, "steps": result.steps,
+        "final_loss": result.losses[-1], "losses": result.losses, "weights": str(result.weights),
         "mlflow_run_id": result.mlflow_run_id, "tracking_uri": job.tracking_uri, "samples_per_s": result.samples_per_s,
         "peak_memory_mb": result.peak_memory_mb,
     }  # fmt: skip

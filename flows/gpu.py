@@ -1,5 +1,5 @@
-"""One GPU job at a time: a Prefect global concurrency limit held while a flow uses the GPU (precompute and
-training, then evaluation), so two runs scheduled together queue instead of sharing one GPU by accident."""
+"""One GPU job at a time: a Prefect global concurrency limit held while a flow uses the GPU (finetune: from
+precompute to evaluation; evaluate on its own), so two runs scheduled together queue instead of sharing a GPU."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
-from pydantic import BaseModel, Field
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from pydantic import BaseModel, Field
 
 GPU_LIMIT = "gpu"  # the limit's name; `prefect gcl update gpu --limit N` for a box with N GPUs
 
