@@ -13,9 +13,11 @@ Legs, each a fresh `train(TrainJob(...))` in its own subprocess (max RSS only ev
     on-the-fly   as cache, data_source=shards: decode + VAE + text encoder every step
     no-ckpt      as cache, gradient checkpointing off
     full         as cache, training_type=full
+    floor        not train(): a bare PyTorch loop (forward, loss, backward, AdamW step, zero_grad) with the cache
+                 leg's model, LoRA, checkpointing, batch and precision, on its cached batches held in memory
 Prints samples/s (the trainer's TrainResult figure, and a steady one from the median step after --warmup steps),
 peak memory (max RSS, and how much it grew during train(): on CPU the libraries alone hold ~0.9 GB), trainable
-parameters and the ratio for each pair. About 1.5 minutes on 2 CPU cores; run it on an otherwise idle machine
+parameters, the ratio for each pair, and vidtune's default leg as a fraction of the floor (goal: at least 0.9). About 1.5 minutes on 2 CPU cores; run it on an otherwise idle machine
 (a step-time p90 far above its p50 says something else was using the CPU).
 
     .venv/bin/python bench/train.py [--steps 20] [--warmup 3] [--workdir DIR] [--keep]
@@ -45,33 +47,23 @@ LEGS = {  # name -> (TrainJob.data_source, TrainParams overrides)
     "no-ckpt": ("cache", {"gradient_checkpointing": False}),
     "full": ("cache", {"training_type": "full"}),
 }
-PAIRS = [("on-the-fly / cache", "on-the-fly", "cache"), ("ckpt on / off", "cache", "no-ckpt"), ("full / LoRA", "full", "cache")]
+FLOOR = "floor"  # a bare PyTorch loop over the cache leg's model and data (run_floor), not a train() run
+PAIRS = [("on-the-fly / cache", "on-the-fly", "cache"), ("ckpt on / off", "cache", "no-ckpt"), ("full / LoRA", "full", "cache"),
+         ("cache / floor", "cache", FLOOR)]  # fmt: skip
 
 
 def build_wan(folder: Path) -> int:
-    """The benchmark's Wan pipeline; returns the transformer's parameter count."""
+    """The tiny Wan of `build_tiny_wan` (its VAE, UMT5, tokenizer and published scheduler) with the benchmark's
+    larger transformer in place of the tiny one; returns the transformer's parameter count."""
     import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanTransformer3DModel
 
-    from training.tiny_models import _word_tokenizer
+    from training.tiny_models import build_tiny_wan
 
+    build_tiny_wan(folder)
     torch.manual_seed(0)
-    tokenizer = _word_tokenizer(max_length=32)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )  # fmt: skip
     transformer = WanTransformer3DModel(**WAN)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
-    pipe.save_pretrained(folder, safe_serialization=True)
+    transformer.save_pretrained(folder / "transformer", safe_serialization=True)  # replaces the tiny one's files
     return sum(p.numel() for p in transformer.parameters())
 
 
@@ -131,6 +123,72 @@ def run_leg(work: Path, name: str, steps: int, warmup: int) -> dict:
             "growth_mb": result.peak_memory_mb - before, "trainable": int(trainable)}  # fmt: skip
 
 
+def load_cached_batches(work: Path, cache_shards: list[str]) -> list[tuple]:
+    """Every cached clip as (normalised latents, text embeddings), paired into batches of BATCH, read once. The
+    posterior is sampled once here (the trainer draws a fresh sample per step: a randn the size of the latents)."""
+    import tarfile
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from training.cache import load_cache_entry
+    from training.families import get_family
+
+    entries = {}
+    for shard in cache_shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, kind = member.name.split(".", 1)
+                entries.setdefault(key, {})[kind] = tar.extractfile(member).read()
+    vae = AutoencoderKLWan.from_pretrained(work / "wan", subfolder="vae")  # only its latent normalisation is used
+    family, clips = get_family("wan"), []
+    for key in sorted(entries):
+        moments, text = load_cache_entry(entries[key]["latents.safetensors"], entries[key]["text.safetensors"])
+        clips.append((family.sample_latents(SimpleNamespace(vae=vae), moments.unsqueeze(0))[0], text["embeds"]))
+    pairs = [[clips[(i + j) % len(clips)] for j in range(BATCH)] for i in range(0, len(clips), BATCH)]
+    return [(torch.stack([c[0] for c in pair]), torch.stack([c[1] for c in pair])) for pair in pairs]
+
+
+def run_floor(work: Path, steps: int, warmup: int) -> dict:
+    """The floor: the same transformer, LoRA, checkpointing, batch and fp32, in a bare loop (forward, loss,
+    backward, AdamW step, zero_grad) on batches already in memory: what training costs with no framework around it."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig
+
+    from training.families import get_family
+    from training.params import TrainParams
+
+    defaults, data = TrainParams(), json.loads((work / "prepared.json").read_text())
+    before = max_rss_mb()
+    torch.manual_seed(defaults.seed)
+    batches = load_cached_batches(work, data["cache_shards"])
+    transformer = WanTransformer3DModel.from_pretrained(work / "wan", subfolder="transformer")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(get_family("wan").default_lora_targets)))
+    if defaults.gradient_checkpointing:  # as the default leg (cache) runs
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=defaults.learning_rate, weight_decay=defaults.weight_decay)
+    stamps = [time.perf_counter()]
+    for step in range(steps):
+        latents, text = batches[step % len(batches)]
+        s, noise = torch.sigmoid(torch.randn(BATCH, 1, 1, 1, 1)), torch.randn_like(latents)  # logit-normal noise levels
+        noisy, target = (1 - s) * latents + s * noise, noise - latents  # rectified flow
+        pred = transformer(hidden_states=noisy, timestep=1000 * s.flatten(), encoder_hidden_states=text, return_dict=False)[0]
+        torch.nn.functional.mse_loss(pred, target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    step_s = [b - a for a, b in itertools.pairwise(stamps[1:])][warmup:]  # intervals between steps, as on_step gives
+    p50, p90 = statistics.median(step_s), statistics.quantiles(step_s, n=10, method="inclusive")[-1]
+    peak = max_rss_mb()
+    return {"trainer_sps": steps * BATCH / (stamps[-1] - stamps[0]), "steady_sps": BATCH / p50, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3,
+            "peak_mb": peak, "growth_mb": peak - before, "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+
+
 def in_child(work: Path, flag: str, name: str, args: argparse.Namespace) -> dict:
     """Run this script with `flag` in a fresh interpreter (its output goes to a log); return the JSON it wrote."""
     out, log = work / f"{name}.json", work / "logs" / f"{name}.log"
@@ -174,6 +232,9 @@ def report(results: dict) -> None:
           f"{saved / off['peak_mb']:.0%} of the peak) and costs {slower:.2f}x the time per sample ({slower - 1:+.0%})")
     lora, full = (results[n]["trainable"] * 12 / 2**20 for n in ("cache", "full"))  # fp32 grad + 2 AdamW moments
     print(f"full fine-tuning: gradients + AdamW state of ~{full:.1f} MB vs ~{lora:.1f} MB for LoRA; compare with the RSS growth above")
+    ours, floor = results["cache"], results[FLOOR]
+    print(f"vidtune vs the bare-PyTorch floor: the default leg (cache) runs at {ours['steady_sps'] / floor['steady_sps']:.2f} of the floor's "
+          f"steady samples/s ({ours['trainer_sps'] / floor['trainer_sps']:.2f} by whole-run samples/s); goal >= 0.90")
 
 
 def main() -> None:
@@ -183,20 +244,25 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="Work folder (default: a new temporary one, removed at the end).")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (models, data, runs, logs, mlflow.db).")
     parser.add_argument("--prepare", metavar="NAME", help=argparse.SUPPRESS)  # internal: the child processes
-    parser.add_argument("--leg", choices=LEGS, help=argparse.SUPPRESS)
+    parser.add_argument("--leg", choices=[*LEGS, FLOOR], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < args.warmup + 3:
         parser.error("--steps must leave at least 2 step intervals after --warmup")
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="vidtune-bench-train-"))).resolve()
     if args.prepare or args.leg:  # child: do one thing, write its JSON for the parent
-        result = prepare(work) if args.prepare else run_leg(work, args.leg, args.steps, args.warmup)
+        if args.prepare:
+            result = prepare(work)
+        elif args.leg == FLOOR:
+            result = run_floor(work, args.steps, args.warmup)
+        else:
+            result = run_leg(work, args.leg, args.steps, args.warmup)
         (work / f"{args.prepare or args.leg}.json").write_text(json.dumps(result))
         return
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}\nprepare (model, curate, latent cache) and legs, each in a fresh process:", flush=True)
     data = in_child(work, "--prepare", "prepared", args)
     shutil.rmtree(work / "runs", ignore_errors=True)  # a reused --workdir: the trainer refuses an out folder with checkpoints
-    results = {name: in_child(work, "--leg", name, args) for name in LEGS}
+    results = {name: in_child(work, "--leg", name, args) for name in [*LEGS, FLOOR]}
     header(data, args)
     report(results)
     if args.keep or args.workdir:

@@ -92,7 +92,8 @@ def evaluate_run(
             else:
                 del pipe
                 pipe = family.load_pipeline(str(run_dir / "model"), dtype=dtype).to(device)
-        loss = heldout_loss(family, pipe, heldout, draws=draws) if heldout else None  # before sampling sets inference timesteps
+        objective = family.objective(pipe, job.params)
+        loss = heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None  # before sampling sets inference timesteps
         videos[label] = render_videos(pipe, settings, out / "samples", label)
         results[label] = {**_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps), "val_loss": loss}
     results = {f"{name}_{label}": results[label].get(name) for name in METRICS[:-1] for label in ("base", "adapted")}

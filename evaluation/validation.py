@@ -9,8 +9,9 @@ from training.families import ModelFamily
 from training.trainer import batch_loss
 
 
-def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, draws: int = 4) -> float:
-    """Mean denoising loss over `batches` x `draws` seeded noise/timestep draws; global RNG left as it was."""
+def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, draws: int = 4, objective=None) -> float:
+    """Mean denoising loss over `batches` x `draws` seeded noise/timestep draws (under the run's `objective`);
+    global RNG left as it was."""
     denoiser = getattr(pipe, family.denoiser_name)
     dtype = next(denoiser.parameters()).dtype
     losses = []
@@ -19,5 +20,5 @@ def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, 
         for index, batch in enumerate(batches):
             for draw in range(draws):
                 torch.manual_seed(seed + 1000 * index + draw)
-                losses.append(batch_loss(family, pipe, denoiser, batch, dtype).item())
+                losses.append(batch_loss(family, pipe, denoiser, batch, dtype, objective).item())
     return sum(losses) / len(losses)

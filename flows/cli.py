@@ -230,18 +230,20 @@ def synth_videos(
 
 @app.command("tiny-model")
 def tiny_model(
-    family: Annotated[str, typer.Argument(metavar="FAMILY", help="Model family: wan, ltx-video, cogvideox, animatediff or animatediff-sdxl.")],
+    family: Annotated[str, typer.Argument(metavar="FAMILY", help="Model family: wan (Wan 2.1 1.3B), wan-14b, ltx-video, cogvideox, animatediff or animatediff-sdxl.")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the diffusers-format model to.")],
 ) -> None:
-    """Build a tiny random model of FAMILY's real diffusers classes and save it with save_pretrained.
+    """Build a tiny random model of FAMILY's published checkpoint and save it with save_pretrained.
 
-    The folder loads with DiffusionPipeline.from_pretrained(OUT), like a real checkpoint: for tests, demos and
-    trying the pipeline without downloading weights.
+    Every component comes from the checkpoint's own config files (shipped in the package) with only size fields
+    shrunk: scheduler, VAE normalisation, RoPE and tokenizer lengths are as published. The folder loads with
+    DiffusionPipeline.from_pretrained(OUT), like a real checkpoint: for tests, demos and trying the pipeline
+    without downloading weights.
     """
-    from training.tiny_models import build_tiny_model
+    from training.tiny_models import build_tiny
 
     try:
-        folder = build_tiny_model(family, out)
+        folder = build_tiny(family, out)
     except ValueError as exc:
         _fail(str(exc))
     console.print(f"wrote a tiny {family} pipeline to {folder} (load it with DiffusionPipeline.from_pretrained)", highlight=False)

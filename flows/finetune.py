@@ -25,6 +25,7 @@ from tasks.output import dataset_trigger
 from training.cache import PrecomputeParams
 from training.data import cache_shards, parse_bucket_key
 from training.families import get_family
+from training.families.objectives import check_objective_params
 from training.files import write_json_atomic
 from training.params import TrainParams
 from training.tracking import default_tracking_uri
@@ -75,6 +76,8 @@ class FinetuneParams(TrainParams, GpuSlotParams):
             self.data = self.curate.output
         if self.data is None:
             raise ValueError("data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first")
+        if self.offload != "none" and self.num_processes > 1:
+            raise ValueError("offload: group offloading runs in one process; use num_processes=1 or offload=none")
         self.data = str(Path(self.data).expanduser())  # the cache, the trigger lookup and the run's tag all read it
         return self
 
@@ -111,17 +114,18 @@ def finetune(params: FinetuneParams) -> dict:
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
     if params.export_comfyui and not hasattr(family, "comfyui_renames"):
         raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: wan)")
+    check_objective_params(family.objective_kind, params, family.name)
     curated = curate(params.curate) if params.curate is not None else None
     buckets = frame_buckets(family, params.precompute)
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
 
     with gpu_slot(params.gpu_limit):  # one slot from precompute to evaluation: a queued run cannot cut in between
-        shards = dataset.shards
+        shards, prompt_cache, train_params = dataset.shards, None, _train_params(params)
         if params.data_source == "cache":
             cache_root = Path(params.cache_dir or Path(params.data) / "latent_cache")
-            cache = precompute_task(dataset, family.name, params.model, cache_root, params.precompute)
-            shards = cache_shards(cache.cache_dir, set(dataset.buckets))
-        job = _train_job(params, family.name, dataset, shards, buckets)
+            cache = precompute_task(dataset, family.name, params.model, cache_root, params.precompute, train_params.validation.prompts)
+            shards, prompt_cache = cache_shards(cache.cache_dir, set(dataset.buckets)), str(cache.prompts_dir)
+        job = _train_job(params, train_params, family.name, dataset, shards, buckets, prompt_cache)
         outline = {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out}
         if params.prepare_only:
             logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m training.launch %s/train_job.json", job.out, job.out)
@@ -144,12 +148,14 @@ def finetune(params: FinetuneParams) -> dict:
     return summary
 
 
-def _train_job(params: FinetuneParams, family: str, dataset, shards: list[str], buckets: list[int]) -> TrainJob:
+def _train_job(
+    params: FinetuneParams, train_params: TrainParams, family: str, dataset, shards: list[str], buckets: list[int], prompt_cache: str | None
+) -> TrainJob:
     """What the trainer runs, also written to RUN/train_job.json (evaluate, register and accelerate read it)."""
     sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
     job = TrainJob(
         model=params.model, family=family, out=str(Path(params.out).expanduser().resolve()), data_source=params.data_source,
-        shards=shards, frame_buckets=buckets, sample_size=sample_size, params=_train_params(params),
+        shards=shards, frame_buckets=buckets, sample_size=sample_size, params=train_params, prompt_cache=prompt_cache,
         tracking_uri=params.tracking_uri or default_tracking_uri(), experiment=params.experiment, run_name=params.run_name,
         export_comfyui=params.export_comfyui, holdout_clip_ids=_holdout(params, dataset),
         tags={"data": str(Path(params.data).resolve())},

@@ -48,14 +48,17 @@ def check_dataset_task(data: str, buckets: list[int], family: str) -> DatasetSum
 
 
 @task(name="precompute-latents", cache_policy=NO_CACHE)
-def precompute_task(dataset: DatasetSummary, family_name: str, model: str, cache_root: Path, params: PrecomputeParams) -> PrecomputeResult:
-    """Encode clips not cached yet with the model's VAE and text encoder (on the GPU when there is one)."""
+def precompute_task(
+    dataset: DatasetSummary, family_name: str, model: str, cache_root: Path, params: PrecomputeParams, prompts: list[str]
+) -> PrecomputeResult:
+    """Encode clips not cached yet, and the validation `prompts`, with the model's VAE and text encoder (on the
+    GPU when there is one): training then loads neither encoder."""
     family = get_family(family_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     pipe = family.load_pipeline(model, dtype=dtype).to(device)
     with progress_artifact("precompute-progress", dataset.clips, f"latents for {dataset.clips} clips") as report:
-        result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report)
+        result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report, prompts=prompts)
     get_run_logger().info("latent cache %s: %d clips encoded, %d reused", result.cache_dir, result.encoded, result.reused)
     return result
 

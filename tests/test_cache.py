@@ -30,11 +30,11 @@ def tiny_wan(tmp_path_factory):
 @pytest.mark.parametrize("name", ["wan", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"])
 def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     """The shared suite's precompute step: real curated clips through each family's own encoders."""
-    from training.tiny_models import TINY_BUILDERS
+    from training.tiny_models import build_tiny
 
     output, _, _ = curated
     family = get_family(name)
-    folder = TINY_BUILDERS[name](tmp_path / "model")
+    folder = build_tiny(name, tmp_path / "model")
     pipe = family.load_pipeline(str(folder))
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
     result = precompute(shards, family, pipe, str(folder), tmp_path / "cache", PrecomputeParams(frame_buckets=[9, 17]))

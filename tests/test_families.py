@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from training.families import FAMILIES, detect_family, get_family
-from training.tiny_models import TINY_BUILDERS
+from training.tiny_models import TINY_MODELS, build_tiny
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted(TINY_MODELS))
 def family_model(request, tmp_path_factory):
+    """Every family, each built from its published checkpoint's configs (Wan twice: 1.3B and 14B)."""
     name = request.param
-    folder = TINY_BUILDERS[name](tmp_path_factory.mktemp(name) / "model")
-    return get_family(name), folder
+    folder = build_tiny(name, tmp_path_factory.mktemp(name) / "model")
+    return get_family(TINY_MODELS[name].family), folder
 
 
 FRAMES = 9  # valid for every family: 4k+1 (Wan, CogVideoX) and 8k+1 (LTX); CogVideoX needs an odd latent count
@@ -25,6 +26,10 @@ FRAMES = 9  # valid for every family: 4k+1 (Wan, CogVideoX) and 8k+1 (LTX); CogV
 def _video(frames=FRAMES, size=32, seed=0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.uniform(-1, 1, (1, 3, frames, size, size)).astype(np.float32))
+
+
+def test_every_family_has_a_tiny_model():
+    assert {spec.family for spec in TINY_MODELS.values()} == set(FAMILIES)
 
 
 def test_family_is_detected_from_model_index(family_model):
@@ -50,7 +55,7 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     generator = torch.Generator().manual_seed(0)
     latents = family.sample_latents(pipe, moments, generator)
     assert moments.shape[1] == 2 * latents.shape[1]  # posterior moments (mean, logvar), not one sample
-    batch = family.training_inputs(pipe, latents, generator)  # one fixed batch: the loss must go down on it
+    batch = family.objective(pipe).inputs(latents, generator)  # one fixed batch: the loss must go down on it
 
     def loss_fn():
         pred = family.predict(pipe, batch, text)
@@ -99,7 +104,7 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     pipe = family.load_pipeline(str(folder))
     text = family.encode_prompts(pipe, ["a red car in sks style"])
     generator = torch.Generator().manual_seed(1)
-    batch = family.training_inputs(pipe, family.sample_latents(pipe, family.encode_video(pipe, _video(seed=1)), generator), generator)
+    batch = family.objective(pipe).inputs(family.sample_latents(pipe, family.encode_video(pipe, _video(seed=1)), generator), generator)
     subset_name, pattern = next(iter(family.full_subsets.items()))
     denoiser = getattr(pipe, family.denoiser_name)
     params = select_trainable(denoiser, pattern)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
+from training.published_configs import published_config
+from training.tiny_models import TINY_MODELS, build_tiny
 
 
 def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):
@@ -27,4 +33,64 @@ def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):
 
 def test_unknown_family_lists_the_supported_ones(tmp_path):
     result = CliRunner().invoke(app, ["tiny-model", "sora", str(tmp_path / "x")], env={"COLUMNS": "200"})
-    assert result.exit_code == 2 and "unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, ltx-video, wan" in result.output
+    assert result.exit_code == 2 and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, ltx-video, wan, wan-14b" in result.output
+
+
+IGNORED = {"architectures", "torch_dtype", "dtype", "transformers_version", "vocab_size"}  # metadata; vocab: our tokenizer's
+
+
+def _saved_config(folder: Path, component: str) -> dict:
+    """A saved component's full config as its library reads it back (transformers stores only non-defaults)."""
+    if component == "scheduler":
+        return json.loads((folder / component / "scheduler_config.json").read_text())
+    config = json.loads((folder / component / "config.json").read_text())
+    if "_class_name" in config:
+        return config
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder / component).to_dict()
+
+
+def _as_loaded(config: dict) -> dict:
+    """A transformers config as its model class holds it (encoder-only T5 classes reset decoder settings), built
+    on the meta device: a full-size published model without allocating it."""
+    if "_class_name" in config or "architectures" not in config:
+        return config
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+    return model.config.to_dict()
+
+
+def _as_2d(value):
+    """AnimateDiff pipelines turn an SD UNet's blocks into motion blocks (CrossAttnDownBlock2D -> ...Motion)."""
+    return [v.replace("Motion", "2D") for v in value] if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_tiny_models_are_the_published_configs_with_only_sizes_shrunk(name, tmp_path):
+    from transformers import AutoTokenizer
+
+    spec = TINY_MODELS[name]
+    folder = build_tiny(name, tmp_path / name)
+    for component, part in spec.parts.items():
+        file = "scheduler_config.json" if component == "scheduler" else "config.json"
+        published, saved = _as_loaded(published_config(part.repo, f"{part.path}/{file}")), _saved_config(folder, component)
+        changed = {key for key, value in published.items() if not key.startswith("_") and key not in IGNORED and key in saved and value is not None and _as_2d(saved[key]) != value}
+        assert changed <= set(part.shrink), f"{name} {component}: changed beyond size fields: {sorted(changed - set(part.shrink))}"
+        assert changed or component == "scheduler", f"{name} {component}: nothing was shrunk"
+    for component, part in spec.tokenizers.items():
+        tokenizer, published = AutoTokenizer.from_pretrained(folder / component), published_config(part.repo, f"{part.path}/tokenizer_config.json")
+        expected = published.get("model_max_length") if published.get("model_max_length", 1e30) < 1e6 else spec.max_length
+        assert tokenizer.model_max_length == expected
+        shipped = published_config(part.repo, f"{part.path}/special_tokens_map.json")
+        for role in ("pad_token", "eos_token"):
+            token = shipped[role]["content"] if isinstance(shipped[role], dict) else shipped[role]
+            assert getattr(tokenizer, role) == token, (component, role)
+
+
+def test_wan_checkpoints_differ_only_in_size_and_the_14b_builds_through_the_same_path(tmp_path):
+    big, small = (published_config(repo, "transformer/config.json") for repo in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"))
+    assert {k for k in big if big[k] != small.get(k)} <= {"num_attention_heads", "num_layers", "ffn_dim", "_name_or_path"}
+    assert big["num_layers"] == 40 and big["num_attention_heads"] * big["attention_head_dim"] == 5120

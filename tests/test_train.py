@@ -269,3 +269,37 @@ def test_cache_shards_are_limited_to_the_requested_buckets(tmp_path):
         (tmp_path / bucket / "cache-000000.tar").write_bytes(b"")
     assert [p.split("/")[-2] for p in cache_shards(tmp_path, {"9x64x64"})] == ["9x64x64"]
     assert len(cache_shards(tmp_path)) == 2
+
+
+def test_training_from_the_cache_never_loads_the_text_encoder(curated, wan_model, tmp_path):
+    """Validation prompts are embedded at precompute; then the model's text encoder is deleted outright, and a
+    run with validation samples still trains and renders them from the cached embeddings."""
+    import shutil
+
+    from training.trainer import _prepare_model
+
+    model = tmp_path / "wan"
+    shutil.copytree(wan_model, model)
+    output, _, _ = curated
+    family, prompts = get_family("wan"), ["a red car in sks style"]
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
+    result = precompute(shards, family, family.load_pipeline(str(model)), str(model), tmp_path / "cache", PrecomputeParams(frame_buckets=BUCKETS), prompts=prompts)
+    shutil.rmtree(model / "text_encoder")  # loading it now would fail
+    validation = {"prompts": prompts, "every": 2, "inference_steps": 2, "num_frames": 5, "height": 32, "width": 32}
+    job = make_job(str(model), cache_shards(result.cache_dir), tmp_path / "run", max_steps=2, validation=validation)
+    job = job.model_copy(update={"prompt_cache": str(result.prompts_dir)})
+
+    pipe, _, _ = _prepare_model(job, family, torch.device("cpu"), torch.float32)
+    assert pipe.text_encoder is None
+    trained = train(job)
+    assert trained.steps == 2 and all(torch.isfinite(torch.tensor(trained.losses)))
+    assert (tmp_path / "run" / "samples" / "step-000002" / "sample-00.mp4").stat().st_size > 0
+
+
+def test_group_offloading_trains_like_the_model_kept_in_place(wan_model, wan_cache, tmp_path):
+    """offload=group (diffusers group offloading, one block at a time): the same losses and adapter. On a CPU the
+    blocks travel from CPU to CPU, so this proves the hooks change nothing but placement."""
+    runs = {mode: train(make_job(wan_model, wan_cache, tmp_path / mode, max_steps=3, offload=mode)) for mode in ("none", "group")}
+    assert runs["group"].losses == pytest.approx(runs["none"].losses, abs=1e-6)
+    got, want = (load_file(runs[m].weights / "pytorch_lora_weights.safetensors") for m in ("group", "none"))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)

@@ -3,7 +3,9 @@ prompt embeddings out. Training reads these instead of decoding and encoding vid
 
 Layout: `CACHE/<fingerprint>/<frames>x<height>x<width>/cache-000000.tar`, members
 `{clip_id}.latents.safetensors` (posterior moments: a fresh sample is drawn each step) and
-`{clip_id}.text.safetensors` (prompt embeddings, and the attention mask when the family has one). The fingerprint
+`{clip_id}.text.safetensors` (prompt embeddings, and the attention mask when the family has one); and
+`CACHE/<fingerprint>/prompts/<sha>.safetensors`, the validation prompts' embeddings and the empty negative
+prompt's, so training never loads the text encoder. The fingerprint
 covers the model's VAE and text-encoder configs, the family and the preprocessing, so a cache made for another
 model or setting is never mixed in. Shards are append-only and written atomically, like curated shards: a
 second run reuses what is there and encodes only clips that are new.
@@ -25,9 +27,10 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_tensors
 
-from training.families import ModelFamily
+from training.families import ModelFamily, TextEmbeddings
 
 CACHE_VERSION = 1  # bump when what is stored changes
 
@@ -49,6 +52,7 @@ DEFAULT_FRAME_BUCKETS = {"wan": [81, 49, 33, 17, 9], "ltx-video": [121, 97, 65, 
 @dataclass
 class PrecomputeResult:
     cache_dir: Path
+    prompts_dir: Path | None = None  # validation prompts' embeddings
     encoded: int = 0
     reused: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> clips
@@ -129,18 +133,62 @@ class _ShardAppender:
         self.pending = []
 
 
+def _text_tensors(text: TextEmbeddings) -> dict[str, torch.Tensor]:
+    """One prompt's embeddings as named tensors (batch dimension dropped)."""
+    tensors = {"embeds": text.embeds[0].contiguous()}
+    for name in ("mask", "pooled"):
+        if getattr(text, name) is not None:
+            tensors[name] = getattr(text, name)[0].contiguous()
+    return tensors
+
+
+def prompt_file(prompts_dir: Path, prompt: str) -> Path:
+    return Path(prompts_dir) / f"{hashlib.sha256(prompt.encode()).hexdigest()[:20]}.safetensors"
+
+
+def cache_prompts(family: ModelFamily, pipe, prompts: list[str], prompts_dir: Path) -> Path:
+    """Embed `prompts` and the empty negative prompt (zeros where the pipeline uses zeros for it, as SDXL's
+    does) into `prompts_dir`, skipping those already there. Each file is written atomically."""
+    prompts_dir.mkdir(parents=True, exist_ok=True)
+    for prompt in dict.fromkeys([*prompts, ""]):
+        path = prompt_file(prompts_dir, prompt)
+        if path.is_file():
+            continue
+        tensors = _text_tensors(family.encode_prompts(pipe, [prompt]))
+        if prompt == "" and pipe.config.get("force_zeros_for_empty_prompt"):
+            tensors = {name: torch.zeros_like(t) if name != "mask" else t for name, t in tensors.items()}
+        fd, tmp = tempfile.mkstemp(prefix=".prompt-", suffix=".tmp", dir=prompts_dir)
+        os.close(fd)
+        try:
+            save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"prompt": prompt})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return prompts_dir
+
+
+def load_prompt(prompts_dir: Path, prompt: str) -> TextEmbeddings:
+    """A cached prompt's embeddings with a batch dimension of 1."""
+    path = prompt_file(prompts_dir, prompt)
+    if not path.is_file():
+        raise FileNotFoundError(f"validation prompt {prompt!r} has no cached embedding in {prompts_dir}; rerun precompute with it")
+    tensors = {name: t.unsqueeze(0) for name, t in load_file(path).items()}
+    return TextEmbeddings(tensors["embeds"], tensors.get("mask"), tensors.get("pooled"))
+
+
 def precompute(
     shards: list[str], family: ModelFamily, pipe, model: str, cache_root: Path, params: PrecomputeParams,
-    on_clip: Callable[[int], None] | None = None,
+    on_clip: Callable[[int], None] | None = None, prompts: list[str] = (),
 ) -> PrecomputeResult:
-    """Encode every curated clip not cached yet for this fingerprint; count what is skipped and why.
-    `on_clip(n)` is told how many clips have been looked at so far (encoded, reused or skipped)."""
+    """Encode every curated clip not cached yet for this fingerprint, and the validation `prompts`; count what is
+    skipped and why. `on_clip(n)` is told how many clips have been looked at so far (encoded, reused or skipped)."""
     if params.vae_slicing and hasattr(pipe.vae, "enable_slicing"):
         pipe.vae.enable_slicing()
     if params.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     buckets = sorted(b for b in (params.frame_buckets or DEFAULT_FRAME_BUCKETS[family.name]) if family.valid_num_frames(b))
     result = PrecomputeResult(cache_root / cache_fingerprint(family, pipe, model))
+    result.prompts_dir = cache_prompts(family, pipe, list(prompts), result.cache_dir / "prompts")
     appenders: dict[str, _ShardAppender] = {}
     cached: dict[str, set[str]] = {}
     report, seen = on_clip or (lambda done: None), 0
@@ -161,11 +209,7 @@ def precompute(
             result.reused += 1
             continue
         moments = family.encode_video(pipe, decode_clip(sample["mp4"], frames))
-        text = family.encode_prompts(pipe, [meta["caption"]])
-        text_tensors = {"embeds": text.embeds[0].contiguous()}
-        for name in ("mask", "pooled"):
-            if getattr(text, name) is not None:
-                text_tensors[name] = getattr(text, name)[0].contiguous()
+        text_tensors = _text_tensors(family.encode_prompts(pipe, [meta["caption"]]))
         appenders[key].add({
             "__key__": meta["clip_id"],
             "latents.safetensors": save_tensors({"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}),

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from training.families.objectives import ObjectiveParams
+
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -30,8 +32,9 @@ class ValidationParams(SamplingParams):
     fps: int = Field(16, ge=1, description="Frame rate of the written MP4/GIF.")
 
 
-class TrainParams(BaseModel):
-    """One trainer for LoRA and full fine-tuning: `training_type` picks what trains, nothing else changes."""
+class TrainParams(ObjectiveParams):
+    """One trainer for LoRA and full fine-tuning: `training_type` picks what trains, nothing else changes. The
+    objective's settings (timestep sampling, flow shift, loss weighting) are inherited: one flat set of names."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +62,10 @@ class TrainParams(BaseModel):
     gradient_checkpointing: bool = Field(True, description="Recompute denoiser activations in backward: less memory, more time.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else no (fp32).")
     fp8_storage: bool = Field(False, description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).")
+    offload: Literal["none", "group"] = Field(
+        "none", description="group: keep the denoiser's blocks in CPU memory and move each onto the GPU only while it runs "
+        "(diffusers group offloading, a block swap): Wan 14B LoRA on a 24 GB GPU, at some cost per step. One process only.",
+    )  # fmt: skip
     checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
     resume: str | None = Field(None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null.")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.families import TextEmbeddings
 from training.files import write_json_atomic
 from training.media import to_uint8, write_gif, write_mp4
 from training.params import ValidationParams
@@ -40,14 +41,36 @@ def scheduler_copy(pipe) -> Iterator[None]:
         pipe.scheduler = original
 
 
-def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str) -> list[np.ndarray]:
-    """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time)."""
+PIPELINE_PROMPT_ARGS = {"embeds": "prompt_embeds", "mask": "prompt_attention_mask", "pooled": "pooled_prompt_embeds"}
+
+
+def prompt_arguments(text: TextEmbeddings, negative: TextEmbeddings, like: torch.Tensor) -> dict:
+    """Precomputed embeddings as diffusers pipeline arguments (`prompt_embeds`, `negative_prompt_embeds`, and the
+    mask / pooled ones where the family has them), in `like`'s device and dtype (masks keep theirs)."""
+    args = {}
+    for prefix, embeddings in (("", text), ("negative_", negative)):
+        for field, name in PIPELINE_PROMPT_ARGS.items():
+            value = getattr(embeddings, field)
+            if value is not None:
+                args[prefix + name] = value.to(like.device, like.dtype if value.is_floating_point() else value.dtype)
+    return args
+
+
+def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str, prompt_cache: Path | None = None) -> list[np.ndarray]:
+    """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time). With
+    `prompt_cache` (see `training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder."""
+    from training.cache import load_prompt
+
     pipe.set_progress_bar_config(disable=True)
     videos = []
+    like = next(pipe.vae.parameters())
     with torch.no_grad(), scheduler_copy(pipe):
         for index, prompt in enumerate(settings.prompts):
+            text = {"prompt": prompt}
+            if prompt_cache is not None:
+                text = prompt_arguments(load_prompt(prompt_cache, prompt), load_prompt(prompt_cache, ""), like)
             frames = pipe(
-                prompt=prompt, num_frames=settings.num_frames, height=settings.height, width=settings.width,
+                **text, num_frames=settings.num_frames, height=settings.height, width=settings.width,
                 num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance_scale,
                 generator=torch.Generator().manual_seed(settings.seed), output_type="np",
             ).frames[0]  # fmt: skip
@@ -58,7 +81,9 @@ def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str) -> 
     return videos
 
 
-def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, size: tuple[int, int, int], out_dir: Path) -> None:
+def render_samples(
+    pipe, denoiser: torch.nn.Module, params: ValidationParams, size: tuple[int, int, int], out_dir: Path, prompt_cache: Path | None = None
+) -> None:
     """Validation samples `out_dir/sample-NN.mp4|gif`. Training's RNG streams are left exactly as they were, so a
     run with validation trains like one without."""
     settings = SampleSettings(
@@ -70,7 +95,7 @@ def render_samples(pipe, denoiser: torch.nn.Module, params: ValidationParams, si
     denoiser.eval()
     try:
         with torch.random.fork_rng(devices=devices):
-            render_videos(pipe, settings, out_dir, "sample")
+            render_videos(pipe, settings, out_dir, "sample", prompt_cache)
     finally:
         denoiser.train(was_training)
     write_json_atomic(out_dir / "prompts.json", {f"sample-{i:02d}": p for i, p in enumerate(params.prompts)})

@@ -1,218 +1,171 @@
-"""Tiny random models of the real diffusers pipelines, built from config and saved with `save_pretrained`.
+"""Tiny random models of the published checkpoints: each component is built from the checkpoint's own config
+file (stored in `training/model_configs/<org>/<repo>/`) with only size fields shrunk (layers, heads, widths,
+vocabulary, norm groups that must divide a width), and saved with `save_pretrained`. Schedulers, VAE
+normalisation, compression ratios, RoPE and positional-table lengths, patch sizes and tokenizer lengths stay as
+shipped, so the only difference between what tests train and what users train is size. Nothing is downloaded.
 
-The output folder has the layout of a hub checkpoint (`model_index.json`, `transformer/`, `vae/`,
-`text_encoder/`, `tokenizer/`, `scheduler/`) and loads with `DiffusionPipeline.from_pretrained(folder)`, the path
-users take with real weights. Sizes follow diffusers' own test configurations; nothing is downloaded.
+The output folder has the layout of a hub checkpoint (`model_index.json`, `transformer/` or `unet/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`) and loads with `DiffusionPipeline.from_pretrained(folder)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from training.published_configs import published_config, published_scheduler
+
 TOKENIZER_WORDS = ["a", "the", "of", "in", "with", "and", "style", "video", "shot", "scene", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road", "sks", "vidtune", "demo"]
 
+WAN_13B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+LTX, COGVIDEOX = "Lightricks/LTX-Video", "THUDM/CogVideoX-2b"
+SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 
-def _word_tokenizer(max_length: int):
-    """A word-level fast tokenizer written locally with the `tokenizers` library (T5-style specials)."""
+TEXT = 32  # every tiny text encoder's width
+T5_SHRINK = {"d_model": TEXT, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
+CLIP_SHRINK = {"hidden_size": TEXT, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": TEXT}
+VAE_2D_SHRINK = {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 2}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One pipeline component: the published config at `repo`/`path`, with `shrink` replacing size fields."""
+
+    repo: str
+    path: str
+    shrink: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    family: str
+    pipeline: str  # diffusers pipeline class
+    parts: dict[str, Part]  # models and the scheduler (from their published files)
+    tokenizers: dict[str, Part]  # tokenizer component -> its published tokenizer folder
+    max_length: int | None = None  # the pipeline's own prompt length when the tokenizer config sets none
+
+
+def _wan(repo: str) -> TinySpec:
+    return TinySpec("wan", "WanPipeline", {
+        "transformer": Part(repo, "transformer", {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "text_dim": TEXT}),
+        "vae": Part(repo, "vae", {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}),
+        "text_encoder": Part(repo, "text_encoder", T5_SHRINK),
+        "scheduler": Part(repo, "scheduler"),
+    }, {"tokenizer": Part(repo, "tokenizer")}, max_length=512)  # fmt: skip  (WanPipeline's max_sequence_length)
+
+
+SD15_UNET = {"block_out_channels": [16, 16, 16, 16], "attention_head_dim": 2, "cross_attention_dim": TEXT, "norm_num_groups": 2}  # 2 layers per block: the adapter has 2
+SDXL_UNET = {
+    "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8], "transformer_layers_per_block": [1, 1, 1],
+    "cross_attention_dim": 2 * TEXT, "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + TEXT,
+}  # fmt: skip  (both text encoders' widths concatenated; 6 time ids x 8 + the pooled projection)
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "wan": _wan(WAN_13B),
+    "wan-14b": _wan(WAN_14B),  # the 14B's configs through the same code path
+    "ltx-video": TinySpec("ltx-video", "LTXPipeline", {
+        "transformer": Part(LTX, "transformer", {"in_channels": 8, "out_channels": 8, "num_attention_heads": 4, "attention_head_dim": 8,
+                                                 "cross_attention_dim": 32, "num_layers": 1, "caption_channels": TEXT}),
+        "vae": Part(LTX, "vae", {"latent_channels": 8, "block_out_channels": [8, 8, 8, 8], "layers_per_block": [1, 1, 1, 1, 1],
+                                 "decoder_block_out_channels": [8, 8, 8, 8], "decoder_layers_per_block": [1, 1, 1, 1, 1]}),
+        "text_encoder": Part(LTX, "text_encoder", T5_SHRINK),
+        "scheduler": Part(LTX, "scheduler"),
+    }, {"tokenizer": Part(LTX, "tokenizer")}, max_length=128),
+    "cogvideox": TinySpec("cogvideox", "CogVideoXPipeline", {
+        "transformer": Part(COGVIDEOX, "transformer", {"num_attention_heads": 4, "attention_head_dim": 8, "time_embed_dim": 8,
+                                                       "text_embed_dim": TEXT, "num_layers": 1}),
+        "vae": Part(COGVIDEOX, "vae", VAE_2D_SHRINK),
+        "text_encoder": Part(COGVIDEOX, "text_encoder", T5_SHRINK),
+        "scheduler": Part(COGVIDEOX, "scheduler"),
+    }, {"tokenizer": Part(COGVIDEOX, "tokenizer")}, max_length=226),
+    # AnimateDiff = an SD 1.5 checkpoint + the v1.5-2 motion adapter, with the scheduler diffusers' AnimateDiff docs set
+    "animatediff": TinySpec("animatediff", "AnimateDiffPipeline", {
+        "unet": Part(SD15, "unet", SD15_UNET),
+        "motion_adapter": Part("guoyww/animatediff-motion-adapter-v1-5-2", ".", {"block_out_channels": [16, 16, 16, 16], "motion_norm_num_groups": 2,
+                                                                                "motion_num_attention_heads": 2}),
+        "vae": Part(SD15, "vae", VAE_2D_SHRINK),
+        "text_encoder": Part(SD15, "text_encoder", CLIP_SHRINK),
+        "scheduler": Part("_derived/animatediff-docs-ddim-sd15", "scheduler"),
+    }, {"tokenizer": Part(SD15, "tokenizer")}),
+    "animatediff-sdxl": TinySpec("animatediff-sdxl", "AnimateDiffSDXLPipeline", {
+        "unet": Part(SDXL, "unet", SDXL_UNET),
+        "motion_adapter": Part("guoyww/animatediff-motion-adapter-sdxl-beta", ".", {"block_out_channels": [32, 64, 128]}),
+        "vae": Part(SDXL, "vae", VAE_2D_SHRINK),
+        "text_encoder": Part(SDXL, "text_encoder", CLIP_SHRINK),
+        "text_encoder_2": Part(SDXL, "text_encoder_2", CLIP_SHRINK),
+        "scheduler": Part("_derived/animatediff-docs-ddim-sdxl", "scheduler"),
+    }, {"tokenizer": Part(SDXL, "tokenizer"), "tokenizer_2": Part(SDXL, "tokenizer_2")}),
+}  # fmt: skip
+
+
+def _token(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _word_tokenizer(part: Part, max_length: int | None):
+    """A word-level fast tokenizer (the real vocabularies are files we cannot ship) with the published special
+    tokens, their positions (T5: pad 0, eos 1; CLIP: start and end of text last, so CLIP's legacy pooling at the
+    highest id finds the end token) and the published `model_max_length`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + TOKENIZER_WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    config = published_config(part.repo, f"{part.path}/tokenizer_config.json")
+    special = published_config(part.repo, f"{part.path}/special_tokens_map.json")
+    names = {name: _token(special.get(name, config.get(name))) for name in ("pad_token", "eos_token", "unk_token", "bos_token")}
+    clip_style = names["eos_token"] == "<|endoftext|>"
+    if clip_style:  # "!" is id 0 of CLIP's vocabulary: SDXL's second tokenizer pads with it
+        tokens = ["!", *TOKENIZER_WORDS, names["bos_token"], names["eos_token"]]
+        template = f"{names['bos_token']} $A {names['eos_token']}"
+    else:
+        decoder = config.get("added_tokens_decoder", {})
+        leading = [decoder[i]["content"] for i in sorted(decoder, key=int) if int(i) < 16]  # pad, eos, (bos), unk as shipped
+        tokens = list(dict.fromkeys([*leading, names["unk_token"], *TOKENIZER_WORDS]))
+        template = f"$A {names['eos_token']}"
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=names["unk_token"]))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
-    )
+    specials = [t for t in (names["bos_token"], names["eos_token"]) if t and t in template]
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in specials])
+    length = config.get("model_max_length")
+    length = length if isinstance(length, int) and length < 1_000_000 else max_length
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=length, **{k: v for k, v in names.items() if v})
 
 
-def _save(pipe, folder: str | Path) -> Path:
-    """Write the pipeline the way a hub checkpoint is laid out (safetensors), for `from_pretrained`."""
+def _component(name: str, part: Part, vocab_size: int):
+    """A model built from its published config with the size fields replaced (random weights)."""
+    if name == "scheduler":
+        return published_scheduler(part.repo)
+    config = {**published_config(part.repo, f"{part.path}/config.json"), **part.shrink}
+    if "_class_name" in config:  # diffusers
+        import diffusers
+
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    import transformers
+
+    config["vocab_size"] = vocab_size
+    model_class = getattr(transformers, config["architectures"][0])
+    return model_class(transformers.AutoConfig.for_model(**config))
+
+
+def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """`name` is a key of TINY_MODELS (a family, or a published variant such as wan-14b)."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(sorted(TINY_MODELS))}")
+    import diffusers
+
+    spec = TINY_MODELS[name]
+    torch.manual_seed(seed)
+    components = {key: _word_tokenizer(part, spec.max_length) for key, part in spec.tokenizers.items()}
+    vocab_size = len(components["tokenizer"])
+    components |= {key: _component(key, part, vocab_size) for key, part in spec.parts.items()}
+    pipe = getattr(diffusers, spec.pipeline)(**components)
     folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True)  # laid out like a hub checkpoint, for from_pretrained
     return folder
 
 
-def _tiny_t5(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(
-        T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )  # fmt: skip
-
-
 def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny Wan 2.1 text-to-video pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    tokenizer = _word_tokenizer(max_length=32)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    )  # fmt: skip
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )  # fmt: skip
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
-    return _save(pipe, folder)
-
-
-def build_tiny_ltx(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny LTX-Video pipeline (LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5 encoder)."""
-    from diffusers import (
-        AutoencoderKLLTXVideo,
-        FlowMatchEulerDiscreteScheduler,
-        LTXPipeline,
-        LTXVideoTransformer3DModel,
-    )
-
-    torch.manual_seed(seed)
-    tokenizer = _word_tokenizer(max_length=32)
-    text_encoder = _tiny_t5(len(tokenizer))
-    transformer = LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
-        cross_attention_dim=32, num_layers=1, caption_channels=32,
-    )  # fmt: skip
-    vae = AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
-        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
-        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False,
-        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
-    )  # fmt: skip
-    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-    return _save(pipe, folder)
-
-
-def build_tiny_cogvideox(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny CogVideoX pipeline (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5 encoder, DDIM v-pred)."""
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
-
-    torch.manual_seed(seed)
-    tokenizer = _word_tokenizer(max_length=226)
-    text_encoder = _tiny_t5(len(tokenizer))
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
-        text_embed_dim=32, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=226,
-    )  # fmt: skip
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-    )  # fmt: skip
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=CogVideoXDDIMScheduler())
-    return _save(pipe, folder)
-
-
-def build_tiny_animatediff(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny AnimateDiff pipeline: SD-1.5-style UNet + MotionAdapter (saved as a UNetMotionModel), a 2D VAE and
-    a CLIP text encoder."""
-    from diffusers import (
-        AnimateDiffPipeline,
-        AutoencoderKL,
-        DDIMScheduler,
-        MotionAdapter,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = _word_tokenizer(max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                       num_hidden_layers=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=0, eos_token_id=1)
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 8), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=2,
-    )  # fmt: skip
-    adapter = MotionAdapter(block_out_channels=(8, 8), motion_layers_per_block=2, motion_norm_num_groups=2, motion_num_attention_heads=4)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
-    )  # fmt: skip
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
-    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter, scheduler=scheduler)
-    return _save(pipe, folder)
-
-
-def build_tiny_animatediff_sdxl(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny AnimateDiff-SDXL pipeline: SDXL-style UNet (text_time conditioning) + MotionAdapter, two CLIP
-    text encoders (the second with projection), a 2D VAE."""
-    from diffusers import (
-        AnimateDiffSDXLPipeline,
-        AutoencoderKL,
-        DDIMScheduler,
-        MotionAdapter,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    tokenizer = _word_tokenizer(max_length=77)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, pad_token_id=0, bos_token_id=0, eos_token_id=1, projection_dim=32,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64, 128), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4, 8),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2, 4), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
-        norm_num_groups=1,
-    )  # fmt: skip
-    adapter = MotionAdapter(
-        block_out_channels=(32, 64, 128), motion_layers_per_block=2, motion_norm_num_groups=2,
-        motion_num_attention_heads=4, use_motion_mid_block=False,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=[8, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
-    )  # fmt: skip
-    pipe = AnimateDiffSDXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, motion_adapter=adapter,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False),
-    )  # fmt: skip
-    return _save(pipe, folder)
-
-
-TINY_BUILDERS: dict[str, Callable[[str | Path], Path]] = {
-    "wan": build_tiny_wan,
-    "ltx-video": build_tiny_ltx,
-    "cogvideox": build_tiny_cogvideox,
-    "animatediff": build_tiny_animatediff,
-    "animatediff-sdxl": build_tiny_animatediff_sdxl,
-}
-
-
-def build_tiny_model(family: str, folder: str | Path) -> Path:
-    if family not in TINY_BUILDERS:
-        raise ValueError(f"unknown model family {family!r}; supported: {', '.join(sorted(TINY_BUILDERS))}")
-    return TINY_BUILDERS[family](folder)
+    return build_tiny("wan", folder, seed)

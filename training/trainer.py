@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import timedelta
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,7 @@ from training.adapters import (
 from training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume
 from training.data import make_stream
 from training.families import ModelFamily, TextEmbeddings, get_family
+from training.families.objectives import check_objective_params
 from training.files import write_json_atomic
 from training.params import TrainParams
 from training.sampling import render_samples
@@ -50,6 +52,7 @@ class TrainJob(BaseModel):
     out: str
     data_source: Literal["cache", "shards"]
     shards: list[str]
+    prompt_cache: str | None = Field(None, description="validation prompts' embeddings (data_source=cache): no text encoder is loaded")
     frame_buckets: list[int]
     sample_size: tuple[int, int, int] = Field(description="(frames, height, width) of validation samples by default")
     params: TrainParams
@@ -95,15 +98,17 @@ def _text_to(text: dict[str, torch.Tensor], device, dtype) -> TextEmbeddings:
     return TextEmbeddings(moved["embeds"], moved.get("mask"), moved.get("pooled"))
 
 
-def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dtype) -> torch.Tensor:
-    """Weighted denoising loss on one batch: cached moments (or video encoded now) -> noisy latents -> prediction."""
-    device = pipe.device
+def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dtype, objective=None) -> torch.Tensor:
+    """Weighted denoising loss on one batch: cached moments (or video encoded now) -> noisy latents -> prediction.
+    `objective`: the family's, built once per run (default: from the model's config with default settings)."""
+    device = getattr(pipe, family.denoiser_name).device  # the VAE may wait on the CPU while training
     if "moments" in batch:
         moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
     else:  # on-the-fly: what precompute would have cached
         moments, text = family.encode_video(pipe, batch["video"].to(device)), family.encode_prompts(pipe, batch["captions"])
         moments = moments.to(dtype)
-    inputs = family.training_inputs(pipe, family.sample_latents(pipe, moments))
+    objective = objective or family.objective(pipe)
+    inputs = objective.inputs(family.sample_latents(pipe, moments))
     pred = family.predict(pipe, inputs, text, denoiser=denoiser)
     return (inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2).mean()
 
@@ -116,6 +121,7 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     from tqdm.auto import tqdm
 
     params, out, family = job.params, Path(job.out), get_family(job.family)
+    check_objective_params(family.objective_kind, params, family.name)
     if params.resume is None and find_latest(out / "checkpoints"):
         raise ValueError(f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder")
     precision = params.resolved_precision()
@@ -131,8 +137,11 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     dtype = WEIGHT_DTYPES[precision]
 
     pipe, denoiser, trainable = _prepare_model(job, family, accelerator.device, dtype)
+    prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
+    objective = family.objective(pipe, params)  # from the model's config, before sampling touches the scheduler
     optimizer, scheduler, ema = _optimization(params, list(trainable.values()), accelerator)
-    wrapped, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
+    wrapped = accelerator.prepare_model(denoiser, device_placement=params.offload == "none")  # offloaded: the hooks place it
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
 
     checkpointer = Checkpointer(out / "checkpoints", accelerator, trainable, ema, params.keep_checkpoints)
     resume_from = resolve_resume(params.resume, out / "checkpoints")
@@ -160,8 +169,8 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     def validate(step: int) -> None:
         if params.validation.prompts and accelerator.is_main_process:
             folder = out / "samples" / f"step-{step:06d}"
-            with accelerator.autocast():
-                render_samples(pipe, denoiser, params.validation, job.sample_size, folder)
+            with accelerator.autocast(), on_device(pipe.vae, accelerator.device):
+                render_samples(pipe, denoiser, params.validation, job.sample_size, folder, prompt_cache)
             tracker.log_artifacts(folder, f"samples/step-{step:06d}")
 
     bar = tqdm(total=params.max_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_main_process)
@@ -174,7 +183,7 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                 break
             with accelerator.accumulate(wrapped):
                 with accelerator.autocast():
-                    loss = batch_loss(family, pipe, wrapped, batch, dtype)
+                    loss = batch_loss(family, pipe, wrapped, batch, dtype, objective)
                 everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
                 if not torch.isfinite(everyone).all():
                     raise TrainingDiverged(
@@ -224,11 +233,39 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                        sorted((out / "checkpoints").glob("checkpoint-*")))  # fmt: skip
 
 
+def pipe_without_text_encoders(job: TrainJob) -> bool:
+    """Training from the cache with the validation prompts embedded too needs no text encoder at all."""
+    return job.data_source == "cache" and job.prompt_cache is not None
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """`module` on `device` for the block, then back where it was (the VAE decoder only while samples render)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
 def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dtype: torch.dtype):
-    """The pipeline on `device` in the weight dtype, encoders frozen, and the denoiser's trainable parameters."""
+    """The pipeline in the weight dtype with the denoiser on `device`, encoders frozen, and the denoiser's trainable
+    parameters. From the cache the text encoders are not loaded and the VAE stays on the CPU between samples;
+    on the fly (data_source=shards) everything is on `device`."""
     params = job.params
-    pipe = family.load_pipeline(job.model, dtype=dtype).to(device)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+    if pipe_without_text_encoders(job):
+        pipe = family.load_pipeline(job.model, dtype=dtype, **dict.fromkeys(family.text_encoders))
+        keep_on_cpu = {"vae"}  # the decoder comes over only while samples render
+    else:
+        pipe = family.load_pipeline(job.model, dtype=dtype)
+        keep_on_cpu = set()
+    if params.offload == "group":
+        keep_on_cpu.add(family.denoiser_name)  # its blocks come over one at a time
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in keep_on_cpu:
+            component.to(device)
+    for name in ("vae", *family.text_encoders):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
     denoiser = getattr(pipe, family.denoiser_name)
@@ -237,8 +274,22 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     trainable = make_trainable(family, denoiser, params)
     if params.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    if params.offload == "group":  # after the adapter, so its weights travel with their blocks
+        denoiser.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1,
+            use_stream=device.type == "cuda" and not params.gradient_checkpointing,  # streams cannot replay in reverse
+        )  # fmt: skip
     denoiser.train()
     return pipe, denoiser, trainable
+
+
+def _with_text_encoders(family: ModelFamily, pipe, model: str):
+    """The pipeline with the text encoders a cached run left out, loaded now (on the CPU) from the base model: a
+    saved full fine-tune is a whole pipeline."""
+    if all(getattr(pipe, name, None) is not None for name in family.text_encoders):
+        return pipe
+    loaded = {name: part for name, part in pipe.components.items() if part is not None}
+    return family.load_pipeline(model, dtype=pipe.vae.dtype, **loaded)
 
 
 def _optimization(params: TrainParams, trainable: list[torch.nn.Parameter], accelerator):
@@ -285,6 +336,6 @@ def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: di
             if job.export_comfyui:
                 export_comfyui(family, lora_state_dict(denoiser), params.alpha or params.rank, weights / COMFYUI_FILE)
         else:
-            save_full_model(pipe, weights, info)
+            save_full_model(_with_text_encoders(family, pipe, job.model), weights, info)
     accelerator.wait_for_everyone()
     return weights

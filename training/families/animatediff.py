@@ -6,20 +6,22 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.objectives import ddpm_inputs, sample_posterior
+from training.families.objectives import ObjectiveParams, VariancePreserving, sample_posterior
 
 
 class AnimateDiffFamily:
     name = "animatediff"
     pipeline_class_name = "AnimateDiffPipeline"
     denoiser_name = "unet"
+    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
+    objective_kind = "vp"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"temporal": r"motion_modules\.", "spatial_attention": r"attentions\.\d+\.transformer_blocks"}
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         from diffusers import AnimateDiffPipeline
 
-        return AnimateDiffPipeline.from_pretrained(model, dtype=dtype)
+        return AnimateDiffPipeline.from_pretrained(model, dtype=dtype, **components)
 
     def valid_num_frames(self, frames: int) -> bool:
         return 1 <= frames <= 32  # motion modules hold 32 positions; frames are not compressed in time
@@ -39,8 +41,9 @@ class AnimateDiffFamily:
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_posterior(moments, generator) * pipe.vae.config.scaling_factor
 
-    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        return ddpm_inputs(pipe.scheduler, latents, "epsilon", generator)
+    def objective(self, pipe, params: ObjectiveParams | None = None) -> VariancePreserving:
+        """Epsilon prediction on the checkpoint's betas, whichever sampler (DDIM, PNDM, Euler, LCM) it ships."""
+        return VariancePreserving.from_scheduler(pipe.scheduler, params, "epsilon")
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         frames = inputs.noisy.shape[2]
@@ -53,11 +56,12 @@ class AnimateDiffSDXLFamily(AnimateDiffFamily):
 
     name = "animatediff-sdxl"
     pipeline_class_name = "AnimateDiffSDXLPipeline"
+    text_encoders = ("text_encoder", "text_encoder_2")
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         from diffusers import AnimateDiffSDXLPipeline
 
-        return AnimateDiffSDXLPipeline.from_pretrained(model, dtype=dtype)
+        return AnimateDiffSDXLPipeline.from_pretrained(model, dtype=dtype, **components)
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         with torch.no_grad():

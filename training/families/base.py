@@ -32,7 +32,10 @@ class ModelFamily(Protocol):
     default_lora_targets: tuple[str, ...]
     full_subsets: dict[str, str]  # named parameter-name patterns for partial full fine-tuning
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32): ...
+    text_encoders: tuple[str, ...]  # pipeline components that encode prompts (not loaded to train from a cache)
+
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
+        """`from_pretrained` of the family's pipeline; `components` replace parts (None: not loaded)."""
 
     def valid_num_frames(self, frames: int) -> bool: ...
 
@@ -43,7 +46,11 @@ class ModelFamily(Protocol):
 
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
 
-    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs: ...
+    objective_kind: str  # "flow" (rectified flow) or "vp" (DDPM-style): which ObjectiveParams apply
+
+    def objective(self, pipe, params=None):
+        """The training objective from the model's config and `ObjectiveParams`: `.inputs(latents, generator)`
+        -> TrainingInputs."""
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         """The denoiser's output for `inputs`; `denoiser` overrides the pipeline's own (e.g. its DDP wrapper)."""

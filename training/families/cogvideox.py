@@ -6,20 +6,22 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.objectives import ddpm_inputs, sample_posterior
+from training.families.objectives import ObjectiveParams, VariancePreserving, sample_posterior
 
 
 class CogVideoXFamily:
     name = "cogvideox"
     pipeline_class_name = "CogVideoXPipeline"
     denoiser_name = "transformer"
+    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
+    objective_kind = "vp"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn1\.", "feed_forward": r"\.ff\."}
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         from diffusers import CogVideoXPipeline
 
-        return CogVideoXPipeline.from_pretrained(model, dtype=dtype)
+        return CogVideoXPipeline.from_pretrained(model, dtype=dtype, **components)
 
     def valid_num_frames(self, frames: int) -> bool:
         return frames >= 1 and (frames - 1) % 4 == 0
@@ -37,8 +39,9 @@ class CogVideoXFamily:
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_posterior(moments, generator) * pipe.vae_scaling_factor_image
 
-    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        return ddpm_inputs(pipe.scheduler, latents, "v_prediction", generator)
+    def objective(self, pipe, params: ObjectiveParams | None = None) -> VariancePreserving:
+        """v-prediction on the checkpoint's SNR-shifted, zero-terminal-SNR schedule (CogVideoX's DDIM/DPM schedulers)."""
+        return VariancePreserving.from_scheduler(pipe.scheduler, params, "v_prediction")
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         frames_first = inputs.noisy.permute(0, 2, 1, 3, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.objectives import flow_matching_inputs, sample_posterior
+from training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 
 
 class LtxFamily:
@@ -14,13 +14,14 @@ class LtxFamily:
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ff\."}
-    weighting_scheme = "logit_normal"
+    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
+    objective_kind = "flow"
     frame_rate = 25  # the pipeline's default; RoPE is scaled by it, so training matches sampling
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         from diffusers import LTXPipeline
 
-        return LTXPipeline.from_pretrained(model, dtype=dtype)
+        return LTXPipeline.from_pretrained(model, dtype=dtype, **components)
 
     def valid_num_frames(self, frames: int) -> bool:
         return frames >= 1 and (frames - 1) % 8 == 0  # LTX's VAE compresses time 8x after the first frame
@@ -38,8 +39,10 @@ class LtxFamily:
         sample = sample_posterior(moments, generator)
         return pipe._normalize_latents(sample, pipe.vae.latents_mean, pipe.vae.latents_std, pipe.vae.config.scaling_factor)
 
-    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        return flow_matching_inputs(pipe.scheduler, latents, self.weighting_scheme, generator)
+    def objective(self, pipe, params: ObjectiveParams | None = None) -> FlowMatching:
+        """Flow matching; the published scheduler shifts dynamically by token count, and training does the same."""
+        patch = (pipe.transformer_temporal_patch_size, pipe.transformer_spatial_patch_size, pipe.transformer_spatial_patch_size)
+        return FlowMatching.from_scheduler(pipe.scheduler, params, patch)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         _, _, frames, height, width = inputs.noisy.shape

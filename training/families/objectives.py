@@ -1,37 +1,205 @@
-"""Training inputs shared across families: rectified flow (Wan, LTX-Video) and DDPM-style noising with epsilon or
-v targets (AnimateDiff, CogVideoX); and sampling from cached posterior moments."""
+"""Training objectives, built from the model's config rather than from whichever sampler the checkpoint ships.
+
+An inference scheduler's `sigmas`, `timesteps` and `add_noise` are not a training objective: Wan ships UniPC with
+VP sigmas up to ~157 beside `use_flow_sigmas`, Euler-type schedulers add `x + sigma n`. So:
+
+- flow matching (Wan, LTX-Video): `noisy = (1 - s) x + s n`, `s` in [0, 1], `timestep = 1000 s`, target `n - x`,
+  with `s` drawn by `timestep_sampling` and shifted by the flow shift the checkpoint declares (a fixed `flow_shift`
+  / `shift`, or one set by the sequence length when it declares dynamic shifting, as LTX-Video does);
+- VP (CogVideoX, AnimateDiff): `noisy = sqrt(abar_t) x + sqrt(1 - abar_t) n` on the checkpoint's own
+  `alphas_cumprod` (its betas, with the SNR shift and zero-terminal-SNR rescale its scheduler applies), target
+  epsilon or `v = sqrt(abar_t) n - sqrt(1 - abar_t) x`.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Literal
+
 import torch
-from diffusers.training_utils import (
-    compute_density_for_timestep_sampling,
-    compute_loss_weighting_for_sd3,
-)
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.families.base import TrainingInputs
 
+TimestepSampling = Literal["logit_normal", "uniform", "sigmoid", "shift"]
 
-def flow_matching_inputs(
-    scheduler, latents: torch.Tensor, weighting_scheme: str = "logit_normal", generator: torch.Generator | None = None
-) -> TrainingInputs:
-    """Sample a sigma per sample from the scheduler's (shifted) schedule with diffusers' timestep density, and
-    build noisy = (1 - s) x + s n with the velocity target n - x."""
-    batch = latents.shape[0]
-    steps = scheduler.config.num_train_timesteps
-    u = compute_density_for_timestep_sampling(
-        weighting_scheme=weighting_scheme, batch_size=batch, logit_mean=0.0, logit_std=1.0, mode_scale=1.29
-    )
-    indices = (u * steps).long().clamp(max=steps - 1)
-    shape = (batch,) + (1,) * (latents.ndim - 1)
-    sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(shape)
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
-    return TrainingInputs(
-        noisy=(1 - sigmas) * latents + sigmas * noise,
-        timesteps=scheduler.timesteps[indices].to(latents.device),
-        target=noise - latents,
-        weighting=compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas),
-    )
+
+class ObjectiveParams(BaseModel):
+    """How training noise levels are drawn and weighted (the names musubi-tuner and diffusion-pipe users know)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timestep_sampling: TimestepSampling | None = Field(
+        None, description="How noise levels are drawn: logit_normal (sigmoid of N(logit_mean, logit_std), then flow_shift), "
+        "uniform, sigmoid (sigmoid of sigmoid_scale * N(0, 1)), shift (sigmoid, then flow_shift: musubi-tuner's). "
+        "Default: logit_normal for flow families (Wan, LTX-Video), uniform for VP families (CogVideoX, AnimateDiff).",
+    )  # fmt: skip
+    logit_mean: float = Field(0.0, description="Mean of the normal in logit_normal sampling.")
+    logit_std: float = Field(1.0, gt=0, description="Standard deviation of the normal in logit_normal sampling.")
+    sigmoid_scale: float = Field(1.0, gt=0, description="Scale of the normal in sigmoid and shift sampling (larger: closer to 0 and 1).")
+    flow_shift: float | None = Field(
+        None, gt=0, description="Flow families: shift of the drawn sigmas, s -> k s / (1 + (k - 1) s); default: the checkpoint's "
+        "(its scheduler's flow_shift or shift, or set by the clip's token count when it declares dynamic shifting); 1: none.",
+    )  # fmt: skip
+    min_timestep: int = Field(0, ge=0, lt=1000, description="Lowest training timestep (of 1000): draws are rescaled into [min, max].")
+    max_timestep: int = Field(1000, gt=0, le=1000, description="Highest training timestep (of 1000).")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field("none", description="Flow families: per-sample loss weight (SD3's schemes).")
+    snr_gamma: float | None = Field(None, gt=0, description="VP families: min-SNR-gamma loss weighting (5 is usual); null: off.")
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> ObjectiveParams:
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
+        return self
+
+
+def check_objective_params(kind: Literal["flow", "vp"], params: ObjectiveParams, family: str) -> None:
+    """Refuse settings that mean nothing for this family's objective, naming the field."""
+    flow_only = "applies to flow-matching families (wan, ltx-video)"
+    if kind == "vp" and params.flow_shift is not None:
+        raise ValueError(f"flow_shift: {flow_only}, not {family}")
+    if kind == "vp" and params.loss_weighting != "none":
+        raise ValueError(f"loss_weighting: {flow_only}, not {family}; VP families weight with snr_gamma")
+    if kind == "vp" and params.timestep_sampling == "shift":
+        raise ValueError(f"timestep_sampling: shift {flow_only}, not {family}")
+    if kind == "flow" and params.snr_gamma is not None:
+        raise ValueError(f"snr_gamma: min-SNR weighting is for VP families (cogvideox, animatediff), not {family}; see loss_weighting")
+
+
+def _draw_levels(params: ObjectiveParams, batch: int, default: str, generator: torch.Generator | None) -> tuple[torch.Tensor, bool]:
+    """Per-sample levels in (0, 1) and whether the flow shift applies to them (logit_normal and shift do)."""
+    mode = params.timestep_sampling or default
+    device = generator.device if generator is not None else "cpu"
+    if mode in ("logit_normal", "uniform"):  # diffusers' SD3 density; "none" is uniform
+        scheme = "logit_normal" if mode == "logit_normal" else "none"
+        levels = compute_density_for_timestep_sampling(scheme, batch, params.logit_mean, params.logit_std, device=device, generator=generator)
+    else:
+        levels = torch.sigmoid(params.sigmoid_scale * torch.randn(batch, generator=generator, device=device))
+    return levels, mode in ("logit_normal", "shift")
+
+
+@dataclass(frozen=True)
+class FlowShift:
+    """`s -> k s / (1 + (k - 1) s)`; with `dynamic` = (base_len, max_len, base_shift, max_shift), `mu` is linear in
+    the token count and `k = exp(mu)` (or `mu` for a linear time shift), as diffusers' dynamic shifting sets it."""
+
+    shift: float = 1.0
+    dynamic: tuple[int, int, float, float] | None = None
+    exponential: bool = True
+
+    def for_tokens(self, tokens: int) -> float:
+        if self.dynamic is None:
+            return self.shift
+        base_len, max_len, base_shift, max_shift = self.dynamic
+        mu = base_shift + (max_shift - base_shift) * (tokens - base_len) / (max_len - base_len)
+        shift = math.exp(mu) if self.exponential else mu
+        if shift <= 0:
+            raise ValueError(f"flow_shift: the checkpoint's dynamic shift is {shift:.3f} at {tokens} tokens; set flow_shift")
+        return shift
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> FlowShift:
+        """The shift a flow checkpoint's scheduler declares: UniPC/DPM-Solver `flow_shift` with `use_flow_sigmas`,
+        FlowMatchEuler `shift`, or dynamic shifting by resolution."""
+        if config.get("use_dynamic_shifting") and "base_image_seq_len" in config:
+            dynamic = (config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"], config["max_shift"])
+            return cls(dynamic=dynamic, exponential=config.get("time_shift_type", "exponential") == "exponential")
+        if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+            return cls(float(config.get("flow_shift", 1.0)))
+        if "shift" in config:
+            return cls(float(config["shift"]))
+        name = config.get("_class_name", "the scheduler")
+        raise ValueError(f"flow_shift: {name} declares no flow-matching shift (not a flow checkpoint's scheduler?); set flow_shift")
+
+
+@dataclass(frozen=True)
+class FlowMatching:
+    """Rectified flow: `noisy = (1 - s) x + s n`, `timestep = 1000 s`, target `n - x`."""
+
+    shift: FlowShift
+    params: ObjectiveParams
+    patch: tuple[int, int, int] = (1, 1, 1)  # (time, height, width) latents per token, for dynamic shifting
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def from_scheduler(cls, scheduler, params: ObjectiveParams | None, patch: tuple[int, int, int] = (1, 1, 1)) -> FlowMatching:
+        params = params or ObjectiveParams()
+        shift = FlowShift(params.flow_shift) if params.flow_shift is not None else FlowShift.from_scheduler_config(scheduler.config)
+        return cls(shift, params, patch, int(scheduler.config.get("num_train_timesteps", 1000)))
+
+    def sigmas(self, batch: int, tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        levels, shifted = _draw_levels(self.params, batch, "logit_normal", generator)
+        if shifted:
+            k = self.shift.for_tokens(tokens)
+            levels = k * levels / (1 + (k - 1) * levels)
+        low, high = self.params.min_timestep / 1000, self.params.max_timestep / 1000
+        return low + (high - low) * levels
+
+    def inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+        batch, shape = latents.shape[0], (latents.shape[0],) + (1,) * (latents.ndim - 1)
+        tokens = math.prod(size // step for size, step in zip(latents.shape[2:], self.patch))
+        sigmas = self.sigmas(batch, tokens, generator).to(latents.device, latents.dtype).view(shape)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=generator.device if generator else latents.device).to(latents.device)
+        return TrainingInputs(
+            noisy=(1 - sigmas) * latents + sigmas * noise,
+            timesteps=sigmas.flatten() * self.num_train_timesteps,
+            target=noise - latents,
+            weighting=compute_loss_weighting_for_sd3(self.params.loss_weighting, sigmas),
+        )
+
+
+@dataclass(frozen=True)
+class VariancePreserving:
+    """DDPM-style: `noisy = sqrt(abar_t) x + sqrt(1 - abar_t) n` with the checkpoint's `alphas_cumprod`."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: Literal["epsilon", "v_prediction"]
+    params: ObjectiveParams
+
+    @classmethod
+    def from_scheduler(cls, scheduler, params: ObjectiveParams | None, default_prediction: str) -> VariancePreserving:
+        """Every VP scheduler computes `alphas_cumprod` from the checkpoint's betas at construction, with its own
+        SNR shift (CogVideoX's `snr_shift_scale`) and zero-terminal-SNR rescale: that table is the model's."""
+        config, name = scheduler.config, type(scheduler).__name__
+        if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction" or not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(f"model: its scheduler {name} is a flow-matching one, but this family trains a VP (DDPM-style) objective")
+        prediction = config.get("prediction_type") or default_prediction
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"model: scheduler {name} declares prediction_type={prediction!r}; training supports epsilon and v_prediction")
+        return cls(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clone(), prediction, params or ObjectiveParams())
+
+    def timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        levels, _ = _draw_levels(self.params, batch, "uniform", generator)
+        steps = len(self.alphas_cumprod)
+        low, high = self.params.min_timestep * steps // 1000, self.params.max_timestep * steps // 1000
+        return (low + levels * (high - low)).long().clamp(low, high - 1)
+
+    def inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+        batch, shape = latents.shape[0], (latents.shape[0],) + (1,) * (latents.ndim - 1)
+        timesteps = self.timesteps(batch, generator)
+        alpha_bar = self.alphas_cumprod[timesteps.cpu()].view(shape)
+        signal, noise_level = alpha_bar.sqrt().to(latents.device, latents.dtype), (1 - alpha_bar).sqrt().to(latents.device, latents.dtype)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=generator.device if generator else latents.device).to(latents.device)
+        target = noise if self.prediction_type == "epsilon" else signal * noise - noise_level * latents
+        return TrainingInputs(
+            noisy=signal * latents + noise_level * noise,
+            timesteps=timesteps.to(latents.device),
+            target=target,
+            weighting=self.min_snr_weights(timesteps).to(latents.device, latents.dtype).view(shape),
+        )
+
+    def min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v; ones when off."""
+        if self.params.snr_gamma is None:
+            return torch.ones(len(timesteps))
+        snr = compute_snr(SimpleNamespace(alphas_cumprod=self.alphas_cumprod.float()), timesteps.cpu())
+        clipped = snr.clamp(max=self.params.snr_gamma)
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-12), torch.ones_like(snr))  # zero terminal SNR: weight 1
 
 
 def sample_posterior(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -39,19 +207,3 @@ def sample_posterior(moments: torch.Tensor, generator: torch.Generator | None = 
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
     return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-
-
-def ddpm_inputs(
-    scheduler, latents: torch.Tensor, prediction_type: str, generator: torch.Generator | None = None
-) -> TrainingInputs:
-    """Uniform timesteps, `scheduler.add_noise`, and the target the family predicts (epsilon or v)."""
-    batch = latents.shape[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
-    target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
-    return TrainingInputs(
-        noisy=scheduler.add_noise(latents, noise, timesteps),
-        timesteps=timesteps,
-        target=target,
-        weighting=torch.ones((batch,) + (1,) * (latents.ndim - 1), dtype=latents.dtype, device=latents.device),
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.objectives import flow_matching_inputs, sample_posterior
+from training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 
 
 class WanFamily:
@@ -14,18 +14,19 @@ class WanFamily:
     denoiser_name = "transformer"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
-    weighting_scheme = "logit_normal"
+    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
+    objective_kind = "flow"
     # diffusers module names -> the original Wan names ComfyUI and most Wan tools key LoRAs by
     comfyui_renames = (
         (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
         (".to_out.0.", ".o."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".ffn.net.0.proj.", ".ffn.0."),
         (".ffn.net.2.", ".ffn.2."),
-    )  # fmt: skip  # SD3/Wan-style timestep density; loss weighting from the same helper
+    )  # fmt: skip
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32):
+    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         from diffusers import WanPipeline
 
-        return WanPipeline.from_pretrained(model, dtype=dtype)
+        return WanPipeline.from_pretrained(model, dtype=dtype, **components)
 
     def valid_num_frames(self, frames: int) -> bool:
         return frames >= 1 and (frames - 1) % 4 == 0  # the VAE compresses time 4x after the first frame
@@ -52,8 +53,9 @@ class WanFamily:
         shift, scale = self._normalisation(pipe, sample)
         return (sample - shift) / scale
 
-    def training_inputs(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        return flow_matching_inputs(pipe.scheduler, latents, self.weighting_scheme, generator)
+    def objective(self, pipe, params: ObjectiveParams | None = None) -> FlowMatching:
+        """Flow matching at the checkpoint's `flow_shift` (UniPC's, for the published Wan 2.1 checkpoints)."""
+        return FlowMatching.from_scheduler(pipe.scheduler, params)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         return (pipe.transformer if denoiser is None else denoiser)(
