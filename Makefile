@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/curate.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/real_size.py
 
 clean:
 	rm -rf demo-run .pytest_cache
