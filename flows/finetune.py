@@ -76,8 +76,6 @@ class FinetuneParams(TrainParams, GpuSlotParams):
             self.data = self.curate.output
         if self.data is None:
             raise ValueError("data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first")
-        if self.offload != "none" and self.num_processes > 1:
-            raise ValueError("offload: group offloading runs in one process; use num_processes=1 or offload=none")
         self.data = str(Path(self.data).expanduser())  # the cache, the trigger lookup and the run's tag all read it
         return self
 

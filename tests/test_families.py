@@ -82,6 +82,18 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     assert video.shape == (1, FRAMES, 32, 32, 3) and np.isfinite(video).all()
 
 
+def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
+    """What a cached run does: prompts embedded once, then a pipeline loaded without its text encoder(s) predicts."""
+    family, folder = family_model
+    text = family.encode_prompts(family.load_pipeline(str(folder)), ["a red car in sks style"])
+    pipe = family.load_pipeline(str(folder), **dict.fromkeys(family.text_encoders))
+    assert all(getattr(pipe, name) is None for name in family.text_encoders)
+    generator = torch.Generator().manual_seed(0)
+    latents = family.sample_latents(pipe, family.encode_video(pipe, _video()), generator)
+    pred = family.predict(pipe, family.objective(pipe).inputs(latents, generator), text)
+    assert pred.shape == latents.shape and torch.isfinite(pred).all()
+
+
 def test_valid_frame_counts(family_model):
     family, _ = family_model
     assert family.valid_num_frames(FRAMES) and not family.valid_num_frames(0) and not family.valid_num_frames(1000)

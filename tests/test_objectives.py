@@ -149,6 +149,9 @@ def test_timestep_bounds_and_sampling_modes():
         params = ObjectiveParams(timestep_sampling=mode, min_timestep=200, max_timestep=700, sigmoid_scale=2.0)
         t = wan.objective(pipe, params).inputs(torch.zeros(512, 4, 1, 2, 2), torch.Generator().manual_seed(1)).timesteps
         assert t.min() >= 200 and t.max() <= 700 and t.std() > 50, mode
+    bf16 = wan.objective(pipe).inputs(torch.zeros(64, 4, 1, 2, 2, dtype=torch.bfloat16), torch.Generator().manual_seed(2))
+    assert bf16.timesteps.dtype == torch.float32 and bf16.noisy.dtype == torch.bfloat16  # timesteps not rounded to bf16
+    assert torch.allclose(bf16.timesteps, 1000 * wan.objective(pipe).sigmas(64, 4, torch.Generator().manual_seed(2)))
     vp = get_family("cogvideox").objective(_pipe("THUDM/CogVideoX-2b"), ObjectiveParams(min_timestep=100, max_timestep=300))
     t = vp.inputs(torch.zeros(512, 4, 1, 2, 2), torch.Generator().manual_seed(1)).timesteps
     assert t.min() >= 100 and t.max() <= 299
@@ -163,6 +166,12 @@ def test_min_snr_gamma_and_flow_loss_weighting():
     expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
     assert torch.allclose(inputs.weighting.flatten().double(), expected, rtol=1e-3)
     assert (inputs.weighting < 1).any() and (inputs.weighting == 1).any()  # low-noise steps are down-weighted
+
+    cog = get_family("cogvideox").objective(_pipe("THUDM/CogVideoX-2b"), ObjectiveParams(snr_gamma=5.0))
+    inputs = cog.inputs(torch.zeros(256, 4, 1, 2, 2), torch.Generator().manual_seed(0))
+    alpha_bar = torch.from_numpy(_published_alphas_cumprod(published_scheduler_config("THUDM/CogVideoX-2b")))[inputs.timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert torch.allclose(inputs.weighting.flatten().double(), torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1), rtol=1e-3, atol=1e-6)
 
     wan = get_family("wan").objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ObjectiveParams(loss_weighting="sigma_sqrt"))
     inputs = wan.inputs(torch.zeros(64, 4, 1, 2, 2), torch.Generator().manual_seed(0))

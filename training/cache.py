@@ -167,6 +167,14 @@ def cache_prompts(family: ModelFamily, pipe, prompts: list[str], prompts_dir: Pa
     return prompts_dir
 
 
+def check_cached_prompts(prompts_dir: Path, prompts: list[str]) -> None:
+    """Before training starts: every validation prompt (and the negative one) must have a cached embedding."""
+    missing = [p for p in dict.fromkeys([*prompts, ""]) if not prompt_file(prompts_dir, p).is_file()]
+    if missing:
+        raise ValueError(f"validation.prompts: {missing} have no cached embedding in {prompts_dir}; run precompute with them "
+                         f"(vidtune finetune does) or set data_source=shards")  # fmt: skip
+
+
 def load_prompt(prompts_dir: Path, prompt: str) -> TextEmbeddings:
     """A cached prompt's embeddings with a batch dimension of 1."""
     path = prompt_file(prompts_dir, prompt)

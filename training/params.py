@@ -62,10 +62,6 @@ class TrainParams(ObjectiveParams):
     gradient_checkpointing: bool = Field(True, description="Recompute denoiser activations in backward: less memory, more time.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else no (fp32).")
     fp8_storage: bool = Field(False, description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).")
-    offload: Literal["none", "group"] = Field(
-        "none", description="group: keep the denoiser's blocks in CPU memory and move each onto the GPU only while it runs "
-        "(diffusers group offloading, a block swap): Wan 14B LoRA on a 24 GB GPU, at some cost per step. One process only.",
-    )  # fmt: skip
     checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
     resume: str | None = Field(None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null.")

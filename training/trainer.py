@@ -29,6 +29,7 @@ from training.adapters import (
     save_full_model,
     save_lora_adapter,
 )
+from training.cache import check_cached_prompts
 from training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume
 from training.data import make_stream
 from training.families import ModelFamily, TextEmbeddings, get_family
@@ -138,10 +139,11 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
 
     pipe, denoiser, trainable = _prepare_model(job, family, accelerator.device, dtype)
     prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
+    if prompt_cache is not None:
+        check_cached_prompts(prompt_cache, params.validation.prompts)
     objective = family.objective(pipe, params)  # from the model's config, before sampling touches the scheduler
     optimizer, scheduler, ema = _optimization(params, list(trainable.values()), accelerator)
-    wrapped = accelerator.prepare_model(denoiser, device_placement=params.offload == "none")  # offloaded: the hooks place it
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    wrapped, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
 
     checkpointer = Checkpointer(out / "checkpoints", accelerator, trainable, ema, params.keep_checkpoints)
     resume_from = resolve_resume(params.resume, out / "checkpoints")
@@ -260,8 +262,6 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     else:
         pipe = family.load_pipeline(job.model, dtype=dtype)
         keep_on_cpu = set()
-    if params.offload == "group":
-        keep_on_cpu.add(family.denoiser_name)  # its blocks come over one at a time
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in keep_on_cpu:
             component.to(device)
@@ -274,11 +274,6 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     trainable = make_trainable(family, denoiser, params)
     if params.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    if params.offload == "group":  # after the adapter, so its weights travel with their blocks
-        denoiser.enable_group_offload(
-            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1,
-            use_stream=device.type == "cuda" and not params.gradient_checkpointing,  # streams cannot replay in reverse
-        )  # fmt: skip
     denoiser.train()
     return pipe, denoiser, trainable
 

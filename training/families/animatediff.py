@@ -72,7 +72,7 @@ class AnimateDiffSDXLFamily(AnimateDiffFamily):
         batch, _, frames, height, width = inputs.noisy.shape
         size = (height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)  # trained clips: uncropped, full size
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=text.embeds.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)  # fmt: skip
+                                          text_encoder_projection_dim=text.pooled.shape[-1])  # no text encoder loaded from a cache  # fmt: skip
         added = {"text_embeds": text.pooled, "time_ids": time_ids.to(inputs.noisy.device).repeat(batch, 1)}
         per_frame = text.embeds.repeat_interleave(frames, dim=0)
         return (pipe.unet if denoiser is None else denoiser)(inputs.noisy, inputs.timesteps, encoder_hidden_states=per_frame, added_cond_kwargs=added, return_dict=False)[0]

@@ -141,11 +141,12 @@ class FlowMatching:
     def inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
         batch, shape = latents.shape[0], (latents.shape[0],) + (1,) * (latents.ndim - 1)
         tokens = math.prod(size // step for size, step in zip(latents.shape[2:], self.patch))
-        sigmas = self.sigmas(batch, tokens, generator).to(latents.device, latents.dtype).view(shape)
+        exact = self.sigmas(batch, tokens, generator).to(latents.device)  # float32: timesteps are not rounded to bf16
+        sigmas = exact.to(latents.dtype).view(shape)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=generator.device if generator else latents.device).to(latents.device)
         return TrainingInputs(
             noisy=(1 - sigmas) * latents + sigmas * noise,
-            timesteps=sigmas.flatten() * self.num_train_timesteps,
+            timesteps=exact * self.num_train_timesteps,
             target=noise - latents,
             weighting=compute_loss_weighting_for_sd3(self.params.loss_weighting, sigmas),
         )
