@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from training.families import get_family  # noqa: E402
-from training.published_configs import published_config, published_scheduler  # noqa: E402
+from training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
 from training.tiny_models import TINY_MODELS, WAN_13B  # noqa: E402
 
 MODELS = ["wan", "wan-14b", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"]
@@ -39,15 +39,8 @@ TRAINED_WITH_DENOISER = ("motion_adapter",)  # the pipeline merges it into the d
 
 def build_published(repo: str, path: str) -> torch.nn.Module:
     """One component from its published config, full size, on the meta device (shapes only, no storage)."""
-    config = published_config(repo, f"{path}/config.json")
     with torch.device("meta"):
-        if "_class_name" in config:  # diffusers
-            import diffusers
-
-            return getattr(diffusers, config["_class_name"]).from_config(config)
-        import transformers
-
-        return getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+        return build_from_config(published_config(repo, f"{path}/config.json"))
 
 
 def lora_linears(module: torch.nn.Module, targets: tuple[str, ...]) -> list[torch.nn.Linear]:

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from training.published_configs import published_config
+from training.published_configs import build_from_config, published_config
 from training.tiny_models import TINY_MODELS, build_tiny
 
 
@@ -56,11 +56,8 @@ def _as_loaded(config: dict) -> dict:
     on the meta device: a full-size published model without allocating it."""
     if "_class_name" in config or "architectures" not in config:
         return config
-    import transformers
-
     with torch.device("meta"):
-        model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
-    return model.config.to_dict()
+        return build_from_config(config).config.to_dict()
 
 
 def _as_2d(value):

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_tensors
 
 from training.families import ModelFamily, TextEmbeddings
+from training.files import atomic_path
 
 CACHE_VERSION = 1  # bump when what is stored changes
 
@@ -146,30 +147,29 @@ def prompt_file(prompts_dir: Path, prompt: str) -> Path:
     return Path(prompts_dir) / f"{hashlib.sha256(prompt.encode()).hexdigest()[:20]}.safetensors"
 
 
+def _with_negative(prompts: list[str]) -> list[str]:
+    return list(dict.fromkeys([*prompts, ""]))  # "" : the negative prompt classifier-free guidance uses
+
+
 def cache_prompts(family: ModelFamily, pipe, prompts: list[str], prompts_dir: Path) -> Path:
     """Embed `prompts` and the empty negative prompt (zeros where the pipeline uses zeros for it, as SDXL's
     does) into `prompts_dir`, skipping those already there. Each file is written atomically."""
     prompts_dir.mkdir(parents=True, exist_ok=True)
-    for prompt in dict.fromkeys([*prompts, ""]):
+    for prompt in _with_negative(prompts):
         path = prompt_file(prompts_dir, prompt)
         if path.is_file():
             continue
         tensors = _text_tensors(family.encode_prompts(pipe, [prompt]))
         if prompt == "" and pipe.config.get("force_zeros_for_empty_prompt"):
             tensors = {name: torch.zeros_like(t) if name != "mask" else t for name, t in tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=".prompt-", suffix=".tmp", dir=prompts_dir)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"prompt": prompt})
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     return prompts_dir
 
 
 def check_cached_prompts(prompts_dir: Path, prompts: list[str]) -> None:
     """Before training starts: every validation prompt (and the negative one) must have a cached embedding."""
-    missing = [p for p in dict.fromkeys([*prompts, ""]) if not prompt_file(prompts_dir, p).is_file()]
+    missing = [p for p in _with_negative(prompts) if not prompt_file(prompts_dir, p).is_file()]
     if missing:
         raise ValueError(f"validation.prompts: {missing} have no cached embedding in {prompts_dir}; run precompute with them "
                          f"(vidtune finetune does) or set data_source=shards")  # fmt: skip

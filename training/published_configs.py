@@ -27,6 +27,18 @@ def published_scheduler_config(repo: str) -> dict:
     return published_config(repo, "scheduler/scheduler_config.json")
 
 
+def build_from_config(config: dict):
+    """A model (random weights) from a config file's contents: a diffusers class named by `_class_name`, or the
+    transformers class in `architectures`. Under `torch.device("meta")` a full-size one costs no memory."""
+    if "_class_name" in config:
+        import diffusers
+
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    import transformers
+
+    return getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+
+
 def published_scheduler(repo: str):
     """The scheduler as `from_pretrained` builds it from the stored `scheduler_config.json`."""
     import diffusers

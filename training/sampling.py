@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.cache import load_prompt
 from training.families import TextEmbeddings
 from training.files import write_json_atomic
 from training.media import to_uint8, write_gif, write_mp4
@@ -59,16 +60,13 @@ def prompt_arguments(text: TextEmbeddings, negative: TextEmbeddings, like: torch
 def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str, prompt_cache: Path | None = None) -> list[np.ndarray]:
     """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time). With
     `prompt_cache` (see `training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder."""
-    from training.cache import load_prompt
-
     pipe.set_progress_bar_config(disable=True)
     videos = []
     like = next(pipe.vae.parameters())
+    negative = load_prompt(prompt_cache, "") if prompt_cache is not None else None
     with torch.no_grad(), scheduler_copy(pipe):
         for index, prompt in enumerate(settings.prompts):
-            text = {"prompt": prompt}
-            if prompt_cache is not None:
-                text = prompt_arguments(load_prompt(prompt_cache, prompt), load_prompt(prompt_cache, ""), like)
+            text = {"prompt": prompt} if negative is None else prompt_arguments(load_prompt(prompt_cache, prompt), negative, like)
             frames = pipe(
                 **text, num_frames=settings.num_frames, height=settings.height, width=settings.width,
                 num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance_scale,

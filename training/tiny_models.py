@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from training.published_configs import published_config, published_scheduler
+from training.published_configs import build_from_config, published_config, published_scheduler
 
 TOKENIZER_WORDS = ["a", "the", "of", "in", "with", "and", "style", "video", "shot", "scene", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road", "sks", "vidtune", "demo"]
 
@@ -139,15 +139,9 @@ def _component(name: str, part: Part, vocab_size: int):
     if name == "scheduler":
         return published_scheduler(part.repo)
     config = {**published_config(part.repo, f"{part.path}/config.json"), **part.shrink}
-    if "_class_name" in config:  # diffusers
-        import diffusers
-
-        return getattr(diffusers, config["_class_name"]).from_config(config)
-    import transformers
-
-    config["vocab_size"] = vocab_size
-    model_class = getattr(transformers, config["architectures"][0])
-    return model_class(transformers.AutoConfig.for_model(**config))
+    if "_class_name" not in config:  # a transformers text encoder: its vocabulary is our tokenizer's
+        config["vocab_size"] = vocab_size
+    return build_from_config(config)
 
 
 def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:

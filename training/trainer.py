@@ -256,14 +256,10 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     parameters. From the cache the text encoders are not loaded and the VAE stays on the CPU between samples;
     on the fly (data_source=shards) everything is on `device`."""
     params = job.params
-    if pipe_without_text_encoders(job):
-        pipe = family.load_pipeline(job.model, dtype=dtype, **dict.fromkeys(family.text_encoders))
-        keep_on_cpu = {"vae"}  # the decoder comes over only while samples render
-    else:
-        pipe = family.load_pipeline(job.model, dtype=dtype)
-        keep_on_cpu = set()
+    cached = pipe_without_text_encoders(job)
+    pipe = family.load_pipeline(job.model, dtype=dtype, **(dict.fromkeys(family.text_encoders) if cached else {}))
     for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module) and name not in keep_on_cpu:
+        if isinstance(component, torch.nn.Module) and not (cached and name == "vae"):  # its decoder: only while samples render
             component.to(device)
     for name in ("vae", *family.text_encoders):
         if getattr(pipe, name, None) is not None:

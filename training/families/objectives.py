@@ -81,6 +81,12 @@ def _draw_levels(params: ObjectiveParams, batch: int, default: str, generator: t
     return levels, mode in ("logit_normal", "shift")
 
 
+def _noise_like(latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `latents`, drawn on the generator's device when one is given."""
+    device = generator.device if generator is not None else latents.device
+    return torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=device).to(latents.device)
+
+
 @dataclass(frozen=True)
 class FlowShift:
     """`s -> k s / (1 + (k - 1) s)`; with `dynamic` = (base_len, max_len, base_shift, max_shift), `mu` is linear in
@@ -143,7 +149,7 @@ class FlowMatching:
         tokens = math.prod(size // step for size, step in zip(latents.shape[2:], self.patch))
         exact = self.sigmas(batch, tokens, generator).to(latents.device)  # float32: timesteps are not rounded to bf16
         sigmas = exact.to(latents.dtype).view(shape)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=generator.device if generator else latents.device).to(latents.device)
+        noise = _noise_like(latents, generator)
         return TrainingInputs(
             noisy=(1 - sigmas) * latents + sigmas * noise,
             timesteps=exact * self.num_train_timesteps,
@@ -183,7 +189,7 @@ class VariancePreserving:
         timesteps = self.timesteps(batch, generator)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].view(shape)
         signal, noise_level = alpha_bar.sqrt().to(latents.device, latents.dtype), (1 - alpha_bar).sqrt().to(latents.device, latents.dtype)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=generator.device if generator else latents.device).to(latents.device)
+        noise = _noise_like(latents, generator)
         target = noise if self.prediction_type == "epsilon" else signal * noise - noise_level * latents
         return TrainingInputs(
             noisy=signal * latents + noise_level * noise,
