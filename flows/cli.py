@@ -250,12 +250,13 @@ def tiny_model(
 
 
 def _require_prefect_server() -> str:
-    """The configured Prefect API, checked reachable; serving or triggering deployments needs a real server."""
+    """The Prefect API (configured, or vidtune's local server), checked reachable: serving or triggering
+    deployments needs a real server."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
-    start = "start one with `prefect server start` (it listens on 127.0.0.1:4200) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+    start = "start it, or unset PREFECT_API_URL to use vidtune's local server (`vidtune server start`)"
     if not url:
         _fail(f"no Prefect server configured: {start}")
     with get_client(sync_client=True) as client:
@@ -325,20 +326,105 @@ def demo(
 ) -> None:
     """Run the whole pipeline on generated videos and a tiny Wan: curate, fine-tune a LoRA, evaluate, register, generate.
 
-    Without a Prefect server configured, the flow runs are kept in WORKDIR/prefect/prefect.db, and the command
-    it prints at the end opens them in the Prefect UI.
+    The flow runs go to the Prefect server at PREFECT_API_URL, else to vidtune's local server (started on first
+    use; the command prints its UI address at the end).
     """
-    # Before prefect is imported (its settings read the environment once); only the database moves, so a profile's
-    # PREFECT_API_URL still wins, and without one the temporary server keeps its runs here.
-    (workdir / "prefect").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{(workdir / 'prefect' / 'prefect.db').resolve()}")
     from flows.demo import run_demo
 
     run_demo(workdir, console)
 
 
-def main() -> None:  # pragma: no cover - console-script entry point
-    app()
+server_app = typer.Typer(
+    help="The local Prefect server (and warm workers) vidtune starts on first use when PREFECT_API_URL is unset.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local Prefect server on 127.0.0.1 (port 4200, else a free one; VIDTUNE_SERVER_PORT picks one)
+    unless it is running. Its database is $VIDTUNE_HOME/prefect/prefect.db; it runs until `vidtune server stop`."""
+    from flows.server import start_server
+
+    try:
+        state, started = start_server(say=lambda m: console.print(m, highlight=False))
+    except RuntimeError as exc:
+        _fail(str(exc), code=1)
+    console.print(f"{'started' if started else 'already running'}: Prefect UI {state.ui_url} (pid {state.pid})\n"
+                  f"point other tools at it with: export PREFECT_API_URL={state.api_url}", highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server and the warm workers (runs stay in the database for the next start)."""
+    from flows.server import stop_server
+    from flows.worker import stop_workers
+
+    workers = stop_workers()
+    state = stop_server()
+    console.print(f"stopped {len(workers)} warm worker(s); " + (f"stopped the Prefect server (pid {state.pid})" if state else "no local Prefect server was running"), highlight=False)
+
+
+@server_app.command("status")
+def server_status(as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False) -> None:
+    """Is the local Prefect server running (address, pid, database), and which warm workers (runs served, models)."""
+    import json
+    from dataclasses import asdict
+
+    from flows.server import configured_api_url, healthy, server_state
+    from flows.worker import worker_states
+
+    state, workers = server_state(), worker_states()
+    if as_json:
+        server = {**asdict(state), "api_url": state.api_url, "healthy": healthy(state.api_url)} if state else None
+        console.print_json(json.dumps({"server": server, "workers": [asdict(w) for w in workers], "configured_api_url": configured_api_url()}))
+        return
+    if url := configured_api_url():
+        console.print(f"PREFECT_API_URL is set ({url}): vidtune uses that server, not its own", highlight=False, soft_wrap=True)
+    if state:
+        answer = "answering" if healthy(state.api_url) else "NOT answering"
+        console.print(f"Prefect server: {state.ui_url} (pid {state.pid}, {answer}), database {state.database}, log {state.log}", highlight=False, soft_wrap=True)
+    else:
+        console.print("Prefect server: not running (the next command that runs a flow starts it)", highlight=False)
+    for w in workers:
+        console.print(f"warm worker: pid {w.pid}, {w.served} run(s) served, models {w.models or 'none yet'}, log {w.log}", highlight=False, soft_wrap=True)
+    if not workers:
+        console.print("warm workers: none", highlight=False)
+
+
+# Commands whose flows report to a Prefect server (serve and run need one; the rest would otherwise start Prefect's
+# temporary server, 7-22 s each time).
+PREFECT_COMMANDS = {"curate", "finetune", "evaluate", "register", "demo", "serve", "run"}
+
+
+def main(argv: list[str] | None = None) -> None:  # the `vidtune` console script
+    """Point flows at a Prefect server, hand heavy commands to the warm worker, else run the app here.
+
+    Nothing heavy is imported on this path: the local server and the worker start side by side, so a first run
+    waits for the slower of the two, not for both."""
+    import sys
+
+    from flows.server import announce, use_local_server, wait_for_server
+    from flows.worker import ensure_worker, hand_off, wants_worker
+
+    argv = sys.argv[1:] if argv is None else argv
+    say = lambda message: console.print(escape(message), style="dim", highlight=False, soft_wrap=True)  # noqa: E731
+    flags = {"--help", "-h", "--list-params"}
+    server = None
+    if argv and argv[0] in PREFECT_COMMANDS and not flags & set(argv) and os.environ.get("VIDTUNE_LOCAL_SERVER", "1") != "0":
+        server = use_local_server(say=say)
+    worker = ensure_worker() if wants_worker(argv) else None
+    if server:
+        try:
+            wait_for_server(server[0])
+        except RuntimeError as exc:
+            _fail(str(exc), code=1)
+        if server[1]:
+            announce(server[0], say=say)
+    if worker and (code := hand_off(argv, *worker, say=say)) is not None:
+        raise SystemExit(code)
+    app(args=argv, prog_name="vidtune")
 
 
 if __name__ == "__main__":  # python -m flows.cli

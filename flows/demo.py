@@ -87,14 +87,10 @@ def run_demo(workdir: Path, console: Console) -> dict:
 
 
 def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: Console) -> None:
-    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
-    prefect_ui = (
-        f"open {api.removesuffix('/api')}/runs" if api
-        else f"PREFECT_API_DATABASE_CONNECTION_URL={PREFECT_API_DATABASE_CONNECTION_URL.value()} .venv/bin/prefect server start\n"
-             "            then open http://127.0.0.1:4200/runs"
-    )  # fmt: skip
+    prefect_ui = f"open {api.removesuffix('/api')}/runs" if api else "(Prefect's temporary server: its runs are gone; unset VIDTUNE_LOCAL_SERVER to keep them)"
     run = workdir / "runs" / "style-lora"
     console.rule("[bold]where to look")
     console.print(
@@ -110,6 +106,6 @@ def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: C
         f"generate:   MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
         f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '{prompt_with_trigger(DEMO_PROMPTS[1], DEMO_CAPTIONS.trigger)}' --out clip.mp4\n"
         "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, evaluate/default); serve them with\n"
-        "            PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/vidtune serve   (README: the Prefect UI path)",
+        "            .venv/bin/vidtune serve   (against the same server; README: the Prefect UI path)",
         highlight=False, soft_wrap=True,
     )

@@ -9,5 +9,8 @@ for _name, _value in {
     "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
     "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
     "DO_NOT_TRACK": "1",
+    # Where Prefect's temporary server is still used (VIDTUNE_LOCAL_SERVER=0, or flows called from Python), its first
+    # start on a new machine migrates a new database: far past the 20 s Prefect waits by default.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
 }.items():
     os.environ.setdefault(_name, _value)

@@ -16,6 +16,10 @@ from tests.bad_inputs import make_bad_inputs
 # MLflow runs and other VIDTUNE_HOME state go to a throwaway folder, never the developer's ~/.vidtune.
 os.environ["VIDTUNE_HOME"] = tempfile.mkdtemp(prefix="vidtune-home-")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# CLI subprocesses run in-process against the session's test server; the local server and the warm worker
+# have their own tests (test_server.py), which turn them back on.
+os.environ["VIDTUNE_WORKER"] = "0"
+os.environ["VIDTUNE_LOCAL_SERVER"] = "0"
 
 # Small clips keep the suite fast on 2 CPU cores.
 TEST_CLIPS = {"width": 64, "height": 64, "fps": 8}

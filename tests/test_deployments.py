@@ -84,10 +84,12 @@ def test_prefect_deploy_all_registers_every_deployment_on_a_process_work_pool(pr
         assert "params" in stored["parameter_openapi_schema"]["properties"]  # the UI form
 
 
-def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+def test_serve_against_a_configured_server_that_is_down_says_what_to_do(tmp_path):
+    from tests.test_ui_path import free_port
+
+    env = os.environ | {"PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
     result = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "prefect server start" in result.stdout and "PREFECT_API_URL" in result.stdout
+    assert result.returncode == 2 and "does not answer" in result.stdout and "vidtune server start" in result.stdout
 
 
 def test_gpu_slot_lets_one_gpu_stage_run_at_a_time(prefect_api):
