@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from evaluation.evaluate import metrics_markdown
+from tasks.manifest import curate_summary_markdown
 from tasks.progress import progress_artifact
 from training.cache import (
     DEFAULT_FRAME_BUCKETS,
@@ -123,6 +124,8 @@ def finetune_summary_markdown(summary: dict) -> str:
         f"| speed | {summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB |",
         f"| MLflow run | `{summary['mlflow_run_id']}` at `{summary['tracking_uri']}` |",
     ]  # fmt: skip
+    if summary.get("curate"):  # --raw: the curate subflow ran first
+        lines = [curate_summary_markdown(summary["curate"], Path(summary["curate"]["output"])), "", *lines]
     if summary.get("metrics"):
         lines += ["", metrics_markdown(summary["metrics"], Path(summary["out"]))]
     if summary.get("registration"):
