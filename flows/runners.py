@@ -19,7 +19,9 @@ def make_task_runner(runner: Runner, address: str | None, workers: int) -> TaskR
 
         if address:
             return DaskTaskRunner(address=address)
-        local = dict(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        # The scheduler always serves HTTP (health, metrics): on a random loopback port, and without the dashboard pages.
+        local = dict(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                     scheduler_kwargs={"dashboard": False})  # fmt: skip
         return DaskTaskRunner(cluster_kwargs=local)
     try:
         from prefect_ray import RayTaskRunner

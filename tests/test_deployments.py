@@ -1,5 +1,5 @@
 """prefect.yaml against the flows: every preset validates against its flow's pydantic model, `prefect deploy --all`
-registers them on a process work pool of a real server, `vidtune run` merges changes into a preset key by key,
+as infra/worker-entrypoint.sh runs it registers them on a process work pool of a real server (idempotently), `vidtune run` merges changes into a preset key by key,
 and the GPU concurrency limit keeps two GPU stages from overlapping."""
 
 from __future__ import annotations
@@ -71,17 +71,47 @@ def test_run_changes_merge_into_the_preset_key_by_key():
 
 
 @pytest.mark.slow
-def test_prefect_deploy_all_registers_every_deployment_on_a_process_work_pool(prefect_api):
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    pool = subprocess.run([PREFECT, "work-pool", "create", "vidtune", "--type", "process"], env=env, capture_output=True, text=True, timeout=120)
-    assert pool.returncode == 0, pool.stdout + pool.stderr
-    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+def _start_worker(env: dict) -> str:
+    """infra/worker-entrypoint.sh until its worker polls the pool (then stopped); returns what it printed."""
+    process = subprocess.Popen(["bash", str(ROOT / "infra" / "worker-entrypoint.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in process.stdout:  # ends if the script exits first
+            lines.append(line)
+            if "started!" in line:  # prefect's "Worker 'ProcessWorker …' started!"
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    output = "".join(lines)
+    assert "started!" in output, output
+    return output
+
+
+def test_worker_entrypoint_creates_the_pool_the_gpu_limit_and_the_deployments_and_is_idempotent(prefect_api):
+    """What the compose worker runs on each start, against a real server: a missing pool and `gpu` limit are
+    created, `prefect deploy --all` registers every deployment of prefect.yaml on the pool, and a restart changes
+    nothing (an existing limit keeps its value)."""
+    for stale in ("v2/concurrency_limits/gpu", "work_pools/vidtune"):  # earlier tests of this session made them
+        httpx.delete(f"{prefect_api}/{stale}")
+    env = os.environ | {"PREFECT_API_URL": prefect_api, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    _start_worker(env | {"VIDTUNE_GPU_SLOTS": "1"})
+    pool = httpx.get(f"{prefect_api}/work_pools/vidtune").json()
+    limit = httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu").json()
+    assert pool["type"] == "process" and limit["limit"] == 1
+    stored = {}
     for name, entry in presets().items():
-        stored = httpx.get(f"{prefect_api}/deployments/name/{name}").json()
-        assert stored["work_pool_name"] == "vidtune" and stored["entrypoint"] == entry["entrypoint"]
-        assert stored["parameters"] == json.loads(json.dumps(entry["parameters"])), name
-        assert "params" in stored["parameter_openapi_schema"]["properties"]  # the UI form
+        stored[name] = httpx.get(f"{prefect_api}/deployments/name/{name}").json()
+        assert stored[name]["work_pool_name"] == "vidtune" and stored[name]["entrypoint"] == entry["entrypoint"]
+        assert stored[name]["parameters"] == json.loads(json.dumps(entry["parameters"])), name
+        assert "params" in stored[name]["parameter_openapi_schema"]["properties"]  # the UI form
+
+    again = _start_worker(env | {"VIDTUNE_GPU_SLOTS": "3"})  # a restart
+    assert "Created work pool" not in again
+    assert httpx.get(f"{prefect_api}/work_pools/vidtune").json()["id"] == pool["id"]
+    assert httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu").json() | {"updated": None} == limit | {"updated": None}  # kept: 1 slot
+    for name in presets():
+        assert httpx.get(f"{prefect_api}/deployments/name/{name}").json()["id"] == stored[name]["id"], name
 
 
 def test_serve_against_a_configured_server_that_is_down_says_what_to_do(tmp_path):

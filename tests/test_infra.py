@@ -229,8 +229,6 @@ def test_worker_dockerfile_copies_only_existing_files_it_does_not_ignore():
     assert {"pyproject.toml", "README.md", "flows/", "tasks/", "training/", "evaluation/"} <= sources
     for source in sources:
         assert source.rstrip("/") in allowed, f"{source} is copied but Dockerfile.dockerignore leaves it out"
-        if source == "prefect.yaml" and not (ROOT / source).exists():
-            continue  # added by the deployments work; expected, not yet required here
         assert (ROOT / source).exists(), f"COPY {source}: not in the repo"
 
 
@@ -243,10 +241,7 @@ def test_pinned_versions_agree_between_images():
 
 
 def test_worker_pool_is_the_one_prefect_yaml_deploys_to():
-    project_file = ROOT / "prefect.yaml"
-    if not project_file.exists():
-        pytest.skip("prefect.yaml is not in the repo yet")
-    pools = {(deployment.get("work_pool") or {}).get("name") for deployment in yaml.safe_load(project_file.read_text())["deployments"]}
+    pools = {(deployment.get("work_pool") or {}).get("name") for deployment in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
     assert pools == {load_compose()["services"]["worker"]["environment"]["VIDTUNE_WORK_POOL"]}
 
 
