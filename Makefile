@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/curate.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/real_size.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf demo-run .pytest_cache

@@ -97,3 +97,19 @@ def test_a_configured_api_wins_and_the_worker_is_per_environment(tmp_path, monke
     assert fingerprint(env) == fingerprint(env | {"TERM": "xterm", "VIDTUNE_WORKER": "1"})  # read per command
     assert fingerprint(env) != fingerprint(env | {"PREFECT_API_URL": "http://127.0.0.1:2/api"})  # read once at import
     assert fingerprint(env) != fingerprint(env | {"HF_HOME": "/elsewhere"})
+
+
+def test_prefects_temporary_server_waits_long_enough_for_a_cold_first_start():
+    """With VIDTUNE_LOCAL_SERVER=0 each command starts Prefect's temporary server, whose first start on a new machine
+    (database migrations) outlasts Prefect's default 20 s: every command's flows raise the wait to 600 s."""
+    probe = (
+        "import importlib, sys\n"
+        "from flows import cli\n"  # what `vidtune` imports first
+        "for name in ('flows.curate', 'flows.finetune', 'flows.evaluate', 'flows.demo'):\n"
+        "    importlib.import_module(name)\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "600", result.stdout + result.stderr
