@@ -185,9 +185,9 @@ def _register(run_dir: Path, weights: Path, info: dict, metrics: dict | None, na
             existing = _retrying(lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags), attempts, "register", tracking_uri)
         version = existing
         decision = _retrying(lambda: _apply_gate(client, name, version, info["base_model"], metrics, clip_tolerance), attempts, "move aliases", tracking_uri)
-    write_json_atomic(run_dir / GATE_FILE, {"name": name, "version": version.version, **asdict(decision)})
+    write_json_atomic(run_dir / GATE_FILE, {"name": name, "version": str(version.version), **asdict(decision)})
     aliases = client.get_model_version(name, version.version).aliases
-    return Registration(name, version.version, f"models:/{name}/{version.version}", created, decision, list(aliases))
+    return Registration(name, str(version.version), f"models:/{name}/{version.version}", created, decision, list(aliases))
 
 
 def _apply_gate(client: MlflowClient, name: str, version, base_model: str, metrics: dict | None, clip_tolerance: float) -> GateDecision:

@@ -116,6 +116,9 @@ def finetune(params: FinetuneParams) -> dict:
     curated = curate(params.curate) if params.curate is not None else None
     buckets = frame_buckets(family, params.precompute)
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
+    if hasattr(family, "check_clip_size"):  # sizes the model cannot take fail here, naming the setting
+        for key in dataset.buckets:
+            family.check_clip_size(params.model, *parse_bucket_key(key))
 
     with gpu_slot(params.gpu_limit):  # one slot from precompute to evaluation: a queued run cannot cut in between
         shards, prompt_cache, train_params = dataset.shards, None, _train_params(params)

@@ -40,6 +40,13 @@ def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
             return False
 
 
+def _slots_in_use(name: str) -> tuple[int, int] | None:
+    """(active, limit) when every slot of `name` is taken right now, else None."""
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    return (limit.active_slots, limit.limit) if limit.active_slots >= limit.limit else None
+
+
 @contextmanager
 def gpu_slot(limit: str | None) -> Iterator[None]:
     """Hold one slot of the global concurrency limit `limit` (created with one slot if missing); None: no limit.
@@ -51,7 +58,9 @@ def gpu_slot(limit: str | None) -> Iterator[None]:
     logger = get_run_logger()
     if ensure_concurrency_limit(limit):
         logger.info("created the global concurrency limit %r with 1 slot (one GPU job at a time)", limit)
-    logger.info("waiting for a slot of concurrency limit %r", limit)
+    busy = _slots_in_use(limit)
+    if busy is not None:
+        logger.info("waiting for a slot of concurrency limit %r (%d of %d in use by other runs)", limit, *busy)
     # A transient failure to renew the lease must not kill hours of training; the slot is still released at the end.
     with concurrency(limit, occupy=1, raise_on_lease_renewal_failure=False):
         logger.info("holding a slot of %r", limit)

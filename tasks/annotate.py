@@ -16,6 +16,7 @@ from tasks.scoring import (
     FramesUnavailable,
     ScoreParams,
     cached_model,
+    local_version,
     motion_score,
     resolve_device,
     sample_frames,
@@ -36,10 +37,12 @@ class Annotators:
         device = resolve_device(scores.device)
         captioner = None
         if captions.mode == "vlm":
-            captioner = cached_model(("vlm", captions.vlm_model, device), lambda: VlmCaptioner(captions.vlm_model, device))
+            key = ("vlm", captions.vlm_model, local_version(captions.vlm_model), device)
+            captioner = cached_model(key, lambda: VlmCaptioner(captions.vlm_model, device))
         clip = None
         if scores.clip:
-            key = ("clip", scores.clip_model, scores.clip_pretrained, device)
+            # A weights file replaced in place is a new model (a warm worker must not keep scoring with the old one).
+            key = ("clip", scores.clip_model, scores.clip_pretrained, local_version(scores.clip_pretrained), device)
             clip = cached_model(key, lambda: ClipScorer(scores.clip_model, scores.clip_pretrained, device))
         return cls(captioner, clip)
 

@@ -37,7 +37,8 @@ def list_video_paths(input_path: str) -> list[str]:
         raise FileNotFoundError(f"input: {input_path!r} does not exist")
     if root.is_file():
         return [str(root)]
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    # Links are listed even when broken (a loop, a missing target), so they reach the manifest with a reason.
+    return sorted(str(p) for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
 def identify_source(path: str, download_dir: Path) -> Source:
@@ -56,6 +57,10 @@ def identify_source(path: str, download_dir: Path) -> Source:
     except PermissionError:
         return Source(path, None, 0, error="permission denied: the file is not readable by this user")
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return Source(path, None, 0, error="symbolic link loop: the link points back at itself")
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return Source(path, None, 0, error=f"broken symbolic link: its target {os.readlink(path)!r} does not exist")
         if exc.errno in (errno.ENOENT, errno.EISDIR):
             return Source(path, None, 0, error=f"cannot open: {exc.strerror}")
         raise  # transient I/O (network filesystems, remote stores): the task retries these

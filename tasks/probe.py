@@ -46,12 +46,17 @@ def probe_video(path: str) -> ProbeResult:
             raise ProbeError("no frame rate: the stream has no timing information")
         # Broken muxers write tiny durations; a known frame count at a sane rate is the better witness.
         duration = max(_duration_s(container, stream), (stream.frames or 0) / fps)
+        # The decoded frame is the witness for the size: headers may say 0 x 0 (or something else) when the
+        # bitstream knows better.
+        width, height = first.width or stream.codec_context.width, first.height or stream.codec_context.height
+        if not width or not height:
+            raise ProbeError(f"no frame size: the stream decodes to {width} x {height} pixels")
         return ProbeResult(
             duration_s=duration,
             fps=fps,
             vfr=bool(base) and abs(base - fps) / base > 0.01,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
+            width=width,
+            height=height,
             rotation=int(round((first.rotation or 0) / 90)) * 90 % 360,  # matrices store e.g. 89.99
             codec=stream.codec_context.name,
             frame_count=int(stream.frames or 0),

@@ -53,6 +53,15 @@ def cached_model(key: tuple, load: Callable[[], T]) -> T:
         return _models[key]  # type: ignore[return-value]
 
 
+def local_version(reference: str | None) -> tuple:
+    """(size, mtime) of a local weights file, or of the files in a local model folder; () for hub ids and tags."""
+    path = Path(reference).expanduser() if reference else None
+    if path is None or not path.exists():
+        return ()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -83,16 +92,17 @@ def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -
     """Read the frames both scores need from an encoded clip in one decord batch."""
     import decord
 
+    from training.media import frame_count, read_frames
+
     try:
-        reader = decord.VideoReader(str(path), num_threads=0)  # 0 = decord picks; ~40% faster than 1 here
-        n = len(reader)
+        n = frame_count(path)
         if n == 0:
             raise FramesUnavailable("frames could not be sampled: the clip has no frames")
         clip_idx = np.linspace(0, n - 1, clip_frames).round().astype(int)
         step = max(1, round(fps / motion_fps))
         motion_idx = np.arange(0, n, step)
         wanted = np.unique(np.concatenate([clip_idx, motion_idx]))
-        batch = reader.get_batch(wanted.tolist()).asnumpy()
+        batch = read_frames(path, wanted.tolist())
     except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError for unopenable files
         raise FramesUnavailable(f"frames could not be sampled: {str(exc).splitlines()[0]}") from exc
     position = {int(i): k for k, i in enumerate(wanted)}

@@ -7,6 +7,7 @@ temporary name and renamed when complete, so `shards/*.tar` only ever matches wh
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import tarfile
@@ -76,13 +77,29 @@ def pack_shards(
     )
     index = _next_shard_index(shard_dir)
     max_bytes = params.max_shard_mb * 2**20
+    try:
+        _write_shards(todo, clip_file_of, shard_dir, index, max_bytes, params.max_clips_per_shard, packed)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        missing = len({r.clip_id for r in rows if r.status == Status.KEPT} - set(packed_clips(shard_dir)))
+        raise OSError(errno.ENOSPC, f"no space left on the device of {shard_dir} with {missing} kept clips still to pack "
+                      "(every shard written so far is complete, the one being written was removed); free some space, "
+                      "or choose an OUTPUT on a larger disk, and run the same command again: it packs only what is missing") from exc  # fmt: skip
+    for shard in outdated:
+        shard.unlink()
+    return packed
+
+
+def _write_shards(todo: deque, clip_file_of, shard_dir: Path, index: int, max_bytes: float, max_clips: int, packed: dict) -> None:
+    """Write `todo` into shards from `index` on, each renamed into place when complete; updates `packed`."""
     while todo:
         name = f"shard-{index:06d}.tar"
         with atomic_path(shard_dir / name) as tmp:
             with wds.TarWriter(str(tmp), mtime=0) as writer:  # mtime=0: same clips, same bytes
                 size, count = 0, 0
                 # A shard stays under max_shard_mb unless one clip alone is larger.
-                while todo and count < params.max_clips_per_shard:
+                while todo and count < max_clips:
                     sample = _sample(todo[0], clip_file_of(todo[0]), name)
                     if count and size + _payload_bytes(sample) > max_bytes:
                         break
@@ -90,9 +107,6 @@ def pack_shards(
                     count += 1
                     packed[todo.popleft().clip_id] = name
         index += 1
-    for shard in outdated:
-        shard.unlink()
-    return packed
 
 
 def _payload_bytes(sample: dict) -> int:

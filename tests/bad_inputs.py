@@ -52,6 +52,32 @@ def _rewrite_without_timestamps(src: Path, dst: Path) -> None:
         out.mux(stream.encode())
 
 
+def _encode(path: Path, codec: str, width: int, height: int, pix_fmt: str, frames: int, fps: int = 8, **options: str) -> None:
+    """A moving pattern in any codec and pixel format (10-bit, 4:2:2, odd sizes) at `fps`."""
+    from fractions import Fraction
+
+    tile = np.random.default_rng(3).integers(0, 255, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    pattern = tile.repeat(16, 0).repeat(16, 1)[:height, :width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt, stream.options = width, height, pix_fmt, options
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(pattern, 8 * i, axis=1), format="rgb24").reformat(format=pix_fmt)
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def _zero_size_header(src: Path, dst: Path) -> None:
+    """The same H.264 stream with 0 x 0 in the track header and the sample description (the bitstream knows)."""
+    data = bytearray(src.read_bytes())
+    entry = data.index(b"avc1", data.index(b"stsd"))
+    data[entry + 28 : entry + 32] = bytes(4)  # VisualSampleEntry width, height (16 bits each)
+    track = data.index(b"tkhd")
+    data[track + 80 : track + 88] = bytes(8)  # tkhd width, height (16.16 fixed point; version 0 box)
+    dst.write_bytes(bytes(data))
+
+
 def make_bad_inputs(folder: Path, good: Path) -> dict[str, Expected]:
     """Write the bad inputs into `folder`; returns file name -> expected manifest outcome."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +114,22 @@ def make_bad_inputs(folder: Path, good: Path) -> dict[str, Expected]:
     for seed, name in enumerate(("with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4", "it's $(echo pwned) `x` ; & |.mp4")):
         render_video(folder / name, seconds=2.5, fps=25, width=160, height=128, shots=1, seed=20 + seed)
         expected[name] = Expected("kept", "")
+
+    os.symlink("link loop.mp4", folder / "link loop.mp4")
+    expected["link loop.mp4"] = Expected("failed", "symbolic link loop")
+    os.symlink("moved away.mp4", folder / "dangling link.mp4")
+    expected["dangling link.mp4"] = Expected("failed", "broken symbolic link: its target 'moved away.mp4' does not exist")
+
+    # A camera original: 4K, 10-bit HEVC; and a 4K ProRes 422 edit export (two frames: too short, but read).
+    _encode(folder / "camera 4k hevc 10bit.mp4", "libx265", 3840, 2160, "yuv420p10le", 12, preset="ultrafast", **{"x265-params": "log-level=error"})
+    expected["camera 4k hevc 10bit.mp4"] = Expected("kept", "")
+    _encode(folder / "edit 4k prores.mov", "prores_ks", 3840, 2160, "yuv422p10le", 2, profile="1")
+    expected["edit 4k prores.mov"] = Expected("filtered", "too short")
+
+    _encode(folder / "odd size 161x121.mp4", "libx264", 161, 121, "yuv444p", 20)  # 4:4:4 allows odd sizes
+    expected["odd size 161x121.mp4"] = Expected("kept", "")
+    _zero_size_header(folder / "odd size 161x121.mp4", folder / "zero size header.mp4")
+    expected["zero size header.mp4"] = Expected("kept", "")
 
     _rewrite_without_timestamps(good, folder / "zero_timestamps.mp4")
     expected["zero_timestamps.mp4"] = Expected("kept", "")

@@ -107,4 +107,4 @@ def as_root() -> bool:
 def video_files(folder: Path) -> list[Path]:
     from tasks.discover import VIDEO_EXTENSIONS
 
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    return sorted(p for p in folder.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS)

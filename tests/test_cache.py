@@ -3,8 +3,10 @@ and clips too short for any bucket."""
 
 from __future__ import annotations
 
+import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -99,15 +101,27 @@ def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path
     assert before != cache_fingerprint(family, pipe, model)
 
 
-def test_vae_slicing_and_tiling_give_the_same_moments(curated, tiny_wan, tmp_path):
-    output, _, _ = curated
-    family, pipe, model = tiny_wan
-    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
-    results = {}
+def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_moments(tiny_wan, tmp_path, monkeypatch):
+    """A 320x288 clip is past Wan's 256-pixel tile, so tiling really splits it (the curated 64x64 clips never are)."""
+    from training.media import write_mp4
+
+    family, _, model = tiny_wan
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 255, (1, 288, 320, 3), dtype=np.uint8), 9, axis=0)
+    write_mp4(frames, tmp_path / "large.mp4", fps=8)
+    meta = {"clip_id": "large", "num_frames": 9, "height": 288, "width": 320, "caption": "a large clip"}
+    with wds.TarWriter(str(tmp_path / "large.tar")) as sink:
+        sink.write({"__key__": "large", "mp4": (tmp_path / "large.mp4").read_bytes(), "json": json.dumps(meta).encode()})
+    results, tiled_calls = {}, []
     for flags in ((False, False), (True, True)):
         fresh = family.load_pipeline(model)
+        tiled = fresh.vae.tiled_encode
+        monkeypatch.setattr(fresh.vae, "tiled_encode", lambda x, *a, _flags=flags, _tiled=tiled, **k: tiled_calls.append(_flags) or _tiled(x, *a, **k))
         params = PrecomputeParams(frame_buckets=[9], vae_slicing=flags[0], vae_tiling=flags[1])
-        result = precompute(shards, family, fresh, model, tmp_path / str(flags), params)
+        result = precompute([str(tmp_path / "large.tar")], family, fresh, model, tmp_path / str(flags), params)
         sample = next(iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False)))
         results[flags] = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])[0]
-    assert torch.allclose(results[(False, False)], results[(True, True)], atol=1e-4)
+    assert tiled_calls == [(True, True)]  # the tiling leg encoded in tiles, the other in one piece
+    whole, tiles = results[(False, False)], results[(True, True)]
+    assert whole.shape == tiles.shape
+    assert torch.nn.functional.cosine_similarity(whole.flatten(), tiles.flatten(), dim=0) > 0.99  # tiles blend at the seams

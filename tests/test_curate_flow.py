@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 from pathlib import Path
 
 import decord
@@ -38,7 +40,8 @@ def test_every_row_not_kept_has_a_reason(manifest):
     "name",
     ["empty.mp4", "readme.mp4", "truncated.mp4", "audio_only.mp4", "too_short.mp4", "one_frame.mp4",
      "corrupt_middle.mp4", "locked.mp4", "with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4",
-     "it's $(echo pwned) `x` ; & |.mp4", "copy of a good video.mp4", "zero_timestamps.mp4"],
+     "it's $(echo pwned) `x` ; & |.mp4", "copy of a good video.mp4", "zero_timestamps.mp4", "link loop.mp4",
+     "dangling link.mp4", "camera 4k hevc 10bit.mp4", "edit 4k prores.mov", "odd size 161x121.mp4", "zero size header.mp4"],
 )  # fmt: skip
 def test_bad_input_becomes_a_record(curated, manifest, name, as_root):
     _, _, (folder, _, expected) = curated
@@ -132,13 +135,26 @@ def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest, mak
     assert [r.to_dict() for r in again] == [r.to_dict() for r in manifest]
 
 
-def test_other_clip_settings_on_the_same_output_are_refused(curated, make_params):
+@pytest.mark.parametrize(
+    "group, change, named",
+    [("scenes", {"threshold": 30.0}, "scenes.threshold"), ("clips", {"fps": 12}, "clips.fps"),
+     ("captions", {"trigger": "in xyz style"}, "captions.trigger"), ("scores", "other weights", "scores.clip_pretrained")],
+)  # fmt: skip
+def test_other_settings_on_the_same_output_are_refused_naming_them(curated, make_params, tiny_clip, tmp_path, group, change, named):
+    import shutil
+
     from flows.curate import curate
     from tasks.output import OutputMismatchError
 
     output, _, (folder, _, _) = curated
-    with pytest.raises(OutputMismatchError, match="clips.fps"):
-        curate(make_params(folder, output, clips={"fps": 12}))
+    if change == "other weights":  # the same model from another file: the scores would differ
+        change = {"clip_pretrained": str(shutil.copy(tiny_clip, tmp_path / "other-clip.safetensors"))}
+    settings = (output / ".vidtune" / "clip_settings.json").read_bytes()
+    manifest = (output / "manifest.parquet").read_bytes()
+    with pytest.raises(OutputMismatchError, match=rf"\({re.escape(named)}\);.*overwrite=true"):
+        curate(make_params(folder, output, **{group: change}))
+    assert (output / ".vidtune" / "clip_settings.json").read_bytes() == settings  # the refusal changed nothing
+    assert (output / "manifest.parquet").read_bytes() == manifest
 
 
 def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos, tmp_path, cli_sets):
@@ -161,6 +177,39 @@ def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos
     lenient = vidtune_curate("b")
     assert lenient.returncode == 0 and "not a video" in lenient.stdout
     assert vidtune_curate("c", "--strict").returncode == 1
+
+
+def test_an_unreadable_source_is_a_record_at_flow_level(prefect_api, raw_videos, tiny_clip, make_params, as_root):
+    """The whole curate flow, run as an unprivileged user when the suite runs as root (root reads any file), with
+    folders that user may use; the unreadable source is a record and the readable one is curated."""
+    import os
+    import tempfile
+    from contextlib import nullcontext
+
+    from flows.curate import curate
+    from tests.test_discover import _as_nobody
+
+    _, videos = raw_videos
+    root = Path(tempfile.mkdtemp(prefix="vidtune-user-"))  # outside pytest's root-only (0700) tmp folders
+    try:
+        (root / "in").mkdir()
+        (root / "out").mkdir()
+        shutil.copy(videos[0].path, root / "in" / "good.mp4")
+        shutil.copy(videos[1].path, root / "in" / "locked.mp4")
+        os.chmod(root / "in" / "locked.mp4", 0)
+        weights = shutil.copy(tiny_clip, root / "clip.safetensors")
+        if as_root:
+            for path, mode in ((root, 0o755), (root / "in", 0o755), (weights, 0o644)):
+                os.chmod(path, mode)
+            os.chown(root / "out", 65534, 65534)
+        with _as_nobody() if as_root else nullcontext():
+            summary = curate(make_params(root / "in", root / "out", scores={"clip_pretrained": str(weights)}))
+        rows = read_manifest(root / "out" / "manifest.parquet")
+        locked = [r for r in rows if r.source.endswith("locked.mp4")]
+        assert [(r.status.value, r.reason) for r in locked] == [("failed", "permission denied: the file is not readable by this user")]
+        assert summary["clips"]["kept"] > 0 and all(r.status.value == "kept" for r in rows if r.source.endswith("good.mp4"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_remote_input_url(prefect_api, raw_videos, tmp_path, make_params):

@@ -90,6 +90,94 @@ def test_new_thresholds_refilter_without_reextracting(scored, scored_inputs, mak
     assert summary["clips"]["filtered"] == 0
 
 
+def _shard_keys(output) -> list[str]:
+    return [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (output / "shards").glob("*.tar")), shardshuffle=False)]
+
+
+def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored, scored_inputs, make_params, tmp_path):
+    import shutil
+
+    from flows.curate import curate
+
+    output, _, _ = scored
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    kept = sorted((r for r in read_manifest(copy / "manifest.parquet") if r.status.value == "kept"), key=lambda r: r.motion_score)
+    assert len(kept) >= 2 and sorted(_shard_keys(copy)) == sorted(r.clip_id for r in kept)  # all packed already
+    dropped, survivors = kept[0], kept[1:]
+    assert dropped.motion_score < survivors[0].motion_score
+    stricter = (dropped.motion_score + survivors[0].motion_score) / 2  # drops exactly the least moving clip
+    summary = curate(make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_motion": stricter}))
+    assert summary["sources"]["resumed"] == 4  # a threshold change re-filters the staged rows, nothing re-extracted
+    rows = {r.clip_id: r for r in read_manifest(copy / "manifest.parquet") if r.clip_id}
+    assert rows[dropped.clip_id].status.value == "filtered" and rows[dropped.clip_id].reason.startswith("static: motion")
+    assert rows[dropped.clip_id].shard is None
+    keys = _shard_keys(copy)
+    assert sorted(keys) == sorted(r.clip_id for r in survivors)  # the dropped one gone, each kept one exactly once
+    for clip_id in keys:
+        assert (copy / "shards" / rows[clip_id].shard).is_file()
+    assert not [p.name for p in (copy / "shards").iterdir() if not p.name.endswith(".tar")]  # no temporary files
+
+
+def test_overwrite_replaces_an_output_made_with_other_settings(scored, scored_inputs, make_params, tmp_path):
+    import shutil
+
+    from flows.curate import curate
+
+    output, _, before = scored
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    old_ids = {r.clip_id for r in before.values()}
+    # 48 pixels wide: a width decord cannot copy out (its padded rows); scoring reads such clips with PyAV
+    new = dict(captions={"trigger": "new"}, scenes={"max_clip_s": 1.0}, clips={"width": 48, "height": 32})
+    summary = curate(make_params(scored_inputs, copy, overwrite=True, **new))
+    assert summary["sources"]["resumed"] == 0  # nothing staged under the old settings is reused
+    rows = [r for r in read_manifest(copy / "manifest.parquet") if r.clip_id]
+    kept = {r.clip_id for r in rows if r.status.value == "kept"}
+    assert kept and not old_ids & {r.clip_id for r in rows}  # 1 s clips: none of the 3 s clips is left
+    assert all(r.caption.startswith("new, ") and r.end_s - r.start_s <= 1.0 + 1e-6 for r in rows)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (copy / "shards").glob("*.tar")), shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(kept)
+    for sample in samples:
+        with av.open(io.BytesIO(sample["mp4"])) as container:
+            assert (container.streams.video[0].width, container.streams.video[0].height) == (48, 32)
+        assert json.loads(sample["json"])["motion_score"] > 0
+    staged = {p.stem for p in (copy / ".vidtune" / "staging").rglob("*.mp4")}
+    assert staged == {r.clip_id for r in rows}  # no clip of the old run is left in staging either
+
+
+def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(scored, scored_inputs, make_params, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from flows.curate import curate
+
+    output, _, rows = scored
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    shutil.rmtree(copy / "shards")  # everything staged, nothing packed yet
+    kept = sorted(r.clip_id for r in rows.values() if r.status.value == "kept")
+    real_write, writes = wds.TarWriter.write, []
+
+    def write_until_full(self, sample):
+        writes.append(sample["__key__"])
+        if len(writes) == 2:  # the disk fills while the second shard is written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, sample)
+
+    params = make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, shards={"max_clips_per_shard": 1})
+    monkeypatch.setattr(wds.TarWriter, "write", write_until_full)
+    with pytest.raises(OSError, match=rf"no space left on the device of {copy}/shards with {len(kept) - 1} kept clips still to pack .*run the same command again"):
+        curate(params)
+    assert _shard_keys(copy) == kept[:1] and sorted(p.name for p in (copy / "shards").iterdir()) == ["shard-000000.tar"]
+    monkeypatch.setattr(wds.TarWriter, "write", real_write)  # space freed
+    curate(params)
+    keys = _shard_keys(copy)
+    assert sorted(keys) == kept and len(keys) == len(set(keys))  # every kept clip exactly once
+    manifest = {r.clip_id: r.shard for r in read_manifest(copy / "manifest.parquet") if r.status.value == "kept"}
+    assert all((copy / "shards" / shard).is_file() for shard in manifest.values()) and sorted(manifest) == kept
+
+
 def test_near_duplicates_are_removed_naming_the_kept_clip(prefect_api, scored_inputs, make_params, tmp_path):
     from flows.curate import curate
 

@@ -1,6 +1,5 @@
 """prefect.yaml against the flows: every preset validates against its flow's pydantic model, `prefect deploy --all`
-as infra/worker-entrypoint.sh runs it registers them on a process work pool of a real server (idempotently), `vidtune run` merges changes into a preset key by key,
-and the GPU concurrency limit keeps two GPU stages from overlapping."""
+as infra/worker-entrypoint.sh runs it registers them on a process work pool of a real server (idempotently), and `vidtune run` merges changes into a preset key by key (the GPU limit in real flows: test_finetune_flow)."""
 
 from __future__ import annotations
 
@@ -8,8 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -120,28 +117,3 @@ def test_serve_against_a_configured_server_that_is_down_says_what_to_do(tmp_path
     env = os.environ | {"PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
     result = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not answer" in result.stdout and "vidtune server start" in result.stdout
-
-
-def test_gpu_slot_lets_one_gpu_stage_run_at_a_time(prefect_api):
-    from prefect import flow
-
-    from flows.gpu import gpu_slot
-
-    spans: list[tuple[float, float]] = []
-
-    @flow
-    def gpu_stage() -> None:
-        with gpu_slot("gpu-test"):  # created on first use, with one slot
-            start = time.monotonic()
-            time.sleep(1.5)
-            spans.append((start, time.monotonic()))
-
-    threads = [threading.Thread(target=gpu_stage) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    first, second = sorted(spans)
-    assert len(spans) == 2 and first[1] <= second[0]  # the second waited for the first
-    limit = httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu-test").json()
-    assert limit["limit"] == 1 and limit["active_slots"] == 0  # released at the end

@@ -1,6 +1,6 @@
 """The shared family suite, run over every registered family: tiny build -> from_pretrained -> encode a clip ->
 finite loss -> LoRA steps lower the loss on a fixed batch -> save_lora_weights -> a fresh pipeline loads it and
-generates."""
+generates what the trained model generates (and not what the base does); the same for a full fine-tune."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ FRAMES = 9  # valid for every family: 4k+1 (Wan, CogVideoX) and 8k+1 (LTX); CogV
 def _video(frames=FRAMES, size=32, seed=0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.uniform(-1, 1, (1, 3, frames, size, size)).astype(np.float32))
+
+
+def _render(pipe) -> np.ndarray:
+    """Two denoising steps from fixed noise: equal weights give (nearly) equal videos."""
+    return pipe(
+        prompt="a red car in sks style", num_frames=FRAMES, height=32, width=32, num_inference_steps=2,
+        guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0),
+    ).frames  # fmt: skip
+
+
+def _assert_loaded_weights_are_the_trained_ones(trained: np.ndarray, loaded: np.ndarray, base: np.ndarray) -> None:
+    assert loaded.shape == (1, FRAMES, 32, 32, 3) and np.isfinite(loaded).all()
+    assert np.abs(loaded - trained).max() < 1e-4  # what the trained model makes
+    assert np.abs(loaded - base).max() > 1e-3  # and not what the base makes: the weights were applied
 
 
 def test_every_family_has_a_tiny_model():
@@ -73,13 +87,11 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
 
     type(pipe).save_lora_weights(tmp_path / "lora", **{f"{family.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)})
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    trained = _render(pipe)
     fresh = family.load_pipeline(str(folder))
+    base = _render(fresh)
     fresh.load_lora_weights(tmp_path / "lora")
-    video = fresh(
-        prompt="a red car in sks style", num_frames=FRAMES, height=32, width=32, num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0),
-    ).frames  # fmt: skip
-    assert video.shape == (1, FRAMES, 32, 32, 3) and np.isfinite(video).all()
+    _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh), base)
 
 
 def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
@@ -95,8 +107,13 @@ def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
 
 
 def test_valid_frame_counts(family_model):
+    from training.cache import DEFAULT_FRAME_BUCKETS
+
     family, _ = family_model
     assert family.valid_num_frames(FRAMES) and not family.valid_num_frames(0) and not family.valid_num_frames(1000)
+    assert all(family.valid_num_frames(frames) for frames in DEFAULT_FRAME_BUCKETS[family.name])  # none silently dropped
+    if family.name == "wan":
+        assert family.valid_num_frames(81)  # Wan's published clip length, its longest default bucket
     if family.name in ("wan", "cogvideox", "ltx-video"):  # temporally compressed: only 4k+1 / 8k+1 counts
         assert not family.valid_num_frames(6)
 
@@ -136,10 +153,11 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     assert all(torch.equal(p, frozen[n]) for n, p in denoiser.named_parameters() if n in frozen)
 
     denoiser.save_pretrained(tmp_path / "denoiser")
+    trained = _render(pipe)
     fresh = family.load_pipeline(str(folder))
+    base = _render(fresh)
     setattr(fresh, family.denoiser_name, type(denoiser).from_pretrained(tmp_path / "denoiser"))
-    video = fresh(prompt="sks", num_frames=FRAMES, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np").frames
-    assert video.shape == (1, FRAMES, 32, 32, 3)
+    _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh), base)
 
 
 def test_select_trainable_names_an_example_when_nothing_matches():

@@ -148,6 +148,19 @@ def test_no_clip_fitting_a_bucket_names_the_buckets_and_the_clips(prefect_api, c
         finetune(finetune_params(curated, weightless_model, tmp_path, precompute={"frame_buckets": [81]}))
 
 
+def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(prefect_api, curated, wan_model, tmp_path):
+    """What a published model with a short RoPE table (or too-large clips) would hit deep inside attention as
+    `RuntimeError: shape '[1, 1, 52, -1]' is invalid` is a message before anything loads."""
+    from flows.finetune import finetune
+
+    model = shutil.copytree(wan_model, tmp_path / "model")
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    (model / "transformer" / "config.json").write_text(json.dumps({**config, "rope_max_seq_len": 3}))
+    with pytest.raises(ValueError, match=r"clips.height: 64 pixels make 4 latent patches, more than this model's RoPE table holds \(transformer rope_max_seq_len = 3: at most 48 pixels\); curate smaller clips"):
+        finetune(finetune_params(curated, str(model), tmp_path, precompute={"frame_buckets": [9]}))
+    assert not (tmp_path / "cache").exists()  # refused before precompute
+
+
 def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path):
     from flows.config import ParamError, build_params
     from flows.finetune import FinetuneParams
@@ -173,3 +186,60 @@ def test_finetune_help_and_parameter_list():
     listing = _cli("finetune", "--list-params").stdout
     for name in ("training_type", "rank", "alpha", "learning_rate", "batch_size", "max_steps", "gradient_checkpointing", "mixed_precision", "resume"):
         assert name in listing
+
+
+def _task_span(api: str, flow_run_id, name: str) -> tuple[float, float]:
+    import httpx
+    from datetime import datetime
+
+    body = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "task_runs": {"name": {"like_": name}}}
+    (run,) = [r for r in httpx.post(f"{api}/task_runs/filter", json=body).json() if r["name"].startswith(f"{name}-")]
+    return tuple(datetime.fromisoformat(run[key]).timestamp() for key in ("start_time", "end_time"))
+
+
+def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, curated, wan_model, tmp_path, caplog):
+    """Two finetune runs started together train one after the other (the second says it waits); an evaluate run on
+    its own waits for the slot too; with gpu_limit=null it runs while the slot is taken."""
+    import threading
+    import time
+
+    from prefect.concurrency.sync import concurrency
+
+    from flows.evaluate import EvaluationParams, evaluate
+    from flows.finetune import finetune
+
+    limit = "gpu-queue-test"
+    states = {}
+
+    def run(name: str) -> None:
+        params = finetune_params(curated, wan_model, tmp_path / name, max_steps=2, gpu_limit=limit, validation={"prompts": []})
+        states[name] = finetune(params, return_state=True)
+
+    def logged(text: str) -> dict[str, list[str]]:
+        return {r.flow_run_name: r.getMessage() for r in caplog.records if text in r.getMessage() and hasattr(r, "flow_run_name")}
+
+    caplog.set_level("INFO")
+    threads = {name: threading.Thread(target=run, args=(name,)) for name in ("first", "second")}
+    threads["first"].start()
+    deadline = time.monotonic() + 120
+    while not logged(f"holding a slot of '{limit}'") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    threads["second"].start()
+    for thread in threads.values():
+        thread.join(600)
+    assert all(state.is_completed() for state in states.values()), states
+    first, second = (_task_span(prefect_api, states[n].state_details.flow_run_id, "train") for n in ("first", "second"))
+    assert first[1] <= second[0]  # the second trained only after the first had finished
+    waiting = logged(f"waiting for a slot of concurrency limit '{limit}' (1 of 1 in use by other runs)")
+    assert len(waiting) == 1  # only the second run waited
+
+    evaluation = {"prompts": ["a red car"], "inference_steps": 1, "clip_model": None}
+    result = {}
+    with concurrency(limit, occupy=1):  # another GPU job holds the only slot
+        queued = threading.Thread(target=lambda: result.update(slot=evaluate(str(tmp_path / "first" / "run"), EvaluationParams(**evaluation, gpu_limit=limit))))
+        queued.start()
+        free = evaluate(str(tmp_path / "first" / "run"), EvaluationParams(**evaluation, gpu_limit=None))  # takes no slot
+        assert free["val_loss_adapted"] > 0 and queued.is_alive() and "slot" not in result
+        assert len(logged(f"waiting for a slot of concurrency limit '{limit}'")) == 2  # the queued evaluate too
+    queued.join(300)
+    assert result["slot"]["val_loss_adapted"] == pytest.approx(free["val_loss_adapted"])

@@ -5,8 +5,6 @@ once, and `generate` renders from `models:/NAME@champion`."""
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 
 import av
 import numpy as np
@@ -117,7 +115,7 @@ def test_a_better_adapter_is_promoted_a_worse_one_never_and_registering_twice_ad
 
     client = MlflowClient(uri)
     assert len(client.search_model_versions("name = 'style-a'")) == 2
-    assert client.get_model_version_by_alias("style-a", CHAMPION).version == strong.version
+    assert str(client.get_model_version_by_alias("style-a", CHAMPION).version) == strong.version
     gate = json.loads((root / "strong" / "evaluation" / "gate.json").read_text())
     assert gate["promote"] and gate["version"] == strong.version
     run = client.get_run(made["strong"]["mlflow_run_id"])
@@ -126,23 +124,78 @@ def test_a_better_adapter_is_promoted_a_worse_one_never_and_registering_twice_ad
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/contact_sheet.png", "evaluation/samples"}
 
 
-def _register(args):
-    run_dir, name, uri, home = args
-    os.environ["VIDTUNE_HOME"] = home
-    return register_run(run_dir, name, uri).version
+def test_a_weaker_adapter_after_a_stronger_champion_is_a_new_version_and_stays_challenger(runs):
+    root, made = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    assert made["weak"]["metrics"]["val_loss_adapted"] > made["strong"]["metrics"]["val_loss_adapted"]
+    strong = register_run(root / "strong", "style-g", uri)
+    weak = register_run(root / "weak", "style-g", uri)  # other weights, registered later
+    assert weak.created and int(weak.version) == int(strong.version) + 1 and not weak.decision.promote
+    assert weak.aliases == [CHALLENGER] and set(strong.aliases) == {CHALLENGER, CHAMPION}
+    failed = [c["check"] for c in weak.decision.checks if not c["passed"]]
+    assert failed == [f"beats champion v{strong.version}"]  # it beats the base, just not the champion
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("style-g", CHAMPION).version) == strong.version
+    assert str(client.get_model_version_by_alias("style-g", CHALLENGER).version) == weak.version
+    assert client.get_model_version("style-g", weak.version).tags["vidtune.gate"].startswith("kept as challenger")
 
 
-def test_concurrent_registration_keeps_both_versions_and_consistent_aliases(runs):
+def test_concurrent_registration_serialises_the_gate(runs, monkeypatch):
+    """The weak run's registrar pauses between reading the champion and moving the aliases while the strong run
+    registers. Without the lock, the weak one would then overwrite `champion` with a decision made before the
+    strong one existed; with it, the strong registrar waits and is judged against the weak champion."""
+    import threading
+
+    import evaluation.registry as registry
+
     root, _ = runs
     uri = f"sqlite:///{root}/mlflow.db"
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        versions = pool.map(_register, [(str(root / n), "style-b", uri, os.environ["VIDTUNE_HOME"]) for n in ("weak", "strong")])
+    weak_decided, strong_entered, strong_past_lock, strong_done = (threading.Event() for _ in range(4))
+    decide, ensure = registry.decide, registry._ensure_model
+
+    def pausing_decide(metrics, champion, tolerance):
+        decision = decide(metrics, champion, tolerance)
+        if threading.current_thread().name == "weak":
+            weak_decided.set()
+            strong_entered.wait(60)
+            if strong_past_lock.wait(5):  # no lock: the strong registrar is in; let it finish first
+                strong_done.wait(120)
+        return decision
+
+    def marking_ensure(client, name):
+        if threading.current_thread().name == "strong":
+            strong_past_lock.set()
+        return ensure(client, name)
+
+    monkeypatch.setattr(registry, "decide", pausing_decide)
+    monkeypatch.setattr(registry, "_ensure_model", marking_ensure)
+    results, errors = {}, []
+
+    def register(run: str) -> None:
+        try:
+            if run == "strong":
+                weak_decided.wait(120)
+                strong_entered.set()
+            results[run] = register_run(root / run, "style-b", uri)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            if run == "strong":
+                strong_done.set()
+
+    threads = [threading.Thread(target=register, args=(run,), name=run) for run in ("weak", "strong")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
     client = MlflowClient(uri)
     registered = client.search_model_versions("name = 'style-b'")
-    assert sorted(int(v.version) for v in registered) == [1, 2] and sorted(map(int, versions)) == [1, 2]
-    by_run = {v.tags["vidtune.run_dir"]: str(v.version) for v in registered}
-    assert str(client.get_model_version_by_alias("style-b", CHAMPION).version) == by_run[str(root / "strong")]
+    assert sorted(int(v.version) for v in registered) == [1, 2]
+    assert (results["weak"].version, results["strong"].version) == ("1", "2")
+    assert str(client.get_model_version_by_alias("style-b", CHAMPION).version) == results["strong"].version
     assert str(client.get_model_version_by_alias("style-b", CHALLENGER).version) == "2"  # the newest
+    assert "beats champion v1" in json.dumps(results["strong"].decision.checks)  # judged after the weak one
 
 
 def test_generate_from_the_champion_writes_the_requested_frames(runs, tmp_path):

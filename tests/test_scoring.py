@@ -52,6 +52,22 @@ def test_models_are_loaded_once_per_process(tiny_clip):
     assert Annotators.load(CaptionParams(), scores).clip is Annotators.load(CaptionParams(), scores).clip
 
 
+def test_the_weights_in_the_file_are_the_ones_scoring_even_when_the_file_is_replaced(tiny_clip, tmp_path):
+    import shutil
+
+    from tasks.tiny_models import build_tiny_clip
+
+    weights = shutil.copy(tiny_clip, tmp_path / "clip.safetensors")
+    frames = [np.random.default_rng(0).integers(0, 255, (2, 48, 48, 3), dtype=np.uint8)]
+    scores = ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(weights))
+    first = Annotators.load(CaptionParams(), scores).clip.score(frames, ["a red car"])[0][0]
+    assert ClipScorer(TINY_CLIP, str(tiny_clip), "cpu").score(frames, ["a red car"])[0][0] == pytest.approx(first, abs=1e-6)
+    build_tiny_clip(weights, seed=1)  # other weights, same path (a warm worker has the old ones loaded)
+    second = Annotators.load(CaptionParams(), scores).clip.score(frames, ["a red car"])[0][0]
+    assert abs(second - first) > 1e-3
+    assert ClipScorer(TINY_CLIP, str(weights), "cpu").score(frames, ["a red car"])[0][0] == pytest.approx(second, abs=1e-6)
+
+
 def test_a_clip_whose_frames_cannot_be_read_fails_alone(tmp_path, tiny_clip):
     good = ClipRecord(clip_id="good", source="s", source_sha256="x", fps=8, end_s=2)
     bad = ClipRecord(clip_id="bad", source="s", source_sha256="x", fps=8, end_s=2)

@@ -3,6 +3,7 @@ divergence, the ComfyUI export, and the data stream's guarantees (disjoint reade
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -10,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from training.cache import PrecomputeParams, precompute
@@ -57,7 +59,8 @@ def _train_until_killed(job_json: str, step: int) -> None:
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, tmp_path):
     settings = {"ema_decay": 0.9, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "warmup_steps": 2}
-    full = train(make_job(wan_model, wan_cache, tmp_path / "full", **settings))
+    full = train(make_job(wan_model, wan_cache, tmp_path / "full", checkpoint_every=2, keep_checkpoints=2, **settings))
+    assert [p.name for p in full.checkpoints] == ["checkpoint-000004", "checkpoint-000006"]  # step 2's pruned
 
     job = make_job(wan_model, wan_cache, tmp_path / "killed", **settings)
     child = multiprocessing.get_context("spawn").Process(target=_train_until_killed, args=(job.model_dump_json(), 4))
@@ -70,11 +73,42 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, 
 
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run; continue it with resume=latest"):
         train(job)  # starting over by accident would mix two runs' checkpoints
+    killed_run = json.loads((checkpoints / "checkpoint-000003" / "trainer_state.json").read_text())["mlflow_run_id"]
     resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest"})}))
     assert resumed.steps == full.steps == 6
+    assert resumed.mlflow_run_id == killed_run  # the same MLflow run goes on: one loss curve, steps 1-6
+    history = MlflowClient(job.tracking_uri).get_metric_history(killed_run, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 4, 5, 6]  # step 4 logged before the kill, then again
+    assert [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))][4:] == pytest.approx(resumed.losses[3:6], abs=1e-6)
     assert resumed.losses[3:6] == pytest.approx(full.losses[3:6], abs=1e-5)
     got, want = (load_file(r.weights / "pytorch_lora_weights.safetensors") for r in (resumed, full))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+
+
+def _interrupt_self_at(job_json: str, step: int) -> None:
+    def on_step(done: int, loss: float) -> None:
+        if done == step:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal sends
+
+    try:
+        train(TrainJob.model_validate_json(job_json), on_step=on_step)
+    except KeyboardInterrupt:
+        os._exit(130)
+
+
+def test_ctrl_c_saves_the_steps_done_and_says_how_to_resume(wan_model, wan_cache, tmp_path, capfd):
+    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=4, checkpoint_every=100)  # no checkpoint due
+    child = multiprocessing.get_context("spawn").Process(target=_interrupt_self_at, args=(job.model_dump_json(), 2))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 130
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000002"
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [checkpoint.name]
+    assert f"interrupted at step 2; checkpoint to resume from: {checkpoint} (step 2). Continue with the same out folder and --set resume=latest" in capfd.readouterr().err
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert MlflowClient(job.tracking_uri).get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest", "max_steps": 3})}))
+    assert resumed.steps == 3 and len(resumed.losses) == 3 and resumed.mlflow_run_id == state["mlflow_run_id"]
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(wan_model, wan_cache):

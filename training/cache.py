@@ -14,7 +14,6 @@ second run reuses what is there and encodes only clips that are new.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -96,10 +95,9 @@ def _cached_ids(bucket_dir: Path) -> set[str]:
 
 def decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
     """The first `frames` frames of a clip as (1, 3, frames, h, w) in [-1, 1]."""
-    import decord
+    from training.media import read_frames
 
-    reader = decord.VideoReader(io.BytesIO(mp4))
-    array = reader.get_batch(list(range(frames))).asnumpy()
+    array = read_frames(mp4, list(range(frames)))
     video = torch.from_numpy(array).permute(3, 0, 1, 2).float() / 127.5 - 1.0
     return video.unsqueeze(0)
 

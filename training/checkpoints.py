@@ -32,6 +32,11 @@ def find_latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def saved_step(checkpoint: Path) -> int:
+    """The optimizer steps a checkpoint holds."""
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
+
+
 def resolve_resume(resume: str | None, root: Path) -> Path | None:
     """`latest` -> newest checkpoint under `root` (None when there is none yet); a path -> that checkpoint."""
     if resume is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from training.adapters import (
     save_lora_adapter,
 )
 from training.cache import check_cached_prompts
-from training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume
+from training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume, saved_step
 from training.data import make_stream
 from training.families import ModelFamily, TextEmbeddings, get_family
 from training.families.objectives import check_objective_params
@@ -201,9 +202,9 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
             state.step += 1
             state.samples += per_step
             state.losses.append(sum(micro_losses) / len(micro_losses))
-            micro_losses = []
             if ema is not None:
                 ema.step(list(trainable.values()))
+            micro_losses = []  # empty again: the state is at a step boundary (what an interrupt may checkpoint)
             rate = (state.step - started_step) * per_step / (time.perf_counter() - started)
             metrics = {"loss": state.losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "samples_per_s": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}  # fmt: skip
@@ -216,6 +217,15 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                 checkpointer.save(state)
             if state.step % params.validation.every == 0 or state.step == params.max_steps:
                 validate(state.step)
+    except KeyboardInterrupt:
+        bar.close()
+        resumable = _checkpoint_on_interrupt(checkpointer, state, at_boundary=not micro_losses)
+        tracker.finish("KILLED")
+        if accelerator.is_main_process:
+            where = f"{resumable} (step {saved_step(resumable)})" if resumable else "none (it starts over)"
+            print(f"\ninterrupted at step {state.step}; checkpoint to resume from: {where}. Continue with the same out "
+                  f"folder and --set resume=latest.", file=sys.stderr, flush=True)  # fmt: skip
+        raise
     except BaseException:
         bar.close()
         tracker.finish("FAILED")
@@ -233,6 +243,15 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     accelerator.end_training()
     return TrainResult(out, weights, state.step, state.losses, tracker.run_id, rate, peak_memory_mb(accelerator.device),
                        sorted((out / "checkpoints").glob("checkpoint-*")))  # fmt: skip
+
+
+def _checkpoint_on_interrupt(checkpointer: Checkpointer, state: TrainState, at_boundary: bool) -> Path | None:
+    """On Ctrl-C, save the steps done since the last checkpoint when that is safe (one process, between optimizer
+    steps); return the checkpoint a resume starts from."""
+    latest = checkpointer.latest()
+    if at_boundary and state.step > (saved_step(latest) if latest else 0) and checkpointer.accelerator.num_processes == 1:
+        return checkpointer.save(state)
+    return latest
 
 
 def pipe_without_text_encoders(job: TrainJob) -> bool:

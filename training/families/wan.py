@@ -23,6 +23,28 @@ class WanFamily:
         (".ffn.net.2.", ".ffn.2."),
     )  # fmt: skip
 
+    def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
+        """Refuse, naming the setting, clips whose latent grid is longer than the transformer's RoPE table (which
+        would fail deep inside attention with a reshape error). Reads a local model's config; hub ids pass."""
+        import json
+        from pathlib import Path
+
+        config_file = Path(model).expanduser() / "transformer" / "config.json"
+        if not config_file.is_file():
+            return
+        config = json.loads(config_file.read_text())
+        (pt, ph, pw), limit = config["patch_size"], config["rope_max_seq_len"]
+        grid = {"precompute.frame_buckets": (frames, ((frames - 1) // 4 + 1) // pt, 4 * pt, "frames", "train on shorter buckets"),
+                "clips.height": (height, height // 8 // ph, 8 * ph, "pixels", "curate smaller clips"),
+                "clips.width": (width, width // 8 // pw, 8 * pw, "pixels", "curate smaller clips")}  # fmt: skip
+        for setting, (size, patches, per_patch, unit, remedy) in grid.items():
+            if patches > limit:
+                raise ValueError(
+                    f"{setting}: {size} {unit} make {patches} latent patches, more than this model's RoPE table holds "
+                    f"(transformer rope_max_seq_len = {limit}: at most {limit * per_patch} {unit}); {remedy} "
+                    f"(--set {setting}=...) or use a model with a longer table"
+                )
+
     def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         from diffusers import WanPipeline
 
