@@ -255,21 +255,21 @@ def _warm_up() -> int:
 
 def _preload(models: list[list]) -> None:
     """Load, in the worker, the CPU CLIP models children used, so the next child has them (copy-on-write)."""
-    from tasks.scoring import ClipScorer, cached_model
+    from tasks.annotate import load_clip_scorer
 
-    for key in models:
-        kind, name, pretrained, device = key
-        if kind == "clip" and device == "cpu":
+    for name, pretrained, device in models:
+        if device == "cpu":
             try:
-                cached_model(tuple(key), lambda: ClipScorer(name, pretrained, device))
+                load_clip_scorer(name, pretrained, device)
             except Exception as exc:  # noqa: BLE001 - a child will load (and report) it itself
-                print(f"could not preload {key}: {exc}", flush=True)
+                print(f"could not preload CLIP {name} {pretrained}: {exc}", flush=True)
 
 
 def _loaded_models() -> list[list]:
+    """[model, pretrained, device] of the CPU CLIP scorers this process holds."""
     from tasks.scoring import ClipScorer, _models
 
-    return [list(k) for k, v in _models.items() if isinstance(v, ClipScorer) and len(k) == 4 and k[3] == "cpu"]
+    return [[k[1], k[2], k[-1]] for k, v in _models.items() if isinstance(v, ClipScorer) and k[0] == "clip" and k[-1] == "cpu"]
 
 
 def _child(listener: socket.socket, conn: socket.socket, request: dict, fds: list[int], threads: int, report: int) -> None:

@@ -41,10 +41,15 @@ class Annotators:
             captioner = cached_model(key, lambda: VlmCaptioner(captions.vlm_model, device))
         clip = None
         if scores.clip:
-            # A weights file replaced in place is a new model (a warm worker must not keep scoring with the old one).
-            key = ("clip", scores.clip_model, scores.clip_pretrained, local_version(scores.clip_pretrained), device)
-            clip = cached_model(key, lambda: ClipScorer(scores.clip_model, scores.clip_pretrained, device))
+            clip = load_clip_scorer(scores.clip_model, scores.clip_pretrained, device)
         return cls(captioner, clip)
+
+
+def load_clip_scorer(model: str, pretrained: str | None, device: str) -> ClipScorer:
+    """The process's scorer for these weights. A weights file replaced in place is a new model: a warm worker must
+    not keep scoring with the old one."""
+    key = ("clip", model, pretrained, local_version(pretrained), device)
+    return cached_model(key, lambda: ClipScorer(model, pretrained, device))
 
 
 def _evenly(frames: np.ndarray, count: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,10 +68,10 @@ def test_run_changes_merge_into_the_preset_key_by_key():
     assert merged["run"] == "/runs/x" and merged["params"] == {**evaluate["params"], "inference_steps": 4}
 
 
-@pytest.mark.slow
 def _start_worker(env: dict) -> str:
     """infra/worker-entrypoint.sh until its worker polls the pool (then stopped); returns what it printed."""
-    process = subprocess.Popen(["bash", str(ROOT / "infra" / "worker-entrypoint.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(["bash", str(ROOT / "infra" / "worker-entrypoint.sh")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     lines: list[str] = []
     try:
         for line in process.stdout:  # ends if the script exits first
@@ -78,13 +79,18 @@ def _start_worker(env: dict) -> str:
             if "started!" in line:  # prefect's "Worker 'ProcessWorker …' started!"
                 break
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a slow graceful shutdown: the test has what it needs
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     output = "".join(lines)
     assert "started!" in output, output
     return output
 
 
+@pytest.mark.slow
 def test_worker_entrypoint_creates_the_pool_the_gpu_limit_and_the_deployments_and_is_idempotent(prefect_api):
     """What the compose worker runs on each start, against a real server: a missing pool and `gpu` limit are
     created, `prefect deploy --all` registers every deployment of prefect.yaml on the pool, and a restart changes

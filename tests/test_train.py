@@ -86,6 +86,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, 
 
 
 def _interrupt_self_at(job_json: str, step: int) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a test runner may ignore SIGINT)
+
     def on_step(done: int, loss: float) -> None:
         if done == step:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal sends
