@@ -59,7 +59,7 @@ def local_version(reference: str | None) -> tuple:
     if path is None or not path.exists():
         return ()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return tuple((str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return tuple((str(f.relative_to(path)), stat.st_size, stat.st_mtime_ns) for f in files for stat in [f.stat()])
 
 
 def resolve_device(device: str) -> str:
@@ -92,17 +92,18 @@ def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -
     """Read the frames both scores need from an encoded clip in one decord batch."""
     import decord
 
-    from training.media import frame_count, read_frames
+    from training.media import FrameReader
 
     try:
-        n = frame_count(path)
+        reader = FrameReader(path)
+        n = len(reader)
         if n == 0:
             raise FramesUnavailable("frames could not be sampled: the clip has no frames")
         clip_idx = np.linspace(0, n - 1, clip_frames).round().astype(int)
         step = max(1, round(fps / motion_fps))
         motion_idx = np.arange(0, n, step)
         wanted = np.unique(np.concatenate([clip_idx, motion_idx]))
-        batch = read_frames(path, wanted.tolist())
+        batch = reader.get(wanted.tolist())
     except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError for unopenable files
         raise FramesUnavailable(f"frames could not be sampled: {str(exc).splitlines()[0]}") from exc
     position = {int(i): k for k, i in enumerate(wanted)}

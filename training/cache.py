@@ -95,9 +95,9 @@ def _cached_ids(bucket_dir: Path) -> set[str]:
 
 def decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
     """The first `frames` frames of a clip as (1, 3, frames, h, w) in [-1, 1]."""
-    from training.media import read_frames
+    from training.media import FrameReader
 
-    array = read_frames(mp4, list(range(frames)))
+    array = FrameReader(mp4).get(list(range(frames)))
     video = torch.from_numpy(array).permute(3, 0, 1, 2).float() / 127.5 - 1.0
     return video.unsqueeze(0)
 

@@ -13,32 +13,40 @@ from PIL import Image
 from training.files import atomic_path
 
 
-def frame_count(video: str | Path | bytes) -> int:
-    import decord
-
-    return len(decord.VideoReader(io.BytesIO(video) if isinstance(video, bytes) else str(video), num_threads=0))
-
-
-def read_frames(video: str | Path | bytes, indices: list[int]) -> np.ndarray:
-    """The frames at `indices` (in order) as uint8 (n, h, w, 3). decord seeks fastest; for some small frame
-    widths (16, 24, 48, 72 pixels) it fails copying padded rows ("The size must exactly match"), and PyAV,
+class FrameReader:
+    """Random access to a clip's frames (a path or MP4 bytes), opened once. decord seeks fastest; for some small
+    frame widths (16, 24, 48, 72 pixels) it fails copying padded rows ("The size must exactly match"), and PyAV,
     which decodes every frame up to the last one wanted, reads those instead."""
-    import decord
 
-    source = io.BytesIO(video) if isinstance(video, bytes) else str(video)
-    try:
-        return decord.VideoReader(source, num_threads=0).get_batch(list(indices)).asnumpy()  # 0 = decord picks
-    except decord.DECORDError as exc:
-        if "must exactly match" not in str(exc):
-            raise
-    wanted, frames = set(indices), {}
-    with av.open(io.BytesIO(video) if isinstance(video, bytes) else str(video)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
-            if len(frames) == len(wanted):
-                break
-    return np.stack([frames[i] for i in indices])
+    def __init__(self, video: str | Path | bytes):
+        import decord
+
+        self.video = video
+        self.reader = decord.VideoReader(self._source(), num_threads=0)  # 0 = decord picks; ~40% faster than 1 here
+
+    def _source(self):
+        return io.BytesIO(self.video) if isinstance(self.video, bytes) else str(self.video)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def get(self, indices: list[int]) -> np.ndarray:
+        """The frames at `indices`, in that order, as uint8 (n, h, w, 3)."""
+        import decord
+
+        try:
+            return self.reader.get_batch(list(indices)).asnumpy()
+        except decord.DECORDError as exc:
+            if "must exactly match" not in str(exc):
+                raise
+        wanted, frames = set(indices), {}
+        with av.open(self._source()) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if len(frames) == len(wanted):
+                    break
+        return np.stack([frames[i] for i in indices])
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
