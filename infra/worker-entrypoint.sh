@@ -23,32 +23,10 @@ wait_for_server() {
     return 1
 }
 
-# Runs for a pool name prefect.yaml does not use would wait forever: say so now instead.
-check_pool_is_deployed() {
-    python - "$pool" <<'PY'
-import sys, yaml
-pool = sys.argv[1]
-used = sorted({(d.get("work_pool") or {}).get("name") or "" for d in yaml.safe_load(open("prefect.yaml"))["deployments"]})
-if pool not in used:
-    sys.exit(f"VIDTUNE_WORK_POOL={pool!r}, but prefect.yaml's deployments use the work pool(s) {used}")
-PY
-}
-
-# `inspect` first so that a restart changes nothing; `inspect` again if another worker created it meanwhile.
-ensure_work_pool() {
-    prefect work-pool inspect "$pool" >/dev/null 2>&1 && return 0
-    prefect work-pool create "$pool" --type process || prefect work-pool inspect "$pool" >/dev/null
-}
-
-# An existing limit keeps the value its owner set (`prefect gcl update gpu --limit N`).
-ensure_gpu_limit() {
-    prefect gcl inspect gpu >/dev/null 2>&1 && return 0
-    prefect gcl create gpu --limit "$gpu_slots" || prefect gcl inspect gpu >/dev/null
-}
-
 wait_for_server
-check_pool_is_deployed
-ensure_work_pool
-ensure_gpu_limit
+# The pool and the `gpu` limit, each only if missing (an existing limit keeps the value its owner set with
+# `prefect gcl update gpu --limit N`); refuses a pool prefect.yaml's deployments do not use. One process, not
+# four `prefect` commands: each of those spends seconds importing Prefect.
+python -m flows.workpool "$pool" "$gpu_slots"
 prefect deploy --all
 exec prefect worker start --pool "$pool" --type process --limit "$worker_limit"

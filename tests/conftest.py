@@ -49,6 +49,28 @@ def make_params(tiny_clip):
     return make
 
 
+@pytest.fixture
+def vidtune(monkeypatch):
+    """`vidtune ARGS` in this process: (exit code, what it printed). A subprocess would spend ~15 s importing
+    (that path, through the console script: test_cli). Only stdout is taken: Prefect's log handler keeps the
+    stderr it first wrote to, so a stream swapped in for one call (capsys, typer's CliRunner) breaks later tests."""
+    import io
+    from contextlib import redirect_stdout
+
+    from typer.main import get_command
+
+    from flows.cli import app
+
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: str) -> tuple[int, str]:
+        with redirect_stdout(io.StringIO()) as out:
+            code = get_command(app).main(list(args), prog_name="vidtune", standalone_mode=False)
+        return code or 0, out.getvalue()
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def cli_sets(tiny_clip) -> list[str]:
     """The same test settings as --set arguments, for CLI subprocesses."""

@@ -157,26 +157,18 @@ def test_other_settings_on_the_same_output_are_refused_naming_them(curated, make
     assert (output / "manifest.parquet").read_bytes() == manifest
 
 
-def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos, tmp_path, cli_sets):
-    import os
-    import subprocess
-    import sys
-
+def test_strict_exits_nonzero_only_when_something_failed(prefect_api, raw_videos, tmp_path, cli_sets, vidtune):
     _, videos = raw_videos
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "good.mp4").write_bytes(videos[0].path.read_bytes())
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "COLUMNS": "200"}
+    curate = ("curate", str(folder), str(tmp_path / "out"), *cli_sets)
 
-    def vidtune_curate(out: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-c", "from flows.cli import app; app()", "curate", str(folder), str(tmp_path / out), *cli_sets, *extra]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-    assert vidtune_curate("a", "--strict").returncode == 0
+    assert vidtune(*curate, "--strict")[0] == 0
     (folder / "broken.mp4").write_text("not a video")
-    lenient = vidtune_curate("b")
-    assert lenient.returncode == 0 and "not a video" in lenient.stdout
-    assert vidtune_curate("c", "--strict").returncode == 1
+    code, out = vidtune(*curate)  # resumes: only the new source is new work
+    assert code == 0 and "not a video" in out, out
+    assert vidtune(*curate, "--strict")[0] == 1  # the failure recorded before counts too
 
 
 def test_an_unreadable_source_is_a_record_at_flow_level(prefect_api, raw_videos, tiny_clip, make_params, as_root):

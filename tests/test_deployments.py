@@ -117,6 +117,14 @@ def test_worker_entrypoint_creates_the_pool_the_gpu_limit_and_the_deployments_an
         assert httpx.get(f"{prefect_api}/deployments/name/{name}").json()["id"] == stored[name]["id"], name
 
 
+def test_worker_setup_refuses_a_pool_no_deployment_uses_before_touching_the_server(capsys):
+    from flows.workpool import main
+
+    assert main(["elsewhere", "1"]) == 2  # no server is configured here: it stops before asking one
+    assert "VIDTUNE_WORK_POOL='elsewhere', but prefect.yaml's deployments use the work pool(s) ['vidtune']" in capsys.readouterr().err
+    assert main(["vidtune", "0"]) == 2 and "GPU_SLOTS" in capsys.readouterr().err
+
+
 def test_serve_against_a_configured_server_that_is_down_says_what_to_do(tmp_path):
     from tests.test_ui_path import free_port
 

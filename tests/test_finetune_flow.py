@@ -118,11 +118,6 @@ def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, cura
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def _cli(*args, env_extra=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200", **(env_extra or {})})  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def weightless_model(wan_model, tmp_path_factory):
     """Only model_index.json: the family is detectable, but loading any weights would fail."""
@@ -131,13 +126,12 @@ def weightless_model(wan_model, tmp_path_factory):
     return str(folder)
 
 
-def test_missing_or_empty_data_is_refused_before_the_model_loads(prefect_api, weightless_model, tmp_path):
-    env = {"PREFECT_API_URL": prefect_api}
-    missing = _cli("finetune", "--data", str(tmp_path / "nope"), "--model", weightless_model, "--out", str(tmp_path / "r"), env_extra=env)
-    assert missing.returncode == 2 and "does not exist; curate raw videos into it first" in missing.stdout
+def test_missing_or_empty_data_is_refused_before_the_model_loads(prefect_api, weightless_model, tmp_path, vidtune):
+    code, out = vidtune("finetune", "--data", str(tmp_path / "nope"), "--model", weightless_model, "--out", str(tmp_path / "r"))
+    assert code == 2 and "does not exist; curate raw videos into it first" in out
     (tmp_path / "empty" / "shards").mkdir(parents=True)
-    empty = _cli("finetune", "--data", str(tmp_path / "empty"), "--model", weightless_model, "--out", str(tmp_path / "r"), env_extra=env)
-    assert empty.returncode == 2 and "no shards in" in empty.stdout
+    code, out = vidtune("finetune", "--data", str(tmp_path / "empty"), "--model", weightless_model, "--out", str(tmp_path / "r"))
+    assert code == 2 and "no shards in" in out
 
 
 def test_no_clip_fitting_a_bucket_names_the_buckets_and_the_clips(prefect_api, curated, weightless_model, tmp_path):
@@ -161,13 +155,13 @@ def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(
     assert not (tmp_path / "cache").exists()  # refused before precompute
 
 
-def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path):
+def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path, vidtune):
     from flows.config import ParamError, build_params
     from flows.finetune import FinetuneParams
 
-    result = _cli("finetune", "--data", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "rank=0", "--set", "max_steps=0")
-    assert result.returncode == 2
-    assert "rank: Input should be greater than 0" in result.stdout and "max_steps: Input should be greater than 0" in result.stdout
+    code, out = vidtune("finetune", "--data", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "rank=0", "--set", "max_steps=0")
+    assert code == 2
+    assert "rank: Input should be greater than 0" in out and "max_steps: Input should be greater than 0" in out
 
     base = {"data": str(tmp_path), "model": str(tmp_path), "out": str(tmp_path / "r")}
     for sets, message in ((["training_type=full", "fp8_storage=true"], "fp8_storage: only with training_type=lora"),
@@ -180,10 +174,10 @@ def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path):
             build_params(FinetuneParams, base=base, overrides=["mixed_precision=fp16"])
 
 
-def test_finetune_help_and_parameter_list():
-    help_text = _cli("finetune", "--help").stdout
+def test_finetune_help_and_parameter_list(vidtune):
+    _, help_text = vidtune("finetune", "--help")
     assert "--data" in help_text and "resume=latest" in help_text
-    listing = _cli("finetune", "--list-params").stdout
+    _, listing = vidtune("finetune", "--list-params")
     for name in ("training_type", "rank", "alpha", "learning_rate", "batch_size", "max_steps", "gradient_checkpointing", "mixed_precision", "resume"):
         assert name in listing
 
@@ -238,8 +232,11 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
     with concurrency(limit, occupy=1):  # another GPU job holds the only slot
         queued = threading.Thread(target=lambda: result.update(slot=evaluate(str(tmp_path / "first" / "run"), EvaluationParams(**evaluation, gpu_limit=limit))))
         queued.start()
+        deadline = time.monotonic() + 120
+        while len(logged(f"waiting for a slot of concurrency limit '{limit}'")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(logged(f"waiting for a slot of concurrency limit '{limit}'")) == 2  # the queued evaluate waits too
         free = evaluate(str(tmp_path / "first" / "run"), EvaluationParams(**evaluation, gpu_limit=None))  # takes no slot
         assert free["val_loss_adapted"] > 0 and queued.is_alive() and "slot" not in result
-        assert len(logged(f"waiting for a slot of concurrency limit '{limit}'")) == 2  # the queued evaluate too
     queued.join(300)
     assert result["slot"]["val_loss_adapted"] == pytest.approx(free["val_loss_adapted"])
