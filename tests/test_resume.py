@@ -25,10 +25,12 @@ def _env(prefect_api: str) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, raw_videos, tmp_path, cli_sets):
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, raw_videos, tmp_path, cli_sets, make_params):
+    from flows.curate import curate
+
     folder, videos = raw_videos
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    subprocess.run(_curate_cmd(folder, reference, cli_sets), env=_env(prefect_api), check=True, capture_output=True, timeout=300)
+    curate(make_params(folder, reference, workers=1))  # the same settings as cli_sets, in this process
 
     proc = subprocess.Popen(
         _curate_cmd(folder, resumed, cli_sets), env=_env(prefect_api), start_new_session=True,

@@ -66,7 +66,7 @@ def tiny_wan(tmp_path) -> str:
     return str(build_tiny_wan(tmp_path / "wan"))
 
 
-def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(tmp_path, raw_videos, tiny_clip, tiny_wan):
+def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(tmp_path, raw_videos, tiny_clip, tiny_wan, vidtune):
     from tasks.tiny_models import TINY_CLIP
 
     port = free_port()
@@ -117,14 +117,17 @@ def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
         assert "| val_loss |" in artifacts["finetune-summary"]["data"] and "models:/vidtune-style/1" in artifacts["finetune-summary"]["data"]
         assert httpx.get(f"{api}/v2/concurrency_limits/gpu").json()["limit"] == 1  # the run created the GPU limit it held
 
-        # `vidtune run`: another deployment's preset plus changes, key by key (evaluate the run just trained, again)
+        # `vidtune run`: another deployment's preset plus changes, key by key (the run just trained, evaluated again;
+        # only created here: a served run executing was shown above)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         sets = [f"run={tmp_path / 'run'}", "inference_steps=2", f"clip_model={TINY_CLIP}", f"clip_pretrained={tiny_clip}", "prompts=[a red car]"]
-        again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "evaluate/default", *(f"--set={s}" for s in sets), "--watch"],
-                               env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert again.returncode == 0 and "Completed" in again.stdout, again.stdout + again.stderr + logs[1].read_text()[-4000:]
-        (evaluated,) = [r for r in httpx.post(f"{api}/flow_runs/filter", json={}).json() if r["deployment_id"] and "run" in r["parameters"]]
-        assert evaluated["state_type"] == "COMPLETED" and evaluated["parameters"]["run"] == str(tmp_path / "run")
-        assert evaluated["parameters"]["params"] == {"prompts": ["a red car"], "inference_steps": 2, "clip_model": TINY_CLIP, "clip_pretrained": str(tiny_clip)}
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            code, out = vidtune("run", "evaluate/default", *(f"--set={s}" for s in sets))
+        assert code == 0 and f"127.0.0.1:{port}/runs/flow-run/" in out, out
+        (created,) = [r for r in httpx.post(f"{api}/flow_runs/filter", json={}).json() if r["deployment_id"] and "run" in r["parameters"]]
+        assert created["parameters"]["run"] == str(tmp_path / "run")
+        assert created["parameters"]["params"] == {"prompts": ["a red car"], "inference_steps": 2, "clip_model": TINY_CLIP, "clip_pretrained": str(tiny_clip)}
     finally:
         for process in reversed(processes):
             stop(process)
