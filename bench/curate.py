@@ -25,8 +25,8 @@ from pathlib import Path
 
 import av
 
-import tasks  # noqa: F401  (Prefect defaults)
-from tasks.synthetic_videos import render_video
+import vidtune.tasks  # noqa: F401  (Prefect defaults)
+from vidtune.tasks.synthetic_videos import render_video
 
 
 def make_inputs(folder: Path, count: int, seconds: float) -> list[Path]:
@@ -87,9 +87,9 @@ def scenedetect_cli(path: Path, out: Path, command_only: bool = False) -> int | 
 
 
 def run_vidtune(inputs: Path, output: Path, workers: int, clip_weights: Path) -> dict:
-    from flows.curate import CurateParams, curate
-    from tasks.scoring import ScoreParams
-    from tasks.tiny_models import TINY_CLIP
+    from vidtune.flows.curate import CurateParams, curate
+    from vidtune.tasks.scoring import ScoreParams
+    from vidtune.tasks.tiny_models import TINY_CLIP
 
     params = CurateParams(
         input=str(inputs), output=str(output), workers=workers, captions={"trigger": "in sks style"},
@@ -113,7 +113,7 @@ def main() -> None:
     size_mb = sum(p.stat().st_size for p in paths) / 2**20
     print(f"  {len(paths)} videos x {args.seconds:g} s, 1280x720, 24-30 fps, {size_mb:.0f} MB\n")
 
-    from tasks.tiny_models import build_tiny_clip
+    from vidtune.tasks.tiny_models import build_tiny_clip
 
     clip_weights = build_tiny_clip(args.workdir / "models" / "tiny-clip.safetensors")
     scratch = Path(tempfile.mkdtemp(prefix="vidtune-bench-", dir=args.workdir))

@@ -1,7 +1,7 @@
 """What each family weighs at its published size, and what a LoRA of it weighs.
 
 Every component is built from the published config stored in `training/model_configs/` (the same parts as
-`training.tiny_models.TINY_MODELS`, without the shrink overrides) on the meta device: random weights, no
+`vidtune.training.tiny_models.TINY_MODELS`, without the shrink overrides) on the meta device: random weights, no
 download, no memory, so the 14B models cost nothing. Per component: parameters and bytes at bf16; for the
 components a LoRA trains (the denoiser, and AnimateDiff's motion adapter, which sits inside the trained
 UNetMotionModel): the LoRA at rank 32 on the family's `default_lora_targets`, i.e. rank * (in + out) parameters
@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from training.families import get_family  # noqa: E402
-from training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
-from training.tiny_models import TINY_MODELS, WAN_13B  # noqa: E402
+from vidtune.training.families import get_family  # noqa: E402
+from vidtune.training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
+from vidtune.training.tiny_models import TINY_MODELS, WAN_13B  # noqa: E402
 
 MODELS = ["wan", "wan-14b", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"]
 TRAINED_WITH_DENOISER = ("motion_adapter",)  # the pipeline merges it into the denoiser, so the LoRA lands on it too
@@ -126,8 +126,8 @@ def wan_transformer_for_training(leg: str, rank: int) -> torch.nn.Module:
     fp8 storage, LoRA (fp32 master weights), gradient checkpointing; group offloading last, once the LoRA exists."""
     import diffusers
 
-    from training.params import TrainParams
-    from training.trainable import make_trainable
+    from vidtune.training.params import TrainParams
+    from vidtune.training.trainable import make_trainable
 
     checkpointing, fp8, offload = GPU_LEGS[leg]
     config = published_config(WAN_13B, "transformer/config.json")
@@ -148,7 +148,7 @@ def gpu_leg(leg: str, steps: int, warmup: int, rank: int) -> dict:
     """Forward, vidtune's objective and loss, backward and an AdamW step, `steps` times on random latents and text
     embeddings (the cached-latents case: no VAE or text encoder is loaded). Returns peak memory and s/step.
     Not yet run on a GPU by us: written on a CPU-only machine, so treat its first results with care."""
-    from training.families.base import TextEmbeddings
+    from vidtune.training.families.base import TextEmbeddings
 
     transformer = wan_transformer_for_training(leg, rank)
     trainable = [p for p in transformer.parameters() if p.requires_grad]

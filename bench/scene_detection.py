@@ -14,12 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.clips import ClipParams
-from tasks.probe import probe_video
-from tasks.records import Source
-from tasks.scenes import SceneParams
-from tasks.extract import extract_clips
-from tasks.synthetic_videos import render_video, score_cuts
+from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.probe import probe_video
+from vidtune.tasks.records import Source
+from vidtune.tasks.scenes import SceneParams
+from vidtune.tasks.extract import extract_clips
+from vidtune.tasks.synthetic_videos import render_video, score_cuts
 
 CONFIGS = {
     "PySceneDetect content only": SceneParams(gradual_threshold=0, blank_std=0),

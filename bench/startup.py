@@ -32,7 +32,7 @@ VIDTUNE = str(Path(sys.executable).with_name("vidtune"))
 
 
 def render_inputs(workdir: Path) -> tuple[Path, Path]:
-    from tasks.synthetic_videos import render_video
+    from vidtune.tasks.synthetic_videos import render_video
 
     short, folder = workdir / "short" / "clip.mp4", workdir / "twelve"
     if not short.exists():

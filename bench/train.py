@@ -3,8 +3,8 @@
 Model ("tiny but not trivial", built here with the real diffusers classes, saved with `save_pretrained` and
 loaded by the trainer with `from_pretrained`, the path users take): WanTransformer3DModel with 4 layers, 4 heads
 x 32 (inner dim 128), ffn 256, text dim 32, patch (1, 2, 2), 16 latent channels: ~0.98 M parameters. The VAE
-and UMT5 text encoder are the tiny ones of `training.tiny_models.build_tiny_wan`.
-Data: synthetic videos curated by `flows.curate` to 128x128 @ 8 fps clips, cached by `training.cache.precompute`.
+and UMT5 text encoder are the tiny ones of `vidtune.training.tiny_models.build_tiny_wan`.
+Data: synthetic videos curated by `vidtune.flows.curate` to 128x128 @ 8 fps clips, cached by `vidtune.training.cache.precompute`.
 Every leg trains on the 17-frame bucket only, so every step has the same shape in every leg (5 latent frames x
 8 x 8 patches = 320 tokens per clip); batch size 2, LoRA rank 4 on the attention projections, fp32 on CPU.
 
@@ -58,7 +58,7 @@ def build_wan(folder: Path) -> int:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from training.tiny_models import build_tiny_wan
+    from vidtune.training.tiny_models import build_tiny_wan
 
     build_tiny_wan(folder)
     torch.manual_seed(0)
@@ -69,13 +69,13 @@ def build_wan(folder: Path) -> int:
 
 def prepare(work: Path) -> dict:
     """Model, curated shards and latent cache, made once and shared by every leg."""
-    import tasks  # noqa: F401  (Prefect defaults, before flows import prefect)
-    from flows.curate import CurateParams, curate
-    from tasks.synthetic_videos import make_raw_video_set
-    from tasks.tiny_models import TINY_CLIP, build_tiny_clip
-    from training.cache import PrecomputeParams, precompute
-    from training.data import cache_shards, summarize_dataset
-    from training.families import get_family
+    import vidtune.tasks  # noqa: F401  (Prefect defaults, before flows import prefect)
+    from vidtune.flows.curate import CurateParams, curate
+    from vidtune.tasks.synthetic_videos import make_raw_video_set
+    from vidtune.tasks.tiny_models import TINY_CLIP, build_tiny_clip
+    from vidtune.training.cache import PrecomputeParams, precompute
+    from vidtune.training.data import cache_shards, summarize_dataset
+    from vidtune.training.families import get_family
 
     params = build_wan(work / "wan")
     make_raw_video_set(work / "raw", seed=1, seconds=8.0)  # 8 s: enough shots reach 17 frames at 8 fps
@@ -104,8 +104,8 @@ def run_leg(work: Path, name: str, steps: int, warmup: int) -> dict:
     from diffusers import WanPipeline  # noqa: F401
     from mlflow.tracking import MlflowClient
 
-    from training.params import TrainParams
-    from training.trainer import TrainJob, train
+    from vidtune.training.params import TrainParams
+    from vidtune.training.trainer import TrainJob, train
 
     data = json.loads((work / "prepared.json").read_text())
     source, overrides = LEGS[name]
@@ -132,8 +132,8 @@ def load_cached_batches(work: Path, cache_shards: list[str]) -> list[tuple]:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from training.cache import load_cache_entry
-    from training.families import get_family
+    from vidtune.training.cache import load_cache_entry
+    from vidtune.training.families import get_family
 
     entries = {}
     for shard in cache_shards:
@@ -157,8 +157,8 @@ def run_floor(work: Path, steps: int, warmup: int) -> dict:
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
-    from training.families import get_family
-    from training.params import TrainParams
+    from vidtune.training.families import get_family
+    from vidtune.training.params import TrainParams
 
     defaults, data = TrainParams(), json.loads((work / "prepared.json").read_text())
     before = max_rss_mb()

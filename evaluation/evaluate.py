@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.metrics import (
+from vidtune.evaluation.metrics import (
     clip_alignment,
     frame_consistency,
     frechet_distance,
     mean,
     temporal_flicker,
 )
-from evaluation.samples import contact_sheet
-from evaluation.validation import heldout_loss
-from training.data import read_clips
-from training.families import get_family
-from training.files import atomic_path, write_json_atomic
-from training.sampling import SampleSettings, render_videos
-from training.trainer import TrainJob
+from vidtune.evaluation.samples import contact_sheet
+from vidtune.evaluation.validation import heldout_loss
+from vidtune.training.data import read_clips
+from vidtune.training.families import get_family
+from vidtune.training.files import atomic_path, write_json_atomic
+from vidtune.training.sampling import SampleSettings, render_videos
+from vidtune.training.trainer import TrainJob
 
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
 MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frames -> magnitude

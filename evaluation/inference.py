@@ -1,7 +1,7 @@
 """Generate from a registered model: `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> base pipeline from the
 registered base-model reference + the LoRA (or the fully fine-tuned pipeline) -> an MP4 or GIF.
 
-    from evaluation.inference import generate
+    from vidtune.evaluation.inference import generate
     generate("models:/vidtune-style@champion", "a red car in sks style", "car.mp4", num_frames=33)
 """
 
@@ -16,9 +16,9 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from training.families import detect_family
-from training.media import to_uint8, write_gif, write_mp4
-from training.tracking import default_tracking_uri, vidtune_home
+from vidtune.training.families import detect_family
+from vidtune.training.media import to_uint8, write_gif, write_mp4
+from vidtune.training.tracking import default_tracking_uri, vidtune_home
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 

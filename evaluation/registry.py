@@ -20,9 +20,9 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from training.adapters import read_info
-from training.files import write_json_atomic
-from training.tracking import vidtune_home
+from vidtune.training.adapters import read_info
+from vidtune.training.files import write_json_atomic
+from vidtune.training.tracking import vidtune_home
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRICS_FILE = "evaluation/metrics.json"
@@ -142,7 +142,7 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
             logged = mlflow.diffusers.log_model(adapter_path=str(run_dir / "adapter"), base_model=info["base_model"], name="adapter",
                                                 pip_requirements=["diffusers", "peft", "torch", "transformers"])  # fmt: skip
         else:
-            from evaluation.pyfunc import DiffusersFolderModel
+            from vidtune.evaluation.pyfunc import DiffusersFolderModel
 
             logged = mlflow.pyfunc.log_model(name="model", python_model=DiffusersFolderModel(), artifacts={"pipeline": str(run_dir / "model")},
                                              pip_requirements=["diffusers", "torch", "transformers"])  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.files import atomic_path
+from vidtune.training.files import atomic_path
 
 
 def contact_sheet(rows: list[tuple[str, np.ndarray]], path: Path, columns: int = 6) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from training.families import ModelFamily
-from training.trainer import batch_loss
+from vidtune.training.families import ModelFamily
+from vidtune.training.trainer import batch_loss
 
 
 def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, draws: int = 4, objective=None) -> float:

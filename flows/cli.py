@@ -12,7 +12,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
-from flows.config import ParamError, build_params, describe_params
+from vidtune.flows.config import ParamError, build_params, describe_params
 
 app = typer.Typer(
     name="vidtune",
@@ -60,18 +60,18 @@ def curate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any source or clip failed.")] = False,
-    list_params: Annotated[bool, _list_params_option("flows.curate.CurateParams")] = False,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.curate.CurateParams")] = False,
 ) -> None:
     """Split raw videos into scene clips and write WebDataset shards plus a manifest.
 
     Every input appears in OUTPUT/manifest.parquet: kept clips, and a row with a reason for each source or
     clip that was filtered or failed. Rerunning on the same OUTPUT resumes: finished sources are skipped.
     """
-    from flows.curate import CurateParams
-    from flows.curate import curate as curate_flow
-    from tasks.discover import is_remote
-    from tasks.output import OutputMismatchError
-    from tasks.preflight import ModelSetupError
+    from vidtune.flows.curate import CurateParams
+    from vidtune.flows.curate import curate as curate_flow
+    from vidtune.tasks.discover import is_remote
+    from vidtune.tasks.output import OutputMismatchError
+    from vidtune.tasks.preflight import ModelSetupError
 
     try:
         params = build_params(CurateParams, base={"input": input, "output": str(output)}, config=config, overrides=set_ or [])
@@ -89,7 +89,7 @@ def curate(
 
 
 def print_curate_summary(summary: dict, console: Console) -> None:
-    from tasks.manifest import curate_summary_markdown
+    from vidtune.tasks.manifest import curate_summary_markdown
 
     console.print(Markdown(curate_summary_markdown(summary, Path(summary["output"]))))
 
@@ -102,7 +102,7 @@ def finetune(
     raw: Annotated[str | None, typer.Option("--raw", help="Raw videos to curate into DATA first (folder, file or fsspec URL; curate.* settings apply).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    list_params: Annotated[bool, _list_params_option("flows.finetune.FinetuneParams")] = False,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.finetune.FinetuneParams")] = False,
 ) -> None:
     """Fine-tune MODEL on curated clips: a LoRA by default (--set training_type=full for all weights).
 
@@ -111,11 +111,11 @@ def finetune(
     in MLflow; writes OUT/adapter/pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights).
     Rerun with --set resume=latest to continue after a crash; --set num_processes=N trains on N GPUs.
     """
-    from evaluation.registry import RegistryError
-    from flows.finetune import FinetuneParams
-    from flows.finetune import finetune as finetune_flow
-    from training.data import DatasetError
-    from training.trainer import TrainingDiverged
+    from vidtune.evaluation.registry import RegistryError
+    from vidtune.flows.finetune import FinetuneParams
+    from vidtune.flows.finetune import finetune as finetune_flow
+    from vidtune.training.data import DatasetError
+    from vidtune.training.trainer import TrainingDiverged
 
     base = {"data": str(data), "model": model, "out": str(out), **({"curate": {"input": raw, "output": str(data)}} if raw else {})}
     try:
@@ -128,7 +128,7 @@ def finetune(
         _fail(str(exc))
     if summary.get("prepared"):
         console.print(f"prepared {summary['out']}/train_job.json ({sum(summary['buckets'].values())} clips in buckets {summary['buckets']}); "
-                      f"train with: accelerate launch [your config] -m training.launch {summary['out']}/train_job.json", highlight=False, soft_wrap=True)  # fmt: skip
+                      f"train with: accelerate launch [your config] -m vidtune.training.launch {summary['out']}/train_job.json", highlight=False, soft_wrap=True)  # fmt: skip
         return
     print_finetune_summary(summary, console)
 
@@ -138,13 +138,13 @@ def evaluate(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    list_params: Annotated[bool, _list_params_option("flows.evaluate.EvaluationParams")] = False,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.evaluate.EvaluationParams")] = False,
 ) -> None:
     """Compare the base model and RUN's fine-tune on fixed prompts and noise.
 
     Writes RUN/evaluation/: metrics.json, report.md (base, adapted, delta), contact_sheet.png and the samples.
     """
-    from flows.evaluate import EvaluationParams, evaluate as evaluate_flow
+    from vidtune.flows.evaluate import EvaluationParams, evaluate as evaluate_flow
 
     try:
         params = build_params(EvaluationParams, base={}, config=config, overrides=set_ or [])
@@ -159,15 +159,15 @@ def register(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    list_params: Annotated[bool, _list_params_option("flows.evaluate.RegistryParams")] = False,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.evaluate.RegistryParams")] = False,
 ) -> None:
     """Register RUN's adapter (or full model) in MLflow as a new version aliased `challenger`.
 
     The promotion gate moves `champion` to it when it beats the base on held-out loss, keeps CLIP alignment
     within tolerance and beats the current champion of the same base model. Running it twice adds no version.
     """
-    from evaluation.registry import RegistryError
-    from flows.evaluate import RegistryParams, register as register_flow
+    from vidtune.evaluation.registry import RegistryError
+    from vidtune.flows.evaluate import RegistryParams, register as register_flow
 
     try:
         params = build_params(RegistryParams, base={}, config=config, overrides=set_ or [])
@@ -198,7 +198,7 @@ def generate(
     Builds the base pipeline from the version's base-model reference and loads its LoRA (downloaded once into
     $VIDTUNE_HOME/models), or loads the registered fully fine-tuned pipeline.
     """
-    from evaluation.inference import ModelNotFound, generate as generate_video
+    from vidtune.evaluation.inference import ModelNotFound, generate as generate_video
 
     try:
         path = generate_video(model, prompt, out, lora_scale=lora_scale, steps=steps, num_frames=frames, height=height, width=width,
@@ -209,7 +209,7 @@ def generate(
 
 
 def print_finetune_summary(summary: dict, console: Console) -> None:
-    from tasks.finetune_tasks import finetune_summary_markdown
+    from vidtune.tasks.finetune_tasks import finetune_summary_markdown
 
     console.print(Markdown(finetune_summary_markdown(summary)))
 
@@ -222,7 +222,7 @@ def synth_videos(
 ) -> None:
     """Write a set of synthetic raw videos with known scene cuts (24/25/30 fps, VFR, odd size, rotated, fade,
     dissolve, GIF) to try the pipeline without your own footage."""
-    from tasks.synthetic_videos import make_raw_video_set
+    from vidtune.tasks.synthetic_videos import make_raw_video_set
 
     for video in make_raw_video_set(out, seed=seed, seconds=seconds):
         console.print(f"{video.path}  {video.num_frames} frames @ {video.fps:g} fps, cuts at {video.cuts}", highlight=False)
@@ -240,7 +240,7 @@ def tiny_model(
     DiffusionPipeline.from_pretrained(OUT), like a real checkpoint: for tests, demos and trying the pipeline
     without downloading weights.
     """
-    from training.tiny_models import build_tiny
+    from vidtune.training.tiny_models import build_tiny
 
     try:
         folder = build_tiny(family, out)
@@ -278,7 +278,7 @@ def serve(
     with `prefect deployment run finetune/style`, or with `vidtune run finetune/style --set key=value`.
     Each run executes in a subprocess of this one; stop with Ctrl-C.
     """
-    from flows.deployments import find_project_file, serve_project
+    from vidtune.flows.deployments import find_project_file, serve_project
 
     url = _require_prefect_server()
     try:
@@ -303,7 +303,7 @@ def run(
     """
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-    from flows.deployments import run_with_overrides
+    from vidtune.flows.deployments import run_with_overrides
 
     url = _require_prefect_server()
     try:
@@ -329,7 +329,7 @@ def demo(
     The flow runs go to the Prefect server at PREFECT_API_URL, else to vidtune's local server (started on first
     use; the command prints its UI address at the end).
     """
-    from flows.demo import run_demo
+    from vidtune.flows.demo import run_demo
 
     run_demo(workdir, console)
 
@@ -345,7 +345,7 @@ app.add_typer(server_app, name="server")
 def server_start() -> None:
     """Start the local Prefect server on 127.0.0.1 (port 4200, else a free one; VIDTUNE_SERVER_PORT picks one)
     unless it is running. Its database is $VIDTUNE_HOME/prefect/prefect.db; it runs until `vidtune server stop`."""
-    from flows.server import start_server
+    from vidtune.flows.server import start_server
 
     try:
         state, started = start_server(say=lambda m: console.print(m, highlight=False))
@@ -358,8 +358,8 @@ def server_start() -> None:
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop the local Prefect server and the warm workers (runs stay in the database for the next start)."""
-    from flows.server import stop_server
-    from flows.worker import stop_workers
+    from vidtune.flows.server import stop_server
+    from vidtune.flows.worker import stop_workers
 
     workers = stop_workers()
     state = stop_server()
@@ -372,8 +372,8 @@ def server_status(as_json: Annotated[bool, typer.Option("--json", help="Print th
     import json
     from dataclasses import asdict
 
-    from flows.server import configured_api_url, healthy, server_state
-    from flows.worker import worker_states
+    from vidtune.flows.server import configured_api_url, healthy, server_state
+    from vidtune.flows.worker import worker_states
 
     state, workers = server_state(), worker_states()
     if as_json:
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> None:  # the `vidtune` console script
     waits for the slower of the two, not for both."""
     import sys
 
-    from flows.server import announce, use_local_server, wait_for_server
-    from flows.worker import ensure_worker, hand_off, wants_worker
+    from vidtune.flows.server import announce, use_local_server, wait_for_server
+    from vidtune.flows.worker import ensure_worker, hand_off, wants_worker
 
     argv = sys.argv[1:] if argv is None else argv
     say = lambda message: console.print(escape(message), style="dim", highlight=False, soft_wrap=True)  # noqa: E731
@@ -427,5 +427,5 @@ def main(argv: list[str] | None = None) -> None:  # the `vidtune` console script
     app(args=argv, prog_name="vidtune")
 
 
-if __name__ == "__main__":  # python -m flows.cli
+if __name__ == "__main__":  # python -m vidtune.flows.cli
     main()

@@ -13,28 +13,28 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows.progress import progress_bar
-from flows.runners import Runner, make_task_runner
-from tasks.annotate import embedding_path
-from tasks.captions import (
+from vidtune.flows.progress import progress_bar
+from vidtune.flows.runners import Runner, make_task_runner
+from vidtune.tasks.annotate import embedding_path
+from vidtune.tasks.captions import (
     CaptionParams,
     find_mapping_file,
     load_caption_mapping,
     sidecar_caption,
 )
-from tasks.clips import ClipParams
-from tasks.curate_tasks import curate_source_task, identify_source_task
-from tasks.discover import list_video_paths, mark_duplicates
-from tasks.filters import FilterParams, apply_filters
-from tasks.manifest import curate_stats, curate_summary_markdown, write_manifest, write_stats
-from tasks.output import OutputLayout, prepare_output
-from tasks.plots import write_score_histograms
-from tasks.preflight import check_models
-from tasks.records import ClipRecord, Source, Status
-from tasks.scenes import SceneParams
-from tasks.scoring import ScoreParams
-from tasks.shards import ShardParams, pack_shards
-from tasks.source import SourceSettings
+from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.curate_tasks import curate_source_task, identify_source_task
+from vidtune.tasks.discover import list_video_paths, mark_duplicates
+from vidtune.tasks.filters import FilterParams, apply_filters
+from vidtune.tasks.manifest import curate_stats, curate_summary_markdown, write_manifest, write_stats
+from vidtune.tasks.output import OutputLayout, prepare_output
+from vidtune.tasks.plots import write_score_histograms
+from vidtune.tasks.preflight import check_models
+from vidtune.tasks.records import ClipRecord, Source, Status
+from vidtune.tasks.scenes import SceneParams
+from vidtune.tasks.scoring import ScoreParams
+from vidtune.tasks.shards import ShardParams, pack_shards
+from vidtune.tasks.source import SourceSettings
 
 
 class CurateParams(BaseModel):

@@ -7,21 +7,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flows.cli import print_curate_summary, print_finetune_summary
-from flows.curate import CurateParams
-from evaluation.inference import generate
-from flows.evaluate import EvaluationParams, RegistryParams
-from flows.finetune import FinetuneParams, finetune
-from tasks.captions import CaptionParams, prompt_with_trigger
-from tasks.clips import ClipParams
-from tasks.filters import FilterParams
-from tasks.scenes import SceneParams
-from tasks.scoring import ScoreParams
-from tasks.synthetic_videos import make_raw_video_set, render_video
-from tasks.tiny_models import TINY_CLIP, build_tiny_clip
-from training.cache import PrecomputeParams
-from training.params import ValidationParams
-from training.tiny_models import build_tiny_wan
+from vidtune.flows.cli import print_curate_summary, print_finetune_summary
+from vidtune.flows.curate import CurateParams
+from vidtune.evaluation.inference import generate
+from vidtune.flows.evaluate import EvaluationParams, RegistryParams
+from vidtune.flows.finetune import FinetuneParams, finetune
+from vidtune.tasks.captions import CaptionParams, prompt_with_trigger
+from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.filters import FilterParams
+from vidtune.tasks.scenes import SceneParams
+from vidtune.tasks.scoring import ScoreParams
+from vidtune.tasks.synthetic_videos import make_raw_video_set, render_video
+from vidtune.tasks.tiny_models import TINY_CLIP, build_tiny_clip
+from vidtune.training.cache import PrecomputeParams
+from vidtune.training.params import ValidationParams
+from vidtune.training.tiny_models import build_tiny_wan
 
 # Small clips keep the CPU demo quick; real runs use the defaults (832x480 @ 16 fps for Wan 2.1).
 DEMO_CLIPS = ClipParams(width=128, height=128, fps=8)

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from flows.config import ParamError, deep_merge, format_validation_error, parse_overrides
+from vidtune.flows.config import ParamError, deep_merge, format_validation_error, parse_overrides
 
 PROJECT_FILE = "prefect.yaml"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.gpu import GpuSlotParams, gpu_slot
-from tasks.captions import prompt_with_trigger
-from tasks.evaluate_tasks import evaluate_task, register_task
-from tasks.output import dataset_trigger
-from training.params import SamplingParams
-from training.sampling import SampleSettings
-from training.tracking import default_tracking_uri
+from vidtune.flows.gpu import GpuSlotParams, gpu_slot
+from vidtune.tasks.captions import prompt_with_trigger
+from vidtune.tasks.evaluate_tasks import evaluate_task, register_task
+from vidtune.tasks.output import dataset_trigger
+from vidtune.training.params import SamplingParams
+from vidtune.training.sampling import SampleSettings
+from vidtune.training.tracking import default_tracking_uri
 
 DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]
 
@@ -41,7 +41,7 @@ class RegistryParams(BaseModel):
 
 
 def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
-    from evaluation.evaluate import load_job
+    from vidtune.evaluation.evaluate import load_job
 
     job = load_job(Path(run))
     frames, height, width = job.sample_size

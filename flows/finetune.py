@@ -9,11 +9,11 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import Field, field_validator, model_validator
 
-from flows.curate import CurateParams, curate
-from flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
-from flows.gpu import GpuSlotParams, gpu_slot
-from tasks.captions import prompt_with_trigger
-from tasks.finetune_tasks import (
+from vidtune.flows.curate import CurateParams, curate
+from vidtune.flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
+from vidtune.flows.gpu import GpuSlotParams, gpu_slot
+from vidtune.tasks.captions import prompt_with_trigger
+from vidtune.tasks.finetune_tasks import (
     check_dataset_task,
     frame_buckets,
     precompute_task,
@@ -21,15 +21,15 @@ from tasks.finetune_tasks import (
     resolve_family_task,
     train_task,
 )
-from tasks.output import dataset_trigger
-from training.cache import PrecomputeParams
-from training.data import cache_shards, parse_bucket_key
-from training.families import get_family
-from training.families.objectives import check_objective_params
-from training.files import write_json_atomic
-from training.params import TrainParams
-from training.tracking import default_tracking_uri
-from training.trainer import TrainJob
+from vidtune.tasks.output import dataset_trigger
+from vidtune.training.cache import PrecomputeParams
+from vidtune.training.data import cache_shards, parse_bucket_key
+from vidtune.training.families import get_family
+from vidtune.training.families.objectives import check_objective_params
+from vidtune.training.files import write_json_atomic
+from vidtune.training.params import TrainParams
+from vidtune.training.tracking import default_tracking_uri
+from vidtune.training.trainer import TrainJob
 
 
 class FinetuneParams(TrainParams, GpuSlotParams):
@@ -57,7 +57,7 @@ class FinetuneParams(TrainParams, GpuSlotParams):
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     prepare_only: bool = Field(
-        False, description="Stop after precompute with RUN/train_job.json written, for your own `accelerate launch -m training.launch` (several machines)."
+        False, description="Stop after precompute with RUN/train_job.json written, for your own `accelerate launch -m vidtune.training.launch` (several machines)."
     )
 
     @field_validator("data", "model", "out")
@@ -129,7 +129,7 @@ def finetune(params: FinetuneParams) -> dict:
         job = _train_job(params, train_params, family.name, dataset, shards, buckets, prompt_cache)
         outline = {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out}
         if params.prepare_only:
-            logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m training.launch %s/train_job.json", job.out, job.out)
+            logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m vidtune.training.launch %s/train_job.json", job.out, job.out)
             return {**outline, "prepared": True}
         result = train_task(job, params.num_processes)
         logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)

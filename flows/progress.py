@@ -16,7 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from tasks.progress import progress_artifact
+from vidtune.tasks.progress import progress_artifact
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.files import write_json_atomic
+from vidtune.training.files import write_json_atomic
 
 DEFAULT_PORT = 4200  # Prefect's own default, so the UI is where people expect it; another free port if taken
 START_TIMEOUT_S = 300  # a first start on a new machine migrates a new database: far past Prefect's 20 s default

@@ -29,8 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flows.server import file_lock, pid_alive, run_dir, stop_process_group
-from training.files import write_json_atomic
+from vidtune.flows.server import file_lock, pid_alive, run_dir, stop_process_group
+from vidtune.training.files import write_json_atomic
 
 # Commands worth handing off (the heavy imports); the rest start fast in-process.
 WARM_COMMANDS = {"curate", "finetune", "evaluate", "register", "generate", "demo", "tiny-model", "synth-videos"}
@@ -135,7 +135,7 @@ def spawn_worker(fp: str) -> subprocess.Popen | None:
         log = run_dir() / f"worker-{fp}.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "flows.worker", str(path), fp], stdin=subprocess.DEVNULL, stdout=out,
+                [sys.executable, "-m", "vidtune.flows.worker", str(path), fp], stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy(),
             )  # fmt: skip
         write_json_atomic(run_dir() / f"worker-{fp}.json", asdict(WorkerState(process.pid, str(path), fp, time.time(), log=str(log))))
@@ -242,20 +242,20 @@ def _warm_up() -> int:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    import flows.cli  # noqa: F401
-    import flows.curate  # noqa: F401
-    import flows.evaluate  # noqa: F401
-    import flows.finetune  # noqa: F401
-    import evaluation.inference  # noqa: F401
-    import tasks.synthetic_videos  # noqa: F401
-    import training.tiny_models  # noqa: F401
+    import vidtune.flows.cli  # noqa: F401
+    import vidtune.flows.curate  # noqa: F401
+    import vidtune.flows.evaluate  # noqa: F401
+    import vidtune.flows.finetune  # noqa: F401
+    import vidtune.evaluation.inference  # noqa: F401
+    import vidtune.tasks.synthetic_videos  # noqa: F401
+    import vidtune.training.tiny_models  # noqa: F401
 
     return threads
 
 
 def _preload(models: list[list]) -> None:
     """Load, in the worker, the CPU CLIP models children used, so the next child has them (copy-on-write)."""
-    from tasks.annotate import load_clip_scorer
+    from vidtune.tasks.annotate import load_clip_scorer
 
     for name, pretrained, device in models:
         if device == "cpu":
@@ -267,7 +267,7 @@ def _preload(models: list[list]) -> None:
 
 def _loaded_models() -> list[list]:
     """[model, pretrained, device] of the CPU CLIP scorers this process holds."""
-    from tasks.scoring import ClipScorer, _models
+    from vidtune.tasks.scoring import ClipScorer, _models
 
     return [[k[1], k[2], k[-1]] for k, v in _models.items() if isinstance(v, ClipScorer) and k[0] == "clip" and k[-1] == "cpu"]
 
@@ -295,7 +295,7 @@ def _child(listener: socket.socket, conn: socket.socket, request: dict, fds: lis
 
         torch.set_num_threads(int(request["env"].get("OMP_NUM_THREADS") or threads))
         sys.argv = ["vidtune", *request["argv"]]
-        from flows.cli import app
+        from vidtune.flows.cli import app
 
         try:
             app(args=request["argv"], prog_name="vidtune")
@@ -458,5 +458,5 @@ def _reap(pid: int, runs: dict[int, _Run], selector: selectors.BaseSelector, sta
     return True
 
 
-if __name__ == "__main__":  # python -m flows.worker SOCKET FINGERPRINT (started by hand_off)
+if __name__ == "__main__":  # python -m vidtune.flows.worker SOCKET FINGERPRINT (started by hand_off)
     serve(Path(sys.argv[1]), sys.argv[2])

@@ -1,5 +1,5 @@
 """What a worker needs on the server before it polls, made in one process (infra/worker-entrypoint.sh runs
-`python -m flows.workpool POOL GPU_SLOTS` before `prefect deploy --all`): the work pool, if missing, as
+`python -m vidtune.flows.workpool POOL GPU_SLOTS` before `prefect deploy --all`): the work pool, if missing, as
 `prefect work-pool create POOL --type process` makes it, and the `gpu` concurrency limit, if missing. Safe to
 repeat: what exists is left as it is (a limit keeps the value its owner set with `prefect gcl update`)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.deployments import find_project_file, load_deployments
+from vidtune.flows.deployments import find_project_file, load_deployments
 
 
 def deployed_pools(project_file: Path) -> list[str]:
@@ -40,7 +40,7 @@ def ensure_work_pool(name: str) -> bool:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit() or int(argv[1]) < 1:
-        print("usage: python -m flows.workpool POOL GPU_SLOTS (a whole number of at least 1)", file=sys.stderr)
+        print("usage: python -m vidtune.flows.workpool POOL GPU_SLOTS (a whole number of at least 1)", file=sys.stderr)
         return 2
     pool, slots = argv[0], int(argv[1])
     used = deployed_pools(find_project_file())
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         print(f"VIDTUNE_WORK_POOL={pool!r}, but prefect.yaml's deployments use the work pool(s) {used}", file=sys.stderr)
         return 2
 
-    from flows.gpu import GPU_LIMIT, ensure_concurrency_limit
+    from vidtune.flows.gpu import GPU_LIMIT, ensure_concurrency_limit
 
     if ensure_work_pool(pool):
         print(f"Created work pool {pool!r} (type process)")

@@ -27,6 +27,6 @@ wait_for_server
 # The pool and the `gpu` limit, each only if missing (an existing limit keeps the value its owner set with
 # `prefect gcl update gpu --limit N`); refuses a pool prefect.yaml's deployments do not use. One process, not
 # four `prefect` commands: each of those spends seconds importing Prefect.
-python -m flows.workpool "$pool" "$gpu_slots"
+python -m vidtune.flows.workpool "$pool" "$gpu_slots"
 prefect deploy --all
 exec prefect worker start --pool "$pool" --type process --limit "$worker_limit"

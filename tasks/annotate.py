@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.captions import CaptionParams, VlmCaptioner, render_caption
-from tasks.files import atomic_path
-from tasks.records import ClipRecord, Status
-from tasks.scoring import (
+from vidtune.tasks.captions import CaptionParams, VlmCaptioner, render_caption
+from vidtune.tasks.files import atomic_path
+from vidtune.tasks.records import ClipRecord, Status
+from vidtune.tasks.scoring import (
     ClipScorer,
     FramesUnavailable,
     ScoreParams,

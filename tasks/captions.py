@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.records import ClipRecord
+from vidtune.tasks.records import ClipRecord
 
 log = logging.getLogger(__name__)
 TEMPLATE_FIELDS = ("trigger", "sidecar", "vlm", "source_name", "start_s", "end_s", "duration_s")

@@ -13,7 +13,7 @@ import av
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.files import atomic_path
+from vidtune.tasks.files import atomic_path
 
 
 class ClipParams(BaseModel):

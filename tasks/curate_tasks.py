@@ -7,9 +7,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.discover import identify_source
-from tasks.records import Source, SourceResult
-from tasks.source import SourceSettings, curate_source
+from vidtune.tasks.discover import identify_source
+from vidtune.tasks.records import Source, SourceResult
+from vidtune.tasks.source import SourceSettings, curate_source
 
 # Errors that say something about the input, not the infrastructure: retrying cannot help.
 _PERMANENT = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)

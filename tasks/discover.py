@@ -11,8 +11,8 @@ from pathlib import Path
 
 import fsspec
 
-from tasks.files import sha256_of
-from tasks.records import Source
+from vidtune.tasks.files import sha256_of
+from vidtune.tasks.records import Source
 
 VIDEO_EXTENSIONS = frozenset(
     [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv", ".gif"]

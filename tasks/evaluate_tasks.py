@@ -9,10 +9,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.evaluate import evaluate_run, metrics_markdown
-from evaluation.registry import Registration, RegistryError, register_run
-from training.sampling import SampleSettings
-from tasks.scoring import (
+from vidtune.evaluation.evaluate import evaluate_run, metrics_markdown
+from vidtune.evaluation.registry import Registration, RegistryError, register_run
+from vidtune.training.sampling import SampleSettings
+from vidtune.tasks.scoring import (
     ClipScorer,
     cached_model,
     motion_score,

@@ -10,7 +10,7 @@ import av
 import cv2
 import numpy as np
 
-from tasks.clips import (
+from vidtune.tasks.clips import (
     ClipBuffer,
     ClipParams,
     ColorTags,
@@ -18,9 +18,9 @@ from tasks.clips import (
     encode_clip,
     to_training_frame,
 )
-from tasks.probe import ProbeResult
-from tasks.records import ClipRecord, Source, SourceResult, Status, clip_id_for
-from tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
+from vidtune.tasks.probe import ProbeResult
+from vidtune.tasks.records import ClipRecord, Source, SourceResult, Status, clip_id_for
+from vidtune.tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
 
 MAX_FRAME_GAP_S = 2.0  # longer gaps between consecutive frames are treated as a cut
 

@@ -1,11 +1,11 @@
-"""Hashing, and the atomic writers every stage uses (one implementation, in `training.files`)."""
+"""Hashing, and the atomic writers every stage uses (one implementation, in `vidtune.training.files`)."""
 
 from __future__ import annotations
 
 import hashlib
 from typing import IO
 
-from training.files import atomic_path, write_json_atomic
+from vidtune.training.files import atomic_path, write_json_atomic
 
 __all__ = ["atomic_path", "sha256_of", "write_json_atomic"]
 

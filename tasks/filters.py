@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.records import ClipRecord, Status
+from vidtune.tasks.records import ClipRecord, Status
 
 
 class FilterParams(BaseModel):

@@ -14,19 +14,19 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.evaluate import metrics_markdown
-from tasks.manifest import curate_summary_markdown
-from tasks.progress import progress_artifact
-from training.cache import (
+from vidtune.evaluation.evaluate import metrics_markdown
+from vidtune.tasks.manifest import curate_summary_markdown
+from vidtune.tasks.progress import progress_artifact
+from vidtune.training.cache import (
     DEFAULT_FRAME_BUCKETS,
     PrecomputeParams,
     PrecomputeResult,
     precompute,
 )
-from training.data import DatasetSummary, summarize_dataset
-from training.families import ModelFamily, detect_family, get_family
-from training.launch import ERROR_FILE, PROGRESS_FILE, RESULT_FILE, raise_launch_error, read_progress
-from training.trainer import TrainJob, TrainResult, train
+from vidtune.training.data import DatasetSummary, summarize_dataset
+from vidtune.training.families import ModelFamily, detect_family, get_family
+from vidtune.training.launch import ERROR_FILE, PROGRESS_FILE, RESULT_FILE, raise_launch_error, read_progress
+from vidtune.training.trainer import TrainJob, TrainResult, train
 
 
 def frame_buckets(family: ModelFamily, params: PrecomputeParams) -> list[int]:
@@ -71,7 +71,7 @@ def accelerate_command(job_file: Path, num_processes: int) -> list[str]:
                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip  (precision is the trainer's parameter)
     if num_processes > 1:
         command += ["--multi_gpu"]
-    return command + ["-m", "training.launch", str(job_file)]
+    return command + ["-m", "vidtune.training.launch", str(job_file)]
 
 
 @task(name="train", cache_policy=NO_CACHE)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.files import atomic_path, write_json_atomic
-from tasks.records import MANIFEST_SCHEMA, ClipRecord, Status
+from vidtune.tasks.files import atomic_path, write_json_atomic
+from vidtune.tasks.records import MANIFEST_SCHEMA, ClipRecord, Status
 
 
 def write_manifest(rows: list[ClipRecord], path: Path) -> None:

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.files import write_json_atomic
+from vidtune.tasks.files import write_json_atomic
 
 
 class OutputMismatchError(ValueError):

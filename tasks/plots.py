@@ -9,9 +9,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from tasks.files import atomic_path
-from tasks.filters import FilterParams
-from tasks.records import ClipRecord, Status
+from vidtune.tasks.files import atomic_path
+from vidtune.tasks.filters import FilterParams
+from vidtune.tasks.records import ClipRecord, Status
 
 SCORES = {
     "clip_score": ("CLIP text-video score (cosine)", ("min_clip_score",)),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.annotate import Annotators
-from tasks.captions import CaptionParams, load_caption_mapping
-from tasks.scoring import ScoreParams
+from vidtune.tasks.annotate import Annotators
+from vidtune.tasks.captions import CaptionParams, load_caption_mapping
+from vidtune.tasks.scoring import ScoreParams
 
 WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 

@@ -92,7 +92,7 @@ def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -
     """Read the frames both scores need from an encoded clip in one decord batch."""
     import decord
 
-    from training.media import FrameReader
+    from vidtune.training.media import FrameReader
 
     try:
         reader = FrameReader(path)

@@ -18,8 +18,8 @@ from pathlib import Path
 import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.files import atomic_path
-from tasks.records import ClipRecord, Status
+from vidtune.tasks.files import atomic_path
+from vidtune.tasks.records import ClipRecord, Status
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.tar$")
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import av
 
-from tasks.annotate import annotate_clips
-from tasks.captions import CaptionParams
-from tasks.clips import ClipParams
-from tasks.extract import extract_clips
-from tasks.files import write_json_atomic
-from tasks.probe import ProbeError, probe_video
-from tasks.records import ClipRecord, Source, SourceResult, Status
-from tasks.scenes import SceneParams
-from tasks.scoring import ScoreParams
+from vidtune.tasks.annotate import annotate_clips
+from vidtune.tasks.captions import CaptionParams
+from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.extract import extract_clips
+from vidtune.tasks.files import write_json_atomic
+from vidtune.tasks.probe import ProbeError, probe_video
+from vidtune.tasks.records import ClipRecord, Source, SourceResult, Status
+from vidtune.tasks.scenes import SceneParams
+from vidtune.tasks.scoring import ScoreParams
 
 log = logging.getLogger(__name__)
 ROWS_FILE = "rows.json"

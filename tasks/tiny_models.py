@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TINY_CLIP = "vidtune-tiny-clip"  # registered from tasks/model_configs/ by tasks.scoring
+TINY_CLIP = "vidtune-tiny-clip"  # registered from tasks/model_configs/ by vidtune.tasks.scoring
 CAPTION_WORDS = ["a", "the", "video", "of", "shot", "scene", "with", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road"]
 
 
@@ -19,7 +19,7 @@ def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     """Random weights for the `vidtune-tiny-clip` open_clip config, saved as safetensors at `path`."""
     import open_clip
 
-    from tasks.scoring import register_model_configs
+    from vidtune.tasks.scoring import register_model_configs
 
     register_model_configs()
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from tasks.synthetic_videos import render_video
+from vidtune.tasks.synthetic_videos import render_video
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import tasks  # noqa: F401  (Prefect defaults before prefect is imported)
+import vidtune.tasks  # noqa: F401  (Prefect defaults before prefect is imported)
 from tests.bad_inputs import make_bad_inputs
 
 # MLflow runs and other VIDTUNE_HOME state go to a throwaway folder, never the developer's ~/.vidtune.
@@ -28,7 +28,7 @@ TEST_CLIPS = {"width": 64, "height": 64, "fps": 8}
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """Random open_clip weights for the bundled tiny config, saved to a file (loaded with pretrained=PATH)."""
-    from tasks.tiny_models import build_tiny_clip
+    from vidtune.tasks.tiny_models import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip.safetensors")
 
@@ -36,8 +36,8 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def make_params(tiny_clip):
     """CurateParams for tests: small clips, the tiny CLIP model, and any overrides."""
-    from flows.curate import CurateParams
-    from tasks.tiny_models import TINY_CLIP
+    from vidtune.flows.curate import CurateParams
+    from vidtune.tasks.tiny_models import TINY_CLIP
 
     def make(input_path, output, **overrides) -> CurateParams:
         values = {"input": str(input_path), "output": str(output), "clips": TEST_CLIPS, "workers": 2,
@@ -59,7 +59,7 @@ def vidtune(monkeypatch):
 
     from typer.main import get_command
 
-    from flows.cli import app
+    from vidtune.flows.cli import app
 
     monkeypatch.setenv("COLUMNS", "200")
 
@@ -74,7 +74,7 @@ def vidtune(monkeypatch):
 @pytest.fixture(scope="session")
 def cli_sets(tiny_clip) -> list[str]:
     """The same test settings as --set arguments, for CLI subprocesses."""
-    from tasks.tiny_models import TINY_CLIP
+    from vidtune.tasks.tiny_models import TINY_CLIP
 
     sets = {**{f"clips.{k}": v for k, v in TEST_CLIPS.items()}, "scores.clip_model": TINY_CLIP, "scores.clip_pretrained": tiny_clip}
     return [f"--set={k}={v}" for k, v in sets.items()]
@@ -93,7 +93,7 @@ def prefect_api() -> str:
 @pytest.fixture(scope="session")
 def raw_videos(tmp_path_factory):
     """The standard messy synthetic set (with ground truth), generated once."""
-    from tasks.synthetic_videos import make_raw_video_set
+    from vidtune.tasks.synthetic_videos import make_raw_video_set
 
     folder = tmp_path_factory.mktemp("raw")
     return folder, make_raw_video_set(folder, seed=1, seconds=5.0)
@@ -113,7 +113,7 @@ def raw_with_bad_inputs(tmp_path_factory, raw_videos):
 @pytest.fixture(scope="session")
 def curated(prefect_api, raw_with_bad_inputs, tmp_path_factory, make_params):
     """One real curate flow run over good and bad inputs; returns (output folder, summary, inputs)."""
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     folder, videos, expected = raw_with_bad_inputs
     output = tmp_path_factory.mktemp("dataset")
@@ -127,6 +127,6 @@ def as_root() -> bool:
 
 
 def video_files(folder: Path) -> list[Path]:
-    from tasks.discover import VIDEO_EXTENSIONS
+    from vidtune.tasks.discover import VIDEO_EXTENSIONS
 
     return sorted(p for p in folder.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS)

@@ -11,15 +11,15 @@ import pytest
 import torch
 import webdataset as wds
 
-from training.cache import (
+from vidtune.training.cache import (
     PrecomputeParams,
     cache_fingerprint,
     choose_bucket,
     load_cache_entry,
     precompute,
 )
-from training.families import get_family
-from training.tiny_models import build_tiny_wan
+from vidtune.training.families import get_family
+from vidtune.training.tiny_models import build_tiny_wan
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def tiny_wan(tmp_path_factory):
 @pytest.mark.parametrize("name", ["wan", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"])
 def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     """The shared suite's precompute step: real curated clips through each family's own encoders."""
-    from training.tiny_models import build_tiny
+    from vidtune.training.tiny_models import build_tiny
 
     output, _, _ = curated
     family = get_family(name)
@@ -103,7 +103,7 @@ def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path
 
 def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_moments(tiny_wan, tmp_path, monkeypatch):
     """A 320x288 clip is past Wan's 256-pixel tile, so tiling really splits it (the curated 64x64 clips never are)."""
-    from training.media import write_mp4
+    from vidtune.training.media import write_mp4
 
     family, _, model = tiny_wan
     rng = np.random.default_rng(0)

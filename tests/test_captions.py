@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.captions import (
+from vidtune.tasks.captions import (
     CaptionParams,
     VlmCaptioner,
     find_mapping_file,
@@ -14,8 +14,8 @@ from tasks.captions import (
     sidecar_caption,
     tile_frames,
 )  # fmt: skip
-from tasks.records import ClipRecord
-from tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
+from vidtune.tasks.records import ClipRecord
+from vidtune.tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
 
 ROW = ClipRecord(clip_id="c", source="/data/raw/my_trip-beach.mp4", source_sha256="x", start_s=1.0, end_s=3.5)
 

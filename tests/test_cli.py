@@ -26,7 +26,7 @@ def cli(prefect_api, tmp_path_factory):
     env = os.environ | {"PREFECT_API_URL": prefect_api, "VIDTUNE_HOME": str(root / "home"), "VIDTUNE_WORKER": "1", "COLUMNS": "200"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-m", "vidtune.flows.cli", *map(str, args)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
 
     run.root = root
     yield run
@@ -37,8 +37,8 @@ def cli(prefect_api, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(cli, raw_videos, tiny_clip):
     """`vidtune finetune --raw` on a few raw videos with a tiny Wan, registered as cli-style."""
-    from tasks.tiny_models import TINY_CLIP
-    from training.tiny_models import build_tiny_wan
+    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import build_tiny_wan
 
     raw = cli.root / "raw"
     raw.mkdir()
@@ -65,7 +65,7 @@ def test_finetune_raw_curates_trains_evaluates_and_registers(trained, cli):
 
 
 def test_evaluate_and_register_a_run(trained, cli, tiny_clip):
-    from tasks.tiny_models import TINY_CLIP
+    from vidtune.tasks.tiny_models import TINY_CLIP
 
     _, run, tracking_uri = trained
     (run / "evaluation" / "metrics.json").unlink()

@@ -6,15 +6,15 @@ import av
 import numpy as np
 import pytest
 
-from tasks.clips import (
+from vidtune.tasks.clips import (
     ClipParams,
     FrameResampler,
     cover_crop_size,
     to_training_frame,
     yuv_to_rgb,
 )
-from tasks.probe import probe_video
-from tasks.synthetic_videos import render_video
+from vidtune.tasks.probe import probe_video
+from vidtune.tasks.synthetic_videos import render_video
 
 
 @pytest.mark.parametrize(
@@ -80,9 +80,9 @@ def test_clip_frames_match_the_source_frame_they_come_from(raw_videos, tmp_path)
     """Geometry (rotation, cover, crop) and colour survive the YUV path: compare with PIL's own resize/crop."""
     from PIL import Image
 
-    from tasks.discover import identify_source
-    from tasks.extract import extract_clips
-    from tasks.scenes import SceneParams
+    from vidtune.tasks.discover import identify_source
+    from vidtune.tasks.extract import extract_clips
+    from vidtune.tasks.scenes import SceneParams
 
     _, videos = raw_videos
     for video in (v for v in videos if v.rotation or v.path.suffix == ".gif" or v.width == 1278):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.config import ParamError, build_params, parse_overrides
-from flows.curate import CurateParams
+from vidtune.flows.cli import app
+from vidtune.flows.config import ParamError, build_params, parse_overrides
+from vidtune.flows.curate import CurateParams
 
 
 def test_overrides_are_nested_and_typed():
@@ -27,7 +27,7 @@ def test_config_file_then_overrides(tmp_path):
 
 
 def test_only_true_and_false_are_booleans_in_config_files_and_overrides(tmp_path):
-    from flows.finetune import FinetuneParams
+    from vidtune.flows.finetune import FinetuneParams
 
     config = tmp_path / "c.yaml"
     config.write_text("mixed_precision: no\ngradient_checkpointing: false\ncurate: {input: raw, output: ds, captions: {trigger: on}}\n")

@@ -12,7 +12,7 @@ import decord
 import pytest
 import webdataset as wds
 
-from tasks.manifest import read_manifest
+from vidtune.tasks.manifest import read_manifest
 from tests.conftest import TEST_CLIPS, video_files
 
 
@@ -81,7 +81,7 @@ def test_no_clip_crosses_a_scene_boundary(curated, manifest):
 
 
 def test_clip_ids_are_unique_and_deterministic(manifest):
-    from tasks.records import clip_id_for
+    from vidtune.tasks.records import clip_id_for
 
     clip_rows = [r for r in manifest if r.clip_id]
     assert len({r.clip_id for r in clip_rows}) == len(clip_rows)
@@ -124,7 +124,7 @@ def test_stats_json_matches_the_manifest(curated, manifest):
 
 
 def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest, make_params):
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     output, _, (folder, _, _) = curated
     shards_before = {p.name: p.stat().st_size for p in (output / "shards").glob("*.tar")}
@@ -143,8 +143,8 @@ def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest, mak
 def test_other_settings_on_the_same_output_are_refused_naming_them(curated, make_params, tiny_clip, tmp_path, group, change, named):
     import shutil
 
-    from flows.curate import curate
-    from tasks.output import OutputMismatchError
+    from vidtune.flows.curate import curate
+    from vidtune.tasks.output import OutputMismatchError
 
     output, _, (folder, _, _) = curated
     if change == "other weights":  # the same model from another file: the scores would differ
@@ -178,7 +178,7 @@ def test_an_unreadable_source_is_a_record_at_flow_level(prefect_api, raw_videos,
     import tempfile
     from contextlib import nullcontext
 
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
     from tests.test_discover import _as_nobody
 
     _, videos = raw_videos
@@ -207,7 +207,7 @@ def test_an_unreadable_source_is_a_record_at_flow_level(prefect_api, raw_videos,
 def test_remote_input_url(prefect_api, raw_videos, tmp_path, make_params):
     import fsspec
 
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     _, videos = raw_videos
     fs = fsspec.filesystem("memory")

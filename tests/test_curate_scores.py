@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from tasks.manifest import read_manifest
-from tasks.synthetic_videos import render_video
+from vidtune.tasks.manifest import read_manifest
+from vidtune.tasks.synthetic_videos import render_video
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def scored_inputs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def scored(prefect_api, scored_inputs, tmp_path_factory, make_params):
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     output = tmp_path_factory.mktemp("scored")
     summary = curate(make_params(scored_inputs, output, captions={"trigger": "in sks style"}))
@@ -76,7 +76,7 @@ def test_score_histograms_are_written(scored):
 def test_new_thresholds_refilter_without_reextracting(scored, scored_inputs, make_params, tmp_path):
     import shutil
 
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     output, _, rows = scored
     copy = tmp_path / "copy"
@@ -97,7 +97,7 @@ def _shard_keys(output) -> list[str]:
 def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored, scored_inputs, make_params, tmp_path):
     import shutil
 
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     output, _, _ = scored
     copy = tmp_path / "copy"
@@ -122,7 +122,7 @@ def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored,
 def test_overwrite_replaces_an_output_made_with_other_settings(scored, scored_inputs, make_params, tmp_path):
     import shutil
 
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     output, _, before = scored
     copy = tmp_path / "copy"
@@ -150,7 +150,7 @@ def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(scored, s
     import errno
     import shutil
 
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     output, _, rows = scored
     copy = tmp_path / "copy"
@@ -179,7 +179,7 @@ def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(scored, s
 
 
 def test_near_duplicates_are_removed_naming_the_kept_clip(prefect_api, scored_inputs, make_params, tmp_path):
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     curate(make_params(scored_inputs, tmp_path / "d", captions={"trigger": "sks"}, filters={"dedup_threshold": 0.9995, "min_motion": None}))
     rows = {r.source.rsplit("/", 1)[-1]: r for r in read_manifest(tmp_path / "d" / "manifest.parquet") if r.clip_id}
@@ -188,8 +188,8 @@ def test_near_duplicates_are_removed_naming_the_kept_clip(prefect_api, scored_in
 
 
 def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, tmp_path):
-    from flows.curate import curate
-    from tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
+    from vidtune.flows.curate import curate
+    from vidtune.tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
 
     blip = build_tiny_captioner(tmp_path / "blip")
     params = make_params(scored_inputs, tmp_path / "v", captions={"mode": "vlm", "vlm_model": str(blip), "trigger": "sks"})
@@ -208,8 +208,8 @@ def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, 
     ],
 )
 def test_missing_models_fail_before_any_video_is_decoded(prefect_api, scored_inputs, make_params, tmp_path, overrides, field):
-    from flows.curate import curate
-    from tasks.preflight import ModelSetupError
+    from vidtune.flows.curate import curate
+    from vidtune.tasks.preflight import ModelSetupError
 
     with pytest.raises(ModelSetupError, match=field.replace(".", r"\.")):
         curate(make_params(scored_inputs, tmp_path / "never", **overrides))
@@ -220,7 +220,7 @@ def test_missing_models_fail_before_any_video_is_decoded(prefect_api, scored_inp
 @pytest.mark.parametrize("runner", ["dask", "ray"])
 def test_a_local_cluster_gives_the_same_manifest(scored, scored_inputs, make_params, tmp_path, runner):
     """Two worker processes (Dask LocalCluster / local Ray) produce what the threaded run produced."""
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     pytest.importorskip("prefect_ray" if runner == "ray" else "prefect_dask")
     output, _, _ = scored

@@ -7,7 +7,7 @@ import io
 import webdataset as wds
 from rich.console import Console
 
-from flows.demo import DEMO_STEPS, run_demo
+from vidtune.flows.demo import DEMO_STEPS, run_demo
 
 
 def test_demo_curates_generated_videos_and_fine_tunes_a_lora(prefect_api, tmp_path):

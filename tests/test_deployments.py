@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.config import ParamError
-from flows.deployments import load_deployments, load_flow, merge_run_parameters, validate_flow_parameters
+from vidtune.flows.config import ParamError
+from vidtune.flows.deployments import load_deployments, load_flow, merge_run_parameters, validate_flow_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -35,7 +35,7 @@ def test_every_deployment_preset_validates_against_its_flow():
 
 
 def test_the_style_preset_is_a_lora_with_a_trigger_word_from_raw_videos_and_full_trains_on_shards():
-    from flows.finetune import FinetuneParams
+    from vidtune.flows.finetune import FinetuneParams
 
     style = FinetuneParams.model_validate(presets()["finetune/style"]["parameters"]["params"])
     assert style.training_type == "lora" and style.curate is not None and style.curate.captions.trigger
@@ -46,7 +46,7 @@ def test_the_style_preset_is_a_lora_with_a_trigger_word_from_raw_videos_and_full
 
 
 def test_a_wrong_key_or_value_is_refused_naming_the_field():
-    flow, stored = load_flow("flows.finetune.finetune"), presets()["finetune/style"]["parameters"]
+    flow, stored = load_flow("vidtune.flows.finetune.finetune"), presets()["finetune/style"]["parameters"]
     with pytest.raises(ParamError, match=r"params\.max_stepz: unknown parameter"):
         validate_flow_parameters(flow, merge_run_parameters(stored, ["max_stepz=5"], {"params"}))
     with pytest.raises(ParamError, match=r"params\.rank: Input should be greater than 0"):
@@ -118,7 +118,7 @@ def test_worker_entrypoint_creates_the_pool_the_gpu_limit_and_the_deployments_an
 
 
 def test_worker_setup_refuses_a_pool_no_deployment_uses_before_touching_the_server(capsys):
-    from flows.workpool import main
+    from vidtune.flows.workpool import main
 
     assert main(["elsewhere", "1"]) == 2  # no server is configured here: it stops before asking one
     assert "VIDTUNE_WORK_POOL='elsewhere', but prefect.yaml's deployments use the work pool(s) ['vidtune']" in capsys.readouterr().err
@@ -129,5 +129,5 @@ def test_serve_against_a_configured_server_that_is_down_says_what_to_do(tmp_path
     from tests.test_ui_path import free_port
 
     env = os.environ | {"PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "vidtune.flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not answer" in result.stdout and "vidtune server start" in result.stdout

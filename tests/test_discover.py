@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import fsspec
 import pytest
 
-from tasks.discover import identify_source, list_video_paths, mark_duplicates
+from vidtune.tasks.discover import identify_source, list_video_paths, mark_duplicates
 
 
 def test_lists_videos_recursively_and_ignores_other_files(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.families import FAMILIES, detect_family, get_family
-from training.tiny_models import TINY_MODELS, build_tiny
+from vidtune.training.families import FAMILIES, detect_family, get_family
+from vidtune.training.tiny_models import TINY_MODELS, build_tiny
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_MODELS))
@@ -107,7 +107,7 @@ def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
 
 
 def test_valid_frame_counts(family_model):
-    from training.cache import DEFAULT_FRAME_BUCKETS
+    from vidtune.training.cache import DEFAULT_FRAME_BUCKETS
 
     family, _ = family_model
     assert family.valid_num_frames(FRAMES) and not family.valid_num_frames(0) and not family.valid_num_frames(1000)
@@ -126,7 +126,7 @@ def test_unknown_family_and_non_diffusers_folder(tmp_path):
 
 
 def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_model, tmp_path):
-    from training.trainable import select_trainable
+    from vidtune.training.trainable import select_trainable
 
     family, folder = family_model
     torch.manual_seed(0)
@@ -162,6 +162,6 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
 
 def test_select_trainable_names_an_example_when_nothing_matches():
     with pytest.raises(ValueError, match="no parameter name matches 'nothing'"):
-        from training.trainable import select_trainable
+        from vidtune.training.trainable import select_trainable
 
         select_trainable(torch.nn.Linear(2, 2), "nothing")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.filters import FilterParams, apply_filters, near_duplicates
-from tasks.records import ClipRecord, Status
+from vidtune.tasks.filters import FilterParams, apply_filters, near_duplicates
+from vidtune.tasks.records import ClipRecord, Status
 
 
 def _row(clip_id, clip_score=0.3, motion=2.0, caption="a cat", start=0):

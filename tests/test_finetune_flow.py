@@ -15,22 +15,22 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from training.data import cache_shards, make_stream
-from training.families import get_family
-from training.trainer import batch_loss
+from vidtune.training.data import cache_shards, make_stream
+from vidtune.training.families import get_family
+from vidtune.training.trainer import batch_loss
 
 BUCKETS = [9, 17]
 
 
 @pytest.fixture(scope="module")
 def wan_model(tmp_path_factory) -> str:
-    from training.tiny_models import build_tiny_wan
+    from vidtune.training.tiny_models import build_tiny_wan
 
     return str(build_tiny_wan(tmp_path_factory.mktemp("wan") / "model"))
 
 
 def finetune_params(curated, model, tmp_path, **overrides):
-    from flows.finetune import FinetuneParams
+    from vidtune.flows.finetune import FinetuneParams
 
     output, _, _ = curated
     values = {"run_evaluation": False, "run_registration": False,"data": str(output), "model": model, "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
@@ -51,7 +51,7 @@ def fixed_noise_loss(pipe, shards: list[str]) -> float:
 
 
 def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeline(prefect_api, curated, wan_model, tmp_path):
-    from flows.finetune import finetune
+    from vidtune.flows.finetune import finetune
 
     summary = finetune(finetune_params(curated, wan_model, tmp_path, holdout_clips=0))
     assert summary["family"] == "wan" and summary["steps"] == 30
@@ -91,7 +91,7 @@ def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
 
 @pytest.mark.slow
 def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(prefect_api, curated, wan_model, tmp_path):
-    from flows.finetune import finetune
+    from vidtune.flows.finetune import finetune
 
     summary = finetune(finetune_params(curated, wan_model, tmp_path, num_processes=2, max_steps=6, checkpoint_every=3, validation={}))
     run = tmp_path / "run"
@@ -103,8 +103,8 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
 
 
 def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, curated, wan_model, tmp_path):
-    from flows.finetune import finetune
-    from training.launch import PROGRESS_FILE, RESULT_FILE
+    from vidtune.flows.finetune import finetune
+    from vidtune.training.launch import PROGRESS_FILE, RESULT_FILE
 
     validation = {"prompts": ["a red car, {trigger}"], "every": 4, "inference_steps": 2}
     summary = finetune(finetune_params(curated, wan_model, tmp_path, max_steps=4, checkpoint_every=2, validation=validation, prepare_only=True))
@@ -112,7 +112,7 @@ def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, cura
     assert summary["prepared"] and (run / "train_job.json").is_file() and not (run / "adapter").exists()
     job = json.loads((run / "train_job.json").read_text())
     assert job["params"]["validation"]["prompts"] == ["a red car"]  # {trigger}: this dataset has none, so no dangling comma
-    launched = subprocess.run([sys.executable, "-m", "training.launch", str(run / "train_job.json")], capture_output=True, text=True, timeout=300)
+    launched = subprocess.run([sys.executable, "-m", "vidtune.training.launch", str(run / "train_job.json")], capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert json.loads((run / PROGRESS_FILE).read_text())["step"] == json.loads((run / RESULT_FILE).read_text())["steps"] == 4
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
@@ -135,8 +135,8 @@ def test_missing_or_empty_data_is_refused_before_the_model_loads(prefect_api, we
 
 
 def test_no_clip_fitting_a_bucket_names_the_buckets_and_the_clips(prefect_api, curated, weightless_model, tmp_path):
-    from flows.finetune import finetune
-    from training.data import DatasetError
+    from vidtune.flows.finetune import finetune
+    from vidtune.training.data import DatasetError
 
     with pytest.raises(DatasetError, match=r"no clip fits a frame bucket of wan \(81 frames\): the \d+ clips have \d+-\d+ frames"):
         finetune(finetune_params(curated, weightless_model, tmp_path, precompute={"frame_buckets": [81]}))
@@ -145,7 +145,7 @@ def test_no_clip_fitting_a_bucket_names_the_buckets_and_the_clips(prefect_api, c
 def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(prefect_api, curated, wan_model, tmp_path):
     """What a published model with a short RoPE table (or too-large clips) would hit deep inside attention as
     `RuntimeError: shape '[1, 1, 52, -1]' is invalid` is a message before anything loads."""
-    from flows.finetune import finetune
+    from vidtune.flows.finetune import finetune
 
     model = shutil.copytree(wan_model, tmp_path / "model")
     config = json.loads((model / "transformer" / "config.json").read_text())
@@ -156,8 +156,8 @@ def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(
 
 
 def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path, vidtune):
-    from flows.config import ParamError, build_params
-    from flows.finetune import FinetuneParams
+    from vidtune.flows.config import ParamError, build_params
+    from vidtune.flows.finetune import FinetuneParams
 
     code, out = vidtune("finetune", "--data", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "rank=0", "--set", "max_steps=0")
     assert code == 2
@@ -199,8 +199,8 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
 
     from prefect.concurrency.sync import concurrency
 
-    from flows.evaluate import EvaluationParams, evaluate
-    from flows.finetune import finetune
+    from vidtune.flows.evaluate import EvaluationParams, evaluate
+    from vidtune.flows.finetune import finetune
 
     limit = "gpu-queue-test"
     states = {}

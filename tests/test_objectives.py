@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.families import get_family
-from training.families.objectives import ObjectiveParams, check_objective_params
-from training.published_configs import published_scheduler, published_scheduler_config
+from vidtune.training.families import get_family
+from vidtune.training.families.objectives import ObjectiveParams, check_objective_params
+from vidtune.training.published_configs import published_scheduler, published_scheduler_config
 
 FLOW_CHECKPOINTS = {  # family -> repos whose scheduler_config.json is stored in training/model_configs
     "wan": ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"],

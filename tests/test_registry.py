@@ -12,14 +12,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from evaluation.registry import CHALLENGER, CHAMPION, RegistryError, decide, register_run
+from vidtune.evaluation.registry import CHALLENGER, CHAMPION, RegistryError, decide, register_run
 
 BUCKETS = [9, 17]
 
 
 @pytest.fixture(scope="module")
 def wan_model(tmp_path_factory) -> str:
-    from training.tiny_models import build_tiny_wan
+    from vidtune.training.tiny_models import build_tiny_wan
 
     return str(build_tiny_wan(tmp_path_factory.mktemp("wan") / "model"))
 
@@ -45,8 +45,8 @@ def tiny_i3d(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def runs(prefect_api, curated, wan_model, tiny_clip, tiny_i3d, tmp_path_factory):
     """Two finished, evaluated runs: `strong` (30 steps) and `weak` (3 tiny steps); both beat the base a little."""
-    from flows.finetune import FinetuneParams, finetune
-    from tasks.tiny_models import TINY_CLIP
+    from vidtune.flows.finetune import FinetuneParams, finetune
+    from vidtune.tasks.tiny_models import TINY_CLIP
 
     output, _, _ = curated
     root = tmp_path_factory.mktemp("runs")
@@ -146,7 +146,7 @@ def test_concurrent_registration_serialises_the_gate(runs, monkeypatch):
     strong one existed; with it, the strong registrar waits and is judged against the weak champion."""
     import threading
 
-    import evaluation.registry as registry
+    import vidtune.evaluation.registry as registry
 
     root, _ = runs
     uri = f"sqlite:///{root}/mlflow.db"
@@ -199,7 +199,7 @@ def test_concurrent_registration_serialises_the_gate(runs, monkeypatch):
 
 
 def test_generate_from_the_champion_writes_the_requested_frames(runs, tmp_path):
-    from evaluation.inference import ModelNotFound, generate
+    from vidtune.evaluation.inference import ModelNotFound, generate
 
     root, _ = runs
     uri = f"sqlite:///{root}/mlflow.db"
@@ -224,8 +224,8 @@ def test_an_unreachable_registry_fails_clearly_and_keeps_the_weights(runs, monke
 
 
 def test_a_full_fine_tune_registers_as_a_pipeline_and_generates(prefect_api, curated, wan_model, tmp_path):
-    from evaluation.inference import generate
-    from flows.finetune import FinetuneParams, finetune
+    from vidtune.evaluation.inference import generate
+    from vidtune.flows.finetune import FinetuneParams, finetune
 
     output, _, _ = curated
     params = FinetuneParams.model_validate({
@@ -244,7 +244,7 @@ def test_a_full_fine_tune_registers_as_a_pipeline_and_generates(prefect_api, cur
 
 
 def test_a_run_trained_further_is_a_new_version_not_the_old_one_relabelled(runs, tiny_clip):
-    from flows.finetune import FinetuneParams, finetune
+    from vidtune.flows.finetune import FinetuneParams, finetune
 
     root, made = runs
     uri = f"sqlite:///{root}/mlflow.db"

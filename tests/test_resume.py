@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from tasks.manifest import read_manifest
+from vidtune.tasks.manifest import read_manifest
 
 
 def _curate_cmd(input_dir: Path, output: Path, sets: list[str]) -> list[str]:
-    cli = [sys.executable, "-c", "from flows.cli import app; app()"]
+    cli = [sys.executable, "-c", "from vidtune.flows.cli import app; app()"]
     return [*cli, "curate", str(input_dir), str(output), *sets, "--set=workers=1"]
 
 
@@ -26,7 +26,7 @@ def _env(prefect_api: str) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, raw_videos, tmp_path, cli_sets, make_params):
-    from flows.curate import curate
+    from vidtune.flows.curate import curate
 
     folder, videos = raw_videos
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"

@@ -8,7 +8,7 @@ import urllib.request
 import psutil
 import pytest
 
-from flows.runners import make_task_runner
+from vidtune.flows.runners import make_task_runner
 
 
 def _listening(process: psutil.Process) -> list[str]:

@@ -6,18 +6,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.clips import ClipParams
-from tasks.extract import extract_clips
-from tasks.probe import probe_video
-from tasks.records import Source
-from tasks.scenes import (
+from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.extract import extract_clips
+from vidtune.tasks.probe import probe_video
+from vidtune.tasks.records import Source
+from vidtune.tasks.scenes import (
     ClipPlanner,
     SceneParams,
     colour_histogram,
     histogram_distance,
     plan_clip_spans,
 )
-from tasks.synthetic_videos import render_video, score_cuts
+from vidtune.tasks.synthetic_videos import render_video, score_cuts
 
 
 def test_runs_are_trimmed_at_boundaries_but_not_at_the_video_edges():
@@ -115,7 +115,7 @@ def test_adaptive_detector_finds_the_cuts_too(tmp_path):
 
 def test_hd_sources_detect_cuts_from_plane_thumbnails(tmp_path):
     """720p frames take the point-sampled thumbnail path (yuv420p, >= 2x the detection width)."""
-    from tasks.extract import detection_thumbnail
+    from vidtune.tasks.extract import detection_thumbnail
 
     video = render_video(tmp_path / "hd.mp4", seconds=4, fps=25, width=1280, height=720, shots=4, transition="dissolve", seed=4)
     source = Source(str(video.path), "d" * 64, 1, local_path=str(video.path))

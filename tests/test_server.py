@@ -17,8 +17,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from flows.server import configured_api_url, pid_alive
-from flows.worker import fingerprint
+from vidtune.flows.server import configured_api_url, pid_alive
+from vidtune.flows.worker import fingerprint
 from tests.test_ui_path import free_port
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def listening(port: int) -> bool:
 
 
 def vidtune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=400)
+    return subprocess.run([sys.executable, "-m", "vidtune.flows.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=400)
 
 
 def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_ends_them(tmp_path, raw_videos, cli_sets):
@@ -69,7 +69,7 @@ def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_e
 
         # Ctrl-C in the caller interrupts the run in the worker; the worker stays up for the next command
         log = (tmp_path / "interrupted.log").open("w")
-        caller = subprocess.Popen([sys.executable, "-m", "flows.cli", "curate", str(raw_videos[0]), "out4", *cli_sets],
+        caller = subprocess.Popen([sys.executable, "-m", "vidtune.flows.cli", "curate", str(raw_videos[0]), "out4", *cli_sets],
                                   env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 120
         while "Beginning flow run" not in (tmp_path / "interrupted.log").read_text() and time.monotonic() < deadline:
@@ -105,7 +105,7 @@ def test_prefects_temporary_server_waits_long_enough_for_a_cold_first_start():
     probe = (
         "import importlib, sys\n"
         "from flows import cli\n"  # what `vidtune` imports first
-        "for name in ('flows.curate', 'flows.finetune', 'flows.evaluate', 'flows.demo'):\n"
+        "for name in ('vidtune.flows.curate', 'vidtune.flows.finetune', 'vidtune.flows.evaluate', 'vidtune.flows.demo'):\n"
         "    importlib.import_module(name)\n"
         "from prefect.settings import get_current_settings\n"
         "print(get_current_settings().server.ephemeral.startup_timeout_seconds)\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import webdataset as wds
 
-from tasks.records import ClipRecord, Status
-from tasks.shards import ShardParams, pack_shards, packed_clips
+from vidtune.tasks.records import ClipRecord, Status
+from vidtune.tasks.shards import ShardParams, pack_shards, packed_clips
 
 
 def _rows(tmp_path, n, size=50_000):

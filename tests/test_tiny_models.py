@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
-from training.published_configs import build_from_config, published_config
-from training.tiny_models import TINY_MODELS, build_tiny
+from vidtune.flows.cli import app
+from vidtune.training.published_configs import build_from_config, published_config
+from vidtune.training.tiny_models import TINY_MODELS, build_tiny
 
 
 def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):

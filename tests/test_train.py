@@ -14,18 +14,18 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from training.cache import PrecomputeParams, precompute
-from training.data import BucketedStream, cache_shards, make_stream
-from training.families import get_family
-from training.params import TrainParams
-from training.trainer import TrainingDiverged, TrainJob, batch_loss, train
+from vidtune.training.cache import PrecomputeParams, precompute
+from vidtune.training.data import BucketedStream, cache_shards, make_stream
+from vidtune.training.families import get_family
+from vidtune.training.params import TrainParams
+from vidtune.training.trainer import TrainingDiverged, TrainJob, batch_loss, train
 
 BUCKETS = [9, 17]
 
 
 @pytest.fixture(scope="module")
 def wan_model(tmp_path_factory) -> str:
-    from training.tiny_models import build_tiny_wan
+    from vidtune.training.tiny_models import build_tiny_wan
 
     return str(build_tiny_wan(tmp_path_factory.mktemp("wan") / "model"))
 
@@ -114,7 +114,7 @@ def test_ctrl_c_saves_the_steps_done_and_says_how_to_resume(wan_model, wan_cache
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(wan_model, wan_cache):
-    from training.trainable import make_trainable
+    from vidtune.training.trainable import make_trainable
 
     family = get_family("wan")
     batch = next(iter(make_stream("cache", wan_cache, BUCKETS, batch_size=2, seed=0)))
@@ -235,7 +235,7 @@ def test_skipping_batches_resumes_the_same_stream(two_bucket_shards):
 
 def test_bf16_mixed_precision_with_fp8_storage_keeps_lora_weights_in_fp32(wan_model, wan_cache, tmp_path, monkeypatch):
     """CPU autocast runs bf16; frozen Linear weights are stored as float8 and upcast per layer."""
-    import training.trainer as trainer_module
+    import vidtune.training.trainer as trainer_module
 
     seen = {}
     real = trainer_module.make_trainable
@@ -266,7 +266,7 @@ def test_dataloader_workers_read_disjoint_samples_and_resume_in_step(two_bucket_
 
 
 def test_resume_from_a_named_checkpoint_and_refusing_what_is_not_one(tmp_path):
-    from training.checkpoints import resolve_resume
+    from vidtune.training.checkpoints import resolve_resume
 
     root = tmp_path / "checkpoints"
     assert resolve_resume(None, root) is None and resolve_resume("latest", root) is None  # nothing yet: a fresh start
@@ -290,7 +290,7 @@ def test_an_unreachable_mlflow_does_not_cost_the_training_run(wan_model, wan_cac
 
 
 def test_a_reader_left_without_trainable_clips_fails_instead_of_waiting_forever(two_bucket_shards):
-    from training.data import DatasetError
+    from vidtune.training.data import DatasetError
 
     odd = frozenset(f"c{s}-{i}" for s in range(3) for i in range(1, 10, 2))  # every sample of reader 1 of 2 (by sample)
     stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=1, seed=0, rank=1, world_size=2, exclude=odd)
@@ -312,7 +312,7 @@ def test_training_from_the_cache_never_loads_the_text_encoder(curated, wan_model
     run with validation samples still trains and renders them from the cached embeddings."""
     import shutil
 
-    from training.trainer import _prepare_model
+    from vidtune.training.trainer import _prepare_model
 
     model = tmp_path / "wan"
     shutil.copytree(wan_model, model)

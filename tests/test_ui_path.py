@@ -18,7 +18,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.config import deep_merge
+from vidtune.flows.config import deep_merge
 from tests.conftest import TEST_CLIPS
 from tests.test_deployments import PREFECT, ROOT, presets
 
@@ -61,13 +61,13 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def tiny_wan(tmp_path) -> str:
-    from training.tiny_models import build_tiny_wan
+    from vidtune.training.tiny_models import build_tiny_wan
 
     return str(build_tiny_wan(tmp_path / "wan"))
 
 
 def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(tmp_path, raw_videos, tiny_clip, tiny_wan, vidtune):
-    from tasks.tiny_models import TINY_CLIP
+    from vidtune.tasks.tiny_models import TINY_CLIP
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -79,7 +79,7 @@ def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
     try:
         processes.append(start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, logs[0]))
         wait_for(lambda: httpx.get(f"{api}/health").status_code == 200, "the Prefect server answers", 180, logs)
-        processes.append(start([sys.executable, "-m", "flows.cli", "serve"], env, logs[1]))
+        processes.append(start([sys.executable, "-m", "vidtune.flows.cli", "serve"], env, logs[1]))
         wait_for(lambda: httpx.get(f"{api}/deployments/name/finetune/style").status_code == 200, "vidtune serve registers finetune/style", 180, logs)
 
         tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from training.families import ModelFamily
-from training.files import atomic_dir, atomic_path, write_json_atomic
+from vidtune.training.families import ModelFamily
+from vidtune.training.files import atomic_dir, atomic_path, write_json_atomic
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "comfyui_lora.safetensors"

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_tensors
 
-from training.families import ModelFamily, TextEmbeddings
-from training.files import atomic_path
+from vidtune.training.families import ModelFamily, TextEmbeddings
+from vidtune.training.files import atomic_path
 
 CACHE_VERSION = 1  # bump when what is stored changes
 
@@ -95,7 +95,7 @@ def _cached_ids(bucket_dir: Path) -> set[str]:
 
 def decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
     """The first `frames` frames of a clip as (1, 3, frames, h, w) in [-1, 1]."""
-    from training.media import FrameReader
+    from vidtune.training.media import FrameReader
 
     array = FrameReader(mp4).get(list(range(frames)))
     video = torch.from_numpy(array).permute(3, 0, 1, 2).float() / 127.5 - 1.0

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.files import write_json_atomic
+from vidtune.training.files import write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 

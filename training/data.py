@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from training.cache import choose_bucket, decode_clip, load_cache_entry
+from vidtune.training.cache import choose_bucket, decode_clip, load_cache_entry
 
 
 class DatasetError(ValueError):

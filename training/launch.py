@@ -1,4 +1,4 @@
-"""Entry point for multi-process training: `accelerate launch [--num_processes N] -m training.launch JOB.json`.
+"""Entry point for multi-process training: `accelerate launch [--num_processes N] -m vidtune.training.launch JOB.json`.
 
 The `finetune` flow writes JOB.json (a `TrainJob`) and starts this under accelerate; the main process writes
 the result next to the run's outputs as `train_result.json`.
@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from training.data import DatasetError
-from training.files import write_json_atomic
-from training.trainer import TrainingDiverged, TrainJob, train
+from vidtune.training.data import DatasetError
+from vidtune.training.files import write_json_atomic
+from vidtune.training.trainer import TrainingDiverged, TrainJob, train
 
 RESULT_FILE = "train_result.json"
 ERROR_FILE = "train_error.json"
@@ -46,7 +46,7 @@ def write_progress(out: Path):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vidtune.training.launch", description=__doc__.splitlines()[0])
     parser.add_argument("job", type=Path, help="TrainJob JSON written by the finetune flow")
     job = TrainJob.model_validate_json(parser.parse_args(argv).job.read_text())
     main_process = int(os.environ.get("RANK", "0")) == 0

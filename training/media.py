@@ -10,7 +10,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from training.files import atomic_path
+from vidtune.training.files import atomic_path
 
 
 class FrameReader:

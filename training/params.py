@@ -1,4 +1,4 @@
-"""What the trainer takes: one pydantic model, declared once (STYLE.md 4). `flows.finetune.FinetuneParams`
+"""What the trainer takes: one pydantic model, declared once (STYLE.md 4). `vidtune.flows.finetune.FinetuneParams`
 extends it with the data and model, so these names are also the `--set` keys and the Prefect UI form."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from training.families.objectives import ObjectiveParams
+from vidtune.training.families.objectives import ObjectiveParams
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.cache import load_prompt
-from training.families import TextEmbeddings
-from training.files import write_json_atomic
-from training.media import to_uint8, write_gif, write_mp4
-from training.params import ValidationParams
+from vidtune.training.cache import load_prompt
+from vidtune.training.families import TextEmbeddings
+from vidtune.training.files import write_json_atomic
+from vidtune.training.media import to_uint8, write_gif, write_mp4
+from vidtune.training.params import ValidationParams
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def prompt_arguments(text: TextEmbeddings, negative: TextEmbeddings, like: torch
 
 def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str, prompt_cache: Path | None = None) -> list[np.ndarray]:
     """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time). With
-    `prompt_cache` (see `training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder."""
+    `prompt_cache` (see `vidtune.training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder."""
     pipe.set_progress_bar_config(disable=True)
     videos = []
     like = next(pipe.vae.parameters())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from training.published_configs import build_from_config, published_config, published_scheduler
+from vidtune.training.published_configs import build_from_config, published_config, published_scheduler
 
 TOKENIZER_WORDS = ["a", "the", "of", "in", "with", "and", "style", "video", "shot", "scene", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road", "sks", "vidtune", "demo"]
 

@@ -1,7 +1,7 @@
 """The trainer: one loop for LoRA and full fine-tuning of any model family, under `accelerate` (device placement,
 mixed precision, gradient accumulation, DDP across processes).
 
-`train(job)` runs in-process for one process, and under `accelerate launch -m training.launch JOB.json` for
+`train(job)` runs in-process for one process, and under `accelerate launch -m vidtune.training.launch JOB.json` for
 several; both write RUN/checkpoints/, RUN/samples/, RUN/adapter/ (or RUN/model/ for full fine-tuning) and one
 MLflow run.
 """
@@ -23,23 +23,23 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.adapters import (
+from vidtune.training.adapters import (
     COMFYUI_FILE,
     export_comfyui,
     lora_state_dict,
     save_full_model,
     save_lora_adapter,
 )
-from training.cache import check_cached_prompts
-from training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume, saved_step
-from training.data import make_stream
-from training.families import ModelFamily, TextEmbeddings, get_family
-from training.families.objectives import check_objective_params
-from training.files import write_json_atomic
-from training.params import TrainParams
-from training.sampling import render_samples
-from training.tracking import RunTracker, flatten
-from training.trainable import make_optimizer, make_trainable
+from vidtune.training.cache import check_cached_prompts
+from vidtune.training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume, saved_step
+from vidtune.training.data import make_stream
+from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
+from vidtune.training.families.objectives import check_objective_params
+from vidtune.training.files import write_json_atomic
+from vidtune.training.params import TrainParams
+from vidtune.training.sampling import render_samples
+from vidtune.training.tracking import RunTracker, flatten
+from vidtune.training.trainable import make_optimizer, make_trainable
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,7 +83,7 @@ class TrainResult:
 
     @classmethod
     def from_json(cls, path: Path) -> TrainResult:
-        """Read what `training.launch` wrote (paths come back as Paths)."""
+        """Read what `vidtune.training.launch` wrote (paths come back as Paths)."""
         values = json.loads(Path(path).read_text())
         values.update(out=Path(values["out"]), weights=Path(values["weights"]), checkpoints=[Path(p) for p in values["checkpoints"]])
         return cls(**values)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.families.animatediff import AnimateDiffFamily, AnimateDiffSDXLFamily
-from training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
-from training.families.cogvideox import CogVideoXFamily
-from training.families.ltx import LtxFamily
-from training.families.wan import WanFamily
+from vidtune.training.families.animatediff import AnimateDiffFamily, AnimateDiffSDXLFamily
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
+from vidtune.training.families.cogvideox import CogVideoXFamily
+from vidtune.training.families.ltx import LtxFamily
+from vidtune.training.families.wan import WanFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily(), CogVideoXFamily(), AnimateDiffFamily(), AnimateDiffSDXLFamily())}
 

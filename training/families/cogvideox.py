@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.objectives import ObjectiveParams, VariancePreserving, sample_posterior
+from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.objectives import ObjectiveParams, VariancePreserving, sample_posterior
 
 
 class CogVideoXFamily:

@@ -22,7 +22,7 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.families.base import TrainingInputs
+from vidtune.training.families.base import TrainingInputs
 
 TimestepSampling = Literal["logit_normal", "uniform", "sigmoid", "shift"]
 

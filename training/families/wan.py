@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from training.families.base import TextEmbeddings, TrainingInputs
-from training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
+from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 
 
 class WanFamily:
