@@ -3,7 +3,7 @@ precompute to evaluation; evaluate on its own), so two runs scheduled together q
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger
@@ -24,20 +24,27 @@ class GpuSlotParams(BaseModel):
     )
 
 
+def create_if_missing(read: Callable[[], object], create: Callable[[], object]) -> bool:
+    """Call `create` unless `read` finds the Prefect object (raising ObjectNotFound when it does not). Returns
+    whether this call created it; losing a race to another process that created it meanwhile counts as found."""
+    try:
+        read()
+        return False
+    except ObjectNotFound:
+        pass
+    try:
+        create()
+        return True
+    except ObjectAlreadyExists:
+        return False
+
+
 def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
     """Create the global concurrency limit `name` with `slots` unless it exists (an existing one keeps the
     limit its owner set). Returns whether it was created."""
     with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return False
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            return True
-        except ObjectAlreadyExists:  # another run created it a moment ago
-            return False
+        return create_if_missing(lambda: client.read_global_concurrency_limit_by_name(name),
+                                 lambda: client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots)))  # fmt: skip
 
 
 def _slots_in_use(name: str) -> tuple[int, int] | None:

@@ -21,21 +21,13 @@ def ensure_work_pool(name: str) -> bool:
     whether it was created."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
+    from vidtune.flows.gpu import create_if_missing
+
+    pool = WorkPoolCreate(name=name, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template())
     with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(name)
-            return False
-        except ObjectNotFound:
-            pass
-        pool = WorkPoolCreate(name=name, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template())
-        try:
-            client.create_work_pool(pool)
-            return True
-        except ObjectAlreadyExists:  # another worker created it a moment ago
-            return False
+        return create_if_missing(lambda: client.read_work_pool(name), lambda: client.create_work_pool(pool))
 
 
 def main(argv: list[str]) -> int:
