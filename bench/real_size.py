@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from vidtune.training.families import get_family  # noqa: E402
 from vidtune.training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
-from vidtune.training.tiny_models import TINY_MODELS, WAN_13B  # noqa: E402
+from vidtune.training.families.wan import WAN_13B  # noqa: E402
+from vidtune.training.tiny_models import TINY_MODELS, tiny_spec  # noqa: E402
 
-MODELS = ["wan", "wan-14b", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"]
+MODELS = list(TINY_MODELS)
 TRAINED_WITH_DENOISER = ("motion_adapter",)  # the pipeline merges it into the denoiser, so the LoRA lands on it too
 
 
@@ -62,7 +63,7 @@ def component_size(module: torch.nn.Module, targets: tuple[str, ...] | None, ran
 
 def model_sizes(name: str, rank: int) -> dict:
     """Every model component of one TINY_MODELS entry at its published size."""
-    spec, family = TINY_MODELS[name], get_family(TINY_MODELS[name].family)
+    spec, family = tiny_spec(name), TINY_MODELS[name]
     trained = (family.denoiser_name, *TRAINED_WITH_DENOISER)
     components = {}
     for part_name, part in spec.parts.items():

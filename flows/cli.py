@@ -230,7 +230,7 @@ def synth_videos(
 
 @app.command("tiny-model")
 def tiny_model(
-    family: Annotated[str, typer.Argument(metavar="FAMILY", help="Model family: wan (Wan 2.1 1.3B), wan-14b, ltx-video, cogvideox, animatediff or animatediff-sdxl.")],
+    family: Annotated[str, typer.Argument(metavar="FAMILY", help="A model family (wan, ltx-video, ...) or a published variant (wan-14b); an unknown name lists them all.")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the diffusers-format model to.")],
 ) -> None:
     """Build a tiny random model of FAMILY's published checkpoint and save it with save_pretrained.

@@ -15,14 +15,14 @@ from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.finetune_tasks import (
     check_dataset_task,
-    frame_buckets,
     precompute_task,
     publish_summary_task,
     resolve_family_task,
     train_task,
 )
 from vidtune.tasks.output import dataset_trigger
-from vidtune.training.cache import PrecomputeParams
+from vidtune.training.adapters import check_comfyui_export
+from vidtune.training.cache import PrecomputeParams, frame_buckets
 from vidtune.training.data import cache_shards, parse_bucket_key
 from vidtune.training.families import get_family
 from vidtune.training.families.objectives import check_objective_params
@@ -50,7 +50,7 @@ class FinetuneParams(TrainParams, GpuSlotParams):
     experiment: str = Field("vidtune", description="MLflow experiment.")
     run_name: str | None = Field(None, description="MLflow run name; default: MLflow's.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
-    export_comfyui: bool = Field(False, description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (wan).")
+    export_comfyui: bool = Field(False, description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (families with a ComfyUI key map).")
     holdout_clips: int = Field(2, ge=0, description="Clips kept out of training for the held-out validation loss.")
     run_evaluation: bool = Field(True, description="Evaluate base vs adapted after training (the evaluate flow).")
     run_registration: bool = Field(True, description="Register the result in MLflow after evaluation (the register flow).")
@@ -110,15 +110,14 @@ def finetune(params: FinetuneParams) -> dict:
     """Curated clips (or raw videos, curated first) in, a trained, evaluated and registered adapter out."""
     logger = get_run_logger()
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
-    if params.export_comfyui and not hasattr(family, "comfyui_renames"):
-        raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: wan)")
+    if params.export_comfyui:
+        check_comfyui_export(family)
     check_objective_params(family.objective_kind, params, family.name)
     curated = curate(params.curate) if params.curate is not None else None
     buckets = frame_buckets(family, params.precompute)
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
-    if hasattr(family, "check_clip_size"):  # sizes the model cannot take fail here, naming the setting
-        for key in dataset.buckets:
-            family.check_clip_size(params.model, *parse_bucket_key(key))
+    for key in dataset.buckets:  # sizes the model cannot take fail here, naming the setting
+        family.check_clip_size(params.model, *parse_bucket_key(key))
 
     with gpu_slot(params.gpu_limit):  # one slot from precompute to evaluation: a queued run cannot cut in between
         shards, prompt_cache, train_params = dataset.shards, None, _train_params(params)

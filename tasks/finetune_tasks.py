@@ -17,20 +17,11 @@ from prefect.cache_policies import NO_CACHE
 from vidtune.evaluation.evaluate import metrics_markdown
 from vidtune.tasks.manifest import curate_summary_markdown
 from vidtune.tasks.progress import progress_artifact
-from vidtune.training.cache import (
-    DEFAULT_FRAME_BUCKETS,
-    PrecomputeParams,
-    PrecomputeResult,
-    precompute,
-)
+from vidtune.training.cache import PrecomputeParams, PrecomputeResult, precompute
 from vidtune.training.data import DatasetSummary, summarize_dataset
-from vidtune.training.families import ModelFamily, detect_family, get_family
+from vidtune.training.families import detect_family, get_family
 from vidtune.training.launch import ERROR_FILE, PROGRESS_FILE, RESULT_FILE, raise_launch_error, read_progress
 from vidtune.training.trainer import TrainJob, TrainResult, train
-
-
-def frame_buckets(family: ModelFamily, params: PrecomputeParams) -> list[int]:
-    return sorted(b for b in (params.frame_buckets or DEFAULT_FRAME_BUCKETS[family.name]) if family.valid_num_frames(b))
 
 
 @task(name="resolve-family", cache_policy=NO_CACHE)

@@ -18,7 +18,7 @@ from vidtune.training.cache import (
     load_cache_entry,
     precompute,
 )
-from vidtune.training.families import get_family
+from vidtune.training.families import FAMILIES, get_family
 from vidtune.training.tiny_models import build_tiny_wan
 
 
@@ -29,7 +29,7 @@ def tiny_wan(tmp_path_factory):
     return family, family.load_pipeline(str(folder)), str(folder)
 
 
-@pytest.mark.parametrize("name", ["wan", "ltx-video", "cogvideox", "animatediff", "animatediff-sdxl"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     """The shared suite's precompute step: real curated clips through each family's own encoders."""
     from vidtune.training.tiny_models import build_tiny

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidtune.training.families import FAMILIES, detect_family, get_family
+from vidtune.training.families import FAMILIES, ModelFamily, detect_family, get_family
 from vidtune.training.tiny_models import TINY_MODELS, build_tiny
 
 
@@ -17,7 +17,7 @@ def family_model(request, tmp_path_factory):
     """Every family, each built from its published checkpoint's configs (Wan twice: 1.3B and 14B)."""
     name = request.param
     folder = build_tiny(name, tmp_path_factory.mktemp(name) / "model")
-    return get_family(TINY_MODELS[name].family), folder
+    return TINY_MODELS[name], folder
 
 
 FRAMES = 9  # valid for every family: 4k+1 (Wan, CogVideoX) and 8k+1 (LTX); CogVideoX needs an odd latent count
@@ -42,8 +42,8 @@ def _assert_loaded_weights_are_the_trained_ones(trained: np.ndarray, loaded: np.
     assert np.abs(loaded - base).max() > 1e-3  # and not what the base makes: the weights were applied
 
 
-def test_every_family_has_a_tiny_model():
-    assert {spec.family for spec in TINY_MODELS.values()} == set(FAMILIES)
+def test_every_family_has_a_tiny_model_named_after_it():
+    assert all(family.name in family.tiny_models for family in FAMILIES.values())
 
 
 def test_family_is_detected_from_model_index(family_model):
@@ -107,11 +107,12 @@ def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
 
 
 def test_valid_frame_counts(family_model):
-    from vidtune.training.cache import DEFAULT_FRAME_BUCKETS
+    from vidtune.training.cache import PrecomputeParams, frame_buckets
 
     family, _ = family_model
     assert family.valid_num_frames(FRAMES) and not family.valid_num_frames(0) and not family.valid_num_frames(1000)
-    assert all(family.valid_num_frames(frames) for frames in DEFAULT_FRAME_BUCKETS[family.name])  # none silently dropped
+    assert all(family.valid_num_frames(frames) for frames in family.frame_buckets)  # none silently dropped
+    assert frame_buckets(family, PrecomputeParams()) == sorted(family.frame_buckets)
     if family.name == "wan":
         assert family.valid_num_frames(81)  # Wan's published clip length, its longest default bucket
     if family.name in ("wan", "cogvideox", "ltx-video"):  # temporally compressed: only 4k+1 / 8k+1 counts
@@ -119,8 +120,8 @@ def test_valid_frame_counts(family_model):
 
 
 def test_unknown_family_and_non_diffusers_folder(tmp_path):
-    with pytest.raises(ValueError, match="unknown model family 'hunyuan'; supported: animatediff, animatediff-sdxl, cogvideox, ltx-video, wan"):
-        get_family("hunyuan")
+    with pytest.raises(ValueError, match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan"):
+        get_family("sora")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
         detect_family(tmp_path)
 
@@ -165,3 +166,13 @@ def test_select_trainable_names_an_example_when_nothing_matches():
         from vidtune.training.trainable import select_trainable
 
         select_trainable(torch.nn.Linear(2, 2), "nothing")
+
+
+def test_a_family_missing_a_member_or_with_an_invalid_bucket_is_refused_when_defined():
+    from vidtune.training.families.wan import WanFamily
+
+    with pytest.raises(TypeError, match="does not set title, frame_buckets"):
+        type("Half", (ModelFamily,), {"name": "half", "pipeline_class_name": "X", "objective_kind": "flow", "full_subsets": {},
+                                      "tiny_models": {}, **{m: WanFamily.__dict__[m] for m in ("encode_prompts", "sample_latents", "objective", "predict")}})  # fmt: skip
+    with pytest.raises(TypeError, match=r"frame_buckets \[80\] are not frame counts"):
+        type("Odd", (WanFamily,), {"name": "odd", "frame_buckets": (81, 80)})

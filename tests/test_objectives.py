@@ -20,6 +20,7 @@ from vidtune.training.published_configs import published_scheduler, published_sc
 FLOW_CHECKPOINTS = {  # family -> repos whose scheduler_config.json is stored in training/model_configs
     "wan": ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"],
     "ltx-video": ["Lightricks/LTX-Video"],
+    "hunyuan-video": ["hunyuanvideo-community/HunyuanVideo"],
 }
 VP_CHECKPOINTS = {
     "cogvideox": ["THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b"],
@@ -124,6 +125,9 @@ def test_the_checkpoint_flow_shift_is_applied_and_a_parameter_overrides_it():
     assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ObjectiveParams(flow_shift=1.0))) == pytest.approx(0.5, abs=0.02)
     unshifted = ObjectiveParams(timestep_sampling="uniform")
     assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), unshifted)) == pytest.approx(0.5, abs=0.03)
+    hunyuan = get_family("hunyuan-video")  # FlowMatchEuler's fixed `shift` (7), whatever the token count
+    for tokens in (256, 3 * 32 * 32):
+        assert _median_sigma(hunyuan.objective(_pipe("hunyuanvideo-community/HunyuanVideo")), tokens) == pytest.approx(7 / 8, abs=0.02)
 
 
 def test_ltx_shifts_by_token_count_as_its_scheduler_declares():

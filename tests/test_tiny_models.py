@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from vidtune.flows.cli import app
 from vidtune.training.published_configs import build_from_config, published_config
-from vidtune.training.tiny_models import TINY_MODELS, build_tiny
+from vidtune.training.tiny_models import TINY_MODELS, build_tiny, tiny_spec
 
 
 def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):
@@ -33,7 +33,7 @@ def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):
 
 def test_unknown_family_lists_the_supported_ones(tmp_path):
     result = CliRunner().invoke(app, ["tiny-model", "sora", str(tmp_path / "x")], env={"COLUMNS": "200"})
-    assert result.exit_code == 2 and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, ltx-video, wan, wan-14b" in result.output
+    assert result.exit_code == 2 and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan, wan-14b" in result.output
 
 
 IGNORED = {"architectures", "torch_dtype", "dtype", "transformers_version", "vocab_size"}  # metadata; vocab: our tokenizer's
@@ -69,12 +69,17 @@ def _as_2d(value):
 def test_tiny_models_are_the_published_configs_with_only_sizes_shrunk(name, tmp_path):
     from transformers import AutoTokenizer
 
-    spec = TINY_MODELS[name]
+    spec = tiny_spec(name)
     folder = build_tiny(name, tmp_path / name)
     for component, part in spec.parts.items():
         file = "scheduler_config.json" if component == "scheduler" else "config.json"
         published, saved = _as_loaded(published_config(part.repo, f"{part.path}/{file}")), _saved_config(folder, component)
         changed = {key for key, value in published.items() if not key.startswith("_") and key not in IGNORED and key in saved and value is not None and _as_2d(saved[key]) != value}
+        if component.startswith("text_encoder"):  # special-token ids may change only to the same tokens in our vocabulary
+            tokenizer = AutoTokenizer.from_pretrained(folder / component.replace("text_encoder", "tokenizer"))
+            moved = {key for key in changed if key.endswith("_token_id")}
+            assert all(published[key] >= len(tokenizer) and saved[key] == getattr(tokenizer, key) for key in moved), (component, moved)
+            changed -= moved
         assert changed <= set(part.shrink), f"{name} {component}: changed beyond size fields: {sorted(changed - set(part.shrink))}"
         assert changed or component == "scheduler", f"{name} {component}: nothing was shrunk"
     for component, part in spec.tokenizers.items():

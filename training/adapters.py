@@ -42,11 +42,19 @@ def save_lora_adapter(family: ModelFamily, pipe, denoiser: torch.nn.Module, out_
     return out_dir
 
 
+def check_comfyui_export(family: ModelFamily) -> tuple[tuple[str, str], ...]:
+    """The family's ComfyUI key renames, or a refusal naming the families that have them."""
+    if family.comfyui_renames is None:
+        from vidtune.training.families import FAMILIES
+
+        available = ", ".join(f.name for f in FAMILIES.values() if f.comfyui_renames is not None)
+        raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: {available})")
+    return family.comfyui_renames
+
+
 def export_comfyui(family: ModelFamily, state: dict[str, torch.Tensor], alpha: float, path: Path) -> Path:
     """The LoRA keyed as ComfyUI loads it: `diffusion_model.<original module>.lora_A/B.weight` plus `.alpha`."""
-    renames = getattr(family, "comfyui_renames", None)
-    if renames is None:
-        raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: wan)")
+    renames = check_comfyui_export(family)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module, _, kind = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"

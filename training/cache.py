@@ -46,7 +46,9 @@ class PrecomputeParams(BaseModel):
     clips_per_shard: int = Field(256, ge=1, description="Cache entries per shard.")
 
 
-DEFAULT_FRAME_BUCKETS = {"wan": [81, 49, 33, 17, 9], "ltx-video": [121, 97, 65, 33, 17, 9], "cogvideox": [49, 33, 17, 9], "animatediff": [16, 8], "animatediff-sdxl": [16, 8]}
+def frame_buckets(family: ModelFamily, params: PrecomputeParams) -> list[int]:
+    """The clip lengths to cache, shortest first: the configured ones the family's VAE takes, else the family's."""
+    return sorted(b for b in (params.frame_buckets or family.frame_buckets) if family.valid_num_frames(b))
 
 
 @dataclass
@@ -192,7 +194,7 @@ def precompute(
         pipe.vae.enable_slicing()
     if params.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
-    buckets = sorted(b for b in (params.frame_buckets or DEFAULT_FRAME_BUCKETS[family.name]) if family.valid_num_frames(b))
+    buckets = frame_buckets(family, params)
     result = PrecomputeResult(cache_root / cache_fingerprint(family, pipe, model))
     result.prompts_dir = cache_prompts(family, pipe, list(prompts), result.cache_dir / "prompts")
     appenders: dict[str, _ShardAppender] = {}

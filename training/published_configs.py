@@ -1,10 +1,12 @@
 """The config files that published checkpoints ship, stored in the package under `model_configs/<org>/<repo>/`
 with the same relative paths as on the hub (README.md there says where each came from). Tiny models are these
-configs with only size fields shrunk; tests build every shipped scheduler from them."""
+configs with only size fields shrunk (each family declares its `TinySpec`s with the records below); tests build
+every shipped scheduler from them."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
@@ -45,3 +47,28 @@ def published_scheduler(repo: str):
 
     config = published_scheduler_config(repo)
     return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One pipeline component: the published config at `repo`/`path`, with `shrink` replacing size fields."""
+
+    repo: str
+    path: str
+    shrink: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A tiny random model of one published checkpoint: its models and scheduler (`parts`) and tokenizers, each
+    from the stored files. The pipeline class is the family's."""
+
+    parts: dict[str, Part]
+    tokenizers: dict[str, Part]  # tokenizer component -> its published tokenizer folder
+    max_length: int | None = None  # the pipeline's own prompt length when the tokenizer config sets none
+
+
+TEXT = 32  # every tiny text encoder's width
+T5_SHRINK = {"d_model": TEXT, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
+CLIP_SHRINK = {"hidden_size": TEXT, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": TEXT}
+VAE_2D_SHRINK = {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 2}

@@ -1,4 +1,5 @@
-"""Model families behind one protocol, a registry, and detection from a model's `model_index.json`."""
+"""Model families (subclasses of `ModelFamily`), their registry, and detection from a model's `model_index.json`.
+A new family is one module and one line in `FAMILIES`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from pathlib import Path
 from vidtune.training.families.animatediff import AnimateDiffFamily, AnimateDiffSDXLFamily
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.cogvideox import CogVideoXFamily
+from vidtune.training.families.hunyuan_video import HunyuanVideoFamily
 from vidtune.training.families.ltx import LtxFamily
 from vidtune.training.families.wan import WanFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (WanFamily(), LtxFamily(), CogVideoXFamily(), AnimateDiffFamily(), AnimateDiffSDXLFamily())}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
+    WanFamily(), LtxFamily(), CogVideoXFamily(), HunyuanVideoFamily(), AnimateDiffFamily(), AnimateDiffSDXLFamily(),
+)}  # fmt: skip  (one line per family)
 
 __all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
 

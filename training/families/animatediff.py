@@ -5,23 +5,35 @@ from __future__ import annotations
 
 import torch
 
-from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import ObjectiveParams, VariancePreserving, sample_posterior
+from vidtune.training.published_configs import CLIP_SHRINK, TEXT, VAE_2D_SHRINK, Part, TinySpec
+
+SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+SD15_UNET = {"block_out_channels": [16, 16, 16, 16], "attention_head_dim": 2, "cross_attention_dim": TEXT, "norm_num_groups": 2}  # 2 layers per block: the adapter has 2
+SDXL_UNET = {
+    "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8], "transformer_layers_per_block": [1, 1, 1],
+    "cross_attention_dim": 2 * TEXT, "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + TEXT,
+}  # fmt: skip  (both text encoders' widths concatenated; 6 time ids x 8 + the pooled projection)
 
 
-class AnimateDiffFamily:
+class AnimateDiffFamily(ModelFamily):
     name = "animatediff"
+    title = "AnimateDiff"
     pipeline_class_name = "AnimateDiffPipeline"
     denoiser_name = "unet"
-    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
     objective_kind = "vp"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"temporal": r"motion_modules\.", "spatial_attention": r"attentions\.\d+\.transformer_blocks"}
-
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
-        from diffusers import AnimateDiffPipeline
-
-        return AnimateDiffPipeline.from_pretrained(model, dtype=dtype, **components)
+    frame_buckets = (16, 8)
+    # an SD 1.5 checkpoint + the v1.5-2 motion adapter, with the scheduler diffusers' AnimateDiff docs set
+    tiny_models = {"animatediff": TinySpec({
+        "unet": Part(SD15, "unet", SD15_UNET),
+        "motion_adapter": Part("guoyww/animatediff-motion-adapter-v1-5-2", ".", {"block_out_channels": [16, 16, 16, 16], "motion_norm_num_groups": 2,
+                                                                                "motion_num_attention_heads": 2}),
+        "vae": Part(SD15, "vae", VAE_2D_SHRINK),
+        "text_encoder": Part(SD15, "text_encoder", CLIP_SHRINK),
+        "scheduler": Part("_derived/animatediff-docs-ddim-sd15", "scheduler"),
+    }, {"tokenizer": Part(SD15, "tokenizer")})}  # fmt: skip
 
     def valid_num_frames(self, frames: int) -> bool:
         return 1 <= frames <= 32  # motion modules hold 32 positions; frames are not compressed in time
@@ -55,13 +67,17 @@ class AnimateDiffSDXLFamily(AnimateDiffFamily):
     """AnimateDiff on an SDXL UNet: two text encoders, a pooled embedding and SDXL's size/crop time ids."""
 
     name = "animatediff-sdxl"
+    title = "AnimateDiff-SDXL"
     pipeline_class_name = "AnimateDiffSDXLPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
-
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
-        from diffusers import AnimateDiffSDXLPipeline
-
-        return AnimateDiffSDXLPipeline.from_pretrained(model, dtype=dtype, **components)
+    tiny_models = {"animatediff-sdxl": TinySpec({
+        "unet": Part(SDXL, "unet", SDXL_UNET),
+        "motion_adapter": Part("guoyww/animatediff-motion-adapter-sdxl-beta", ".", {"block_out_channels": [32, 64, 128]}),
+        "vae": Part(SDXL, "vae", VAE_2D_SHRINK),
+        "text_encoder": Part(SDXL, "text_encoder", CLIP_SHRINK),
+        "text_encoder_2": Part(SDXL, "text_encoder_2", CLIP_SHRINK),
+        "scheduler": Part("_derived/animatediff-docs-ddim-sdxl", "scheduler"),
+    }, {"tokenizer": Part(SDXL, "tokenizer"), "tokenizer_2": Part(SDXL, "tokenizer_2")})}  # fmt: skip
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         with torch.no_grad():

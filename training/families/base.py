@@ -1,11 +1,15 @@
-"""The one small protocol every model family implements (STYLE.md 3), and the records it passes around."""
+"""The base class every model family derives from (its defaults are what most families share), and the records it
+passes around."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar
 
 import torch
+
+from vidtune.training.published_configs import TinySpec
 
 
 @dataclass
@@ -25,32 +29,65 @@ class TrainingInputs:
     weighting: torch.Tensor  # per-sample loss weight, broadcastable to target
 
 
-class ModelFamily(Protocol):
-    name: str
-    pipeline_class_name: str  # the diffusers pipeline class in model_index.json
-    denoiser_name: str  # the pipeline attribute that trains: "transformer" or "unet"
-    default_lora_targets: tuple[str, ...]
-    full_subsets: dict[str, str]  # named parameter-name patterns for partial full fine-tuning
+class ModelFamily(ABC):
+    """What the registry, the CLI, the latent cache, the trainer and the shared family test suite read of a model
+    family. A new family is one subclass (the members below without a default, and overrides where the model
+    differs) plus its line in `FAMILIES`."""
 
-    text_encoders: tuple[str, ...]  # pipeline components that encode prompts (not loaded to train from a cache)
+    name: ClassVar[str]  # the `model.family` value and the registry key
+    title: ClassVar[str]  # what users call it, for help texts: "Wan 2.1", "LTX-Video"
+    pipeline_class_name: ClassVar[str]  # the diffusers pipeline class in model_index.json
+    objective_kind: ClassVar[str]  # "flow" (rectified flow) or "vp" (DDPM-style): which ObjectiveParams apply
+    full_subsets: ClassVar[dict[str, str]]  # named parameter-name patterns for partial full fine-tuning
+    frame_buckets: ClassVar[tuple[int, ...]]  # clip lengths the latent cache makes by default, longest first
+    tiny_models: ClassVar[dict[str, TinySpec]]  # tiny random variants of published checkpoints; the family's name first
+
+    denoiser_name: ClassVar[str] = "transformer"  # the pipeline attribute that trains: "transformer" or "unet"
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # left out of training when prompts are cached
+    temporal_compression: ClassVar[int] = 4  # the VAE keeps the first frame and compresses the rest this much
+    comfyui_renames: ClassVar[tuple[tuple[str, str], ...] | None] = None  # diffusers -> ComfyUI key parts; None: no export
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "__abstractmethods__", None):
+            return  # an intermediate base
+        missing = [m for m in ("name", "title", "pipeline_class_name", "objective_kind", "full_subsets", "frame_buckets", "tiny_models") if not hasattr(cls, m)]
+        if missing:
+            raise TypeError(f"model family {cls.__name__} does not set {', '.join(missing)}")
+        invalid = [frames for frames in cls.frame_buckets if not cls.valid_num_frames(cls, frames)]
+        if invalid:
+            raise TypeError(f"model family {cls.name}: frame_buckets {invalid} are not frame counts its VAE takes")
 
     def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
         """`from_pretrained` of the family's pipeline; `components` replace parts (None: not loaded)."""
+        import diffusers
 
-    def valid_num_frames(self, frames: int) -> bool: ...
+        return getattr(diffusers, self.pipeline_class_name).from_pretrained(model, dtype=dtype, **components)
 
-    def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings: ...
+    def valid_num_frames(self, frames: int) -> bool:
+        return frames >= 1 and (frames - 1) % self.temporal_compression == 0
+
+    def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
+        """Refuse, naming the setting, clip sizes the model cannot take (before any work); default: all pass."""
 
     def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
         """(batch, 3, frames, h, w) in [-1, 1] -> VAE posterior moments (mean and logvar stacked on dim 1)."""
+        with torch.no_grad():
+            return pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist.parameters
 
-    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+    @abstractmethod
+    def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings: ...
 
-    objective_kind: str  # "flow" (rectified flow) or "vp" (DDPM-style): which ObjectiveParams apply
+    @abstractmethod
+    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample of the cached moments, scaled and shifted as the denoiser expects."""
 
+    @abstractmethod
     def objective(self, pipe, params=None):
         """The training objective from the model's config and `ObjectiveParams`: `.inputs(latents, generator)`
         -> TrainingInputs."""
 
+    @abstractmethod
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         """The denoiser's output for `inputs`; `denoiser` overrides the pipeline's own (e.g. its DDP wrapper)."""

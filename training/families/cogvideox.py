@@ -5,36 +5,33 @@ from __future__ import annotations
 
 import torch
 
-from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import ObjectiveParams, VariancePreserving, sample_posterior
+from vidtune.training.published_configs import T5_SHRINK, TEXT, VAE_2D_SHRINK, Part, TinySpec
+
+COGVIDEOX = "THUDM/CogVideoX-2b"
 
 
-class CogVideoXFamily:
+class CogVideoXFamily(ModelFamily):
     name = "cogvideox"
+    title = "CogVideoX"
     pipeline_class_name = "CogVideoXPipeline"
-    denoiser_name = "transformer"
-    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
     objective_kind = "vp"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn1\.", "feed_forward": r"\.ff\."}
-
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
-        from diffusers import CogVideoXPipeline
-
-        return CogVideoXPipeline.from_pretrained(model, dtype=dtype, **components)
-
-    def valid_num_frames(self, frames: int) -> bool:
-        return frames >= 1 and (frames - 1) % 4 == 0
+    frame_buckets = (49, 33, 17, 9)
+    tiny_models = {"cogvideox": TinySpec({
+        "transformer": Part(COGVIDEOX, "transformer", {"num_attention_heads": 4, "attention_head_dim": 8, "time_embed_dim": 8,
+                                                       "text_embed_dim": TEXT, "num_layers": 1}),
+        "vae": Part(COGVIDEOX, "vae", VAE_2D_SHRINK),
+        "text_encoder": Part(COGVIDEOX, "text_encoder", T5_SHRINK),
+        "scheduler": Part(COGVIDEOX, "scheduler"),
+    }, {"tokenizer": Part(COGVIDEOX, "tokenizer")}, max_length=226)}  # fmt: skip
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         length = pipe.transformer.config.max_text_seq_length  # the transformer's positional table fixes it
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=pipe.device)
         return TextEmbeddings(embeds)
-
-    def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist.parameters
 
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_posterior(moments, generator) * pipe.vae_scaling_factor_image

@@ -4,36 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
+from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
+
+LTX = "Lightricks/LTX-Video"
 
 
-class LtxFamily:
+class LtxFamily(ModelFamily):
     name = "ltx-video"
+    title = "LTX-Video"
     pipeline_class_name = "LTXPipeline"
-    denoiser_name = "transformer"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ff\."}
-    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
     objective_kind = "flow"
+    temporal_compression = 8
+    frame_buckets = (121, 97, 65, 33, 17, 9)
     frame_rate = 25  # the pipeline's default; RoPE is scaled by it, so training matches sampling
-
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
-        from diffusers import LTXPipeline
-
-        return LTXPipeline.from_pretrained(model, dtype=dtype, **components)
-
-    def valid_num_frames(self, frames: int) -> bool:
-        return frames >= 1 and (frames - 1) % 8 == 0  # LTX's VAE compresses time 8x after the first frame
+    tiny_models = {"ltx-video": TinySpec({
+        "transformer": Part(LTX, "transformer", {"in_channels": 8, "out_channels": 8, "num_attention_heads": 4, "attention_head_dim": 8,
+                                                 "cross_attention_dim": 32, "num_layers": 1, "caption_channels": TEXT}),
+        "vae": Part(LTX, "vae", {"latent_channels": 8, "block_out_channels": [8, 8, 8, 8], "layers_per_block": [1, 1, 1, 1, 1],
+                                 "decoder_block_out_channels": [8, 8, 8, 8], "decoder_layers_per_block": [1, 1, 1, 1, 1]}),
+        "text_encoder": Part(LTX, "text_encoder", T5_SHRINK),
+        "scheduler": Part(LTX, "scheduler"),
+    }, {"tokenizer": Part(LTX, "tokenizer")}, max_length=128)}  # fmt: skip
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         with torch.no_grad():
             embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.device)
         return TextEmbeddings(embeds, mask)
-
-    def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist.parameters
 
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         sample = sample_posterior(moments, generator)

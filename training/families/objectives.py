@@ -58,7 +58,7 @@ class ObjectiveParams(BaseModel):
 
 def check_objective_params(kind: Literal["flow", "vp"], params: ObjectiveParams, family: str) -> None:
     """Refuse settings that mean nothing for this family's objective, naming the field."""
-    flow_only = "applies to flow-matching families (wan, ltx-video)"
+    flow_only = "applies to flow-matching families (objective_kind flow)"
     if kind == "vp" and params.flow_shift is not None:
         raise ValueError(f"flow_shift: {flow_only}, not {family}")
     if kind == "vp" and params.loss_weighting != "none":

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
+from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
+
+WAN_13B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 
 
-class WanFamily:
+def _tiny(repo: str) -> TinySpec:
+    return TinySpec({
+        "transformer": Part(repo, "transformer", {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "text_dim": TEXT}),
+        "vae": Part(repo, "vae", {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}),
+        "text_encoder": Part(repo, "text_encoder", T5_SHRINK),
+        "scheduler": Part(repo, "scheduler"),
+    }, {"tokenizer": Part(repo, "tokenizer")}, max_length=512)  # fmt: skip  (WanPipeline's max_sequence_length)
+
+
+class WanFamily(ModelFamily):
     name = "wan"
+    title = "Wan 2.1"
     pipeline_class_name = "WanPipeline"
-    denoiser_name = "transformer"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
-    text_encoders = ("text_encoder",)  # left out of training when prompts are cached
     objective_kind = "flow"
+    frame_buckets = (81, 49, 33, 17, 9)  # 81: the published clip length
+    tiny_models = {"wan": _tiny(WAN_13B), "wan-14b": _tiny(WAN_14B)}  # the 14B's configs through the same code path
     # diffusers module names -> the original Wan names ComfyUI and most Wan tools key LoRAs by
     comfyui_renames = (
         (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
@@ -45,22 +57,10 @@ class WanFamily:
                     f"(--set {setting}=...) or use a model with a longer table"
                 )
 
-    def load_pipeline(self, model: str, dtype: torch.dtype = torch.float32, **components):
-        from diffusers import WanPipeline
-
-        return WanPipeline.from_pretrained(model, dtype=dtype, **components)
-
-    def valid_num_frames(self, frames: int) -> bool:
-        return frames >= 1 and (frames - 1) % 4 == 0  # the VAE compresses time 4x after the first frame
-
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.device)
         return TextEmbeddings(embeds)
-
-    def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist.parameters
 
     def _normalisation(self, pipe, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = pipe.vae.config
