@@ -4,7 +4,6 @@ RUN/evaluation/{metrics.json, report.md, contact_sheet.png, samples/}."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from vidtune.evaluation.validation import heldout_loss
 from vidtune.training.data import read_clips
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
+from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.sampling import SampleSettings, render_videos
 from vidtune.training.trainer import TrainJob
 
@@ -30,13 +30,6 @@ Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # f
 MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frames -> magnitude
 METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
 LOWER_IS_BETTER, HIGHER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}, {"clip_alignment", "frame_consistency"}
-
-
-def load_job(run_dir: Path) -> TrainJob:
-    path = run_dir / "train_job.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"run: {run_dir} has no train_job.json; is it the --out folder of `vidtune finetune`?")
-    return TrainJob.model_validate_json(path.read_text())
 
 
 def _video_metrics(videos: list[np.ndarray], prompts: list[str], embed: Embedder | None, motion: MotionFn | None, fps: int) -> dict:
@@ -66,7 +59,7 @@ def _i3d_features(i3d_path: str, videos: list[np.ndarray]) -> np.ndarray:
 
 def _real_videos(job: TrainJob) -> list[np.ndarray]:
     """The held-out clips as uint8 videos, decoded from the curated shards."""
-    shards = sorted(str(p) for p in (Path(job.tags.get("data", "")) / "shards").glob("shard-*.tar"))
+    shards = DatasetLayout(Path(job.tags.get("data", ""))).shard_files()
     batches = read_clips("shards", shards, job.frame_buckets, set(job.holdout_clip_ids))
     return [((b["video"][0].permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for b in batches]
 
@@ -76,9 +69,9 @@ def evaluate_run(
     i3d_path: str | None = None, draws: int = 4,
 ) -> dict:  # fmt: skip
     run_dir = Path(run_dir)
-    job = load_job(run_dir)
+    layout = RunLayout(run_dir)
+    job = layout.read_train_job()
     family = get_family(job.family)
-    out = run_dir / "evaluation"
     heldout = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
     real = _real_videos(job) if i3d_path else []
 
@@ -88,13 +81,13 @@ def evaluate_run(
     for label in ("base", "adapted"):
         if label == "adapted":
             if job.params.training_type == "lora":
-                pipe.load_lora_weights(str(run_dir / "adapter"))
+                pipe.load_lora_weights(str(layout.adapter))
             else:
                 del pipe
-                pipe = family.load_pipeline(str(run_dir / "model"), dtype=dtype).to(device)
+                pipe = family.load_pipeline(str(layout.model), dtype=dtype).to(device)
         objective = family.objective(pipe, job.params)
         loss = heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None  # before sampling sets inference timesteps
-        videos[label] = render_videos(pipe, settings, out / "samples", label)
+        videos[label] = render_videos(pipe, settings, layout.evaluation / "samples", label)
         results[label] = {**_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps), "val_loss": loss}
     results = {f"{name}_{label}": results[label].get(name) for name in METRICS[:-1] for label in ("base", "adapted")}
     fvd_note = "not computed: pass evaluation.i3d_path (an I3D TorchScript file) to compute FVD"
@@ -106,9 +99,9 @@ def evaluate_run(
         fvd_note = "not computed: needs at least 2 prompts and 2 held-out clips (holdout_clips)"
     results.update(heldout_clips=len(heldout), fvd_note=fvd_note, prompts=settings.prompts)
     rows = [(f"{label} {i}: {prompt}", videos[label][i]) for i, prompt in enumerate(settings.prompts) for label in ("base", "adapted")]
-    contact_sheet(rows, out / "contact_sheet.png")
-    write_json_atomic(out / "metrics.json", results)
-    with atomic_path(out / "report.md") as tmp:
+    contact_sheet(rows, layout.evaluation / "contact_sheet.png")
+    write_json_atomic(layout.metrics, results)
+    with atomic_path(layout.report) as tmp:
         tmp.write_text(metrics_markdown(results, run_dir))
     return results
 
@@ -133,8 +126,3 @@ def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) 
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.4f}"
-
-
-def read_metrics(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "evaluation" / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,4 +1,4 @@
-"""Sample metrics as pure functions of arrays (STYLE.md 6): callers embed frames and read files.
+"""Sample metrics as pure functions of arrays (CONTRIBUTING.md, Style 2): callers embed frames and read files.
 
 - clip_alignment: mean per-frame cosine between CLIP image embeddings and the prompt's text embedding.
 - frame_consistency: mean cosine between CLIP image embeddings of consecutive frames (1 = no change).

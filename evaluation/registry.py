@@ -11,7 +11,6 @@ Gate (all must hold to promote):
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from vidtune.training.adapters import read_info
 from vidtune.training.files import write_json_atomic
+from vidtune.training.layout import RunLayout
 from vidtune.training.tracking import vidtune_home
 
 CHALLENGER, CHAMPION = "challenger", "champion"
-METRICS_FILE = "evaluation/metrics.json"
-GATE_FILE = "evaluation/gate.json"
 
 
 class RegistryError(RuntimeError):
@@ -131,20 +129,20 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
         except MlflowException:  # trained against another tracking server (or untracked): log into a new run
             run_id = None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register {run_dir.name}") as run:
-        evaluation = run_dir / "evaluation"
-        metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else {}
+        layout = RunLayout(run_dir)
+        evaluation, metrics = layout.evaluation, layout.read_metrics() or {}
         mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if evaluation.is_dir():
             mlflow.log_artifacts(str(evaluation), "evaluation")  # samples, contact sheet, report
         if info["training_type"] == "lora":
             import mlflow.diffusers
 
-            logged = mlflow.diffusers.log_model(adapter_path=str(run_dir / "adapter"), base_model=info["base_model"], name="adapter",
+            logged = mlflow.diffusers.log_model(adapter_path=str(layout.adapter), base_model=info["base_model"], name="adapter",
                                                 pip_requirements=["diffusers", "peft", "torch", "transformers"])  # fmt: skip
         else:
             from vidtune.evaluation.pyfunc import DiffusersFolderModel
 
-            logged = mlflow.pyfunc.log_model(name="model", python_model=DiffusersFolderModel(), artifacts={"pipeline": str(run_dir / "model")},
+            logged = mlflow.pyfunc.log_model(name="model", python_model=DiffusersFolderModel(), artifacts={"pipeline": str(layout.model)},
                                              pip_requirements=["diffusers", "torch", "transformers"])  # fmt: skip
         return logged.model_uri, run.info.run_id
 
@@ -152,11 +150,12 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
 def register_run(run_dir: str | Path, name: str, tracking_uri: str, clip_tolerance: float = 0.02, attempts: int = 3) -> Registration:
     """Register a finished run's weights (idempotently) and apply the promotion gate; see the module docstring."""
     run_dir = Path(run_dir).resolve()
-    weights = run_dir / ("adapter" if (run_dir / "adapter").is_dir() else "model")
+    layout = RunLayout(run_dir)
+    weights = layout.weights()
     if not weights.is_dir():
         raise FileNotFoundError(f"run: {run_dir} has no adapter/ or model/; is it a finished `vidtune finetune` run?")
     info = read_info(weights)
-    metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).is_file() else None
+    metrics = layout.read_metrics()
     try:
         return _register(run_dir, weights, info, metrics, name, tracking_uri, clip_tolerance, attempts)
     except RegistryError as exc:
@@ -178,14 +177,14 @@ def _register(run_dir: Path, weights: Path, info: dict, metrics: dict | None, na
         created = existing is None
         if created:
             model_uri, run_id = _retrying(lambda: _log_weights(run_dir, info, info.get("mlflow_run_id"), tracking_uri), attempts, "log the weights", tracking_uri)
-            job = json.loads((run_dir / "train_job.json").read_text()) if (run_dir / "train_job.json").is_file() else {}
-            tags = {"vidtune.run_dir": str(run_dir), "vidtune.weights_sha256": weights_sha, "vidtune.sample_size": "x".join(map(str, job.get("sample_size", []))),
+            job = RunLayout(run_dir).find_train_job()
+            tags = {"vidtune.run_dir": str(run_dir), "vidtune.weights_sha256": weights_sha, "vidtune.sample_size": "x".join(map(str, job.sample_size if job else ())),
                     "vidtune.base_model": info["base_model"], "vidtune.family": info["family"], "vidtune.training_type": info["training_type"], "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
                     **{f"vidtune.metric.{k}": str(v) for k, v in (metrics or {}).items() if not isinstance(v, (dict, list))}}  # fmt: skip
             existing = _retrying(lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags), attempts, "register", tracking_uri)
         version = existing
         decision = _retrying(lambda: _apply_gate(client, name, version, info["base_model"], metrics, clip_tolerance), attempts, "move aliases", tracking_uri)
-    write_json_atomic(run_dir / GATE_FILE, {"name": name, "version": str(version.version), **asdict(decision)})
+    write_json_atomic(RunLayout(run_dir).gate, {"name": name, "version": str(version.version), **asdict(decision)})
     aliases = client.get_model_version(name, version.version).aliases
     return Registration(name, str(version.version), f"models:/{name}/{version.version}", created, decision, list(aliases))
 

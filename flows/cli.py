@@ -151,7 +151,9 @@ def evaluate(
         evaluate_flow(str(run), params)
     except (ParamError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    console.print(Markdown((run / "evaluation" / "report.md").read_text()))
+    from vidtune.training.layout import RunLayout
+
+    console.print(Markdown(RunLayout(run).report.read_text()))
 
 
 @app.command()

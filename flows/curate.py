@@ -111,7 +111,7 @@ def pack_shards_task(rows: list[ClipRecord], layout: OutputLayout, params: Shard
 def write_manifest_task(rows: list[ClipRecord], layout: OutputLayout, durations: dict, resumed: int, filters: FilterParams) -> dict:
     write_manifest(rows, layout.manifest)
     write_score_histograms(rows, filters, layout.root)
-    stats = curate_stats(rows, durations, resumed, shards=len(list(layout.shards.glob("shard-*.tar"))))
+    stats = curate_stats(rows, durations, resumed, shards=len(layout.shard_files()))
     write_stats(stats, layout.stats)
     create_markdown_artifact(curate_summary_markdown(stats, layout.root), key="curate-summary", description=f"curate: {layout.root}")
     return stats

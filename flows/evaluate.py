@@ -3,7 +3,6 @@ promotion gate deciding `champion`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -13,6 +12,7 @@ from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.evaluate_tasks import evaluate_task, register_task
 from vidtune.tasks.output import dataset_trigger
+from vidtune.training.layout import RunLayout
 from vidtune.training.params import SamplingParams
 from vidtune.training.sampling import SampleSettings
 from vidtune.training.tracking import default_tracking_uri
@@ -41,9 +41,7 @@ class RegistryParams(BaseModel):
 
 
 def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
-    from vidtune.evaluation.evaluate import load_job
-
-    job = load_job(Path(run))
+    job = RunLayout(Path(run)).read_train_job()
     frames, height, width = job.sample_size
     validation = job.params.validation
     trigger = dataset_trigger(job.tags["data"]) if "data" in job.tags else ""
@@ -57,8 +55,8 @@ def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
 
 def _run_tracking_uri(run: Path) -> str | None:
     """The MLflow the run was trained against (its train_job.json), so its version joins that run."""
-    job = run / "train_job.json"
-    return json.loads(job.read_text()).get("tracking_uri") if job.is_file() else None
+    job = RunLayout(run).find_train_job()
+    return job.tracking_uri if job is not None else None
 
 
 @flow(name="evaluate", log_prints=True, validate_parameters=True)

@@ -26,7 +26,7 @@ from vidtune.training.cache import PrecomputeParams, frame_buckets
 from vidtune.training.data import cache_shards, parse_bucket_key
 from vidtune.training.families import get_family
 from vidtune.training.families.objectives import check_objective_params
-from vidtune.training.files import write_json_atomic
+from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.params import TrainParams
 from vidtune.training.tracking import default_tracking_uri
 from vidtune.training.trainer import TrainJob
@@ -92,9 +92,9 @@ class FinetuneParams(TrainParams, GpuSlotParams):
 
 def _holdout(params: FinetuneParams, dataset) -> list[str]:
     """The held-out clips: chosen once per run; a resumed run keeps the ones it started with (the data may have grown)."""
-    previous = Path(params.out).expanduser() / "train_job.json"
-    if params.resume is not None and previous.is_file():
-        return TrainJob.model_validate_json(previous.read_text()).holdout_clip_ids
+    previous = RunLayout(Path(params.out).expanduser()).find_train_job() if params.resume is not None else None
+    if previous is not None:
+        return previous.holdout_clip_ids
     return dataset.holdout(params.holdout_clips)
 
 
@@ -122,7 +122,7 @@ def finetune(params: FinetuneParams) -> dict:
     with gpu_slot(params.gpu_limit):  # one slot from precompute to evaluation: a queued run cannot cut in between
         shards, prompt_cache, train_params = dataset.shards, None, _train_params(params)
         if params.data_source == "cache":
-            cache_root = Path(params.cache_dir or Path(params.data) / "latent_cache")
+            cache_root = Path(params.cache_dir) if params.cache_dir else DatasetLayout(Path(params.data)).latent_cache
             cache = precompute_task(dataset, family.name, params.model, cache_root, params.precompute, train_params.validation.prompts)
             shards, prompt_cache = cache_shards(cache.cache_dir, set(dataset.buckets)), str(cache.prompts_dir)
         job = _train_job(params, train_params, family.name, dataset, shards, buckets, prompt_cache)
@@ -160,5 +160,5 @@ def _train_job(
         export_comfyui=params.export_comfyui, holdout_clip_ids=_holdout(params, dataset),
         tags={"data": str(Path(params.data).resolve())},
     )  # fmt: skip
-    write_json_atomic(Path(job.out) / "train_job.json", job.model_dump(mode="json"))
+    RunLayout(Path(job.out)).write_train_job(job)
     return job

@@ -20,7 +20,8 @@ from vidtune.tasks.progress import progress_artifact
 from vidtune.training.cache import PrecomputeParams, PrecomputeResult, precompute
 from vidtune.training.data import DatasetSummary, summarize_dataset
 from vidtune.training.families import detect_family, get_family
-from vidtune.training.launch import ERROR_FILE, PROGRESS_FILE, RESULT_FILE, raise_launch_error, read_progress
+from vidtune.training.launch import raise_launch_error, read_progress
+from vidtune.training.layout import RunLayout
 from vidtune.training.trainer import TrainJob, TrainResult, train
 
 
@@ -82,9 +83,10 @@ def train_task(job: TrainJob, num_processes: int) -> TrainResult:
 def _launch(job: TrainJob, num_processes: int, report) -> TrainResult:
     """`accelerate launch` on RUN/train_job.json (written by the flow); the child is stopped if this task is."""
     out = Path(job.out)
-    for stale in (RESULT_FILE, ERROR_FILE, PROGRESS_FILE):
-        (out / stale).unlink(missing_ok=True)
-    with subprocess.Popen(accelerate_command(out / "train_job.json", num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+    layout = RunLayout(out)
+    for stale in (layout.result, layout.error, layout.progress):
+        stale.unlink(missing_ok=True)
+    with subprocess.Popen(accelerate_command(layout.train_job, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
         try:
             while process.poll() is None:
                 time.sleep(2)
@@ -94,7 +96,7 @@ def _launch(job: TrainJob, num_processes: int, report) -> TrainResult:
             raise
     if process.returncode != 0:
         raise_launch_error(out, f"training under accelerate launch ({num_processes} processes) exited with {process.returncode}")
-    return TrainResult.from_json(out / RESULT_FILE)
+    return TrainResult.from_json(layout.result)
 
 
 

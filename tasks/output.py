@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vidtune.tasks.files import write_json_atomic
+from vidtune.training.layout import DatasetLayout
 
 
 class OutputMismatchError(ValueError):
@@ -15,20 +16,8 @@ class OutputMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
-class OutputLayout:
-    root: Path
-
-    @property
-    def shards(self) -> Path:
-        return self.root / "shards"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.parquet"
-
-    @property
-    def stats(self) -> Path:
-        return self.root / "stats.json"
+class OutputLayout(DatasetLayout):
+    """The dataset as readers see it, plus curate's own resumable state under `.vidtune/`."""
 
     @property
     def state(self) -> Path:

@@ -104,7 +104,6 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
 
 def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, curated, wan_model, tmp_path):
     from vidtune.flows.finetune import finetune
-    from vidtune.training.launch import PROGRESS_FILE, RESULT_FILE
 
     validation = {"prompts": ["a red car, {trigger}"], "every": 4, "inference_steps": 2}
     summary = finetune(finetune_params(curated, wan_model, tmp_path, max_steps=4, checkpoint_every=2, validation=validation, prepare_only=True))
@@ -114,7 +113,7 @@ def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, cura
     assert job["params"]["validation"]["prompts"] == ["a red car"]  # {trigger}: this dataset has none, so no dangling comma
     launched = subprocess.run([sys.executable, "-m", "vidtune.training.launch", str(run / "train_job.json")], capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert json.loads((run / PROGRESS_FILE).read_text())["step"] == json.loads((run / RESULT_FILE).read_text())["steps"] == 4
+    assert json.loads((run / "train_progress.json").read_text())["step"] == json.loads((run / "train_result.json").read_text())["steps"] == 4
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 

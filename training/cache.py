@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,15 +119,9 @@ class _ShardAppender:
     def flush(self) -> None:
         if not self.pending:
             return
-        # Written under a hidden name and renamed when complete (training may not import tasks' helpers).
-        fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as stream, wds.TarWriter(stream, mtime=0) as writer:
-                for sample in self.pending:
-                    writer.write(sample)
-            os.replace(tmp, self.dir / f"cache-{self.next_index:06d}.tar")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(self.dir / f"cache-{self.next_index:06d}.tar") as tmp, open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as writer:
+            for sample in self.pending:
+                writer.write(sample)
         self.next_index += 1
         self.pending = []
 

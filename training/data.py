@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 
 from vidtune.training.cache import choose_bucket, decode_clip, load_cache_entry
+from vidtune.training.layout import DatasetLayout
 
 
 class DatasetError(ValueError):
@@ -63,9 +64,10 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     data = Path(data).expanduser()
     if not data.exists():
         raise DatasetError(f"data: {data} does not exist; curate raw videos into it first (vidtune curate RAW {data})")
-    shards = sorted(str(p) for p in (data / "shards").glob("shard-*.tar"))
+    layout = DatasetLayout(data)
+    shards = layout.shard_files()
     if not shards:
-        raise DatasetError(f"data: no shards in {data / 'shards'}; is {data} the OUTPUT of `vidtune curate`?")
+        raise DatasetError(f"data: no shards in {layout.shards}; is {data} the OUTPUT of `vidtune curate`?")
     fitting, too_short, ids = Counter(), [], []
     for shard in shards:
         for row in _clip_rows(Path(shard)):
@@ -77,7 +79,7 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
                 ids.append(row["clip_id"])
     clips = sum(fitting.values()) + len(too_short)
     if clips == 0:
-        raise DatasetError(f"data: the shards in {data / 'shards'} hold no clips (see {data / 'manifest.parquet'} for why)")
+        raise DatasetError(f"data: the shards in {layout.shards} hold no clips (see {layout.manifest} for why)")
     if not fitting:
         raise DatasetError(
             f"data: no clip fits a frame bucket of {family_name} ({', '.join(map(str, sorted(buckets)))} frames): the "

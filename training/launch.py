@@ -14,18 +14,16 @@ from pathlib import Path
 
 from vidtune.training.data import DatasetError
 from vidtune.training.files import write_json_atomic
+from vidtune.training.layout import RunLayout
 from vidtune.training.trainer import TrainingDiverged, TrainJob, train
 
-RESULT_FILE = "train_result.json"
-ERROR_FILE = "train_error.json"
-PROGRESS_FILE = "train_progress.json"  # {"step": N}: how far the main process is, for the launching flow
 # Errors that explain themselves (bad data, diverged loss, bad settings): carried to the launching process.
 EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, DatasetError, ValueError)}
 
 
 def raise_launch_error(out: Path, fallback: str) -> None:
     """Re-raise in the launching process what failed under accelerate, with its message."""
-    error_file = out / ERROR_FILE
+    error_file = RunLayout(out).error
     if error_file.is_file():
         error = json.loads(error_file.read_text())
         raise EXPLAINED.get(error["type"], RuntimeError)(error["message"])
@@ -35,14 +33,15 @@ def raise_launch_error(out: Path, fallback: str) -> None:
 def read_progress(out: Path) -> int:
     """The last optimizer step the main process reported (0 before the first)."""
     try:
-        return json.loads((out / PROGRESS_FILE).read_text())["step"]
+        return json.loads(RunLayout(out).progress.read_text())["step"]
     except (OSError, ValueError, KeyError):
         return 0
 
 
 def write_progress(out: Path):
-    """An `on_step` callback recording the main process's step in PROGRESS_FILE (a tiny atomic write per step)."""
-    return lambda step, loss: write_json_atomic(out / PROGRESS_FILE, {"step": step, "loss": loss})
+    """An `on_step` callback recording the main process's step in RUN/train_progress.json (a tiny atomic write per step)."""
+    progress = RunLayout(out).progress
+    return lambda step, loss: write_json_atomic(progress, {"step": step, "loss": loss})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         result = train(job, on_step=write_progress(Path(job.out)) if main_process else None)
     except tuple(EXPLAINED.values()) as exc:
         if main_process:
-            write_json_atomic(Path(job.out) / ERROR_FILE, {"type": type(exc).__name__, "message": str(exc)})
+            write_json_atomic(RunLayout(Path(job.out)).error, {"type": type(exc).__name__, "message": str(exc)})
         raise SystemExit(1) from exc
     if main_process:
-        write_json_atomic(Path(job.out) / RESULT_FILE, dataclasses.asdict(result))
+        write_json_atomic(RunLayout(Path(job.out)).result, dataclasses.asdict(result))
 
 
 if __name__ == "__main__":

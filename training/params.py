@@ -1,4 +1,4 @@
-"""What the trainer takes: one pydantic model, declared once (STYLE.md 4). `vidtune.flows.finetune.FinetuneParams`
+"""What the trainer takes: one pydantic model, declared once (CONTRIBUTING.md, Style 1). `vidtune.flows.finetune.FinetuneParams`
 extends it with the data and model, so these names are also the `--set` keys and the Prefect UI form."""
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from vidtune.training.data import make_stream
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.files import write_json_atomic
+from vidtune.training.layout import RunLayout
 from vidtune.training.params import TrainParams
 from vidtune.training.sampling import render_samples
 from vidtune.training.tracking import RunTracker, flatten
@@ -123,8 +124,9 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     from tqdm.auto import tqdm
 
     params, out, family = job.params, Path(job.out), get_family(job.family)
+    layout = RunLayout(out)
     check_objective_params(family.objective_kind, params, family.name)
-    if params.resume is None and find_latest(out / "checkpoints"):
+    if params.resume is None and find_latest(layout.checkpoints):
         raise ValueError(f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder")
     precision = params.resolved_precision()
     # accelerate keeps one state per process; a second run in the same process (a Prefect worker, a notebook)
@@ -146,8 +148,8 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     optimizer, scheduler, ema = _optimization(params, list(trainable.values()), accelerator)
     wrapped, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
 
-    checkpointer = Checkpointer(out / "checkpoints", accelerator, trainable, ema, params.keep_checkpoints)
-    resume_from = resolve_resume(params.resume, out / "checkpoints")
+    checkpointer = Checkpointer(layout.checkpoints, accelerator, trainable, ema, params.keep_checkpoints)
+    resume_from = resolve_resume(params.resume, layout.checkpoints)
     state = checkpointer.load(resume_from) if resume_from else TrainState()
     if resume_from and accelerator.is_main_process:
         print(f"resumed from {resume_from} at step {state.step}")
@@ -171,10 +173,10 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
 
     def validate(step: int) -> None:
         if params.validation.prompts and accelerator.is_main_process:
-            folder = out / "samples" / f"step-{step:06d}"
+            folder = layout.step_samples(step)
             with accelerator.autocast(), on_device(pipe.vae, accelerator.device):
                 render_samples(pipe, denoiser, params.validation, job.sample_size, folder, prompt_cache)
-            tracker.log_artifacts(folder, f"samples/step-{step:06d}")
+            tracker.log_artifacts(folder, f"samples/{folder.name}")
 
     bar = tqdm(total=params.max_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_main_process)
     micro_losses: list[float] = []
@@ -232,7 +234,7 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
         raise
     bar.close()
 
-    clips_file = out / "trained_clips" / f"rank-{accelerator.process_index:02d}.json"
+    clips_file = layout.trained_clips(accelerator.process_index)
     if resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
         trained_clips = json.loads(clips_file.read_text())["clip_ids"] + trained_clips
     write_json_atomic(clips_file, {"clip_ids": trained_clips, "last_resumed_at_step": started_step})
@@ -242,7 +244,7 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, weights, state.step, state.losses, tracker.run_id, rate, peak_memory_mb(accelerator.device),
-                       sorted((out / "checkpoints").glob("checkpoint-*")))  # fmt: skip
+                       sorted(layout.checkpoints.glob("checkpoint-*")))  # fmt: skip
 
 
 def _checkpoint_on_interrupt(checkpointer: Checkpointer, state: TrainState, at_boundary: bool) -> Path | None:
@@ -333,9 +335,9 @@ def _apply(accelerator, loss: torch.Tensor, trainable: list, optimizer, schedule
 
 def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: dict, ema, state: TrainState) -> Path:
     """The final weights (the EMA when kept), written by the main process."""
-    out, params = Path(job.out), job.params
+    params = job.params
     denoiser = getattr(pipe, family.denoiser_name)
-    weights = out / ("adapter" if params.training_type == "lora" else "model")
+    weights = RunLayout(Path(job.out)).weights(params.training_type)
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(list(trainable.values()))

@@ -1,0 +1,136 @@
+"""The two folders that cross stages, each spelled once here: a curated dataset (curate writes it; finetune,
+precompute and evaluation read it) and a training run (finetune writes it; evaluate, register, generate and
+`accelerate launch` read it). Every stage takes paths and typed readers from these, not its own spelling."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vidtune.training.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from vidtune.training.trainer import TrainJob
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """DATA/: `shards/shard-NNNNNN.tar`, `manifest.parquet` (every input, kept or with a reason), `stats.json`, and
+    `latent_cache/` (the default latent cache root)."""
+
+    root: Path
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+    @property
+    def latent_cache(self) -> Path:
+        return self.root / "latent_cache"
+
+    def shard_files(self) -> list[str]:
+        """The packed shards in order (in-progress `.shard-*.tmp` files are not shards)."""
+        return sorted(str(p) for p in self.shards.glob("shard-*.tar"))
+
+    def read_stats(self) -> dict | None:
+        return _read_json(self.stats)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """RUN/: `train_job.json` (what the trainer ran), `adapter/` (LoRA) or `model/` (full), `checkpoints/`,
+    `samples/step-N/`, `trained_clips/`, the launcher's `train_{result,error,progress}.json`, and `evaluation/`
+    (`metrics.json`, `report.md`, `contact_sheet.png`, `samples/`, and the registry's `gate.json`)."""
+
+    root: Path
+
+    @property
+    def train_job(self) -> Path:
+        return self.root / "train_job.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    def step_samples(self, step: int) -> Path:
+        return self.samples / f"step-{step:06d}"
+
+    def trained_clips(self, rank: int) -> Path:
+        return self.root / "trained_clips" / f"rank-{rank:02d}.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "train_result.json"
+
+    @property
+    def error(self) -> Path:
+        return self.root / "train_error.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "train_progress.json"  # {"step": N}: how far the main process is, for the launching flow
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def metrics(self) -> Path:
+        return self.evaluation / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        return self.evaluation / "report.md"
+
+    @property
+    def gate(self) -> Path:
+        return self.evaluation / "gate.json"
+
+    def weights(self, training_type: str | None = None) -> Path:
+        """`adapter/` for LoRA, `model/` for full fine-tuning; without a type, whichever the run has."""
+        if training_type is not None:
+            return self.adapter if training_type == "lora" else self.model
+        return self.adapter if self.adapter.is_dir() else self.model
+
+    def write_train_job(self, job: TrainJob) -> None:
+        write_json_atomic(self.train_job, job.model_dump(mode="json"))
+
+    def read_train_job(self) -> TrainJob:
+        from vidtune.training.trainer import TrainJob
+
+        if not self.train_job.is_file():
+            raise FileNotFoundError(f"run: {self.root} has no train_job.json; is it the --out folder of `vidtune finetune`?")
+        return TrainJob.model_validate_json(self.train_job.read_text())
+
+    def find_train_job(self) -> TrainJob | None:
+        """The run's job when it has one (a run folder from elsewhere may not)."""
+        return self.read_train_job() if self.train_job.is_file() else None
+
+    def read_metrics(self) -> dict | None:
+        return _read_json(self.metrics)
