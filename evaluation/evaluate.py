@@ -20,6 +20,7 @@ from vidtune.evaluation.metrics import (
 from vidtune.evaluation.samples import contact_sheet
 from vidtune.evaluation.validation import heldout_loss
 from vidtune.training.data import read_clips
+from vidtune.training.devices import placement
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
 from vidtune.training.layout import DatasetLayout, RunLayout
@@ -45,8 +46,6 @@ def _video_metrics(videos: list[np.ndarray], prompts: list[str], embed: Embedder
 
 def _i3d_features(i3d_path: str, videos: list[np.ndarray]) -> np.ndarray:
     """Features of a user-supplied I3D TorchScript: input (n, 3, frames, h, w) in [-1, 1], output (n, features)."""
-    import torch
-
     model = torch.jit.load(i3d_path, map_location="cpu").eval()
     batch = torch.stack([torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1 for v in videos])
     with torch.no_grad():
@@ -76,7 +75,7 @@ def evaluate_run(
     real = _real_videos(job) if i3d_path else []
 
     results, videos = {}, {}
-    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    device, dtype = placement()
     pipe = family.load_pipeline(job.model, dtype=dtype).to(device)
     for label in ("base", "adapted"):
         if label == "adapted":

@@ -16,6 +16,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
+from vidtune.training.devices import placement
 from vidtune.training.families import detect_family
 from vidtune.training.media import to_uint8, write_gif, write_mp4
 from vidtune.training.tracking import default_tracking_uri, vidtune_home
@@ -80,8 +82,8 @@ def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lo
     tracking_uri = tracking_uri or default_tracking_uri()
     version = resolve_version(model_uri, MlflowClient(tracking_uri))
     local = fetch(version, tracking_uri)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # also when offloading from the CPU
+    default_device, dtype = placement()  # the GPU's dtype also when offloading from the CPU
+    device = device or default_device
     pipelines = sorted((local / "artifacts").glob("*/model_index.json"))
     if pipelines:  # a full fine-tune: the pipeline folder itself (read from safetensors; the pyfunc pickle is not loaded)
         folder = pipelines[0].parent
@@ -96,8 +98,8 @@ def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lo
 
 def generate(
     model_uri: str, prompt: str, out: str | Path, *, tracking_uri: str | None = None, lora_scale: float = 1.0,
-    steps: int = 30, num_frames: int | None = None, height: int | None = None, width: int | None = None,
-    seed: int = 0, guidance_scale: float = 5.0, fps: int = 16, cpu_offload: bool = False, vae_tiling: bool = False,
+    steps: int = INFERENCE_STEPS, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+    seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, fps: int = FPS, cpu_offload: bool = False, vae_tiling: bool = False,
 ) -> Path:  # fmt: skip
     """Render `prompt` with a registered model to `out` (.mp4 or .gif); returns the path."""
     out = Path(out)

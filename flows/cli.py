@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vidtune.flows.config import ParamError, build_params, describe_params
+from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
 
 app = typer.Typer(
     name="vidtune",
@@ -138,16 +139,16 @@ def evaluate(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    list_params: Annotated[bool, _list_params_option("vidtune.flows.evaluate.EvaluationParams")] = False,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.evaluate.EvaluateParams")] = False,
 ) -> None:
     """Compare the base model and RUN's fine-tune on fixed prompts and noise.
 
     Writes RUN/evaluation/: metrics.json, report.md (base, adapted, delta), contact_sheet.png and the samples.
     """
-    from vidtune.flows.evaluate import EvaluationParams, evaluate as evaluate_flow
+    from vidtune.flows.evaluate import EvaluateParams, evaluate as evaluate_flow
 
     try:
-        params = build_params(EvaluationParams, base={}, config=config, overrides=set_ or [])
+        params = build_params(EvaluateParams, base={}, config=config, overrides=set_ or [])
         evaluate_flow(str(run), params)
     except (ParamError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -161,7 +162,7 @@ def register(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    list_params: Annotated[bool, _list_params_option("vidtune.flows.evaluate.RegistryParams")] = False,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.evaluate.RegisterParams")] = False,
 ) -> None:
     """Register RUN's adapter (or full model) in MLflow as a new version aliased `challenger`.
 
@@ -169,10 +170,10 @@ def register(
     within tolerance and beats the current champion of the same base model. Running it twice adds no version.
     """
     from vidtune.evaluation.registry import RegistryError
-    from vidtune.flows.evaluate import RegistryParams, register as register_flow
+    from vidtune.flows.evaluate import RegisterParams, register as register_flow
 
     try:
-        params = build_params(RegistryParams, base={}, config=config, overrides=set_ or [])
+        params = build_params(RegisterParams, base={}, config=config, overrides=set_ or [])
         result = register_flow(str(run), params)
     except (ParamError, FileNotFoundError, RegistryError, ValueError) as exc:
         _fail(str(exc))
@@ -185,13 +186,13 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="What to render.")],
     out: Annotated[Path, typer.Option("--out", help="Output file, .mp4 or .gif.")],
     lora_scale: Annotated[float, typer.Option(help="LoRA strength (0 = base model).")] = 1.0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = INFERENCE_STEPS,
     frames: Annotated[int | None, typer.Option(help="Frames; default: the training clips'.")] = None,
     height: Annotated[int | None, typer.Option(help="Height; default: the training clips'.")] = None,
     width: Annotated[int | None, typer.Option(help="Width; default: the training clips'.")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (1 = off).")] = 5.0,
-    fps: Annotated[int, typer.Option(help="Frame rate of the written file.")] = 16,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (1 = off).")] = GUIDANCE_SCALE,
+    fps: Annotated[int, typer.Option(help="Frame rate of the written file.")] = FPS,
     cpu_offload: Annotated[bool, typer.Option(help="Keep idle components on the CPU (GPU memory saver).")] = False,
     vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles (large frames on small GPUs).")] = False,
 ) -> None:

@@ -12,6 +12,7 @@ from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.evaluate_tasks import evaluate_task, register_task
 from vidtune.tasks.output import dataset_trigger
+from vidtune.tasks.scoring import ClipModelParams
 from vidtune.training.layout import RunLayout
 from vidtune.training.params import SamplingParams
 from vidtune.training.sampling import SampleSettings
@@ -20,16 +21,19 @@ from vidtune.training.tracking import default_tracking_uri
 DEFAULT_PROMPTS = ["a city street at night", "waves rolling onto a beach"]
 
 
-class EvaluationParams(SamplingParams, GpuSlotParams):
-    """Inside `finetune`, its own `gpu_limit` covers evaluation too (one slot from precompute to evaluation)."""
+class EvaluationParams(SamplingParams, ClipModelParams):
+    """What evaluation renders and measures (the CLIP model: the same fields as curation's scores)."""
 
     prompts: list[str] = Field(
         default_factory=list, description="Sample prompts ({trigger}: the dataset's trigger word); default: the run's validation prompts, else two generic ones."
     )
     draws: int = Field(4, ge=1, description="Noise/timestep draws per held-out clip for the validation loss.")
-    clip_model: str | None = Field("ViT-B-32", description="open_clip model for alignment/consistency (null: skip).")
-    clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip weights: a tag (downloads) or a local file.")
     i3d_path: str | None = Field(None, description="I3D TorchScript file for FVD; without it FVD is reported as not computed.")
+
+
+class EvaluateParams(EvaluationParams, GpuSlotParams):
+    """The `evaluate` flow's form: evaluation plus the GPU slot it holds. Inside `finetune` the slot is
+    finetune's own (one slot from precompute to evaluation), so its `evaluation` section has no `gpu_limit`."""
 
 
 class RegistryParams(BaseModel):
@@ -37,6 +41,12 @@ class RegistryParams(BaseModel):
 
     name: str = Field("vidtune-style", min_length=1, description="Registered model name.")
     clip_tolerance: float = Field(0.02, ge=0, description="Largest CLIP-alignment drop below the base that still promotes.")
+
+
+class RegisterParams(RegistryParams):
+    """The `register` flow's form: the registry settings plus where MLflow is. Inside `finetune` that is
+    finetune's own `tracking_uri`, so its `registry` section has none."""
+
     tracking_uri: str | None = Field(None, description="MLflow URI; default: the one the run trained against, else $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
 
 
@@ -60,9 +70,9 @@ def _run_tracking_uri(run: Path) -> str | None:
 
 
 @flow(name="evaluate", log_prints=True, validate_parameters=True)
-def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
+def evaluate(run: str, params: EvaluateParams | None = None) -> dict:
     """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/."""
-    params = params or EvaluationParams()
+    params = params or EvaluateParams()
     settings = sample_settings(run, params)
     with gpu_slot(params.gpu_limit):
         metrics = evaluate_task(run, settings, params.clip_model, params.clip_pretrained, params.i3d_path, params.draws)
@@ -71,9 +81,9 @@ def evaluate(run: str, params: EvaluationParams | None = None) -> dict:
 
 
 @flow(name="register", log_prints=True, validate_parameters=True)
-def register(run: str, params: RegistryParams | None = None) -> dict:
+def register(run: str, params: RegisterParams | None = None) -> dict:
     """Register RUN's weights as a new version (alias challenger); the gate decides whether it becomes champion."""
-    params = params or RegistryParams()
+    params = params or RegisterParams()
     tracking_uri = params.tracking_uri or _run_tracking_uri(Path(run)) or default_tracking_uri()
     registration = register_task(str(Path(run).resolve()), params.name, tracking_uri, params.clip_tolerance)
     get_run_logger().info("%s v%s: %s", registration.name, registration.version, registration.decision.summary())

@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field, field_validator, model_validator
 
 from vidtune.flows.curate import CurateParams, curate
-from vidtune.flows.evaluate import EvaluationParams, RegistryParams, evaluate, register
+from vidtune.flows.evaluate import EvaluateParams, EvaluationParams, RegisterParams, RegistryParams, evaluate, register
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.finetune_tasks import (
@@ -132,11 +132,11 @@ def finetune(params: FinetuneParams) -> dict:
             return {**outline, "prepared": True}
         result = train_task(job, params.num_processes)
         logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
-        evaluation = params.evaluation.model_copy(update={"gpu_limit": None})  # this slot covers it
+        evaluation = EvaluateParams(**params.evaluation.model_dump(), gpu_limit=None)  # this flow's slot covers it
         metrics = evaluate(job.out, evaluation) if params.run_evaluation else None
     registration = None
     if params.run_registration:
-        registry = params.registry.model_copy(update={"tracking_uri": params.registry.tracking_uri or job.tracking_uri})
+        registry = RegisterParams(**params.registry.model_dump(), tracking_uri=job.tracking_uri)
         registration = register(job.out, registry)  # an unreachable MLflow: RegistryError says how to register later
     summary = {
         **outline, "metrics": metrics, "registration": registration, "steps": result.steps,

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -19,6 +18,7 @@ from vidtune.tasks.manifest import curate_summary_markdown
 from vidtune.tasks.progress import progress_artifact
 from vidtune.training.cache import PrecomputeParams, PrecomputeResult, precompute
 from vidtune.training.data import DatasetSummary, summarize_dataset
+from vidtune.training.devices import placement
 from vidtune.training.families import detect_family, get_family
 from vidtune.training.launch import raise_launch_error, read_progress
 from vidtune.training.layout import RunLayout
@@ -47,8 +47,7 @@ def precompute_task(
     """Encode clips not cached yet, and the validation `prompts`, with the model's VAE and text encoder (on the
     GPU when there is one): training then loads neither encoder."""
     family = get_family(family_name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    device, dtype = placement()
     pipe = family.load_pipeline(model, dtype=dtype).to(device)
     with progress_artifact("precompute-progress", dataset.clips, f"latents for {dataset.clips} clips") as report:
         result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report, prompts=prompts)

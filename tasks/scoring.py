@@ -12,27 +12,36 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 T = TypeVar("T")
 
 
-class ScoreParams(BaseModel):
-    """Which scores are computed and with which models (thresholds live in FilterParams)."""
+class ClipModelParams(BaseModel):
+    """An open_clip model and its weights, declared once: curation's scores and evaluation's metrics use it."""
 
     model_config = ConfigDict(extra="forbid")
 
+    clip_model: str | None = Field("ViT-B-32", description="open_clip model name (or 'local-dir:PATH', 'hf-hub:ORG/NAME'); null: no CLIP.")
+    clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (downloads) or a local weights file.")
+
+
+class ScoreParams(ClipModelParams):
+    """Which scores are computed and with which models (thresholds live in FilterParams)."""
+
     clip: bool = Field(True, description="Compute the CLIP text-video score and image embedding.")
-    clip_model: str = Field("ViT-B-32", description="open_clip model name (or 'local-dir:PATH', 'hf-hub:ORG/NAME').")
-    clip_pretrained: str | None = Field(
-        "laion2b_s34b_b79k", description="open_clip pretrained tag (downloads) or a local weights file."
-    )
     clip_frames: int = Field(4, ge=1, le=32, description="Frames per clip for the CLIP score, evenly spaced.")
     motion: bool = Field(True, description="Compute the optical-flow motion score.")
     motion_fps: float = Field(2.0, gt=0, le=30, description="Rate frames are sampled at for optical flow.")
     motion_width: int = Field(128, ge=32, le=1024, description="Width frames are downscaled to for optical flow.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run (auto = cuda if available).")
+
+    @model_validator(mode="after")
+    def _no_model_no_clip(self) -> ScoreParams:
+        if self.clip_model is None:
+            self.clip = False  # clip_model null means no CLIP here too, as in evaluation
+        return self
 
 
 class FramesUnavailable(Exception):
@@ -65,9 +74,9 @@ def local_version(reference: str | None) -> tuple:
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
-    import torch
+    from vidtune.training.devices import placement
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return placement()[0]
 
 
 def register_model_configs() -> None:

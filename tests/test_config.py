@@ -111,3 +111,21 @@ def test_inconsistent_parameters_are_rejected_up_front(overrides, message):
 def test_template_values_pass_through_set_as_strings():
     params = build_params(CurateParams, base={"input": "i", "output": "o"}, overrides=["captions.template={trigger}, {sidecar}"])
     assert params.captions.template == "{trigger}, {sidecar}"
+
+
+@pytest.mark.parametrize("override", ["evaluation.gpu_limit=gpu", "registry.tracking_uri=sqlite:///x.db"])
+def test_finetune_has_no_field_that_does_nothing_and_the_standalone_flows_keep_theirs(override):
+    """Inside finetune, its own gpu_limit and tracking_uri cover evaluation and registration: no second copy."""
+    from vidtune.flows.evaluate import EvaluateParams, RegisterParams
+    from vidtune.flows.finetune import FinetuneParams
+
+    with pytest.raises(ParamError, match=override.split("=")[0].replace(".", r"\.")):
+        build_params(FinetuneParams, base={"data": "d", "model": "m", "out": "o"}, overrides=[override])
+    assert build_params(EvaluateParams, base={}, overrides=["gpu_limit=null"]).gpu_limit is None
+    assert build_params(RegisterParams, base={}, overrides=["tracking_uri=sqlite:///x.db"]).tracking_uri == "sqlite:///x.db"
+
+
+def test_clip_model_null_turns_the_clip_score_off():
+    from vidtune.tasks.scoring import ScoreParams
+
+    assert ScoreParams(clip_model=None).clip is False and ScoreParams().clip is True

@@ -198,7 +198,7 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
 
     from prefect.concurrency.sync import concurrency
 
-    from vidtune.flows.evaluate import EvaluationParams, evaluate
+    from vidtune.flows.evaluate import EvaluateParams, evaluate
     from vidtune.flows.finetune import finetune
 
     limit = "gpu-queue-test"
@@ -229,13 +229,13 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
     evaluation = {"prompts": ["a red car"], "inference_steps": 1, "clip_model": None}
     result = {}
     with concurrency(limit, occupy=1):  # another GPU job holds the only slot
-        queued = threading.Thread(target=lambda: result.update(slot=evaluate(str(tmp_path / "first" / "run"), EvaluationParams(**evaluation, gpu_limit=limit))))
+        queued = threading.Thread(target=lambda: result.update(slot=evaluate(str(tmp_path / "first" / "run"), EvaluateParams(**evaluation, gpu_limit=limit))))
         queued.start()
         deadline = time.monotonic() + 120
         while len(logged(f"waiting for a slot of concurrency limit '{limit}'")) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(logged(f"waiting for a slot of concurrency limit '{limit}'")) == 2  # the queued evaluate waits too
-        free = evaluate(str(tmp_path / "first" / "run"), EvaluationParams(**evaluation, gpu_limit=None))  # takes no slot
+        free = evaluate(str(tmp_path / "first" / "run"), EvaluateParams(**evaluation, gpu_limit=None))  # takes no slot
         assert free["val_loss_adapted"] > 0 and queued.is_alive() and "slot" not in result
     queued.join(300)
     assert result["slot"]["val_loss_adapted"] == pytest.approx(free["val_loss_adapted"])

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
+from vidtune.training.devices import bf16_supported
 from vidtune.training.families.objectives import ObjectiveParams
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -21,15 +23,15 @@ class SamplingParams(BaseModel):
     num_frames: int | None = Field(None, ge=1, description="Frames per sample; default: the shortest training bucket.")
     height: int | None = Field(None, ge=8, description="Sample height; default: the training clips' height.")
     width: int | None = Field(None, ge=8, description="Sample width; default: the training clips' width.")
-    inference_steps: int = Field(30, ge=1, description="Denoising steps per sample.")
-    guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance scale (1 = off).")
+    inference_steps: int = Field(INFERENCE_STEPS, ge=1, description="Denoising steps per sample.")
+    guidance_scale: float = Field(GUIDANCE_SCALE, ge=1.0, description="Classifier-free guidance scale (1 = off).")
     seed: int = Field(42, description="Sample seed: the same noise every time, so samples compare.")
 
 
 class ValidationParams(SamplingParams):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps ({trigger}: the dataset's trigger word; none: no samples).")
     every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
-    fps: int = Field(16, ge=1, description="Frame rate of the written MP4/GIF.")
+    fps: int = Field(FPS, ge=1, description="Frame rate of the written MP4/GIF.")
 
 
 class TrainParams(ObjectiveParams):
@@ -85,4 +87,4 @@ class TrainParams(ObjectiveParams):
     def resolved_precision(self) -> str:
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if bf16_supported() else "no"

@@ -21,14 +21,16 @@ from vidtune.training.params import ValidationParams
 
 @dataclass(frozen=True)
 class SampleSettings:
+    """`SamplingParams` resolved for one run: every size known, the prompts with their trigger words."""
+
     prompts: list[str]
     num_frames: int
     height: int
     width: int
-    inference_steps: int = 30
-    guidance_scale: float = 5.0
-    seed: int = 42
-    fps: int = 16
+    inference_steps: int
+    guidance_scale: float
+    seed: int
+    fps: int
 
 
 @contextmanager
