@@ -18,6 +18,8 @@ demo: $(STAMP)
 	$(BIN)/vidtune demo --workdir demo-run
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

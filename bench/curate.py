@@ -37,9 +37,17 @@ def make_inputs(folder: Path, count: int, seconds: float) -> list[Path]:
         if not path.exists():
             print(f"  rendering {path.name}", flush=True)
             render_video(
-                path, seconds=seconds, fps=(24, 25, 30)[i % 3], width=1280, height=720, shots=5 + i % 3,
-                crf=19, preset="veryfast", grain=3.0, seed=1000 + i,
-            )  # fmt: skip
+                path,
+                seconds=seconds,
+                fps=(24, 25, 30)[i % 3],
+                width=1280,
+                height=720,
+                shots=5 + i % 3,
+                crf=19,
+                preset="veryfast",
+                grain=3.0,
+                seed=1000 + i,
+            )
         paths.append(path)
     return paths
 
@@ -79,7 +87,16 @@ def ffmpeg_on_path(bin_dir: Path) -> bool:
 def scenedetect_cli(path: Path, out: Path, command_only: bool = False) -> int | list[str]:
     target = out / path.stem
     target.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).with_name("scenedetect")), "-q", "-i", str(path), "-o", str(target), "detect-content", "split-video"]
+    cmd = [
+        str(Path(sys.executable).with_name("scenedetect")),
+        "-q",
+        "-i",
+        str(path),
+        "-o",
+        str(target),
+        "detect-content",
+        "split-video",
+    ]
     if command_only:
         return cmd
     subprocess.run(cmd, check=True, capture_output=True)
@@ -92,9 +109,12 @@ def run_vidtune(inputs: Path, output: Path, workers: int, clip_weights: Path) ->
     from vidtune.tasks.tiny_models import TINY_CLIP
 
     params = CurateParams(
-        input=str(inputs), output=str(output), workers=workers, captions={"trigger": "in sks style"},
+        input=str(inputs),
+        output=str(output),
+        workers=workers,
+        captions={"trigger": "in sks style"},
         scores=ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)),
-    )  # fmt: skip
+    )
     return curate(params)
 
 
@@ -125,7 +145,10 @@ def main() -> None:
     if args.skip_scenedetect:
         print("  (b) skipped (--skip-scenedetect)")
     elif ffmpeg_on_path(args.workdir / "bin"):
-        t_b, counts = timed("(b) scenedetect detect-content split-video", lambda: list(pool.map(lambda p: scenedetect_cli(p, scratch / "b"), paths)))
+        t_b, counts = timed(
+            "(b) scenedetect detect-content split-video",
+            lambda: list(pool.map(lambda p: scenedetect_cli(p, scratch / "b"), paths)),
+        )
         clips_b = sum(counts)
     else:
         print("  (b) skipped: no `ffmpeg` (PySceneDetect's split-video needs it; pip install imageio-ffmpeg)")

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from vidtune.training.families import get_family  # noqa: E402
-from vidtune.training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
 from vidtune.training.families.wan import WAN_13B  # noqa: E402
+from vidtune.training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
 from vidtune.training.tiny_models import TINY_MODELS, tiny_spec  # noqa: E402
 
 MODELS = list(TINY_MODELS)
@@ -46,8 +46,11 @@ def build_published(repo: str, path: str) -> torch.nn.Module:
 
 def lora_linears(module: torch.nn.Module, targets: tuple[str, ...]) -> list[torch.nn.Linear]:
     """The nn.Linear layers peft adapts for `targets`: a module name equal to a target or ending in `.target`."""
-    return [m for name, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)]  # fmt: skip
+    return [
+        m
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)
+    ]
 
 
 def component_size(module: torch.nn.Module, targets: tuple[str, ...] | None, rank: int) -> dict:
@@ -57,7 +60,12 @@ def component_size(module: torch.nn.Module, targets: tuple[str, ...] | None, ran
     if targets is not None:
         layers = lora_linears(module, targets)
         lora = sum(rank * (layer.in_features + layer.out_features) for layer in layers)
-        size |= {"lora_layers": len(layers), "lora_params": lora, "lora_fp32_bytes": 4 * lora, "lora_bf16_bytes": 2 * lora}
+        size |= {
+            "lora_layers": len(layers),
+            "lora_params": lora,
+            "lora_fp32_bytes": 4 * lora,
+            "lora_bf16_bytes": 2 * lora,
+        }
     return size
 
 
@@ -70,10 +78,18 @@ def model_sizes(name: str, rank: int) -> dict:
         if part_name == "scheduler":
             continue
         module = build_published(part.repo, part.path)
-        components[part_name] = component_size(module, family.default_lora_targets if part_name in trained else None, rank)
+        components[part_name] = component_size(
+            module, family.default_lora_targets if part_name in trained else None, rank
+        )
         del module
     denoiser = spec.parts[family.denoiser_name]
-    return {"repo": denoiser.repo, "family": family.name, "rank": rank, "lora_targets": list(family.default_lora_targets), "components": components}
+    return {
+        "repo": denoiser.repo,
+        "family": family.name,
+        "rank": rank,
+        "lora_targets": list(family.default_lora_targets),
+        "components": components,
+    }
 
 
 def count(n: int) -> str:
@@ -90,15 +106,24 @@ def nbytes(n: int) -> str:
 def print_table(name: str, sizes: dict) -> None:
     rank, rows = sizes["rank"], sizes["components"]
     print(f"\n{name}  ({sizes['repo']}; LoRA rank {rank} on {', '.join(sizes['lora_targets'])})")
-    print(f"  {'component':16s} {'class':30s} {'params':>10s} {'bf16':>9s}   {'LoRA layers':>11s} {'LoRA params':>11s} {'fp32':>9s} {'bf16':>9s}")
+    print(
+        f"  {'component':16s} {'class':30s} {'params':>10s} {'bf16':>9s}   {'LoRA layers':>11s} {'LoRA params':>11s} {'fp32':>9s} {'bf16':>9s}"
+    )
     for part, r in rows.items():
-        lora = "" if "lora_params" not in r else (
-            f"{r['lora_layers']:11d} {count(r['lora_params']):>11s} {nbytes(r['lora_fp32_bytes']):>9s} {nbytes(r['lora_bf16_bytes']):>9s}")  # fmt: skip
+        lora = (
+            ""
+            if "lora_params" not in r
+            else (
+                f"{r['lora_layers']:11d} {count(r['lora_params']):>11s} {nbytes(r['lora_fp32_bytes']):>9s} {nbytes(r['lora_bf16_bytes']):>9s}"
+            )
+        )
         print(f"  {part:16s} {r['class']:30s} {count(r['params']):>10s} {nbytes(r['bf16_bytes']):>9s}   {lora}")
     total = sum(r["params"] for r in rows.values())
     lora_total = sum(r.get("lora_params", 0) for r in rows.values())
-    print(f"  {'total':16s} {'':30s} {count(total):>10s} {nbytes(2 * total):>9s}   {'':11s} {count(lora_total):>11s} "
-          f"{nbytes(4 * lora_total):>9s} {nbytes(2 * lora_total):>9s}")  # fmt: skip
+    print(
+        f"  {'total':16s} {'':30s} {count(total):>10s} {nbytes(2 * total):>9s}   {'':11s} {count(lora_total):>11s} "
+        f"{nbytes(4 * lora_total):>9s} {nbytes(2 * lora_total):>9s}"
+    )
 
 
 # ---- GPU leg: Wan 2.1 1.3B LoRA training at 49 x 480 x 832 ------------------------------------------------------
@@ -140,8 +165,12 @@ def wan_transformer_for_training(leg: str, rank: int) -> torch.nn.Module:
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     if offload:
-        transformer.enable_group_offload(onload_device=torch.device(DEVICE), offload_device=torch.device("cpu"),
-                                         offload_type="block_level", num_blocks_per_group=1)  # fmt: skip
+        transformer.enable_group_offload(
+            onload_device=torch.device(DEVICE),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+        )
     return transformer.train()
 
 
@@ -174,16 +203,32 @@ def gpu_leg(leg: str, steps: int, warmup: int, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         step_s.append(time.perf_counter() - started)
-    return {"leg": leg, "setup_mb": setup_mb, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
-            "s_per_step": statistics.median(step_s[warmup:]), "loss": loss.item(),
-            "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+    return {
+        "leg": leg,
+        "setup_mb": setup_mb,
+        "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "s_per_step": statistics.median(step_s[warmup:]),
+        "loss": loss.item(),
+        "trainable": sum(p.numel() for p in trainable),
+    }
 
 
 def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
     """Each leg in a fresh interpreter, so peak memory is that leg's alone; a leg that fails is reported, not fatal."""
     results = []
     for leg in GPU_LEGS:
-        cmd = [sys.executable, __file__, "--gpu-leg", leg, "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--gpu-leg",
+            leg,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--rank",
+            str(args.rank),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = done.stdout.strip().splitlines()
         if done.returncode == 0 and lines:
@@ -196,13 +241,17 @@ def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
 
 
 def print_gpu_table(results: list[dict], rank: int) -> None:
-    print(f"\nWan 2.1 1.3B, LoRA rank {rank}, 49 x 480 x 832 (latents {LATENT_SHAPE}), text {TEXT_SHAPE}, bf16, batch 1")
+    print(
+        f"\nWan 2.1 1.3B, LoRA rank {rank}, 49 x 480 x 832 (latents {LATENT_SHAPE}), text {TEXT_SHAPE}, bf16, batch 1"
+    )
     print(f"  {'leg':14s} {'setup MiB':>10s} {'peak MiB':>10s} {'s/step':>8s} {'loss':>8s}")
     for r in results:
         if "error" in r:
             print(f"  {r['leg']:14s} failed: {r['error']}")
         else:
-            print(f"  {r['leg']:14s} {r['setup_mb']:10.0f} {r['peak_mb']:10.0f} {r['s_per_step']:8.2f} {r['loss']:8.4f}")
+            print(
+                f"  {r['leg']:14s} {r['setup_mb']:10.0f} {r['peak_mb']:10.0f} {r['s_per_step']:8.2f} {r['loss']:8.4f}"
+            )
 
 
 def main() -> None:
@@ -216,7 +265,9 @@ def main() -> None:
     parser.add_argument("--gpu-leg", choices=GPU_LEGS, help=argparse.SUPPRESS)  # internal: one leg, in a child
     args = parser.parse_args()
     if (args.gpu or args.gpu_leg) and not torch.cuda.is_available():
-        parser.error("--gpu needs a CUDA GPU (torch.cuda.is_available() is False here); without it this prints the size tables")
+        parser.error(
+            "--gpu needs a CUDA GPU (torch.cuda.is_available() is False here); without it this prints the size tables"
+        )
     if args.gpu_leg:
         print(json.dumps(gpu_leg(args.gpu_leg, args.steps, args.warmup, args.rank)))
         return

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.extract import extract_clips
 from vidtune.tasks.probe import probe_video
 from vidtune.tasks.records import Source
 from vidtune.tasks.scenes import SceneParams
-from vidtune.tasks.extract import extract_clips
 from vidtune.tasks.synthetic_videos import render_video, score_cuts
 
 CONFIGS = {
@@ -36,19 +36,29 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vidtune-bench-scenes-"))
     videos = [
         render_video(
-            work / f"v{seed}.mp4", seconds=8, fps=(24, 25, 30, 29.97)[seed % 4], width=(320, 256, 400)[seed % 3],
-            height=(240, 256, 224)[seed % 3], shots=5, transition=("cut", "fade", "dissolve")[seed % 3], seed=seed,
+            work / f"v{seed}.mp4",
+            seconds=8,
+            fps=(24, 25, 30, 29.97)[seed % 4],
+            width=(320, 256, 400)[seed % 3],
+            height=(240, 256, 224)[seed % 3],
+            shots=5,
+            transition=("cut", "fade", "dissolve")[seed % 3],
+            seed=seed,
         )
         for seed in range(args.videos)
-    ]  # fmt: skip
+    ]
     boundaries = sum(len(v.cuts) + len(v.transitions) for v in videos)
-    print(f"{len(videos)} videos, {boundaries} boundaries ({sum(len(v.transitions) for v in videos)} fades/dissolves)\n")
+    print(
+        f"{len(videos)} videos, {boundaries} boundaries ({sum(len(v.transitions) for v in videos)} fades/dissolves)\n"
+    )
     print(f"{'detection':30s} {'cut F1':>7s} {'clips':>6s} {'crossing':>9s} {'s/video':>8s}")
     for name, params in CONFIGS.items():
         f1s, clips, crossing, started = [], 0, 0, time.perf_counter()
         for v in videos:
             source = Source(str(v.path), "0" * 64, 1, local_path=str(v.path))
-            result = extract_clips(source, probe_video(str(v.path)), params, ClipParams(width=32, height=32, fps=4), work)
+            result = extract_clips(
+                source, probe_video(str(v.path)), params, ClipParams(width=32, height=32, fps=4), work
+            )
             f1s.append(score_cuts(result.cuts, v.cuts, v.transitions)[2])
             spans = [(r.start_frame, r.end_frame) for r in result.rows if r.clip_id]
             clips += len(spans)

@@ -41,7 +41,17 @@ def render_inputs(workdir: Path) -> tuple[Path, Path]:
         path = folder / f"raw_{i:02d}.mp4"
         if not path.exists():
             print(f"  rendering {path.name}", flush=True)
-            render_video(path, seconds=10, fps=(24, 25, 30)[i % 3], width=1280, height=544, shots=3 + i % 3, crf=19, preset="veryfast", seed=300 + i)
+            render_video(
+                path,
+                seconds=10,
+                fps=(24, 25, 30)[i % 3],
+                width=1280,
+                height=544,
+                shots=3 + i % 3,
+                crf=19,
+                preset="veryfast",
+                seed=300 + i,
+            )
     return short, folder
 
 
@@ -68,7 +78,9 @@ def timed_run(command: list[str], env: dict, cwd: Path) -> float:
     result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return elapsed
 
 
@@ -87,23 +99,38 @@ def main() -> None:
 
     home = scratch / "home"  # a new machine: no server database, no worker
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "VIDTUNE_WORKER")}
-    env |= {"VIDTUNE_HOME": str(home), "PREFECT_HOME": str(scratch / "prefect-home"), "VIDTUNE_SERVER_PORT": str(free_port())}
+    env |= {
+        "VIDTUNE_HOME": str(home),
+        "PREFECT_HOME": str(scratch / "prefect-home"),
+        "VIDTUNE_SERVER_PORT": str(free_port()),
+    }
     sets = ["--set", "scores.clip_model=ViT-B-32", "--set", f"scores.clip_pretrained={weights}"]
     results: dict[str, float] = {}
     try:
         print("timings:", flush=True)
-        results["a"] = statistics.median(timed_run(scenedetect_cli(short, scratch / f"sd-{i}", command_only=True), env, scratch) for i in range(3))
+        results["a"] = statistics.median(
+            timed_run(scenedetect_cli(short, scratch / f"sd-{i}", command_only=True), env, scratch) for i in range(3)
+        )
         print(f"  (a) scenedetect, one clip: {results['a']:.2f} s", flush=True)
         results["b"] = timed_run([VIDTUNE, "curate", str(short), str(scratch / "cold"), *sets], env, scratch)
         print(f"  (b) vidtune curate, first run on a new machine: {results['b']:.2f} s", flush=True)
-        results["c"] = statistics.median(timed_run([VIDTUNE, "curate", str(short), str(scratch / f"warm-{i}"), *sets], env, scratch) for i in range(3))
+        results["c"] = statistics.median(
+            timed_run([VIDTUNE, "curate", str(short), str(scratch / f"warm-{i}"), *sets], env, scratch)
+            for i in range(3)
+        )
         print(f"  (c) vidtune curate, warm: {results['c']:.2f} s", flush=True)
-        results["d"] = timed_run([VIDTUNE, "curate", str(short), str(scratch / "no-worker"), *sets], env | {"VIDTUNE_WORKER": "0"}, scratch)
+        results["d"] = timed_run(
+            [VIDTUNE, "curate", str(short), str(scratch / "no-worker"), *sets], env | {"VIDTUNE_WORKER": "0"}, scratch
+        )
         print(f"  (d) vidtune curate, server up, no worker: {results['d']:.2f} s", flush=True)
         videos = sorted(folder.glob("*.mp4"))
         with ThreadPoolExecutor(2) as pool:
             started = time.perf_counter()
-            list(pool.map(lambda p: timed_run(scenedetect_cli(p, scratch / "sd12", command_only=True), env, scratch), videos))
+            list(
+                pool.map(
+                    lambda p: timed_run(scenedetect_cli(p, scratch / "sd12", command_only=True), env, scratch), videos
+                )
+            )
             results["e"] = time.perf_counter() - started
         print(f"  (e) scenedetect, 12 videos: {results['e']:.2f} s", flush=True)
         results["f"] = timed_run([VIDTUNE, "curate", str(folder), str(scratch / "twelve"), *sets], env, scratch)
@@ -112,12 +139,19 @@ def main() -> None:
         subprocess.run([VIDTUNE, "server", "stop"], env=env, capture_output=True)
 
     print(f"\n{'leg':52s} {'wall s':>7s}")
-    labels = {"a": "(a) scenedetect split-video, one 6 s clip", "b": "(b) vidtune curate, first run (new server + worker)",
-              "c": "(c) vidtune curate, warm", "d": "(d) vidtune curate, VIDTUNE_WORKER=0",
-              "e": "(e) scenedetect split-video, 12 x 10 s", "f": "(f) vidtune curate, 12 x 10 s, warm"}  # fmt: skip
+    labels = {
+        "a": "(a) scenedetect split-video, one 6 s clip",
+        "b": "(b) vidtune curate, first run (new server + worker)",
+        "c": "(c) vidtune curate, warm",
+        "d": "(d) vidtune curate, VIDTUNE_WORKER=0",
+        "e": "(e) scenedetect split-video, 12 x 10 s",
+        "f": "(f) vidtune curate, 12 x 10 s, warm",
+    }
     for key, label in labels.items():
         print(f"{label:52s} {results[key]:7.2f}")
-    print(f"\nc/a = {results['c'] / results['a']:.2f}  (target <= 3)   b/a = {results['b'] / results['a']:.1f}   d/a = {results['d'] / results['a']:.1f}")
+    print(
+        f"\nc/a = {results['c'] / results['a']:.2f}  (target <= 3)   b/a = {results['b'] / results['a']:.1f}   d/a = {results['d'] / results['a']:.1f}"
+    )
     print(f"f/e = {results['f'] / results['e']:.2f}  (target <= 0.5)")
 
 

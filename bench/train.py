@@ -37,9 +37,20 @@ import tempfile
 import time
 from pathlib import Path
 
-WAN = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=32, patch_size=(1, 2, 2),
-           in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-           rope_max_seq_len=32)  # fmt: skip
+WAN = dict(
+    num_layers=4,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    ffn_dim=256,
+    text_dim=32,
+    patch_size=(1, 2, 2),
+    in_channels=16,
+    out_channels=16,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
 CLIPS, FRAMES, BATCH, RANK = dict(width=128, height=128, fps=8), 17, 2, 4
 LEGS = {  # name -> (TrainJob.data_source, TrainParams overrides)
     "cache": ("cache", {}),
@@ -48,8 +59,12 @@ LEGS = {  # name -> (TrainJob.data_source, TrainParams overrides)
     "full": ("cache", {"training_type": "full"}),
 }
 FLOOR = "floor"  # a bare PyTorch loop over the cache leg's model and data (run_floor), not a train() run
-PAIRS = [("on-the-fly / cache", "on-the-fly", "cache"), ("ckpt on / off", "cache", "no-ckpt"), ("full / LoRA", "full", "cache"),
-         ("cache / floor", "cache", FLOOR)]  # fmt: skip
+PAIRS = [
+    ("on-the-fly / cache", "on-the-fly", "cache"),
+    ("ckpt on / off", "cache", "no-ckpt"),
+    ("full / LoRA", "full", "cache"),
+    ("cache / floor", "cache", FLOOR),
+]
 
 
 def build_wan(folder: Path) -> int:
@@ -80,14 +95,27 @@ def prepare(work: Path) -> dict:
     params = build_wan(work / "wan")
     make_raw_video_set(work / "raw", seed=1, seconds=8.0)  # 8 s: enough shots reach 17 frames at 8 fps
     clip = build_tiny_clip(work / "tiny-clip.safetensors")
-    curate(CurateParams(input=str(work / "raw"), output=str(work / "data"), clips=CLIPS,
-                        scores={"clip_model": TINY_CLIP, "clip_pretrained": str(clip)}))  # fmt: skip
+    curate(
+        CurateParams(
+            input=str(work / "raw"),
+            output=str(work / "data"),
+            clips=CLIPS,
+            scores={"clip_model": TINY_CLIP, "clip_pretrained": str(clip)},
+        )
+    )
     summary = summarize_dataset(work / "data", [FRAMES], "wan")
     family = get_family("wan")
     pipe = family.load_pipeline(str(work / "wan"))
-    cached = precompute(summary.shards, family, pipe, str(work / "wan"), work / "cache", PrecomputeParams(frame_buckets=[FRAMES]))
-    return {"transformer_params": params, "clips": summary.clips, "train_clips": sum(summary.buckets.values()),
-            "shards": summary.shards, "cache_shards": cache_shards(cached.cache_dir)}  # fmt: skip
+    cached = precompute(
+        summary.shards, family, pipe, str(work / "wan"), work / "cache", PrecomputeParams(frame_buckets=[FRAMES])
+    )
+    return {
+        "transformer_params": params,
+        "clips": summary.clips,
+        "train_clips": sum(summary.buckets.values()),
+        "shards": summary.shards,
+        "cache_shards": cache_shards(cached.cache_dir),
+    }
 
 
 def max_rss_mb() -> float:
@@ -109,18 +137,36 @@ def run_leg(work: Path, name: str, steps: int, warmup: int) -> dict:
 
     data = json.loads((work / "prepared.json").read_text())
     source, overrides = LEGS[name]
-    params = TrainParams(max_steps=steps, batch_size=BATCH, rank=RANK, mixed_precision="no", checkpoint_every=10**6, **overrides)
+    params = TrainParams(
+        max_steps=steps, batch_size=BATCH, rank=RANK, mixed_precision="no", checkpoint_every=10**6, **overrides
+    )
     uri = f"sqlite:///{work}/mlflow.db"
-    job = TrainJob(model=str(work / "wan"), family="wan", out=str(work / "runs" / name), data_source=source,
-                   shards=data["cache_shards" if source == "cache" else "shards"], frame_buckets=[FRAMES],
-                   sample_size=(FRAMES, CLIPS["height"], CLIPS["width"]), params=params, tracking_uri=uri, run_name=f"bench-{name}")  # fmt: skip
+    job = TrainJob(
+        model=str(work / "wan"),
+        family="wan",
+        out=str(work / "runs" / name),
+        data_source=source,
+        shards=data["cache_shards" if source == "cache" else "shards"],
+        frame_buckets=[FRAMES],
+        sample_size=(FRAMES, CLIPS["height"], CLIPS["width"]),
+        params=params,
+        tracking_uri=uri,
+        run_name=f"bench-{name}",
+    )
     before, stamps = max_rss_mb(), []
     result = train(job, on_step=lambda step, loss: stamps.append(time.perf_counter()))
     step_s = [b - a for a, b in itertools.pairwise(stamps)][warmup:]
     trainable = MlflowClient(uri).get_run(result.mlflow_run_id).data.params["trainable_parameters"]
     p50, p90 = statistics.median(step_s), statistics.quantiles(step_s, n=10, method="inclusive")[-1]
-    return {"trainer_sps": result.samples_per_s, "steady_sps": BATCH / p50, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "peak_mb": result.peak_memory_mb,
-            "growth_mb": result.peak_memory_mb - before, "trainable": int(trainable)}  # fmt: skip
+    return {
+        "trainer_sps": result.samples_per_s,
+        "steady_sps": BATCH / p50,
+        "p50_ms": p50 * 1e3,
+        "p90_ms": p90 * 1e3,
+        "peak_mb": result.peak_memory_mb,
+        "growth_mb": result.peak_memory_mb - before,
+        "trainable": int(trainable),
+    }
 
 
 def load_cached_batches(work: Path, cache_shards: list[str]) -> list[tuple]:
@@ -166,7 +212,9 @@ def run_floor(work: Path, steps: int, warmup: int) -> dict:
     batches = load_cached_batches(work, data["cache_shards"])
     transformer = WanTransformer3DModel.from_pretrained(work / "wan", subfolder="transformer")
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(get_family("wan").default_lora_targets)))
+    transformer.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(get_family("wan").default_lora_targets))
+    )
     if defaults.gradient_checkpointing:  # as the default leg (cache) runs
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -177,7 +225,9 @@ def run_floor(work: Path, steps: int, warmup: int) -> dict:
         latents, text = batches[step % len(batches)]
         s, noise = torch.sigmoid(torch.randn(BATCH, 1, 1, 1, 1)), torch.randn_like(latents)  # logit-normal noise levels
         noisy, target = (1 - s) * latents + s * noise, noise - latents  # rectified flow
-        pred = transformer(hidden_states=noisy, timestep=1000 * s.flatten(), encoder_hidden_states=text, return_dict=False)[0]
+        pred = transformer(
+            hidden_states=noisy, timestep=1000 * s.flatten(), encoder_hidden_states=text, return_dict=False
+        )[0]
         torch.nn.functional.mse_loss(pred, target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,8 +235,15 @@ def run_floor(work: Path, steps: int, warmup: int) -> dict:
     step_s = [b - a for a, b in itertools.pairwise(stamps[1:])][warmup:]  # intervals between steps, as on_step gives
     p50, p90 = statistics.median(step_s), statistics.quantiles(step_s, n=10, method="inclusive")[-1]
     peak = max_rss_mb()
-    return {"trainer_sps": steps * BATCH / (stamps[-1] - stamps[0]), "steady_sps": BATCH / p50, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3,
-            "peak_mb": peak, "growth_mb": peak - before, "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+    return {
+        "trainer_sps": steps * BATCH / (stamps[-1] - stamps[0]),
+        "steady_sps": BATCH / p50,
+        "p50_ms": p50 * 1e3,
+        "p90_ms": p90 * 1e3,
+        "peak_mb": peak,
+        "growth_mb": peak - before,
+        "trainable": sum(p.numel() for p in trainable),
+    }
 
 
 def in_child(work: Path, flag: str, name: str, args: argparse.Namespace) -> dict:
@@ -194,7 +251,18 @@ def in_child(work: Path, flag: str, name: str, args: argparse.Namespace) -> dict
     out, log = work / f"{name}.json", work / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VIDTUNE_HOME": str(work), "PREFECT_HOME": str(work / "prefect")}  # nothing lands in ~/
-    cmd = [sys.executable, __file__, flag, name, "--workdir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        flag,
+        name,
+        "--workdir",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     started = time.perf_counter()
     with log.open("w") as stream:
         done = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env, check=False)
@@ -207,34 +275,54 @@ def in_child(work: Path, flag: str, name: str, args: argparse.Namespace) -> dict
 def header(data: dict, args: argparse.Namespace) -> None:
     import torch  # only to say which build and how many threads; the parent otherwise stays small
 
-    tokens = ((FRAMES - 1) // 4 + 1) * (CLIPS["height"] // 16) * (CLIPS["width"] // 16)  # VAE 4x time, 8x space; patch 2x2
-    print(f"\nWan transformer: {WAN['num_layers']} layers, {WAN['num_attention_heads']} heads x {WAN['attention_head_dim']}, "
-          f"ffn {WAN['ffn_dim']}, text dim {WAN['text_dim']}, patch {WAN['patch_size']}: {data['transformer_params'] / 1e6:.2f} M params; "
-          "tiny VAE + UMT5 of build_tiny_wan")  # fmt: skip
-    print(f"data: {data['train_clips']} of {data['clips']} curated clips reach {FRAMES} frames "
-          f"({CLIPS['width']}x{CLIPS['height']} @ {CLIPS['fps']} fps, {tokens} tokens each); batch {BATCH}, LoRA rank {RANK}, fp32")  # fmt: skip
-    print(f"run: {args.steps} steps, steady = median of steps {args.warmup + 2}-{args.steps}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    tokens = (
+        ((FRAMES - 1) // 4 + 1) * (CLIPS["height"] // 16) * (CLIPS["width"] // 16)
+    )  # VAE 4x time, 8x space; patch 2x2
+    print(
+        f"\nWan transformer: {WAN['num_layers']} layers, {WAN['num_attention_heads']} heads x {WAN['attention_head_dim']}, "
+        f"ffn {WAN['ffn_dim']}, text dim {WAN['text_dim']}, patch {WAN['patch_size']}: {data['transformer_params'] / 1e6:.2f} M params; "
+        "tiny VAE + UMT5 of build_tiny_wan"
+    )
+    print(
+        f"data: {data['train_clips']} of {data['clips']} curated clips reach {FRAMES} frames "
+        f"({CLIPS['width']}x{CLIPS['height']} @ {CLIPS['fps']} fps, {tokens} tokens each); batch {BATCH}, LoRA rank {RANK}, fp32"
+    )
+    print(
+        f"run: {args.steps} steps, steady = median of steps {args.warmup + 2}-{args.steps}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n"
+    )
 
 
 def report(results: dict) -> None:
-    print(f"{'leg':12s} {'trainable':>10s} {'samples/s':>10s} {'steady/s':>9s} {'step ms p50/p90':>16s} {'peak RSS MB':>12s} {'RSS growth MB':>14s}")
+    print(
+        f"{'leg':12s} {'trainable':>10s} {'samples/s':>10s} {'steady/s':>9s} {'step ms p50/p90':>16s} {'peak RSS MB':>12s} {'RSS growth MB':>14s}"
+    )
     for name, r in results.items():
         steps = f"{r['p50_ms']:.0f} / {r['p90_ms']:.0f}"  # a p90 far above p50: something else used the CPU
-        print(f"{name:12s} {r['trainable']:10,d} {r['trainer_sps']:10.2f} {r['steady_sps']:9.2f} {steps:>16s} {r['peak_mb']:12.0f} {r['growth_mb']:14.0f}")
+        print(
+            f"{name:12s} {r['trainable']:10,d} {r['trainer_sps']:10.2f} {r['steady_sps']:9.2f} {steps:>16s} {r['peak_mb']:12.0f} {r['growth_mb']:14.0f}"
+        )
     print(f"\n{'ratio':20s} {'speed':>7s} {'peak RSS':>9s} {'RSS growth':>11s}   (steady samples/s; memory)")
     for label, a, b in PAIRS:
         x, y = results[a], results[b]
-        print(f"{label:20s} {x['steady_sps'] / y['steady_sps']:7.2f} {x['peak_mb'] / y['peak_mb']:9.2f} {x['growth_mb'] / y['growth_mb']:11.2f}")
+        print(
+            f"{label:20s} {x['steady_sps'] / y['steady_sps']:7.2f} {x['peak_mb'] / y['peak_mb']:9.2f} {x['growth_mb'] / y['growth_mb']:11.2f}"
+        )
     on, off = results["cache"], results["no-ckpt"]
     saved, slower = off["growth_mb"] - on["growth_mb"], off["steady_sps"] / on["steady_sps"]
-    print(f"\ngradient checkpointing: saves {saved:.0f} MB of RSS growth ({saved / off['growth_mb']:.0%}; "
-          f"{saved / off['peak_mb']:.0%} of the peak) and costs {slower:.2f}x the time per sample ({slower - 1:+.0%})")
+    print(
+        f"\ngradient checkpointing: saves {saved:.0f} MB of RSS growth ({saved / off['growth_mb']:.0%}; "
+        f"{saved / off['peak_mb']:.0%} of the peak) and costs {slower:.2f}x the time per sample ({slower - 1:+.0%})"
+    )
     lora, full = (results[n]["trainable"] * 12 / 2**20 for n in ("cache", "full"))  # fp32 grad + 2 AdamW moments
-    print(f"full fine-tuning: gradients + AdamW state of ~{full:.1f} MB vs ~{lora:.1f} MB for LoRA; compare with the RSS growth above")
+    print(
+        f"full fine-tuning: gradients + AdamW state of ~{full:.1f} MB vs ~{lora:.1f} MB for LoRA; compare with the RSS growth above"
+    )
     ours, floor = results["cache"], results[FLOOR]
-    print(f"vidtune vs the bare-PyTorch floor: the default leg (cache) runs at {ours['steady_sps'] / floor['steady_sps']:.2f} of the floor's "
-          f"steady samples/s ({ours['trainer_sps'] / floor['trainer_sps']:.2f} by whole-run samples/s); goal >= 0.90")
+    print(
+        f"vidtune vs the bare-PyTorch floor: the default leg (cache) runs at {ours['steady_sps'] / floor['steady_sps']:.2f} of the floor's "
+        f"steady samples/s ({ours['trainer_sps'] / floor['trainer_sps']:.2f} by whole-run samples/s); goal >= 0.90"
+    )
 
 
 def main() -> None:
@@ -242,7 +330,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per leg.")
     parser.add_argument("--warmup", type=int, default=3, help="Step intervals left out of the steady samples/s.")
     parser.add_argument("--workdir", type=Path, help="Work folder (default: a new temporary one, removed at the end).")
-    parser.add_argument("--keep", action="store_true", help="Keep the work folder (models, data, runs, logs, mlflow.db).")
+    parser.add_argument(
+        "--keep", action="store_true", help="Keep the work folder (models, data, runs, logs, mlflow.db)."
+    )
     parser.add_argument("--prepare", metavar="NAME", help=argparse.SUPPRESS)  # internal: the child processes
     parser.add_argument("--leg", choices=[*LEGS, FLOOR], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +351,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}\nprepare (model, curate, latent cache) and legs, each in a fresh process:", flush=True)
     data = in_child(work, "--prepare", "prepared", args)
-    shutil.rmtree(work / "runs", ignore_errors=True)  # a reused --workdir: the trainer refuses an out folder with checkpoints
+    shutil.rmtree(
+        work / "runs", ignore_errors=True
+    )  # a reused --workdir: the trainer refuses an out folder with checkpoints
     results = {name: in_child(work, "--leg", name, args) for name in [*LEGS, FLOOR]}
     header(data, args)
     report(results)

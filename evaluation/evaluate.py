@@ -33,7 +33,9 @@ METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker"
 LOWER_IS_BETTER, HIGHER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}, {"clip_alignment", "frame_consistency"}
 
 
-def _video_metrics(videos: list[np.ndarray], prompts: list[str], embed: Embedder | None, motion: MotionFn | None, fps: int) -> dict:
+def _video_metrics(
+    videos: list[np.ndarray], prompts: list[str], embed: Embedder | None, motion: MotionFn | None, fps: int
+) -> dict:
     out: dict = {"temporal_flicker": mean([temporal_flicker(v) for v in videos])}
     if embed is not None:
         pairs = [embed(video, [prompt]) for video, prompt in zip(videos, prompts)]
@@ -64,9 +66,13 @@ def _real_videos(job: TrainJob) -> list[np.ndarray]:
 
 
 def evaluate_run(
-    run_dir: str | Path, settings: SampleSettings, embed: Embedder | None = None, motion: MotionFn | None = None,
-    i3d_path: str | None = None, draws: int = 4,
-) -> dict:  # fmt: skip
+    run_dir: str | Path,
+    settings: SampleSettings,
+    embed: Embedder | None = None,
+    motion: MotionFn | None = None,
+    i3d_path: str | None = None,
+    draws: int = 4,
+) -> dict:
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     job = layout.read_train_job()
@@ -85,19 +91,30 @@ def evaluate_run(
                 del pipe
                 pipe = family.load_pipeline(str(layout.model), dtype=dtype).to(device)
         objective = family.objective(pipe, job.params)
-        loss = heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None  # before sampling sets inference timesteps
+        loss = (
+            heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None
+        )  # before sampling sets inference timesteps
         videos[label] = render_videos(pipe, settings, layout.evaluation / "samples", label)
-        results[label] = {**_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps), "val_loss": loss}
+        results[label] = {
+            **_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps),
+            "val_loss": loss,
+        }
     results = {f"{name}_{label}": results[label].get(name) for name in METRICS[:-1] for label in ("base", "adapted")}
     fvd_note = "not computed: pass evaluation.i3d_path (an I3D TorchScript file) to compute FVD"
     if i3d_path and len(real) >= 2 and len(settings.prompts) >= 2:
         for label in ("base", "adapted"):
-            results[f"fvd_{label}"] = frechet_distance(_i3d_features(i3d_path, real), _i3d_features(i3d_path, videos[label]))
+            results[f"fvd_{label}"] = frechet_distance(
+                _i3d_features(i3d_path, real), _i3d_features(i3d_path, videos[label])
+            )
         fvd_note = f"against {len(real)} held-out clips"
     elif i3d_path:
         fvd_note = "not computed: needs at least 2 prompts and 2 held-out clips (holdout_clips)"
     results.update(heldout_clips=len(heldout), fvd_note=fvd_note, prompts=settings.prompts)
-    rows = [(f"{label} {i}: {prompt}", videos[label][i]) for i, prompt in enumerate(settings.prompts) for label in ("base", "adapted")]
+    rows = [
+        (f"{label} {i}: {prompt}", videos[label][i])
+        for i, prompt in enumerate(settings.prompts)
+        for label in ("base", "adapted")
+    ]
     contact_sheet(rows, layout.evaluation / "contact_sheet.png")
     write_json_atomic(layout.metrics, results)
     with atomic_path(layout.report) as tmp:
@@ -113,11 +130,18 @@ def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) 
             lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
             continue
         delta = adapted - base if base is not None and adapted is not None else None
-        better = delta is not None and abs(delta) >= 5e-5 and ((delta < 0 and name in LOWER_IS_BETTER) or (delta > 0 and name in HIGHER_IS_BETTER))
+        better = (
+            delta is not None
+            and abs(delta) >= 5e-5
+            and ((delta < 0 and name in LOWER_IS_BETTER) or (delta > 0 and name in HIGHER_IS_BETTER))
+        )
         arrow = " (better)" if better else ""
         lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
-    lines += ["", f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
-              f"contact sheet: {run_dir}/evaluation/contact_sheet.png"]  # fmt: skip
+    lines += [
+        "",
+        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
+        f"contact sheet: {run_dir}/evaluation/contact_sheet.png",
+    ]
     if decision:
         lines += ["", f"Promotion gate: {decision}"]
     return "\n".join(lines) + "\n"

@@ -37,7 +37,10 @@ def _registered(client: MlflowClient, name: str) -> str:
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    lines = [f"v{v.version}" + (f" [{', '.join(sorted(aliases[str(v.version)]))}]" if str(v.version) in aliases else "") for v in sorted(versions, key=lambda v: int(v.version))]
+    lines = [
+        f"v{v.version}" + (f" [{', '.join(sorted(aliases[str(v.version)]))}]" if str(v.version) in aliases else "")
+        for v in sorted(versions, key=lambda v: int(v.version))
+    ]
     return f"registered versions of {name}: {'; '.join(lines)}"
 
 
@@ -77,7 +80,9 @@ def fetch(version, tracking_uri: str) -> Path:
     return target
 
 
-def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lora_scale: float = 1.0, device: str | None = None):
+def load_registered_pipeline(
+    model_uri: str, tracking_uri: str | None = None, lora_scale: float = 1.0, device: str | None = None
+):
     """The pipeline a registered version describes, on `device` (GPU when there is one)."""
     tracking_uri = tracking_uri or default_tracking_uri()
     version = resolve_version(model_uri, MlflowClient(tracking_uri))
@@ -85,7 +90,9 @@ def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lo
     default_device, dtype = placement()  # the GPU's dtype also when offloading from the CPU
     device = device or default_device
     pipelines = sorted((local / "artifacts").glob("*/model_index.json"))
-    if pipelines:  # a full fine-tune: the pipeline folder itself (read from safetensors; the pyfunc pickle is not loaded)
+    if (
+        pipelines
+    ):  # a full fine-tune: the pipeline folder itself (read from safetensors; the pyfunc pickle is not loaded)
         folder = pipelines[0].parent
         return detect_family(folder).load_pipeline(str(folder), dtype=dtype).to(device), version
     base = version.tags.get("vidtune.base_model")
@@ -97,10 +104,22 @@ def load_registered_pipeline(model_uri: str, tracking_uri: str | None = None, lo
 
 
 def generate(
-    model_uri: str, prompt: str, out: str | Path, *, tracking_uri: str | None = None, lora_scale: float = 1.0,
-    steps: int = INFERENCE_STEPS, num_frames: int | None = None, height: int | None = None, width: int | None = None,
-    seed: int = 0, guidance_scale: float = GUIDANCE_SCALE, fps: int = FPS, cpu_offload: bool = False, vae_tiling: bool = False,
-) -> Path:  # fmt: skip
+    model_uri: str,
+    prompt: str,
+    out: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    lora_scale: float = 1.0,
+    steps: int = INFERENCE_STEPS,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    guidance_scale: float = GUIDANCE_SCALE,
+    fps: int = FPS,
+    cpu_offload: bool = False,
+    vae_tiling: bool = False,
+) -> Path:
     """Render `prompt` with a registered model to `out` (.mp4 or .gif); returns the path."""
     out = Path(out)
     if out.suffix.lower() not in (".mp4", ".gif"):
@@ -112,8 +131,22 @@ def generate(
         pipe.vae.enable_tiling()
     size = version.tags.get("vidtune.sample_size", "")
     default_frames, default_h, default_w = (int(v) for v in size.split("x")) if size else (None, None, None)
-    kwargs = {k: v for k, v in {"num_frames": num_frames or default_frames, "height": height or default_h, "width": width or default_w}.items() if v}
-    frames = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
-                  generator=torch.Generator().manual_seed(seed), **kwargs).frames[0]  # fmt: skip
+    kwargs = {
+        k: v
+        for k, v in {
+            "num_frames": num_frames or default_frames,
+            "height": height or default_h,
+            "width": width or default_w,
+        }.items()
+        if v
+    }
+    frames = pipe(
+        prompt=prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).frames[0]
     video = to_uint8(frames)
     return (write_mp4 if out.suffix.lower() == ".mp4" else write_gif)(video, out, fps)

@@ -14,5 +14,9 @@ class DiffusersFolderModel(mlflow.pyfunc.PythonModel):
         self.pipe = DiffusionPipeline.from_pretrained(context.artifacts["pipeline"])
 
     def predict(self, context, model_input, params=None):
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "__getitem__") and not isinstance(model_input, str) else [model_input]
+        prompts = (
+            list(model_input["prompt"])
+            if hasattr(model_input, "__getitem__") and not isinstance(model_input, str)
+            else [model_input]
+        )
         return [self.pipe(prompt=p, output_type="np", **(params or {})).frames[0] for p in prompts]

@@ -55,16 +55,34 @@ def decide(metrics: dict | None, champion: dict | None, clip_tolerance: float) -
         return GateDecision(False, [{"check": "evaluated", "passed": False, "value": None, "threshold": None}])
     checks = []
     gain = relative_gain(metrics)
-    checks.append({"check": "beats base on val_loss", "passed": gain is not None and gain > 0,
-                   "value": metrics.get("val_loss_adapted"), "threshold": metrics.get("val_loss_base")})  # fmt: skip
+    checks.append(
+        {
+            "check": "beats base on val_loss",
+            "passed": gain is not None and gain > 0,
+            "value": metrics.get("val_loss_adapted"),
+            "threshold": metrics.get("val_loss_base"),
+        }
+    )
     base_clip, clip = metrics.get("clip_alignment_base"), metrics.get("clip_alignment_adapted")
     if base_clip is not None and clip is not None:
-        checks.append({"check": "clip_alignment within tolerance", "passed": clip >= base_clip - clip_tolerance,
-                       "value": clip, "threshold": base_clip - clip_tolerance})  # fmt: skip
+        checks.append(
+            {
+                "check": "clip_alignment within tolerance",
+                "passed": clip >= base_clip - clip_tolerance,
+                "value": clip,
+                "threshold": base_clip - clip_tolerance,
+            }
+        )
     if champion is not None and champion.get("vidtune.val_loss_gain") not in (None, "None"):
         best = float(champion["vidtune.val_loss_gain"])
-        checks.append({"check": f"beats champion v{champion['version']}", "passed": gain is not None and gain > best,
-                       "value": gain, "threshold": best})  # fmt: skip
+        checks.append(
+            {
+                "check": f"beats champion v{champion['version']}",
+                "passed": gain is not None and gain > best,
+                "value": gain,
+                "threshold": best,
+            }
+        )
     return GateDecision(all(c["passed"] for c in checks), checks)
 
 
@@ -83,13 +101,18 @@ def _retrying(call, attempts: int, what: str, tracking_uri: str):
         try:
             return call()
         except MlflowException as exc:
-            if exc.error_code not in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "ENDPOINT_NOT_FOUND") and "connect" not in str(exc).lower():
+            if (
+                exc.error_code not in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "ENDPOINT_NOT_FOUND")
+                and "connect" not in str(exc).lower()
+            ):
                 raise
             error = exc
         except (ConnectionError, OSError) as exc:
             error = exc
         time.sleep(min(2**attempt, 10))
-    raise RegistryError(f"MLflow at {tracking_uri} is unreachable while trying to {what} ({type(error).__name__}: {str(error)[:200]})")
+    raise RegistryError(
+        f"MLflow at {tracking_uri} is unreachable while trying to {what} ({type(error).__name__}: {str(error)[:200]})"
+    )
 
 
 def _find_version(client: MlflowClient, name: str, run_dir: str, weights_sha: str):
@@ -131,23 +154,35 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register {run_dir.name}") as run:
         layout = RunLayout(run_dir)
         evaluation, metrics = layout.evaluation, layout.read_metrics() or {}
-        mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
         if evaluation.is_dir():
             mlflow.log_artifacts(str(evaluation), "evaluation")  # samples, contact sheet, report
         if info["training_type"] == "lora":
             import mlflow.diffusers
 
-            logged = mlflow.diffusers.log_model(adapter_path=str(layout.adapter), base_model=info["base_model"], name="adapter",
-                                                pip_requirements=["diffusers", "peft", "torch", "transformers"])  # fmt: skip
+            logged = mlflow.diffusers.log_model(
+                adapter_path=str(layout.adapter),
+                base_model=info["base_model"],
+                name="adapter",
+                pip_requirements=["diffusers", "peft", "torch", "transformers"],
+            )
         else:
             from vidtune.evaluation.pyfunc import DiffusersFolderModel
 
-            logged = mlflow.pyfunc.log_model(name="model", python_model=DiffusersFolderModel(), artifacts={"pipeline": str(layout.model)},
-                                             pip_requirements=["diffusers", "torch", "transformers"])  # fmt: skip
+            logged = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=DiffusersFolderModel(),
+                artifacts={"pipeline": str(layout.model)},
+                pip_requirements=["diffusers", "torch", "transformers"],
+            )
         return logged.model_uri, run.info.run_id
 
 
-def register_run(run_dir: str | Path, name: str, tracking_uri: str, clip_tolerance: float = 0.02, attempts: int = 3) -> Registration:
+def register_run(
+    run_dir: str | Path, name: str, tracking_uri: str, clip_tolerance: float = 0.02, attempts: int = 3
+) -> Registration:
     """Register a finished run's weights (idempotently) and apply the promotion gate; see the module docstring."""
     run_dir = Path(run_dir).resolve()
     layout = RunLayout(run_dir)
@@ -159,11 +194,22 @@ def register_run(run_dir: str | Path, name: str, tracking_uri: str, clip_toleran
     try:
         return _register(run_dir, weights, info, metrics, name, tracking_uri, clip_tolerance, attempts)
     except RegistryError as exc:
-        raise RegistryError(f"{exc}. The trained weights are kept in {weights}; register them later with: "
-                            f"vidtune register {run_dir} --set name={name} --set tracking_uri={tracking_uri}") from exc  # fmt: skip
+        raise RegistryError(
+            f"{exc}. The trained weights are kept in {weights}; register them later with: "
+            f"vidtune register {run_dir} --set name={name} --set tracking_uri={tracking_uri}"
+        ) from exc
 
 
-def _register(run_dir: Path, weights: Path, info: dict, metrics: dict | None, name: str, tracking_uri: str, clip_tolerance: float, attempts: int) -> Registration:
+def _register(
+    run_dir: Path,
+    weights: Path,
+    info: dict,
+    metrics: dict | None,
+    name: str,
+    tracking_uri: str,
+    clip_tolerance: float,
+    attempts: int,
+) -> Registration:
     from filelock import FileLock
 
     client = MlflowClient(tracking_uri)
@@ -173,23 +219,53 @@ def _register(run_dir: Path, weights: Path, info: dict, metrics: dict | None, na
     with FileLock(str(lock_dir / f"registry-{name}.lock"), timeout=600):
         _retrying(lambda: _ensure_model(client, name), attempts, f"create registered model {name}", tracking_uri)
         weights_sha = weights_digest(weights)
-        existing = _retrying(lambda: _find_version(client, name, str(run_dir), weights_sha), attempts, "look up versions", tracking_uri)
+        existing = _retrying(
+            lambda: _find_version(client, name, str(run_dir), weights_sha), attempts, "look up versions", tracking_uri
+        )
         created = existing is None
         if created:
-            model_uri, run_id = _retrying(lambda: _log_weights(run_dir, info, info.get("mlflow_run_id"), tracking_uri), attempts, "log the weights", tracking_uri)
+            model_uri, run_id = _retrying(
+                lambda: _log_weights(run_dir, info, info.get("mlflow_run_id"), tracking_uri),
+                attempts,
+                "log the weights",
+                tracking_uri,
+            )
             job = RunLayout(run_dir).find_train_job()
-            tags = {"vidtune.run_dir": str(run_dir), "vidtune.weights_sha256": weights_sha, "vidtune.sample_size": "x".join(map(str, job.sample_size if job else ())),
-                    "vidtune.base_model": info["base_model"], "vidtune.family": info["family"], "vidtune.training_type": info["training_type"], "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
-                    **{f"vidtune.metric.{k}": str(v) for k, v in (metrics or {}).items() if not isinstance(v, (dict, list))}}  # fmt: skip
-            existing = _retrying(lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags), attempts, "register", tracking_uri)
+            tags = {
+                "vidtune.run_dir": str(run_dir),
+                "vidtune.weights_sha256": weights_sha,
+                "vidtune.sample_size": "x".join(map(str, job.sample_size if job else ())),
+                "vidtune.base_model": info["base_model"],
+                "vidtune.family": info["family"],
+                "vidtune.training_type": info["training_type"],
+                "vidtune.val_loss_gain": str(relative_gain(metrics or {})),
+                **{
+                    f"vidtune.metric.{k}": str(v) for k, v in (metrics or {}).items() if not isinstance(v, (dict, list))
+                },
+            }
+            existing = _retrying(
+                lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags),
+                attempts,
+                "register",
+                tracking_uri,
+            )
         version = existing
-        decision = _retrying(lambda: _apply_gate(client, name, version, info["base_model"], metrics, clip_tolerance), attempts, "move aliases", tracking_uri)
+        decision = _retrying(
+            lambda: _apply_gate(client, name, version, info["base_model"], metrics, clip_tolerance),
+            attempts,
+            "move aliases",
+            tracking_uri,
+        )
     write_json_atomic(RunLayout(run_dir).gate, {"name": name, "version": str(version.version), **asdict(decision)})
     aliases = client.get_model_version(name, version.version).aliases
-    return Registration(name, str(version.version), f"models:/{name}/{version.version}", created, decision, list(aliases))
+    return Registration(
+        name, str(version.version), f"models:/{name}/{version.version}", created, decision, list(aliases)
+    )
 
 
-def _apply_gate(client: MlflowClient, name: str, version, base_model: str, metrics: dict | None, clip_tolerance: float) -> GateDecision:
+def _apply_gate(
+    client: MlflowClient, name: str, version, base_model: str, metrics: dict | None, clip_tolerance: float
+) -> GateDecision:
     """Decide, then move aliases: `challenger` to the newest version, `champion` to this one if it passed."""
     champion = _champion_of_base(client, name, base_model, exclude=str(version.version))
     decision = decide(metrics, champion, clip_tolerance)
@@ -210,7 +286,9 @@ def _ensure_model(client: MlflowClient, name: str) -> None:
         client.get_registered_model(name)
     except MlflowException:
         try:
-            client.create_registered_model(name, description="vidtune fine-tunes; aliases: champion (promoted), challenger (newest)")
+            client.create_registered_model(
+                name, description="vidtune fine-tunes; aliases: champion (promoted), challenger (newest)"
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another registrar made it meanwhile
                 raise

@@ -9,7 +9,9 @@ from vidtune.training.families import ModelFamily
 from vidtune.training.trainer import batch_loss
 
 
-def heldout_loss(family: ModelFamily, pipe, batches: list[dict], seed: int = 0, draws: int = 4, objective=None) -> float:
+def heldout_loss(
+    family: ModelFamily, pipe, batches: list[dict], seed: int = 0, draws: int = 4, objective=None
+) -> float:
     """Mean denoising loss over `batches` x `draws` seeded noise/timestep draws (under the run's `objective`);
     global RNG left as it was."""
     denoiser = getattr(pipe, family.denoiser_name)

@@ -26,10 +26,11 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of p
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", metavar="KEY=VALUE",
+        "--set",
+        metavar="KEY=VALUE",
         help="Override one parameter, e.g. --set scenes.threshold=30 (repeatable; --list-params shows them all).",
     ),
-]  # fmt: skip
+]
 
 
 def _list_params_option(model_path: str):
@@ -56,8 +57,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def curate(
-    input: Annotated[str, typer.Argument(metavar="INPUT", help="Folder of raw videos (recursive), one file, or an fsspec URL (s3://...).")],
-    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Dataset folder to write: shards/*.tar, manifest.parquet, stats.json.")],
+    input: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT", help="Folder of raw videos (recursive), one file, or an fsspec URL (s3://...)."
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Argument(metavar="OUTPUT", help="Dataset folder to write: shards/*.tar, manifest.parquet, stats.json."),
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any source or clip failed.")] = False,
@@ -75,7 +84,9 @@ def curate(
     from vidtune.tasks.preflight import ModelSetupError
 
     try:
-        params = build_params(CurateParams, base={"input": input, "output": str(output)}, config=config, overrides=set_ or [])
+        params = build_params(
+            CurateParams, base={"input": input, "output": str(output)}, config=config, overrides=set_ or []
+        )
     except ParamError as exc:
         _fail(str(exc))
     if not is_remote(input) and not Path(input.removeprefix("file://")).expanduser().exists():
@@ -100,7 +111,12 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help="Curated dataset folder (the OUTPUT of vidtune curate).")],
     model: Annotated[str, typer.Option("--model", help="Base model: a local diffusers folder or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: adapter/ (or model/), checkpoints/, samples/.")],
-    raw: Annotated[str | None, typer.Option("--raw", help="Raw videos to curate into DATA first (folder, file or fsspec URL; curate.* settings apply).")] = None,
+    raw: Annotated[
+        str | None,
+        typer.Option(
+            "--raw", help="Raw videos to curate into DATA first (folder, file or fsspec URL; curate.* settings apply)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     list_params: Annotated[bool, _list_params_option("vidtune.flows.finetune.FinetuneParams")] = False,
@@ -118,18 +134,33 @@ def finetune(
     from vidtune.training.data import DatasetError
     from vidtune.training.trainer import TrainingDiverged
 
-    base = {"data": str(data), "model": model, "out": str(out), **({"curate": {"input": raw, "output": str(data)}} if raw else {})}
+    base = {
+        "data": str(data),
+        "model": model,
+        "out": str(out),
+        **({"curate": {"input": raw, "output": str(data)}} if raw else {}),
+    }
     try:
         params = build_params(FinetuneParams, base=base, config=config, overrides=set_ or [])
     except ParamError as exc:
         _fail(str(exc))
     try:
         summary = finetune_flow(params)
-    except (DatasetError, TrainingDiverged, RegistryError, ValueError, FileNotFoundError) as exc:  # curate's are ValueErrors
+    except (
+        DatasetError,
+        TrainingDiverged,
+        RegistryError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:  # curate's are ValueErrors
         _fail(str(exc))
     if summary.get("prepared"):
-        console.print(f"prepared {summary['out']}/train_job.json ({sum(summary['buckets'].values())} clips in buckets {summary['buckets']}); "
-                      f"train with: accelerate launch [your config] -m vidtune.training.launch {summary['out']}/train_job.json", highlight=False, soft_wrap=True)  # fmt: skip
+        console.print(
+            f"prepared {summary['out']}/train_job.json ({sum(summary['buckets'].values())} clips in buckets {summary['buckets']}); "
+            f"train with: accelerate launch [your config] -m vidtune.training.launch {summary['out']}/train_job.json",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     print_finetune_summary(summary, console)
 
@@ -145,7 +176,8 @@ def evaluate(
 
     Writes RUN/evaluation/: metrics.json, report.md (base, adapted, delta), contact_sheet.png and the samples.
     """
-    from vidtune.flows.evaluate import EvaluateParams, evaluate as evaluate_flow
+    from vidtune.flows.evaluate import EvaluateParams
+    from vidtune.flows.evaluate import evaluate as evaluate_flow
 
     try:
         params = build_params(EvaluateParams, base={}, config=config, overrides=set_ or [])
@@ -170,14 +202,19 @@ def register(
     within tolerance and beats the current champion of the same base model. Running it twice adds no version.
     """
     from vidtune.evaluation.registry import RegistryError
-    from vidtune.flows.evaluate import RegisterParams, register as register_flow
+    from vidtune.flows.evaluate import RegisterParams
+    from vidtune.flows.evaluate import register as register_flow
 
     try:
         params = build_params(RegisterParams, base={}, config=config, overrides=set_ or [])
         result = register_flow(str(run), params)
     except (ParamError, FileNotFoundError, RegistryError, ValueError) as exc:
         _fail(str(exc))
-    console.print(escape(f"{result['model_uri']} [{', '.join(result['aliases'])}]: {result['gate']}"), highlight=False, soft_wrap=True)
+    console.print(
+        escape(f"{result['model_uri']} [{', '.join(result['aliases'])}]: {result['gate']}"),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -201,11 +238,25 @@ def generate(
     Builds the base pipeline from the version's base-model reference and loads its LoRA (downloaded once into
     $VIDTUNE_HOME/models), or loads the registered fully fine-tuned pipeline.
     """
-    from vidtune.evaluation.inference import ModelNotFound, generate as generate_video
+    from vidtune.evaluation.inference import ModelNotFound
+    from vidtune.evaluation.inference import generate as generate_video
 
     try:
-        path = generate_video(model, prompt, out, lora_scale=lora_scale, steps=steps, num_frames=frames, height=height, width=width,
-                              seed=seed, guidance_scale=guidance_scale, fps=fps, cpu_offload=cpu_offload, vae_tiling=vae_tiling)  # fmt: skip
+        path = generate_video(
+            model,
+            prompt,
+            out,
+            lora_scale=lora_scale,
+            steps=steps,
+            num_frames=frames,
+            height=height,
+            width=width,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            fps=fps,
+            cpu_offload=cpu_offload,
+            vae_tiling=vae_tiling,
+        )
     except (ModelNotFound, ValueError) as exc:
         _fail(str(exc))
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
@@ -228,12 +279,20 @@ def synth_videos(
     from vidtune.tasks.synthetic_videos import make_raw_video_set
 
     for video in make_raw_video_set(out, seed=seed, seconds=seconds):
-        console.print(f"{video.path}  {video.num_frames} frames @ {video.fps:g} fps, cuts at {video.cuts}", highlight=False)
+        console.print(
+            f"{video.path}  {video.num_frames} frames @ {video.fps:g} fps, cuts at {video.cuts}", highlight=False
+        )
 
 
 @app.command("tiny-model")
 def tiny_model(
-    family: Annotated[str, typer.Argument(metavar="FAMILY", help="A model family (wan, ltx-video, ...) or a published variant (wan-14b); an unknown name lists them all.")],
+    family: Annotated[
+        str,
+        typer.Argument(
+            metavar="FAMILY",
+            help="A model family (wan, ltx-video, ...) or a published variant (wan-14b); an unknown name lists them all.",
+        ),
+    ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the diffusers-format model to.")],
 ) -> None:
     """Build a tiny random model of FAMILY's published checkpoint and save it with save_pretrained.
@@ -249,7 +308,9 @@ def tiny_model(
         folder = build_tiny(family, out)
     except ValueError as exc:
         _fail(str(exc))
-    console.print(f"wrote a tiny {family} pipeline to {folder} (load it with DiffusionPipeline.from_pretrained)", highlight=False)
+    console.print(
+        f"wrote a tiny {family} pipeline to {folder} (load it with DiffusionPipeline.from_pretrained)", highlight=False
+    )
 
 
 def _require_prefect_server() -> str:
@@ -271,9 +332,18 @@ def _require_prefect_server() -> str:
 
 @app.command()
 def serve(
-    file: Annotated[Path | None, typer.Option("--file", help="Deployments file; default: ./prefect.yaml, else the project's.")] = None,
-    only: Annotated[list[str] | None, typer.Option("--only", metavar="FLOW/NAME", help="Serve just these deployments (repeatable).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Flow runs at a time (default: no limit; the `gpu` concurrency limit still queues GPU work).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Deployments file; default: ./prefect.yaml, else the project's.")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", metavar="FLOW/NAME", help="Serve just these deployments (repeatable).")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Flow runs at a time (default: no limit; the `gpu` concurrency limit still queues GPU work)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the deployments of prefect.yaml from this process (no work pool needed): a laptop or one GPU box.
 
@@ -286,7 +356,9 @@ def serve(
     url = _require_prefect_server()
     try:
         path = find_project_file(file)
-        console.print(f"serving the deployments of {path} against {url.removesuffix('/api')}", highlight=False, soft_wrap=True)
+        console.print(
+            f"serving the deployments of {path} against {url.removesuffix('/api')}", highlight=False, soft_wrap=True
+        )
         serve_project(path, only=only, limit=limit)
     except (ParamError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -294,7 +366,10 @@ def serve(
 
 @app.command()
 def run(
-    deployment: Annotated[str, typer.Argument(metavar="FLOW/NAME", help="A deployment, e.g. finetune/style (see `prefect deployment ls`).")],
+    deployment: Annotated[
+        str,
+        typer.Argument(metavar="FLOW/NAME", help="A deployment, e.g. finetune/style (see `prefect deployment ls`)."),
+    ],
     set_: SetOpt = None,
     watch: Annotated[bool, typer.Option(help="Wait for the run to finish; exit 1 unless it completed.")] = False,
 ) -> None:
@@ -316,8 +391,13 @@ def run(
     except PrefectHTTPStatusError as exc:  # e.g. the server's own parameter-schema check
         _fail(str(exc.response.json().get("detail", exc)))
     except ObjectNotFound:
-        _fail(f"no deployment {deployment!r} on {url}; `prefect deployment ls` lists them (vidtune serve or prefect deploy --all creates them)")
-    console.print(f"flow run {flow_run.name} ({flow_run.id}): {flow_run.state.name if flow_run.state else 'created'}", highlight=False)
+        _fail(
+            f"no deployment {deployment!r} on {url}; `prefect deployment ls` lists them (vidtune serve or prefect deploy --all creates them)"
+        )
+    console.print(
+        f"flow run {flow_run.name} ({flow_run.id}): {flow_run.state.name if flow_run.state else 'created'}",
+        highlight=False,
+    )
     console.print(f"{url.removesuffix('/api')}/runs/flow-run/{flow_run.id}", highlight=False, soft_wrap=True)
     if watch and not (flow_run.state and flow_run.state.is_completed()):
         raise typer.Exit(1)
@@ -325,7 +405,9 @@ def run(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path("demo-run"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its videos, dataset and runs.")] = Path(
+        "demo-run"
+    ),
 ) -> None:
     """Run the whole pipeline on generated videos and a tiny Wan: curate, fine-tune a LoRA, evaluate, register, generate.
 
@@ -354,8 +436,12 @@ def server_start() -> None:
         state, started = start_server(say=lambda m: console.print(m, highlight=False))
     except RuntimeError as exc:
         _fail(str(exc), code=1)
-    console.print(f"{'started' if started else 'already running'}: Prefect UI {state.ui_url} (pid {state.pid})\n"
-                  f"point other tools at it with: export PREFECT_API_URL={state.api_url}", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"{'started' if started else 'already running'}: Prefect UI {state.ui_url} (pid {state.pid})\n"
+        f"point other tools at it with: export PREFECT_API_URL={state.api_url}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @server_app.command("stop")
@@ -366,7 +452,11 @@ def server_stop() -> None:
 
     workers = stop_workers()
     state = stop_server()
-    console.print(f"stopped {len(workers)} warm worker(s); " + (f"stopped the Prefect server (pid {state.pid})" if state else "no local Prefect server was running"), highlight=False)
+    console.print(
+        f"stopped {len(workers)} warm worker(s); "
+        + (f"stopped the Prefect server (pid {state.pid})" if state else "no local Prefect server was running"),
+        highlight=False,
+    )
 
 
 @server_app.command("status")
@@ -381,17 +471,31 @@ def server_status(as_json: Annotated[bool, typer.Option("--json", help="Print th
     state, workers = server_state(), worker_states()
     if as_json:
         server = {**asdict(state), "api_url": state.api_url, "healthy": healthy(state.api_url)} if state else None
-        console.print_json(json.dumps({"server": server, "workers": [asdict(w) for w in workers], "configured_api_url": configured_api_url()}))
+        console.print_json(
+            json.dumps(
+                {"server": server, "workers": [asdict(w) for w in workers], "configured_api_url": configured_api_url()}
+            )
+        )
         return
     if url := configured_api_url():
-        console.print(f"PREFECT_API_URL is set ({url}): vidtune uses that server, not its own", highlight=False, soft_wrap=True)
+        console.print(
+            f"PREFECT_API_URL is set ({url}): vidtune uses that server, not its own", highlight=False, soft_wrap=True
+        )
     if state:
         answer = "answering" if healthy(state.api_url) else "NOT answering"
-        console.print(f"Prefect server: {state.ui_url} (pid {state.pid}, {answer}), database {state.database}, log {state.log}", highlight=False, soft_wrap=True)
+        console.print(
+            f"Prefect server: {state.ui_url} (pid {state.pid}, {answer}), database {state.database}, log {state.log}",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
         console.print("Prefect server: not running (the next command that runs a flow starts it)", highlight=False)
     for w in workers:
-        console.print(f"warm worker: pid {w.pid}, {w.served} run(s) served, models {w.models or 'none yet'}, log {w.log}", highlight=False, soft_wrap=True)
+        console.print(
+            f"warm worker: pid {w.pid}, {w.served} run(s) served, models {w.models or 'none yet'}, log {w.log}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not workers:
         console.print("warm workers: none", highlight=False)
 
@@ -415,7 +519,12 @@ def main(argv: list[str] | None = None) -> None:  # the `vidtune` console script
     say = lambda message: console.print(escape(message), style="dim", highlight=False, soft_wrap=True)  # noqa: E731
     flags = {"--help", "-h", "--list-params"}
     server = None
-    if argv and argv[0] in PREFECT_COMMANDS and not flags & set(argv) and os.environ.get("VIDTUNE_LOCAL_SERVER", "1") != "0":
+    if (
+        argv
+        and argv[0] in PREFECT_COMMANDS
+        and not flags & set(argv)
+        and os.environ.get("VIDTUNE_LOCAL_SERVER", "1") != "0"
+    ):
         server = use_local_server(say=say)
     worker = ensure_worker() if wants_worker(argv) else None
     if server:

@@ -43,7 +43,9 @@ _YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str):
@@ -65,7 +67,9 @@ def _parse_value(raw: str):
 def deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+        )
     return merged
 
 
@@ -75,7 +79,13 @@ def format_validation_error(exc: ValidationError, section: str | None = None) ->
     for err in exc.errors():
         field = ".".join(str(p) for p in ((section,) if section else ()) + tuple(err["loc"])) or "parameters"
         message = err["msg"].removeprefix("Value error, ")
-        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict) else ""
+        got = (
+            f" (got {err['input']!r})"
+            if err["type"] not in ("missing", "extra_forbidden")
+            and "input" in err
+            and not isinstance(err["input"], dict)
+            else ""
+        )
         if err["type"] == "extra_forbidden":
             message = "unknown parameter"
         lines.append(f"  {field}: {message}{got}")
@@ -103,7 +113,14 @@ def describe_params(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
     """(dotted key, default, description) for every leaf parameter of `model`, nested sections flattened."""
     rows = []
     for name, field in model.model_fields.items():
-        section = next((t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        section = next(
+            (
+                t
+                for t in (field.annotation, *typing.get_args(field.annotation))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
         if section is not None:  # a section, or an optional one (finetune's `curate`)
             if not field.is_required() and field.get_default(call_default_factory=True) is None:
                 rows.append((f"{prefix}{name}", "None", field.description or ""))

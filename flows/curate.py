@@ -91,29 +91,40 @@ def discover_task(input_path: str) -> list[str]:
 def attach_sidecars_task(sources: list[Source], input_path: str, captions: CaptionParams) -> list[Source]:
     mapping_file = captions.sidecar_file or find_mapping_file(input_path)
     mapping = load_caption_mapping(mapping_file) if mapping_file else {}
-    return [dataclasses.replace(s, sidecar=sidecar_caption(s.path, input_path, mapping)) if not s.error else s for s in sources]
+    return [
+        dataclasses.replace(s, sidecar=sidecar_caption(s.path, input_path, mapping)) if not s.error else s
+        for s in sources
+    ]
 
 
 @task(name="filter-clips", cache_policy=NO_CACHE)
 def filter_clips_task(rows: list[ClipRecord], layout: OutputLayout, filters: FilterParams) -> list[ClipRecord]:
-    embedding_of = lambda row: np.load(embedding_path(layout.staging / row.source_sha256, row.clip_id))
+    def embedding_of(row):
+        return np.load(embedding_path(layout.staging / row.source_sha256, row.clip_id))
+
     return apply_filters(rows, filters, embedding_of)
 
 
 @task(name="pack-shards", cache_policy=NO_CACHE)
 def pack_shards_task(rows: list[ClipRecord], layout: OutputLayout, params: ShardParams) -> list[ClipRecord]:
-    clip_file = lambda row: layout.staging / row.source_sha256 / f"{row.clip_id}.mp4"
+    def clip_file(row):
+        return layout.staging / row.source_sha256 / f"{row.clip_id}.mp4"
+
     shard_of = pack_shards(rows, clip_file, layout.shards, params)
     return [dataclasses.replace(r, shard=shard_of.get(r.clip_id) if r.status == Status.KEPT else None) for r in rows]
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
-def write_manifest_task(rows: list[ClipRecord], layout: OutputLayout, durations: dict, resumed: int, filters: FilterParams) -> dict:
+def write_manifest_task(
+    rows: list[ClipRecord], layout: OutputLayout, durations: dict, resumed: int, filters: FilterParams
+) -> dict:
     write_manifest(rows, layout.manifest)
     write_score_histograms(rows, filters, layout.root)
     stats = curate_stats(rows, durations, resumed, shards=len(layout.shard_files()))
     write_stats(stats, layout.stats)
-    create_markdown_artifact(curate_summary_markdown(stats, layout.root), key="curate-summary", description=f"curate: {layout.root}")
+    create_markdown_artifact(
+        curate_summary_markdown(stats, layout.root), key="curate-summary", description=f"curate: {layout.root}"
+    )
     return stats
 
 
@@ -138,17 +149,30 @@ def curate(params: CurateParams) -> dict:
     check_models_task(params.captions, params.scores)  # before any video is decoded
     layout = prepare_output_task(params)
 
-    states = _run_per_source(identify_source_task, {"path": paths}, "hashing", ThreadPoolTaskRunner(params.workers), download_dir=layout.downloads)
+    states = _run_per_source(
+        identify_source_task,
+        {"path": paths},
+        "hashing",
+        ThreadPoolTaskRunner(params.workers),
+        download_dir=layout.downloads,
+    )
     sources = mark_duplicates(
-        [st.result() if st.is_completed() else Source(p, None, 0, error=f"unreadable: {st.message}") for p, st in zip(paths, states)]
+        [
+            st.result() if st.is_completed() else Source(p, None, 0, error=f"unreadable: {st.message}")
+            for p, st in zip(paths, states)
+        ]
     )
     sources = attach_sidecars_task(sources, params.input, params.captions)
 
     runner = make_task_runner(params.runner, params.runner_address, params.workers)
     states = _run_per_source(
-        curate_source_task, {"source": sources}, "curating", runner,
-        settings=params.source_settings(), staging_root=layout.staging,
-    )  # fmt: skip
+        curate_source_task,
+        {"source": sources},
+        "curating",
+        runner,
+        settings=params.source_settings(),
+        staging_root=layout.staging,
+    )
     rows, durations, resumed = [], {}, 0
     for source, state in zip(sources, states):
         if not state.is_completed():  # retries exhausted: still a record, never a crash

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from vidtune.evaluation.inference import generate
 from vidtune.flows.cli import print_curate_summary, print_finetune_summary
 from vidtune.flows.curate import CurateParams
-from vidtune.evaluation.inference import generate
 from vidtune.flows.evaluate import EvaluationParams, RegistryParams
 from vidtune.flows.finetune import FinetuneParams, finetune
 from vidtune.tasks.captions import CaptionParams, prompt_with_trigger
@@ -62,17 +62,32 @@ def run_demo(workdir: Path, console: Console) -> dict:
     trained = finetune(
         FinetuneParams(
             curate=CurateParams(
-                input=str(raw), output=str(dataset), clips=DEMO_CLIPS, scenes=DEMO_SCENES, captions=DEMO_CAPTIONS,
-                scores=ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)), filters=FilterParams(min_motion=0.5),
+                input=str(raw),
+                output=str(dataset),
+                clips=DEMO_CLIPS,
+                scenes=DEMO_SCENES,
+                captions=DEMO_CAPTIONS,
+                scores=ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)),
+                filters=FilterParams(min_motion=0.5),
             ),
-            model=str(model), out=str(workdir / "runs" / "style-lora"), rank=8, learning_rate=2e-3,
-            max_steps=DEMO_STEPS, checkpoint_every=20, resume="latest", mixed_precision="no", tracking_uri=tracking_uri,
-            precompute=PrecomputeParams(frame_buckets=[9, 17]), export_comfyui=True,
+            model=str(model),
+            out=str(workdir / "runs" / "style-lora"),
+            rank=8,
+            learning_rate=2e-3,
+            max_steps=DEMO_STEPS,
+            checkpoint_every=20,
+            resume="latest",
+            mixed_precision="no",
+            tracking_uri=tracking_uri,
+            precompute=PrecomputeParams(frame_buckets=[9, 17]),
+            export_comfyui=True,
             validation=ValidationParams(prompts=[DEMO_PROMPTS[0]], every=20, inference_steps=4, fps=8),
-            evaluation=EvaluationParams(prompts=DEMO_PROMPTS, inference_steps=4, clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)),
+            evaluation=EvaluationParams(
+                prompts=DEMO_PROMPTS, inference_steps=4, clip_model=TINY_CLIP, clip_pretrained=str(clip_weights)
+            ),
             registry=RegistryParams(name=DEMO_MODEL),
         )
-    )  # fmt: skip
+    )
     console.rule("[bold]what the curate subflow did")
     print_curate_summary(trained["curate"], console)
     console.rule("[bold]what training, evaluation and registration did")
@@ -80,7 +95,9 @@ def run_demo(workdir: Path, console: Console) -> dict:
 
     console.rule(f"[bold]3. generate from models:/{DEMO_MODEL}@champion")
     prompt = prompt_with_trigger(DEMO_PROMPTS[0], DEMO_CAPTIONS.trigger)
-    video = generate(f"models:/{DEMO_MODEL}@champion", prompt, workdir / "generated.gif", tracking_uri=tracking_uri, steps=8, fps=8)
+    video = generate(
+        f"models:/{DEMO_MODEL}@champion", prompt, workdir / "generated.gif", tracking_uri=tracking_uri, steps=8, fps=8
+    )
     console.print(f"wrote {video} ({prompt!r})", highlight=False)
     print_next_steps(workdir, dataset, tracking_uri, console)
     return {"curate": trained["curate"], "finetune": trained, "generated": video}
@@ -90,7 +107,11 @@ def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: C
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
-    prefect_ui = f"open {api.removesuffix('/api')}/runs" if api else "(Prefect's temporary server: its runs are gone; unset VIDTUNE_LOCAL_SERVER to keep them)"
+    prefect_ui = (
+        f"open {api.removesuffix('/api')}/runs"
+        if api
+        else "(Prefect's temporary server: its runs are gone; unset VIDTUNE_LOCAL_SERVER to keep them)"
+    )
     run = workdir / "runs" / "style-lora"
     console.rule("[bold]where to look")
     console.print(
@@ -107,5 +128,6 @@ def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: C
         f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '{prompt_with_trigger(DEMO_PROMPTS[1], DEMO_CAPTIONS.trigger)}' --out clip.mp4\n"
         "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, evaluate/default); serve them with\n"
         "            .venv/bin/vidtune serve   (against the same server; README: the Prefect UI path)",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )

@@ -17,7 +17,9 @@ PROJECT_FILE = "prefect.yaml"
 
 def find_project_file(path: str | Path | None = None) -> Path:
     """`path`, else ./prefect.yaml, else the one beside the installed flows package (a clone or editable install)."""
-    candidates = [Path(path)] if path else [Path.cwd() / PROJECT_FILE, Path(__file__).resolve().parent.parent / PROJECT_FILE]
+    candidates = (
+        [Path(path)] if path else [Path.cwd() / PROJECT_FILE, Path(__file__).resolve().parent.parent / PROJECT_FILE]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -72,10 +74,15 @@ def serve_project(path: Path, only: list[str] | None = None, limit: int | None =
         if only and f"{flow.name}/{entry['name']}" not in only:
             continue
         validate_flow_parameters(flow, entry.get("parameters") or {})
-        deployments.append(flow.to_deployment(
-            name=entry["name"], parameters=entry.get("parameters"), description=entry.get("description"),
-            tags=entry.get("tags"), entrypoint_type=EntrypointType.MODULE_PATH,  # runs import the installed package
-        ))  # fmt: skip
+        deployments.append(
+            flow.to_deployment(
+                name=entry["name"],
+                parameters=entry.get("parameters"),
+                description=entry.get("description"),
+                tags=entry.get("tags"),
+                entrypoint_type=EntrypointType.MODULE_PATH,  # runs import the installed package
+            )
+        )
     if not deployments:
         raise ParamError(f"no deployment of {path} matches {only}")
     serve(*deployments, limit=limit)

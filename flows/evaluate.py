@@ -25,10 +25,13 @@ class EvaluationParams(SamplingParams, ClipModelParams):
     """What evaluation renders and measures (the CLIP model: the same fields as curation's scores)."""
 
     prompts: list[str] = Field(
-        default_factory=list, description="Sample prompts ({trigger}: the dataset's trigger word); default: the run's validation prompts, else two generic ones."
+        default_factory=list,
+        description="Sample prompts ({trigger}: the dataset's trigger word); default: the run's validation prompts, else two generic ones.",
     )
     draws: int = Field(4, ge=1, description="Noise/timestep draws per held-out clip for the validation loss.")
-    i3d_path: str | None = Field(None, description="I3D TorchScript file for FVD; without it FVD is reported as not computed.")
+    i3d_path: str | None = Field(
+        None, description="I3D TorchScript file for FVD; without it FVD is reported as not computed."
+    )
 
 
 class EvaluateParams(EvaluationParams, GpuSlotParams):
@@ -40,14 +43,19 @@ class RegistryParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("vidtune-style", min_length=1, description="Registered model name.")
-    clip_tolerance: float = Field(0.02, ge=0, description="Largest CLIP-alignment drop below the base that still promotes.")
+    clip_tolerance: float = Field(
+        0.02, ge=0, description="Largest CLIP-alignment drop below the base that still promotes."
+    )
 
 
 class RegisterParams(RegistryParams):
     """The `register` flow's form: the registry settings plus where MLflow is. Inside `finetune` that is
     finetune's own `tracking_uri`, so its `registry` section has none."""
 
-    tracking_uri: str | None = Field(None, description="MLflow URI; default: the one the run trained against, else $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow URI; default: the one the run trained against, else $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.",
+    )
 
 
 def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
@@ -57,10 +65,15 @@ def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
     trigger = dataset_trigger(job.tags["data"]) if "data" in job.tags else ""
     prompts = [prompt_with_trigger(p, trigger) for p in params.prompts or validation.prompts or DEFAULT_PROMPTS]
     return SampleSettings(
-        prompts=prompts, num_frames=params.num_frames or frames,
-        height=params.height or height, width=params.width or width, inference_steps=params.inference_steps,
-        guidance_scale=params.guidance_scale, seed=params.seed, fps=validation.fps,
-    )  # fmt: skip
+        prompts=prompts,
+        num_frames=params.num_frames or frames,
+        height=params.height or height,
+        width=params.width or width,
+        inference_steps=params.inference_steps,
+        guidance_scale=params.guidance_scale,
+        seed=params.seed,
+        fps=validation.fps,
+    )
 
 
 def _run_tracking_uri(run: Path) -> str | None:
@@ -76,7 +89,9 @@ def evaluate(run: str, params: EvaluateParams | None = None) -> dict:
     settings = sample_settings(run, params)
     with gpu_slot(params.gpu_limit):
         metrics = evaluate_task(run, settings, params.clip_model, params.clip_pretrained, params.i3d_path, params.draws)
-    get_run_logger().info("validation loss %s -> %s (base -> adapted)", metrics.get("val_loss_base"), metrics.get("val_loss_adapted"))
+    get_run_logger().info(
+        "validation loss %s -> %s (base -> adapted)", metrics.get("val_loss_base"), metrics.get("val_loss_adapted")
+    )
     return metrics
 
 
@@ -87,5 +102,12 @@ def register(run: str, params: RegisterParams | None = None) -> dict:
     tracking_uri = params.tracking_uri or _run_tracking_uri(Path(run)) or default_tracking_uri()
     registration = register_task(str(Path(run).resolve()), params.name, tracking_uri, params.clip_tolerance)
     get_run_logger().info("%s v%s: %s", registration.name, registration.version, registration.decision.summary())
-    return {"name": registration.name, "version": registration.version, "model_uri": registration.model_uri, "aliases": registration.aliases,
-            "created": registration.created, "promoted": registration.decision.promote, "gate": registration.decision.summary()}  # fmt: skip
+    return {
+        "name": registration.name,
+        "version": registration.version,
+        "model_uri": registration.model_uri,
+        "aliases": registration.aliases,
+        "created": registration.created,
+        "promoted": registration.decision.promote,
+        "gate": registration.decision.summary(),
+    }

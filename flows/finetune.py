@@ -36,28 +36,43 @@ class FinetuneParams(TrainParams, GpuSlotParams):
     """Everything `vidtune finetune` takes (the trainer's parameters plus data, model and outputs): the Prefect
     UI form, the YAML `--config` schema and the `--set` target."""
 
-    data: str | None = Field(None, description="Curated dataset folder (the OUTPUT of `vidtune curate`); default: curate.output.")
-    curate: CurateParams | None = Field(
-        None, description="Curate raw videos first (the curate flow runs as a subflow; its output is the data); null: train on existing data."
+    data: str | None = Field(
+        None, description="Curated dataset folder (the OUTPUT of `vidtune curate`); default: curate.output."
     )
-    model: str = Field(description="Base model: a local diffusers folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers).")
+    curate: CurateParams | None = Field(
+        None,
+        description="Curate raw videos first (the curate flow runs as a subflow; its output is the data); null: train on existing data.",
+    )
+    model: str = Field(
+        description="Base model: a local diffusers folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
+    )
     out: str = Field(description="Run folder: adapter/ (or model/), checkpoints/, samples/.")
     family: str | None = Field(None, description="Model family; default: detected from the model's model_index.json.")
-    data_source: Literal["cache", "shards"] = Field("cache", description="cache: train on precomputed latents; shards: encode clips every step.")
+    data_source: Literal["cache", "shards"] = Field(
+        "cache", description="cache: train on precomputed latents; shards: encode clips every step."
+    )
     cache_dir: str | None = Field(None, description="Latent cache root; default: DATA/latent_cache.")
     precompute: PrecomputeParams = Field(default_factory=PrecomputeParams)
     num_processes: int = Field(1, ge=1, le=1024, description="Training processes (accelerate launch; one per GPU).")
     experiment: str = Field("vidtune", description="MLflow experiment.")
     run_name: str | None = Field(None, description="MLflow run name; default: MLflow's.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db.")
-    export_comfyui: bool = Field(False, description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (families with a ComfyUI key map).")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db."
+    )
+    export_comfyui: bool = Field(
+        False,
+        description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (families with a ComfyUI key map).",
+    )
     holdout_clips: int = Field(2, ge=0, description="Clips kept out of training for the held-out validation loss.")
     run_evaluation: bool = Field(True, description="Evaluate base vs adapted after training (the evaluate flow).")
-    run_registration: bool = Field(True, description="Register the result in MLflow after evaluation (the register flow).")
+    run_registration: bool = Field(
+        True, description="Register the result in MLflow after evaluation (the register flow)."
+    )
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     prepare_only: bool = Field(
-        False, description="Stop after precompute with RUN/train_job.json written, for your own `accelerate launch -m vidtune.training.launch` (several machines)."
+        False,
+        description="Stop after precompute with RUN/train_job.json written, for your own `accelerate launch -m vidtune.training.launch` (several machines).",
     )
 
     @field_validator("data", "model", "out")
@@ -71,11 +86,18 @@ class FinetuneParams(TrainParams, GpuSlotParams):
     def _data_or_curate(self) -> FinetuneParams:
         """`data` is where the clips are: given, or what the curate subflow writes."""
         if self.curate is not None:
-            if self.data is not None and Path(self.data).expanduser().resolve() != Path(self.curate.output).expanduser().resolve():
-                raise ValueError(f"data ({self.data}) must be curate.output ({self.curate.output}) when curating first; leave data unset")
+            if (
+                self.data is not None
+                and Path(self.data).expanduser().resolve() != Path(self.curate.output).expanduser().resolve()
+            ):
+                raise ValueError(
+                    f"data ({self.data}) must be curate.output ({self.curate.output}) when curating first; leave data unset"
+                )
             self.data = self.curate.output
         if self.data is None:
-            raise ValueError("data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first")
+            raise ValueError(
+                "data: give a curated dataset folder, or curate.input and curate.output to curate raw videos first"
+            )
         self.data = str(Path(self.data).expanduser())  # the cache, the trigger lookup and the run's tag all read it
         return self
 
@@ -102,7 +124,9 @@ def _train_params(params: FinetuneParams) -> TrainParams:
     """The trainer's slice, with `{trigger}` in validation prompts replaced by the dataset's trigger word(s)."""
     train_params, trigger = params.train_params(), dataset_trigger(params.data)
     prompts = [prompt_with_trigger(p, trigger) for p in train_params.validation.prompts]
-    return train_params.model_copy(update={"validation": train_params.validation.model_copy(update={"prompts": prompts})})
+    return train_params.model_copy(
+        update={"validation": train_params.validation.model_copy(update={"prompts": prompts})}
+    )
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True)
@@ -123,12 +147,24 @@ def finetune(params: FinetuneParams) -> dict:
         shards, prompt_cache, train_params = dataset.shards, None, _train_params(params)
         if params.data_source == "cache":
             cache_root = Path(params.cache_dir) if params.cache_dir else DatasetLayout(Path(params.data)).latent_cache
-            cache = precompute_task(dataset, family.name, params.model, cache_root, params.precompute, train_params.validation.prompts)
+            cache = precompute_task(
+                dataset, family.name, params.model, cache_root, params.precompute, train_params.validation.prompts
+            )
             shards, prompt_cache = cache_shards(cache.cache_dir, set(dataset.buckets)), str(cache.prompts_dir)
         job = _train_job(params, train_params, family.name, dataset, shards, buckets, prompt_cache)
-        outline = {"curate": curated, "family": family.name, "clips": dataset.clips, "buckets": dict(dataset.buckets), "out": job.out}
+        outline = {
+            "curate": curated,
+            "family": family.name,
+            "clips": dataset.clips,
+            "buckets": dict(dataset.buckets),
+            "out": job.out,
+        }
         if params.prepare_only:
-            logger.info("prepared %s/train_job.json; train with: accelerate launch ... -m vidtune.training.launch %s/train_job.json", job.out, job.out)
+            logger.info(
+                "prepared %s/train_job.json; train with: accelerate launch ... -m vidtune.training.launch %s/train_job.json",
+                job.out,
+                job.out,
+            )
             return {**outline, "prepared": True}
         result = train_task(job, params.num_processes)
         logger.info("trained %d steps, final loss %.4f; weights at %s", result.steps, result.losses[-1], result.weights)
@@ -139,26 +175,49 @@ def finetune(params: FinetuneParams) -> dict:
         registry = RegisterParams(**params.registry.model_dump(), tracking_uri=job.tracking_uri)
         registration = register(job.out, registry)  # an unreachable MLflow: RegistryError says how to register later
     summary = {
-        **outline, "metrics": metrics, "registration": registration, "steps": result.steps,
-        "final_loss": result.losses[-1], "losses": result.losses, "weights": str(result.weights),
-        "mlflow_run_id": result.mlflow_run_id, "tracking_uri": job.tracking_uri, "samples_per_s": result.samples_per_s,
+        **outline,
+        "metrics": metrics,
+        "registration": registration,
+        "steps": result.steps,
+        "final_loss": result.losses[-1],
+        "losses": result.losses,
+        "weights": str(result.weights),
+        "mlflow_run_id": result.mlflow_run_id,
+        "tracking_uri": job.tracking_uri,
+        "samples_per_s": result.samples_per_s,
         "peak_memory_mb": result.peak_memory_mb,
-    }  # fmt: skip
+    }
     publish_summary_task(summary)
     return summary
 
 
 def _train_job(
-    params: FinetuneParams, train_params: TrainParams, family: str, dataset, shards: list[str], buckets: list[int], prompt_cache: str | None
+    params: FinetuneParams,
+    train_params: TrainParams,
+    family: str,
+    dataset,
+    shards: list[str],
+    buckets: list[int],
+    prompt_cache: str | None,
 ) -> TrainJob:
     """What the trainer runs, also written to RUN/train_job.json (evaluate, register and accelerate read it)."""
     sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
     job = TrainJob(
-        model=params.model, family=family, out=str(Path(params.out).expanduser().resolve()), data_source=params.data_source,
-        shards=shards, frame_buckets=buckets, sample_size=sample_size, params=train_params, prompt_cache=prompt_cache,
-        tracking_uri=params.tracking_uri or default_tracking_uri(), experiment=params.experiment, run_name=params.run_name,
-        export_comfyui=params.export_comfyui, holdout_clip_ids=_holdout(params, dataset),
+        model=params.model,
+        family=family,
+        out=str(Path(params.out).expanduser().resolve()),
+        data_source=params.data_source,
+        shards=shards,
+        frame_buckets=buckets,
+        sample_size=sample_size,
+        params=train_params,
+        prompt_cache=prompt_cache,
+        tracking_uri=params.tracking_uri or default_tracking_uri(),
+        experiment=params.experiment,
+        run_name=params.run_name,
+        export_comfyui=params.export_comfyui,
+        holdout_clip_ids=_holdout(params, dataset),
         tags={"data": str(Path(params.data).resolve())},
-    )  # fmt: skip
+    )
     RunLayout(Path(job.out)).write_train_job(job)
     return job

@@ -20,7 +20,8 @@ class GpuSlotParams(BaseModel):
     """The parameter of every flow that uses the GPU (finetune, evaluate)."""
 
     gpu_limit: str | None = Field(
-        GPU_LIMIT, description="Prefect global concurrency limit held while the GPU is in use (null: none; inside finetune, finetune's own covers evaluation)."
+        GPU_LIMIT,
+        description="Prefect global concurrency limit held while the GPU is in use (null: none; inside finetune, finetune's own covers evaluation).",
     )
 
 
@@ -43,8 +44,10 @@ def ensure_concurrency_limit(name: str, slots: int = 1) -> bool:
     """Create the global concurrency limit `name` with `slots` unless it exists (an existing one keeps the
     limit its owner set). Returns whether it was created."""
     with get_client(sync_client=True) as client:
-        return create_if_missing(lambda: client.read_global_concurrency_limit_by_name(name),
-                                 lambda: client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots)))  # fmt: skip
+        return create_if_missing(
+            lambda: client.read_global_concurrency_limit_by_name(name),
+            lambda: client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots)),
+        )
 
 
 def _slots_in_use(name: str) -> tuple[int, int] | None:

@@ -23,9 +23,18 @@ from vidtune.tasks.progress import progress_artifact
 def progress_bar(label: str, total: int, key: str | None = None) -> Iterator[Callable[[], None]]:
     """Yields `advance()`. With `key`, the same progress goes to the Prefect artifact `key`."""
     console = Console(stderr=True)
-    columns = (TextColumn(f"{label:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn(f"{label:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     publish = progress_artifact(key, total, f"{label}: {total} items")
-    with Progress(*columns, console=console, disable=not console.is_terminal, transient=False) as progress, publish as report:
+    with (
+        Progress(*columns, console=console, disable=not console.is_terminal, transient=False) as progress,
+        publish as report,
+    ):
         bar = progress.add_task(label, total=total)
         done = 0
 
@@ -36,4 +45,3 @@ def progress_bar(label: str, total: int, key: str | None = None) -> Iterator[Cal
             report(done)
 
         yield advance
-

@@ -20,8 +20,14 @@ def make_task_runner(runner: Runner, address: str | None, workers: int) -> TaskR
         if address:
             return DaskTaskRunner(address=address)
         # The scheduler always serves HTTP (health, metrics): on a random loopback port, and without the dashboard pages.
-        local = dict(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                     scheduler_kwargs={"dashboard": False})  # fmt: skip
+        local = dict(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": False},
+        )
         return DaskTaskRunner(cluster_kwargs=local)
     try:
         from prefect_ray import RayTaskRunner

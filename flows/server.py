@@ -164,7 +164,9 @@ def launch_server(say=print) -> tuple[ServerState, bool]:
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         say(f"starting a local Prefect server on 127.0.0.1:{port} (a first start sets up its database: up to a minute)")
         with open(log, "ab") as out:
-            process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         state = ServerState(process.pid, port, env["PREFECT_API_DATABASE_CONNECTION_URL"], str(log), time.time())
         write_json_atomic(_state_path(), asdict(state))
         return state, True
@@ -187,7 +189,9 @@ def wait_for_server(state: ServerState, timeout_s: float = START_TIMEOUT_S) -> N
     stop_process_group(state.pid)
     _state_path().unlink(missing_ok=True)
     tail = Path(state.log).read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"the local Prefect server on port {state.port} did not come up within {timeout_s:.0f} s; its log ({state.log}) ends:\n{tail}")
+    raise RuntimeError(
+        f"the local Prefect server on port {state.port} did not come up within {timeout_s:.0f} s; its log ({state.log}) ends:\n{tail}"
+    )
 
 
 def start_server(timeout_s: float = START_TIMEOUT_S, say=print) -> tuple[ServerState, bool]:
@@ -219,5 +223,7 @@ def use_local_server(say=print) -> tuple[ServerState, bool] | None:
 
 
 def announce(state: ServerState, say=print) -> None:
-    say(f"the Prefect UI is at {state.ui_url} (runs kept in {state.database.split(':///')[-1]}); the server listens on 127.0.0.1 "
-        "only and keeps running after this command: `vidtune server stop` ends it")  # fmt: skip
+    say(
+        f"the Prefect UI is at {state.ui_url} (runs kept in {state.database.split(':///')[-1]}); the server listens on 127.0.0.1 "
+        "only and keeps running after this command: `vidtune server stop` ends it"
+    )

@@ -35,8 +35,24 @@ from vidtune.training.files import write_json_atomic
 # Commands worth handing off (the heavy imports); the rest start fast in-process.
 WARM_COMMANDS = {"curate", "finetune", "evaluate", "register", "generate", "demo", "tiny-model", "synth-videos"}
 # Settings these libraries read once at import: a worker serves only callers whose values match its own.
-_ENV_PREFIXES = ("PREFECT_", "VIDTUNE_", "MLFLOW_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH",
-                 "PYTORCH_", "OMP_", "MKL_", "CUDA_", "NVIDIA_", "DASK_", "RAY_", "PYTHON")  # fmt: skip
+_ENV_PREFIXES = (
+    "PREFECT_",
+    "VIDTUNE_",
+    "MLFLOW_",
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "DIFFUSERS_",
+    "TORCH",
+    "PYTORCH_",
+    "OMP_",
+    "MKL_",
+    "CUDA_",
+    "NVIDIA_",
+    "DASK_",
+    "RAY_",
+    "PYTHON",
+)
 _PACKAGES = ("flows", "tasks", "training", "evaluation")
 START_TIMEOUT_S = 300
 _HEADER = struct.Struct("!I")
@@ -135,10 +151,16 @@ def spawn_worker(fp: str) -> subprocess.Popen | None:
         log = run_dir() / f"worker-{fp}.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "vidtune.flows.worker", str(path), fp], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy(),
-            )  # fmt: skip
-        write_json_atomic(run_dir() / f"worker-{fp}.json", asdict(WorkerState(process.pid, str(path), fp, time.time(), log=str(log))))
+                [sys.executable, "-m", "vidtune.flows.worker", str(path), fp],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=os.environ.copy(),
+            )
+        write_json_atomic(
+            run_dir() / f"worker-{fp}.json", asdict(WorkerState(process.pid, str(path), fp, time.time(), log=str(log)))
+        )
         return process
 
 
@@ -154,8 +176,11 @@ def wait_for_worker(fp: str, timeout_s: float = START_TIMEOUT_S) -> socket.socke
 
 
 def wants_worker(argv: list[str]) -> bool:
-    return os.environ.get("VIDTUNE_WORKER", "1") != "0" and bool(argv) and argv[0] in WARM_COMMANDS and not (
-        {"--help", "-h", "--list-params"} & set(argv)
+    return (
+        os.environ.get("VIDTUNE_WORKER", "1") != "0"
+        and bool(argv)
+        and argv[0] in WARM_COMMANDS
+        and not ({"--help", "-h", "--list-params"} & set(argv))
     )
 
 
@@ -176,9 +201,11 @@ def hand_off(argv: list[str], fp: str, started: subprocess.Popen | None, say=pri
         say(f"the warm worker did not start (see {run_dir() / f'worker-{fp}.log'}); running in this process")
         return None
     if started:
-        say(f"started a warm vidtune worker (pid {started.pid}) that keeps imports and models loaded between commands; it "
+        say(
+            f"started a warm vidtune worker (pid {started.pid}) that keeps imports and models loaded between commands; it "
             "takes commands over a socket in $VIDTUNE_HOME/run (no network port), exits after "
-            f"{int(os.environ.get('VIDTUNE_WORKER_IDLE_S', 900)) // 60} idle minutes, and `vidtune server stop` ends it")  # fmt: skip
+            f"{int(os.environ.get('VIDTUNE_WORKER_IDLE_S', 900)) // 60} idle minutes, and `vidtune server stop` ends it"
+        )
     return _run_remote(sock, argv)
 
 
@@ -237,16 +264,18 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
 def _warm_up() -> int:
     """Import what the commands import (single-threaded torch: see the module note). Returns torch's default
     thread count, which each child restores."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a CUDA availability check must not initialise CUDA here
+    os.environ.setdefault(
+        "PYTORCH_NVML_BASED_CUDA_CHECK", "1"
+    )  # a CUDA availability check must not initialise CUDA here
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    import vidtune.evaluation.inference  # noqa: F401
     import vidtune.flows.cli  # noqa: F401
     import vidtune.flows.curate  # noqa: F401
     import vidtune.flows.evaluate  # noqa: F401
     import vidtune.flows.finetune  # noqa: F401
-    import vidtune.evaluation.inference  # noqa: F401
     import vidtune.tasks.synthetic_videos  # noqa: F401
     import vidtune.training.tiny_models  # noqa: F401
 
@@ -269,10 +298,16 @@ def _loaded_models() -> list[list]:
     """[model, pretrained, device] of the CPU CLIP scorers this process holds."""
     from vidtune.tasks.scoring import ClipScorer, _models
 
-    return [[k[1], k[2], k[-1]] for k, v in _models.items() if isinstance(v, ClipScorer) and k[0] == "clip" and k[-1] == "cpu"]
+    return [
+        [k[1], k[2], k[-1]]
+        for k, v in _models.items()
+        if isinstance(v, ClipScorer) and k[0] == "clip" and k[-1] == "cpu"
+    ]
 
 
-def _child(listener: socket.socket, conn: socket.socket, request: dict, fds: list[int], threads: int, report: int) -> None:
+def _child(
+    listener: socket.socket, conn: socket.socket, request: dict, fds: list[int], threads: int, report: int
+) -> None:
     """In the forked child: become the caller's process, run the command, exit with its code."""
     code = 1
     try:
@@ -414,7 +449,10 @@ def _relay(conn: socket.socket, pid: int, runs: dict[int, _Run], selector: selec
         try:  # one or more framed {"signal": N} messages; the last one counts
             while len(data) >= _HEADER.size:
                 (size,) = _HEADER.unpack_from(data)
-                signum, data = json.loads(data[_HEADER.size : _HEADER.size + size])["signal"], data[_HEADER.size + size :]
+                signum, data = (
+                    json.loads(data[_HEADER.size : _HEADER.size + size])["signal"],
+                    data[_HEADER.size + size :],
+                )
         except (ValueError, KeyError, struct.error):
             return
         if signum is None:

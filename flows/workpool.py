@@ -25,7 +25,9 @@ def ensure_work_pool(name: str) -> bool:
 
     from vidtune.flows.gpu import create_if_missing
 
-    pool = WorkPoolCreate(name=name, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template())
+    pool = WorkPoolCreate(
+        name=name, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template()
+    )
     with get_client(sync_client=True) as client:
         return create_if_missing(lambda: client.read_work_pool(name), lambda: client.create_work_pool(pool))
 
@@ -37,7 +39,9 @@ def main(argv: list[str]) -> int:
     pool, slots = argv[0], int(argv[1])
     used = deployed_pools(find_project_file())
     if pool not in used:  # runs would wait forever for a worker of this pool: say so now
-        print(f"VIDTUNE_WORK_POOL={pool!r}, but prefect.yaml's deployments use the work pool(s) {used}", file=sys.stderr)
+        print(
+            f"VIDTUNE_WORK_POOL={pool!r}, but prefect.yaml's deployments use the work pool(s) {used}", file=sys.stderr
+        )
         return 2
 
     from vidtune.flows.gpu import GPU_LIMIT, ensure_concurrency_limit
@@ -49,7 +53,9 @@ def main(argv: list[str]) -> int:
     if ensure_concurrency_limit(GPU_LIMIT, slots):
         print(f"Created global concurrency limit {GPU_LIMIT!r} with {slots} slot(s)")
     else:
-        print(f"global concurrency limit {GPU_LIMIT!r} exists; left as it is (prefect gcl update {GPU_LIMIT} --limit N changes it)")
+        print(
+            f"global concurrency limit {GPU_LIMIT!r} exists; left as it is (prefect gcl update {GPU_LIMIT} --limit N changes it)"
+        )
     return 0
 
 

@@ -82,7 +82,9 @@ def annotate_clips(
     vlm_texts: list[str | None] = [None] * len(ready)
     if annotators.captioner:
         frames = [list(_evenly(sampled[r.clip_id].clip, captions.vlm_frames)) for r in ready]
-        vlm_texts = annotators.captioner.caption(frames, captions.vlm_prompt, captions.vlm_max_new_tokens, captions.vlm_batch_size)
+        vlm_texts = annotators.captioner.caption(
+            frames, captions.vlm_prompt, captions.vlm_max_new_tokens, captions.vlm_batch_size
+        )
     template = captions.template_for(has_sidecar=sidecar is not None)
     for row, vlm in zip(ready, vlm_texts):
         row.caption = render_caption(template, row, trigger=captions.trigger, sidecar=sidecar, vlm=vlm)

@@ -60,7 +60,9 @@ class CaptionParams(BaseModel):
             try:
                 self.template.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
             except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"template: unknown field or bad format {exc} (fields: {', '.join(TEMPLATE_FIELDS)})") from None
+                raise ValueError(
+                    f"template: unknown field or bad format {exc} (fields: {', '.join(TEMPLATE_FIELDS)})"
+                ) from None
         return self
 
     def template_for(self, has_sidecar: bool) -> str:
@@ -180,7 +182,9 @@ class VlmCaptioner:
         self.chat = getattr(self.processor, "chat_template", None) is not None
         self.lock = threading.Lock()  # shared by a worker's threads; tokenizers are not re-entrant
 
-    def caption(self, clips: list[list[np.ndarray]], prompt: str | None, max_new_tokens: int, batch_size: int) -> list[str]:
+    def caption(
+        self, clips: list[list[np.ndarray]], prompt: str | None, max_new_tokens: int, batch_size: int
+    ) -> list[str]:
         from PIL import Image
 
         captions: list[str] = []
@@ -192,7 +196,9 @@ class VlmCaptioner:
 
     def _generate(self, images, prompt: str | None, max_new_tokens: int) -> list[str]:
         if self.chat:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or CHAT_PROMPT}]}]
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or CHAT_PROMPT}]}
+            ]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt")
         elif prompt:
@@ -203,6 +209,10 @@ class VlmCaptioner:
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
         prompt_ids = inputs.get("input_ids")
-        if prompt_ids is not None and out.shape[1] > prompt_ids.shape[1] and self.torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids):
+        if (
+            prompt_ids is not None
+            and out.shape[1] > prompt_ids.shape[1]
+            and self.torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids)
+        ):
             out = out[:, prompt_ids.shape[1] :]  # decoder-only models echo the prompt
         return [tidy_caption(t) for t in self.processor.batch_decode(out, skip_special_tokens=True)]

@@ -139,7 +139,9 @@ class ClipBuffer:
             self.frames.popleft()
 
 
-def encode_clip(images: list[np.ndarray], path: Path, fps: float, params: ClipParams, color: ColorTags = ColorTags()) -> None:
+def encode_clip(
+    images: list[np.ndarray], path: Path, fps: float, params: ClipParams, color: ColorTags = ColorTags()
+) -> None:
     """Write yuv420p `images` (see to_training_frame) as an H.264 MP4 at `path` atomically, tagged with the
     source's colour description, faststart so readers can stream it."""
     with atomic_path(path) as tmp:

@@ -28,7 +28,9 @@ def retry_on_transient_io(task, task_run, state) -> bool:
     return False
 
 
-_io_task = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_on_transient_io, cache_policy=NO_CACHE)
+_io_task = dict(
+    retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_on_transient_io, cache_policy=NO_CACHE
+)
 
 
 @task(name="identify-source", task_run_name="identify {path}", **_io_task)

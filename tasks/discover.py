@@ -15,7 +15,24 @@ from vidtune.tasks.files import sha256_of
 from vidtune.tasks.records import Source
 
 VIDEO_EXTENSIONS = frozenset(
-    [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv", ".gif"]
+    [
+        ".mp4",
+        ".m4v",
+        ".mov",
+        ".mkv",
+        ".webm",
+        ".avi",
+        ".mpg",
+        ".mpeg",
+        ".ts",
+        ".mts",
+        ".m2ts",
+        ".wmv",
+        ".flv",
+        ".3gp",
+        ".ogv",
+        ".gif",
+    ]
 )
 
 
@@ -38,7 +55,9 @@ def list_video_paths(input_path: str) -> list[str]:
     if root.is_file():
         return [str(root)]
     # Links are listed even when broken (a loop, a missing target), so they reach the manifest with a reason.
-    return sorted(str(p) for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS)
+    return sorted(
+        str(p) for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS
+    )
 
 
 def identify_source(path: str, download_dir: Path) -> Source:

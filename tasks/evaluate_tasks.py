@@ -11,7 +11,6 @@ from prefect.cache_policies import NO_CACHE
 
 from vidtune.evaluation.evaluate import evaluate_run, metrics_markdown
 from vidtune.evaluation.registry import Registration, RegistryError, register_run
-from vidtune.training.sampling import SampleSettings
 from vidtune.tasks.scoring import (
     ClipScorer,
     cached_model,
@@ -19,6 +18,7 @@ from vidtune.tasks.scoring import (
     register_model_configs,
     resolve_device,
 )
+from vidtune.training.sampling import SampleSettings
 
 
 def clip_embedder(model_name: str, pretrained: str | None, device: str = "auto"):
@@ -34,18 +34,39 @@ def clip_embedder(model_name: str, pretrained: str | None, device: str = "auto")
 
 
 @task(name="evaluate-run", cache_policy=NO_CACHE)
-def evaluate_task(run: str, settings: SampleSettings, clip_model: str | None, clip_pretrained: str | None, i3d_path: str | None, draws: int) -> dict:
+def evaluate_task(
+    run: str,
+    settings: SampleSettings,
+    clip_model: str | None,
+    clip_pretrained: str | None,
+    i3d_path: str | None,
+    draws: int,
+) -> dict:
     embed = clip_embedder(clip_model, clip_pretrained) if clip_model else None
     metrics = evaluate_run(run, settings, embed, motion_score, i3d_path, draws)
-    create_markdown_artifact(metrics_markdown(metrics, Path(run)), key="evaluation", description=f"base vs adapted: {run}")
+    create_markdown_artifact(
+        metrics_markdown(metrics, Path(run)), key="evaluation", description=f"base vs adapted: {run}"
+    )
     return metrics
 
 
-@task(name="register-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
-      retry_condition_fn=lambda task, run, state: isinstance(state.result(raise_on_failure=False), RegistryError))  # fmt: skip
+@task(
+    name="register-run",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    retry_condition_fn=lambda task, run, state: isinstance(state.result(raise_on_failure=False), RegistryError),
+)
 def register_task(run: str, name: str, tracking_uri: str, clip_tolerance: float) -> Registration:
     registration = register_run(run, name, tracking_uri, clip_tolerance)
-    lines = [f"**{name} v{registration.version}**: {registration.decision.summary()}", "", "| check | passed | value | threshold |", "|---|---|---|---|"]
-    lines += [f"| {c['check']} | {c['passed']} | {c['value']} | {c['threshold']} |" for c in registration.decision.checks]
+    lines = [
+        f"**{name} v{registration.version}**: {registration.decision.summary()}",
+        "",
+        "| check | passed | value | threshold |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['check']} | {c['passed']} | {c['value']} | {c['threshold']} |" for c in registration.decision.checks
+    ]
     create_markdown_artifact("\n".join(lines), key="promotion-gate", description="the promotion gate's decision")
     return registration

@@ -144,12 +144,19 @@ class SourceExtractor:
             encode_clip(images, self.out_dir / f"{clip_id}.mp4", clips.fps, clips, self._color)
             self.records.append(
                 ClipRecord(
-                    clip_id=clip_id, source=self.source.path, source_sha256=self.source.sha256,
-                    start_s=round(self._clip_time(start), 4), end_s=round(self._clip_time(end), 4),
-                    start_frame=start, end_frame=end, num_frames=len(images),
-                    fps=clips.fps, width=clips.width, height=clips.height,
+                    clip_id=clip_id,
+                    source=self.source.path,
+                    source_sha256=self.source.sha256,
+                    start_s=round(self._clip_time(start), 4),
+                    end_s=round(self._clip_time(end), 4),
+                    start_frame=start,
+                    end_frame=end,
+                    num_frames=len(images),
+                    fps=clips.fps,
+                    width=clips.width,
+                    height=clips.height,
                 )
-            )  # fmt: skip
+            )
 
     def _source_rows(self) -> list[ClipRecord]:
         """A failed row for corruption (clips from intact stretches stay), or a filtered row if nothing was usable."""
@@ -161,7 +168,9 @@ class SourceExtractor:
                 f"corrupt video data: {len(self.error_messages)} decode error(s) between {first:.2f} s and {last:.2f} s "
                 f"({self.error_messages[0]}); clips were taken only from intact stretches"
             )
-            return [ClipRecord.for_source(self.source, Status.FAILED, reason, **{**facts, "start_s": first, "end_s": last})]
+            return [
+                ClipRecord.for_source(self.source, Status.FAILED, reason, **{**facts, "start_s": first, "end_s": last})
+            ]
         if not self.records:
             reason = (
                 f"no usable stretch of at least scenes.min_clip_s = {self.scenes.min_clip_s} s between cuts, fades "

@@ -83,7 +83,8 @@ def apply_filters(rows: list[ClipRecord], params: FilterParams, embedding_of=Non
             duplicates = near_duplicates([r.clip_id for r in candidates], vectors, params.dedup_threshold)
             result = [
                 dataclasses.replace(r, status=Status.FILTERED, reason=f"duplicate_of:{duplicates[r.clip_id]}")
-                if r.clip_id in duplicates else r
+                if r.clip_id in duplicates
+                else r
                 for r in result
-            ]  # fmt: skip
+            ]
     return result

@@ -36,13 +36,20 @@ def check_dataset_task(data: str, buckets: list[int], family: str) -> DatasetSum
     logger = get_run_logger()
     logger.info("%d clips; training buckets (frames x h x w): %s", summary.clips, dict(summary.buckets))
     if summary.too_short:
-        logger.info("%d clips are shorter than every bucket (%s frames) and are left out", len(summary.too_short), buckets)
+        logger.info(
+            "%d clips are shorter than every bucket (%s frames) and are left out", len(summary.too_short), buckets
+        )
     return summary
 
 
 @task(name="precompute-latents", cache_policy=NO_CACHE)
 def precompute_task(
-    dataset: DatasetSummary, family_name: str, model: str, cache_root: Path, params: PrecomputeParams, prompts: list[str]
+    dataset: DatasetSummary,
+    family_name: str,
+    model: str,
+    cache_root: Path,
+    params: PrecomputeParams,
+    prompts: list[str],
 ) -> PrecomputeResult:
     """Encode clips not cached yet, and the validation `prompts`, with the model's VAE and text encoder (on the
     GPU when there is one): training then loads neither encoder."""
@@ -51,15 +58,28 @@ def precompute_task(
     pipe = family.load_pipeline(model, dtype=dtype).to(device)
     with progress_artifact("precompute-progress", dataset.clips, f"latents for {dataset.clips} clips") as report:
         result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report, prompts=prompts)
-    get_run_logger().info("latent cache %s: %d clips encoded, %d reused", result.cache_dir, result.encoded, result.reused)
+    get_run_logger().info(
+        "latent cache %s: %d clips encoded, %d reused", result.cache_dir, result.encoded, result.reused
+    )
     return result
 
 
 def accelerate_command(job_file: Path, num_processes: int) -> list[str]:
     """`accelerate launch` for `num_processes` processes. Without a GPU it uses accelerate's torchrun launcher
     (`--multi_gpu`): its `--cpu` launcher starts one process unless MPI is installed."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip  (precision is the trainer's parameter)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]  # precision is the trainer's parameter
     if num_processes > 1:
         command += ["--multi_gpu"]
     return command + ["-m", "vidtune.training.launch", str(job_file)]
@@ -85,7 +105,9 @@ def _launch(job: TrainJob, num_processes: int, report) -> TrainResult:
     layout = RunLayout(out)
     for stale in (layout.result, layout.error, layout.progress):
         stale.unlink(missing_ok=True)
-    with subprocess.Popen(accelerate_command(layout.train_job, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+    with subprocess.Popen(
+        accelerate_command(layout.train_job, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    ) as process:
         try:
             while process.poll() is None:
                 time.sleep(2)
@@ -94,33 +116,41 @@ def _launch(job: TrainJob, num_processes: int, report) -> TrainResult:
             process.terminate()
             raise
     if process.returncode != 0:
-        raise_launch_error(out, f"training under accelerate launch ({num_processes} processes) exited with {process.returncode}")
+        raise_launch_error(
+            out, f"training under accelerate launch ({num_processes} processes) exited with {process.returncode}"
+        )
     return TrainResult.from_json(layout.result)
-
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary_task(summary: dict) -> None:
     """The run's outcome as the Prefect artifact `finetune-summary`: training, the metrics table, the gate."""
-    create_markdown_artifact(finetune_summary_markdown(summary), key="finetune-summary", description=f"finetune: {summary['out']}")
+    create_markdown_artifact(
+        finetune_summary_markdown(summary), key="finetune-summary", description=f"finetune: {summary['out']}"
+    )
 
 
 def finetune_summary_markdown(summary: dict) -> str:
     losses = summary["losses"]
     lines = [
-        f"**finetune** ({summary['family']}) → `{summary['weights']}`", "",
-        "| training | |", "|---|---|",
+        f"**finetune** ({summary['family']}) → `{summary['weights']}`",
+        "",
+        "| training | |",
+        "|---|---|",
         f"| clips | {sum(summary['buckets'].values())} of {summary['clips']} fit buckets {summary['buckets']} |",
         f"| steps | {summary['steps']} |",
         f"| loss | {losses[0]:.4f} (first) → {summary['final_loss']:.4f} (last) |",
         f"| speed | {summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB |",
         f"| MLflow run | `{summary['mlflow_run_id']}` at `{summary['tracking_uri']}` |",
-    ]  # fmt: skip
+    ]
     if summary.get("curate"):  # --raw: the curate subflow ran first
         lines = [curate_summary_markdown(summary["curate"], Path(summary["curate"]["output"])), "", *lines]
     if summary.get("metrics"):
         lines += ["", metrics_markdown(summary["metrics"], Path(summary["out"]))]
     if summary.get("registration"):
         registration = summary["registration"]
-        lines += ["", f"Registered `{registration['model_uri']}` [{', '.join(registration['aliases'])}]: {registration['gate']}"]
+        lines += [
+            "",
+            f"Registered `{registration['model_uri']}` [{', '.join(registration['aliases'])}]: {registration['gate']}",
+        ]
     return "\n".join(lines)

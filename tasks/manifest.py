@@ -46,7 +46,9 @@ def curate_stats(rows: list[ClipRecord], source_durations: dict[str, float], res
         "clips": {s.value: sum(r.status == s for r in clip_rows) for s in Status},
         "hours_in": round(sum(source_durations.values()) / 3600, 6),
         "hours_out": round(sum(r.end_s - r.start_s for r in kept) / 3600, 6),
-        "clip_reasons": dict(Counter(reason_kind(r.reason) for r in clip_rows if r.status != Status.KEPT).most_common()),
+        "clip_reasons": dict(
+            Counter(reason_kind(r.reason) for r in clip_rows if r.status != Status.KEPT).most_common()
+        ),
         "source_reasons": dict(Counter(reason_kind(r.reason) for r in source_rows).most_common()),
         "shards": shards,
     }
@@ -60,12 +62,15 @@ def curate_summary_markdown(stats: dict, output: Path) -> str:
     """The run's summary as a markdown table (the Prefect artifact `curate-summary`)."""
     sources, clips = stats["sources"], stats["clips"]
     lines = [
-        f"**curate** → `{output}/shards` (manifest: `{output}/manifest.parquet`)", "",
-        "| | total | kept | filtered | failed | resumed |", "|---|---|---|---|---|---|",
+        f"**curate** → `{output}/shards` (manifest: `{output}/manifest.parquet`)",
+        "",
+        "| | total | kept | filtered | failed | resumed |",
+        "|---|---|---|---|---|---|",
         f"| sources | {sources['total']} | {sources['with_clips']} | {sources['filtered']} | {sources['failed']} | {sources['resumed']} |",
-        f"| clips | {sum(clips.values())} | {clips['kept']} | {clips['filtered']} | {clips['failed']} | |", "",
+        f"| clips | {sum(clips.values())} | {clips['kept']} | {clips['filtered']} | {clips['failed']} | |",
+        "",
         f"hours in → out: {stats['hours_in']:.4f} h → {stats['hours_out']:.4f} h; {stats['shards']} shards",
-    ]  # fmt: skip
+    ]
     for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
         if stats[key]:
             lines.append(f"\n{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in stats[key].items()))

@@ -28,7 +28,13 @@ def write_score_histograms(rows: list[ClipRecord], filters: FilterParams, folder
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         kept = [getattr(r, field) for r in scored if r.status == Status.KEPT]
         dropped = [getattr(r, field) for r in scored if r.status != Status.KEPT]
-        ax.hist([kept, dropped], bins=30, stacked=True, label=[f"kept ({len(kept)})", f"not kept ({len(dropped)})"], color=["#3b82f6", "#d1d5db"])
+        ax.hist(
+            [kept, dropped],
+            bins=30,
+            stacked=True,
+            label=[f"kept ({len(kept)})", f"not kept ({len(dropped)})"],
+            color=["#3b82f6", "#d1d5db"],
+        )
         for name in thresholds:
             value = getattr(filters, name)
             if value is not None:

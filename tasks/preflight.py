@@ -28,7 +28,9 @@ def check_models(captions: CaptionParams, scores: ScoreParams) -> None:
         if not folder.is_dir():
             raise ModelSetupError(f"captions.vlm_model: no such folder: {captions.vlm_model}")
         if not (folder / "config.json").is_file():
-            raise ModelSetupError(f"captions.vlm_model: {captions.vlm_model} is not a transformers model folder (no config.json)")
+            raise ModelSetupError(
+                f"captions.vlm_model: {captions.vlm_model} is not a transformers model folder (no config.json)"
+            )
     if captions.sidecar_file and not captions.sidecar_file.startswith(("s3://", "gs://", "memory://", "http")):
         if not Path(captions.sidecar_file).expanduser().is_file():
             raise ModelSetupError(f"captions.sidecar_file: no such file: {captions.sidecar_file}")

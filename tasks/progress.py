@@ -13,7 +13,9 @@ from prefect.context import FlowRunContext, TaskRunContext
 
 
 @contextmanager
-def progress_artifact(key: str | None, total: int, description: str, min_interval_s: float = 2.0) -> Iterator[Callable[[int], None]]:
+def progress_artifact(
+    key: str | None, total: int, description: str, min_interval_s: float = 2.0
+) -> Iterator[Callable[[int], None]]:
     """Yields `report(done)`. The artifact (0-100 %) is updated at most every `min_interval_s` seconds, and once more
     at the end with the last count reported, so the API is not called per item. No key: nothing is published."""
     if key is None or total <= 0 or (FlowRunContext.get() is None and TaskRunContext.get() is None):

@@ -41,9 +41,7 @@ class SceneParams(BaseModel):
     @model_validator(mode="after")
     def _min_not_above_max(self) -> SceneParams:
         if self.min_clip_s > self.max_clip_s:
-            raise ValueError(
-                f"min_clip_s ({self.min_clip_s}) must not be greater than max_clip_s ({self.max_clip_s})"
-            )
+            raise ValueError(f"min_clip_s ({self.min_clip_s}) must not be greater than max_clip_s ({self.max_clip_s})")
         return self
 
 

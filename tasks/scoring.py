@@ -23,8 +23,12 @@ class ClipModelParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    clip_model: str | None = Field("ViT-B-32", description="open_clip model name (or 'local-dir:PATH', 'hf-hub:ORG/NAME'); null: no CLIP.")
-    clip_pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (downloads) or a local weights file.")
+    clip_model: str | None = Field(
+        "ViT-B-32", description="open_clip model name (or 'local-dir:PATH', 'hf-hub:ORG/NAME'); null: no CLIP."
+    )
+    clip_pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="open_clip pretrained tag (downloads) or a local weights file."
+    )
 
 
 class ScoreParams(ClipModelParams):
@@ -155,7 +159,9 @@ class ClipScorer:
         register_model_configs()
         self.torch = torch
         self.device = device
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device
+        )
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.lock = threading.Lock()  # threads of a worker share this model: one forward pass at a time

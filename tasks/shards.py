@@ -55,9 +55,7 @@ def _sample(row: ClipRecord, clip_file: Path, shard_name: str) -> dict:
     return sample
 
 
-def pack_shards(
-    rows: Iterable[ClipRecord], clip_file_of, shard_dir: Path, params: ShardParams
-) -> dict[str, str]:
+def pack_shards(rows: Iterable[ClipRecord], clip_file_of, shard_dir: Path, params: ShardParams) -> dict[str, str]:
     """Pack every kept clip that is not in a shard yet. `clip_file_of(row)` gives its staged MP4 (its CLIP
     embedding, if any, is the .npy beside it). Shards are rebuilt if they hold a clip that is no longer kept.
 
@@ -83,15 +81,20 @@ def pack_shards(
         if exc.errno != errno.ENOSPC:
             raise
         missing = len({r.clip_id for r in rows if r.status == Status.KEPT} - set(packed_clips(shard_dir)))
-        raise OSError(errno.ENOSPC, f"no space left on the device of {shard_dir} with {missing} kept clips still to pack "
-                      "(every shard written so far is complete, the one being written was removed); free some space, "
-                      "or choose an OUTPUT on a larger disk, and run the same command again: it packs only what is missing") from exc  # fmt: skip
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the device of {shard_dir} with {missing} kept clips still to pack "
+            "(every shard written so far is complete, the one being written was removed); free some space, "
+            "or choose an OUTPUT on a larger disk, and run the same command again: it packs only what is missing",
+        ) from exc
     for shard in outdated:
         shard.unlink()
     return packed
 
 
-def _write_shards(todo: deque, clip_file_of, shard_dir: Path, index: int, max_bytes: float, max_clips: int, packed: dict) -> None:
+def _write_shards(
+    todo: deque, clip_file_of, shard_dir: Path, index: int, max_bytes: float, max_clips: int, packed: dict
+) -> None:
     """Write `todo` into shards from `index` on, each renamed into place when complete; updates `packed`."""
     while todo:
         name = f"shard-{index:06d}.tar"

@@ -66,9 +66,13 @@ def curate_source(source: Source, settings: SourceSettings, staging_root: Path) 
     write_json_atomic(
         done,
         {
-            "source": source.path, "sidecar": source.sidecar, "duration_s": result.duration_s,
-            "cuts": result.cuts, "gradual": result.gradual, "rows": rows,
-        },  # fmt: skip
+            "source": source.path,
+            "sidecar": source.sidecar,
+            "duration_s": result.duration_s,
+            "cuts": result.cuts,
+            "gradual": result.gradual,
+            "rows": rows,
+        },
     )
     return result
 

@@ -219,7 +219,10 @@ def score_cuts(
 ) -> tuple[float, float, float]:
     """Precision, recall and F1 of detected hard cuts; each truth cut matches at most one detection within
     `tolerance` frames. A detection inside a known fade/dissolve found that boundary: it is not counted."""
-    inside = lambda f: any(a - tolerance <= f <= b + tolerance for a, b in transitions)
+
+    def inside(f):
+        return any(a - tolerance <= f <= b + tolerance for a, b in transitions)
+
     detected = sorted(f for f in detected if not inside(f))
     unmatched = sorted(truth)
     hits = 0

@@ -12,7 +12,40 @@ import torch
 from safetensors.torch import save_file
 
 TINY_CLIP = "vidtune-tiny-clip"  # registered from tasks/model_configs/ by vidtune.tasks.scoring
-CAPTION_WORDS = ["a", "the", "video", "of", "shot", "scene", "with", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road"]
+CAPTION_WORDS = [
+    "a",
+    "the",
+    "video",
+    "of",
+    "shot",
+    "scene",
+    "with",
+    "person",
+    "people",
+    "car",
+    "street",
+    "city",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "light",
+    "dark",
+    "moving",
+    "camera",
+    "pan",
+    "close",
+    "wide",
+    "night",
+    "day",
+    "beach",
+    "sky",
+    "water",
+    "tree",
+    "building",
+    "road",
+]
 
 
 def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
@@ -53,15 +86,31 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     tokenizer = BertTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", bos_token="[CLS]", model_max_length=64,
-    )  # fmt: skip
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[CLS]",
+        model_max_length=64,
+    )
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer)
     text = dict(
-        vocab_size=len(specials) + len(CAPTION_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3,
-    )  # fmt: skip
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=16)
+        vocab_size=len(specials) + len(CAPTION_WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        sep_token_id=3,
+        eos_token_id=3,
+    )
+    vision = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=16
+    )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
     # An untrained model would stop at once; make it say a few words, as a trained one does.

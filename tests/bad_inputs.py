@@ -45,14 +45,20 @@ def _rewrite_without_timestamps(src: Path, dst: Path) -> None:
     """Re-encode with every timestamp 0 and a nonsense stream rate, as some broken muxers do."""
     with av.open(str(src)) as source, av.open(str(dst), "w") as out:
         stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = source.streams.video[0].width, source.streams.video[0].height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = (
+            source.streams.video[0].width,
+            source.streams.video[0].height,
+            "yuv420p",
+        )
         for frame in source.decode(video=0):
             frame.pts = None
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
 
 
-def _encode(path: Path, codec: str, width: int, height: int, pix_fmt: str, frames: int, fps: int = 8, **options: str) -> None:
+def _encode(
+    path: Path, codec: str, width: int, height: int, pix_fmt: str, frames: int, fps: int = 8, **options: str
+) -> None:
     """A moving pattern in any codec and pixel format (10-bit, 4:2:2, odd sizes) at `fps`."""
     from fractions import Fraction
 
@@ -111,17 +117,30 @@ def make_bad_inputs(folder: Path, good: Path) -> dict[str, Expected]:
     os.chmod(folder / "locked.mp4", 0)
     expected["locked.mp4"] = Expected("failed", "permission denied", root_can_read=False)
 
-    for seed, name in enumerate(("with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4", "it's $(echo pwned) `x` ; & |.mp4")):
+    for seed, name in enumerate(
+        ("with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4", "it's $(echo pwned) `x` ; & |.mp4")
+    ):
         render_video(folder / name, seconds=2.5, fps=25, width=160, height=128, shots=1, seed=20 + seed)
         expected[name] = Expected("kept", "")
 
     os.symlink("link loop.mp4", folder / "link loop.mp4")
     expected["link loop.mp4"] = Expected("failed", "symbolic link loop")
     os.symlink("moved away.mp4", folder / "dangling link.mp4")
-    expected["dangling link.mp4"] = Expected("failed", "broken symbolic link: its target 'moved away.mp4' does not exist")
+    expected["dangling link.mp4"] = Expected(
+        "failed", "broken symbolic link: its target 'moved away.mp4' does not exist"
+    )
 
     # A camera original: 4K, 10-bit HEVC; and a 4K ProRes 422 edit export (two frames: too short, but read).
-    _encode(folder / "camera 4k hevc 10bit.mp4", "libx265", 3840, 2160, "yuv420p10le", 12, preset="ultrafast", **{"x265-params": "log-level=error"})
+    _encode(
+        folder / "camera 4k hevc 10bit.mp4",
+        "libx265",
+        3840,
+        2160,
+        "yuv420p10le",
+        12,
+        preset="ultrafast",
+        **{"x265-params": "log-level=error"},
+    )
     expected["camera 4k hevc 10bit.mp4"] = Expected("kept", "")
     _encode(folder / "edit 4k prores.mov", "prores_ks", 3840, 2160, "yuv422p10le", 2, profile="1")
     expected["edit 4k prores.mov"] = Expected("filtered", "too short")

@@ -40,8 +40,13 @@ def make_params(tiny_clip):
     from vidtune.tasks.tiny_models import TINY_CLIP
 
     def make(input_path, output, **overrides) -> CurateParams:
-        values = {"input": str(input_path), "output": str(output), "clips": TEST_CLIPS, "workers": 2,
-                  "scores": {"clip_model": TINY_CLIP, "clip_pretrained": str(tiny_clip)}}  # fmt: skip
+        values = {
+            "input": str(input_path),
+            "output": str(output),
+            "clips": TEST_CLIPS,
+            "workers": 2,
+            "scores": {"clip_model": TINY_CLIP, "clip_pretrained": str(tiny_clip)},
+        }
         for key, value in overrides.items():
             values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
         return CurateParams.model_validate(values)
@@ -76,7 +81,11 @@ def cli_sets(tiny_clip) -> list[str]:
     """The same test settings as --set arguments, for CLI subprocesses."""
     from vidtune.tasks.tiny_models import TINY_CLIP
 
-    sets = {**{f"clips.{k}": v for k, v in TEST_CLIPS.items()}, "scores.clip_model": TINY_CLIP, "scores.clip_pretrained": tiny_clip}
+    sets = {
+        **{f"clips.{k}": v for k, v in TEST_CLIPS.items()},
+        "scores.clip_model": TINY_CLIP,
+        "scores.clip_pretrained": tiny_clip,
+    }
     return [f"--set={k}={v}" for k, v in sets.items()]
 
 
@@ -129,4 +138,6 @@ def as_root() -> bool:
 def video_files(folder: Path) -> list[Path]:
     from vidtune.tasks.discover import VIDEO_EXTENSIONS
 
-    return sorted(p for p in folder.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS)
+    return sorted(
+        p for p in folder.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS
+    )

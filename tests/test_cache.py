@@ -41,10 +41,16 @@ def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
     result = precompute(shards, family, pipe, str(folder), tmp_path / "cache", PrecomputeParams(frame_buckets=[9, 17]))
     assert result.encoded > 0
-    sample = next(iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False)))
+    sample = next(
+        iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False))
+    )
     moments, text = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])
     latents = family.sample_latents(pipe, moments.unsqueeze(0))
-    assert moments.shape[0] == 2 * latents.shape[1] and torch.isfinite(latents).all() and torch.isfinite(text["embeds"]).all()
+    assert (
+        moments.shape[0] == 2 * latents.shape[1]
+        and torch.isfinite(latents).all()
+        and torch.isfinite(text["embeds"]).all()
+    )
 
 
 def test_choose_bucket_takes_the_longest_that_fits():
@@ -88,7 +94,10 @@ def test_new_clips_are_added_incrementally(curated, tiny_wan, tmp_path):
     first = precompute([str(partial)], family, pipe, model, tmp_path / "cache", params)
     full = precompute(shards, family, pipe, model, tmp_path / "cache", params)
     assert first.encoded == 3 and full.reused == 3 and full.encoded > 0
-    ids = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in full.cache_dir.rglob("cache-*.tar")), shardshuffle=False)]
+    ids = [
+        s["__key__"]
+        for s in wds.WebDataset(sorted(str(p) for p in full.cache_dir.rglob("cache-*.tar")), shardshuffle=False)
+    ]
     assert len(ids) == len(set(ids)) == 3 + full.encoded
 
 
@@ -111,17 +120,27 @@ def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_momen
     write_mp4(frames, tmp_path / "large.mp4", fps=8)
     meta = {"clip_id": "large", "num_frames": 9, "height": 288, "width": 320, "caption": "a large clip"}
     with wds.TarWriter(str(tmp_path / "large.tar")) as sink:
-        sink.write({"__key__": "large", "mp4": (tmp_path / "large.mp4").read_bytes(), "json": json.dumps(meta).encode()})
+        sink.write(
+            {"__key__": "large", "mp4": (tmp_path / "large.mp4").read_bytes(), "json": json.dumps(meta).encode()}
+        )
     results, tiled_calls = {}, []
     for flags in ((False, False), (True, True)):
         fresh = family.load_pipeline(model)
         tiled = fresh.vae.tiled_encode
-        monkeypatch.setattr(fresh.vae, "tiled_encode", lambda x, *a, _flags=flags, _tiled=tiled, **k: tiled_calls.append(_flags) or _tiled(x, *a, **k))
+        monkeypatch.setattr(
+            fresh.vae,
+            "tiled_encode",
+            lambda x, *a, _flags=flags, _tiled=tiled, **k: tiled_calls.append(_flags) or _tiled(x, *a, **k),
+        )
         params = PrecomputeParams(frame_buckets=[9], vae_slicing=flags[0], vae_tiling=flags[1])
         result = precompute([str(tmp_path / "large.tar")], family, fresh, model, tmp_path / str(flags), params)
-        sample = next(iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False)))
+        sample = next(
+            iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False))
+        )
         results[flags] = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])[0]
     assert tiled_calls == [(True, True)]  # the tiling leg encoded in tiles, the other in one piece
     whole, tiles = results[(False, False)], results[(True, True)]
     assert whole.shape == tiles.shape
-    assert torch.nn.functional.cosine_similarity(whole.flatten(), tiles.flatten(), dim=0) > 0.99  # tiles blend at the seams
+    assert (
+        torch.nn.functional.cosine_similarity(whole.flatten(), tiles.flatten(), dim=0) > 0.99
+    )  # tiles blend at the seams

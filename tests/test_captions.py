@@ -13,7 +13,7 @@ from vidtune.tasks.captions import (
     render_caption,
     sidecar_caption,
     tile_frames,
-)  # fmt: skip
+)
 from vidtune.tasks.records import ClipRecord
 from vidtune.tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
 
@@ -22,16 +22,24 @@ ROW = ClipRecord(clip_id="c", source="/data/raw/my_trip-beach.mp4", source_sha25
 
 def test_default_template_uses_the_trigger_and_source_name():
     params = CaptionParams(trigger="in sks style")
-    assert render_caption(params.template_for(False), ROW, trigger=params.trigger, sidecar=None, vlm=None) == "in sks style, my trip beach"
+    assert (
+        render_caption(params.template_for(False), ROW, trigger=params.trigger, sidecar=None, vlm=None)
+        == "in sks style, my trip beach"
+    )
 
 
 def test_default_without_trigger_is_still_not_empty():
-    assert render_caption(CaptionParams().template_for(False), ROW, trigger="", sidecar=None, vlm=None) == "my trip beach"
+    assert (
+        render_caption(CaptionParams().template_for(False), ROW, trigger="", sidecar=None, vlm=None) == "my trip beach"
+    )
 
 
 def test_sidecar_text_wins_in_auto_mode():
     params = CaptionParams(trigger="sks")
-    assert render_caption(params.template_for(True), ROW, trigger="sks", sidecar="a dog runs", vlm=None) == "sks, a dog runs"
+    assert (
+        render_caption(params.template_for(True), ROW, trigger="sks", sidecar="a dog runs", vlm=None)
+        == "sks, a dog runs"
+    )
 
 
 def test_custom_template_fields_and_unknown_field():

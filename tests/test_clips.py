@@ -88,7 +88,9 @@ def test_clip_frames_match_the_source_frame_they_come_from(raw_videos, tmp_path)
     for video in (v for v in videos if v.rotation or v.path.suffix == ".gif" or v.width == 1278):
         source = identify_source(str(video.path), tmp_path)
         probe = probe_video(str(video.path))
-        row = extract_clips(source, probe, SceneParams(), ClipParams(width=128, height=96, fps=8, crf=10), tmp_path).rows[0]
+        row = extract_clips(
+            source, probe, SceneParams(), ClipParams(width=128, height=96, fps=8, crf=10), tmp_path
+        ).rows[0]
         with av.open(str(tmp_path / f"{row.clip_id}.mp4")) as clip:
             first = next(clip.decode(video=0)).to_ndarray(format="rgb24").astype(float)
         with av.open(str(video.path)) as container:

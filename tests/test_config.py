@@ -22,7 +22,9 @@ def test_overrides_are_nested_and_typed():
 def test_config_file_then_overrides(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("scenes:\n  threshold: 20\n  max_clip_s: 4\nclips:\n  fps: 24\n")
-    params = build_params(CurateParams, base={"input": "in", "output": "out"}, config=config, overrides=["scenes.threshold=33"])
+    params = build_params(
+        CurateParams, base={"input": "in", "output": "out"}, config=config, overrides=["scenes.threshold=33"]
+    )
     assert (params.scenes.threshold, params.scenes.max_clip_s, params.clips.fps) == (33, 4, 24)
 
 
@@ -30,11 +32,20 @@ def test_only_true_and_false_are_booleans_in_config_files_and_overrides(tmp_path
     from vidtune.flows.finetune import FinetuneParams
 
     config = tmp_path / "c.yaml"
-    config.write_text("mixed_precision: no\ngradient_checkpointing: false\ncurate: {input: raw, output: ds, captions: {trigger: on}}\n")
-    params = build_params(FinetuneParams, base={"model": "m", "out": "o"}, config=config, overrides=["export_comfyui=true"])
+    config.write_text(
+        "mixed_precision: no\ngradient_checkpointing: false\ncurate: {input: raw, output: ds, captions: {trigger: on}}\n"
+    )
+    params = build_params(
+        FinetuneParams, base={"model": "m", "out": "o"}, config=config, overrides=["export_comfyui=true"]
+    )
     assert (params.mixed_precision, params.gradient_checkpointing, params.export_comfyui) == ("no", False, True)
     assert params.curate.captions.trigger == "on" and params.data == "ds"  # YAML 1.1 would have made these booleans
-    assert build_params(FinetuneParams, base={"data": "d", "model": "m", "out": "o"}, overrides=["mixed_precision=no"]).mixed_precision == "no"
+    assert (
+        build_params(
+            FinetuneParams, base={"data": "d", "model": "m", "out": "o"}, overrides=["mixed_precision=no"]
+        ).mixed_precision
+        == "no"
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,7 +72,9 @@ def test_min_above_max_names_both_fields():
 
 def test_cli_rejects_bad_parameters_before_any_work(tmp_path):
     out = tmp_path / "never-created"
-    result = CliRunner().invoke(app, ["curate", str(tmp_path), str(out), "--set", "scenes.min_clip_s=9", "--set", "scenes.max_clip_s=2"])
+    result = CliRunner().invoke(
+        app, ["curate", str(tmp_path), str(out), "--set", "scenes.min_clip_s=9", "--set", "scenes.max_clip_s=2"]
+    )
     assert result.exit_code == 2
     assert "scenes: min_clip_s (9.0) must not be greater than max_clip_s (2.0)" in result.output
     assert not out.exists()
@@ -109,7 +122,9 @@ def test_inconsistent_parameters_are_rejected_up_front(overrides, message):
 
 
 def test_template_values_pass_through_set_as_strings():
-    params = build_params(CurateParams, base={"input": "i", "output": "o"}, overrides=["captions.template={trigger}, {sidecar}"])
+    params = build_params(
+        CurateParams, base={"input": "i", "output": "o"}, overrides=["captions.template={trigger}, {sidecar}"]
+    )
     assert params.captions.template == "{trigger}, {sidecar}"
 
 
@@ -122,7 +137,10 @@ def test_finetune_has_no_field_that_does_nothing_and_the_standalone_flows_keep_t
     with pytest.raises(ParamError, match=override.split("=")[0].replace(".", r"\.")):
         build_params(FinetuneParams, base={"data": "d", "model": "m", "out": "o"}, overrides=[override])
     assert build_params(EvaluateParams, base={}, overrides=["gpu_limit=null"]).gpu_limit is None
-    assert build_params(RegisterParams, base={}, overrides=["tracking_uri=sqlite:///x.db"]).tracking_uri == "sqlite:///x.db"
+    assert (
+        build_params(RegisterParams, base={}, overrides=["tracking_uri=sqlite:///x.db"]).tracking_uri
+        == "sqlite:///x.db"
+    )
 
 
 def test_clip_model_null_turns_the_clip_score_off():

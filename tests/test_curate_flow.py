@@ -12,8 +12,8 @@ import decord
 import pytest
 import webdataset as wds
 
-from vidtune.tasks.manifest import read_manifest
 from tests.conftest import TEST_CLIPS, video_files
+from vidtune.tasks.manifest import read_manifest
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +38,28 @@ def test_every_row_not_kept_has_a_reason(manifest):
 
 @pytest.mark.parametrize(
     "name",
-    ["empty.mp4", "readme.mp4", "truncated.mp4", "audio_only.mp4", "too_short.mp4", "one_frame.mp4",
-     "corrupt_middle.mp4", "locked.mp4", "with spaces and (parens).mp4", "vidéo_ñ_日本語.mp4",
-     "it's $(echo pwned) `x` ; & |.mp4", "copy of a good video.mp4", "zero_timestamps.mp4", "link loop.mp4",
-     "dangling link.mp4", "camera 4k hevc 10bit.mp4", "edit 4k prores.mov", "odd size 161x121.mp4", "zero size header.mp4"],
-)  # fmt: skip
+    [
+        "empty.mp4",
+        "readme.mp4",
+        "truncated.mp4",
+        "audio_only.mp4",
+        "too_short.mp4",
+        "one_frame.mp4",
+        "corrupt_middle.mp4",
+        "locked.mp4",
+        "with spaces and (parens).mp4",
+        "vidéo_ñ_日本語.mp4",
+        "it's $(echo pwned) `x` ; & |.mp4",
+        "copy of a good video.mp4",
+        "zero_timestamps.mp4",
+        "link loop.mp4",
+        "dangling link.mp4",
+        "camera 4k hevc 10bit.mp4",
+        "edit 4k prores.mov",
+        "odd size 161x121.mp4",
+        "zero size header.mp4",
+    ],
+)
 def test_bad_input_becomes_a_record(curated, manifest, name, as_root):
     _, _, (folder, _, expected) = curated
     want = expected[name]
@@ -77,7 +94,9 @@ def test_no_clip_crosses_a_scene_boundary(curated, manifest):
         for row in _rows_for(manifest, folder / video.path.name):
             for first, last in boundaries:
                 overlaps = row.start_frame <= last and first < row.end_frame
-                assert not overlaps, f"{video.path.name} clip [{row.start_frame},{row.end_frame}) crosses {first}-{last}"
+                assert not overlaps, (
+                    f"{video.path.name} clip [{row.start_frame},{row.end_frame}) crosses {first}-{last}"
+                )
 
 
 def test_clip_ids_are_unique_and_deterministic(manifest):
@@ -137,10 +156,16 @@ def test_rerun_skips_finished_sources_and_changes_nothing(curated, manifest, mak
 
 @pytest.mark.parametrize(
     "group, change, named",
-    [("scenes", {"threshold": 30.0}, "scenes.threshold"), ("clips", {"fps": 12}, "clips.fps"),
-     ("captions", {"trigger": "in xyz style"}, "captions.trigger"), ("scores", "other weights", "scores.clip_pretrained")],
-)  # fmt: skip
-def test_other_settings_on_the_same_output_are_refused_naming_them(curated, make_params, tiny_clip, tmp_path, group, change, named):
+    [
+        ("scenes", {"threshold": 30.0}, "scenes.threshold"),
+        ("clips", {"fps": 12}, "clips.fps"),
+        ("captions", {"trigger": "in xyz style"}, "captions.trigger"),
+        ("scores", "other weights", "scores.clip_pretrained"),
+    ],
+)
+def test_other_settings_on_the_same_output_are_refused_naming_them(
+    curated, make_params, tiny_clip, tmp_path, group, change, named
+):
     import shutil
 
     from vidtune.flows.curate import curate
@@ -178,8 +203,8 @@ def test_an_unreadable_source_is_a_record_at_flow_level(prefect_api, raw_videos,
     import tempfile
     from contextlib import nullcontext
 
-    from vidtune.flows.curate import curate
     from tests.test_discover import _as_nobody
+    from vidtune.flows.curate import curate
 
     _, videos = raw_videos
     root = Path(tempfile.mkdtemp(prefix="vidtune-user-"))  # outside pytest's root-only (0700) tmp folders
@@ -198,8 +223,12 @@ def test_an_unreadable_source_is_a_record_at_flow_level(prefect_api, raw_videos,
             summary = curate(make_params(root / "in", root / "out", scores={"clip_pretrained": str(weights)}))
         rows = read_manifest(root / "out" / "manifest.parquet")
         locked = [r for r in rows if r.source.endswith("locked.mp4")]
-        assert [(r.status.value, r.reason) for r in locked] == [("failed", "permission denied: the file is not readable by this user")]
-        assert summary["clips"]["kept"] > 0 and all(r.status.value == "kept" for r in rows if r.source.endswith("good.mp4"))
+        assert [(r.status.value, r.reason) for r in locked] == [
+            ("failed", "permission denied: the file is not readable by this user")
+        ]
+        assert summary["clips"]["kept"] > 0 and all(
+            r.status.value == "kept" for r in rows if r.source.endswith("good.mp4")
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

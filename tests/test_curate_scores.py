@@ -40,7 +40,11 @@ def scored(prefect_api, scored_inputs, tmp_path_factory, make_params):
 
     output = tmp_path_factory.mktemp("scored")
     summary = curate(make_params(scored_inputs, output, captions={"trigger": "in sks style"}))
-    return output, summary, {r.source.rsplit("/", 1)[-1]: r for r in read_manifest(output / "manifest.parquet") if r.clip_id}
+    return (
+        output,
+        summary,
+        {r.source.rsplit("/", 1)[-1]: r for r in read_manifest(output / "manifest.parquet") if r.clip_id},
+    )
 
 
 def test_captions_come_from_the_sidecar_or_the_template(scored):
@@ -81,17 +85,32 @@ def test_new_thresholds_refilter_without_reextracting(scored, scored_inputs, mak
     output, _, rows = scored
     copy = tmp_path / "copy"
     shutil.copytree(output, copy)
-    summary = curate(make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_motion": None}))
+    summary = curate(
+        make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_motion": None})
+    )
     assert summary["sources"]["resumed"] == 4
-    keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (copy / "shards").glob("*.tar")), shardshuffle=False)}
+    keys = {
+        s["__key__"]
+        for s in wds.WebDataset(sorted(str(p) for p in (copy / "shards").glob("*.tar")), shardshuffle=False)
+    }
     assert rows["tripod.mp4"].clip_id in keys  # shards were rebuilt to include the clip now kept
 
-    summary = curate(make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_clip_score": 0.99, "score_only": True}))
+    summary = curate(
+        make_params(
+            scored_inputs,
+            copy,
+            captions={"trigger": "in sks style"},
+            filters={"min_clip_score": 0.99, "score_only": True},
+        )
+    )
     assert summary["clips"]["filtered"] == 0
 
 
 def _shard_keys(output) -> list[str]:
-    return [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (output / "shards").glob("*.tar")), shardshuffle=False)]
+    return [
+        s["__key__"]
+        for s in wds.WebDataset(sorted(str(p) for p in (output / "shards").glob("*.tar")), shardshuffle=False)
+    ]
 
 
 def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored, scored_inputs, make_params, tmp_path):
@@ -102,15 +121,21 @@ def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored,
     output, _, _ = scored
     copy = tmp_path / "copy"
     shutil.copytree(output, copy)
-    kept = sorted((r for r in read_manifest(copy / "manifest.parquet") if r.status.value == "kept"), key=lambda r: r.motion_score)
+    kept = sorted(
+        (r for r in read_manifest(copy / "manifest.parquet") if r.status.value == "kept"), key=lambda r: r.motion_score
+    )
     assert len(kept) >= 2 and sorted(_shard_keys(copy)) == sorted(r.clip_id for r in kept)  # all packed already
     dropped, survivors = kept[0], kept[1:]
     assert dropped.motion_score < survivors[0].motion_score
     stricter = (dropped.motion_score + survivors[0].motion_score) / 2  # drops exactly the least moving clip
-    summary = curate(make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_motion": stricter}))
+    summary = curate(
+        make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, filters={"min_motion": stricter})
+    )
     assert summary["sources"]["resumed"] == 4  # a threshold change re-filters the staged rows, nothing re-extracted
     rows = {r.clip_id: r for r in read_manifest(copy / "manifest.parquet") if r.clip_id}
-    assert rows[dropped.clip_id].status.value == "filtered" and rows[dropped.clip_id].reason.startswith("static: motion")
+    assert rows[dropped.clip_id].status.value == "filtered" and rows[dropped.clip_id].reason.startswith(
+        "static: motion"
+    )
     assert rows[dropped.clip_id].shard is None
     keys = _shard_keys(copy)
     assert sorted(keys) == sorted(r.clip_id for r in survivors)  # the dropped one gone, each kept one exactly once
@@ -146,7 +171,9 @@ def test_overwrite_replaces_an_output_made_with_other_settings(scored, scored_in
     assert staged == {r.clip_id for r in rows}  # no clip of the old run is left in staging either
 
 
-def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(scored, scored_inputs, make_params, tmp_path, monkeypatch):
+def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(
+    scored, scored_inputs, make_params, tmp_path, monkeypatch
+):
     import errno
     import shutil
 
@@ -167,7 +194,10 @@ def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(scored, s
 
     params = make_params(scored_inputs, copy, captions={"trigger": "in sks style"}, shards={"max_clips_per_shard": 1})
     monkeypatch.setattr(wds.TarWriter, "write", write_until_full)
-    with pytest.raises(OSError, match=rf"no space left on the device of {copy}/shards with {len(kept) - 1} kept clips still to pack .*run the same command again"):
+    with pytest.raises(
+        OSError,
+        match=rf"no space left on the device of {copy}/shards with {len(kept) - 1} kept clips still to pack .*run the same command again",
+    ):
         curate(params)
     assert _shard_keys(copy) == kept[:1] and sorted(p.name for p in (copy / "shards").iterdir()) == ["shard-000000.tar"]
     monkeypatch.setattr(wds.TarWriter, "write", real_write)  # space freed
@@ -181,7 +211,14 @@ def test_a_full_disk_while_packing_stops_clearly_and_a_rerun_completes(scored, s
 def test_near_duplicates_are_removed_naming_the_kept_clip(prefect_api, scored_inputs, make_params, tmp_path):
     from vidtune.flows.curate import curate
 
-    curate(make_params(scored_inputs, tmp_path / "d", captions={"trigger": "sks"}, filters={"dedup_threshold": 0.9995, "min_motion": None}))
+    curate(
+        make_params(
+            scored_inputs,
+            tmp_path / "d",
+            captions={"trigger": "sks"},
+            filters={"dedup_threshold": 0.9995, "min_motion": None},
+        )
+    )
     rows = {r.source.rsplit("/", 1)[-1]: r for r in read_manifest(tmp_path / "d" / "manifest.parquet") if r.clip_id}
     assert rows["zz city copy.mp4"].reason == f"duplicate_of:{rows['city.mp4'].clip_id}"
     assert [name for name, r in rows.items() if r.status.value != "kept"] == ["zz city copy.mp4"]
@@ -192,7 +229,9 @@ def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, 
     from vidtune.tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
 
     blip = build_tiny_captioner(tmp_path / "blip")
-    params = make_params(scored_inputs, tmp_path / "v", captions={"mode": "vlm", "vlm_model": str(blip), "trigger": "sks"})
+    params = make_params(
+        scored_inputs, tmp_path / "v", captions={"mode": "vlm", "vlm_model": str(blip), "trigger": "sks"}
+    )
     curate(params)
     for row in read_manifest(tmp_path / "v" / "manifest.parquet"):
         trigger, _, words = row.caption.partition(", ")
@@ -207,7 +246,9 @@ def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, 
         ({"captions": {"sidecar_file": "/nowhere/captions.csv"}}, "captions.sidecar_file"),
     ],
 )
-def test_missing_models_fail_before_any_video_is_decoded(prefect_api, scored_inputs, make_params, tmp_path, overrides, field):
+def test_missing_models_fail_before_any_video_is_decoded(
+    prefect_api, scored_inputs, make_params, tmp_path, overrides, field
+):
     from vidtune.flows.curate import curate
     from vidtune.tasks.preflight import ModelSetupError
 
@@ -224,13 +265,21 @@ def test_a_local_cluster_gives_the_same_manifest(scored, scored_inputs, make_par
 
     pytest.importorskip("prefect_ray" if runner == "ray" else "prefect_dask")
     output, _, _ = scored
-    curate(make_params(scored_inputs, tmp_path / runner, captions={"trigger": "in sks style"}, runner=runner, workers=2))
+    curate(
+        make_params(scored_inputs, tmp_path / runner, captions={"trigger": "in sks style"}, runner=runner, workers=2)
+    )
     threads = sorted(read_manifest(output / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
     dask = sorted(read_manifest(tmp_path / runner / "manifest.parquet"), key=lambda r: (r.source, r.start_frame))
     assert len(threads) == len(dask)
     for a, b in zip(threads, dask):
         kind = lambda r: r.reason.split(":", 1)[0]  # noqa: E731  (reasons quote scores to 2 decimals)
-        assert (a.source.rsplit("/", 1)[-1], a.clip_id, a.status, kind(a), a.caption) == (b.source.rsplit("/", 1)[-1], b.clip_id, b.status, kind(b), b.caption)
+        assert (a.source.rsplit("/", 1)[-1], a.clip_id, a.status, kind(a), a.caption) == (
+            b.source.rsplit("/", 1)[-1],
+            b.clip_id,
+            b.status,
+            kind(b),
+            b.caption,
+        )
         # Cluster workers run torch with one thread, the threaded run with two: summation order differs slightly.
         for score in ("clip_score", "motion_score"):
             assert getattr(a, score) == pytest.approx(getattr(b, score), abs=1e-3)

@@ -19,9 +19,16 @@ def test_demo_curates_generated_videos_and_fine_tunes_a_lora(prefect_api, tmp_pa
     assert curated["sources"]["failed"] == 2  # the two broken files the demo adds on purpose
     run = tmp_path / "demo" / "runs" / "style-lora"
     assert trained["steps"] == DEMO_STEPS and (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-    assert (run / "adapter" / "comfyui_lora.safetensors").is_file() and (run / "samples" / f"step-{DEMO_STEPS:06d}" / "sample-00.gif").is_file()
+    assert (run / "adapter" / "comfyui_lora.safetensors").is_file() and (
+        run / "samples" / f"step-{DEMO_STEPS:06d}" / "sample-00.gif"
+    ).is_file()
     text = out.getvalue()
-    assert "manifest.parquet" in text and "not a video" in text and "mlflow ui --backend-store-uri" in text and "Prefect UI:" in text
+    assert (
+        "manifest.parquet" in text
+        and "not a video" in text
+        and "mlflow ui --backend-store-uri" in text
+        and "Prefect UI:" in text
+    )
     assert trained["registration"]["promoted"] and "champion" in trained["registration"]["aliases"]
     assert summary["generated"].is_file() and "val_loss" in text
 

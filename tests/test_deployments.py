@@ -40,7 +40,9 @@ def test_the_style_preset_is_a_lora_with_a_trigger_word_from_raw_videos_and_full
     style = FinetuneParams.model_validate(presets()["finetune/style"]["parameters"]["params"])
     assert style.training_type == "lora" and style.curate is not None and style.curate.captions.trigger
     assert style.data == style.curate.output  # the curate subflow's output is what trains
-    assert style.validation.prompts and all("{trigger}" in p for p in style.validation.prompts + style.evaluation.prompts)
+    assert style.validation.prompts and all(
+        "{trigger}" in p for p in style.validation.prompts + style.evaluation.prompts
+    )
     full = FinetuneParams.model_validate(presets()["finetune/full"]["parameters"]["params"])
     assert full.training_type == "full" and full.curate is None and full.data == style.curate.output
 
@@ -59,9 +61,14 @@ def test_a_wrong_key_or_value_is_refused_naming_the_field():
 
 def test_run_changes_merge_into_the_preset_key_by_key():
     style = presets()["finetune/style"]["parameters"]
-    merged = merge_run_parameters(style, ["max_steps=5", "curate.input=/videos", "mixed_precision=no"], {"params"})["params"]
+    merged = merge_run_parameters(style, ["max_steps=5", "curate.input=/videos", "mixed_precision=no"], {"params"})[
+        "params"
+    ]
     assert merged["max_steps"] == 5 and merged["curate"]["input"] == "/videos"
-    assert merged["curate"]["captions"] == style["params"]["curate"]["captions"] and merged["rank"] == style["params"]["rank"]
+    assert (
+        merged["curate"]["captions"] == style["params"]["curate"]["captions"]
+        and merged["rank"] == style["params"]["rank"]
+    )
     assert merged["mixed_precision"] == "no"  # YAML 1.1 would have made it False
     evaluate = presets()["evaluate/default"]["parameters"]
     merged = merge_run_parameters(evaluate, ["run=/runs/x", "inference_steps=4"], {"run", "params"})
@@ -70,8 +77,14 @@ def test_run_changes_merge_into_the_preset_key_by_key():
 
 def _start_worker(env: dict) -> str:
     """infra/worker-entrypoint.sh until its worker polls the pool (then stopped); returns what it printed."""
-    process = subprocess.Popen(["bash", str(ROOT / "infra" / "worker-entrypoint.sh")], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "infra" / "worker-entrypoint.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     try:
         for line in process.stdout:  # ends if the script exits first
@@ -97,7 +110,10 @@ def test_worker_entrypoint_creates_the_pool_the_gpu_limit_and_the_deployments_an
     nothing (an existing limit keeps its value)."""
     for stale in ("v2/concurrency_limits/gpu", "work_pools/vidtune"):  # earlier tests of this session made them
         httpx.delete(f"{prefect_api}/{stale}")
-    env = os.environ | {"PREFECT_API_URL": prefect_api, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = os.environ | {
+        "PREFECT_API_URL": prefect_api,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     _start_worker(env | {"VIDTUNE_GPU_SLOTS": "1"})
     pool = httpx.get(f"{prefect_api}/work_pools/vidtune").json()
     limit = httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu").json()
@@ -112,7 +128,9 @@ def test_worker_entrypoint_creates_the_pool_the_gpu_limit_and_the_deployments_an
     again = _start_worker(env | {"VIDTUNE_GPU_SLOTS": "3"})  # a restart
     assert "Created work pool" not in again
     assert httpx.get(f"{prefect_api}/work_pools/vidtune").json()["id"] == pool["id"]
-    assert httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu").json() | {"updated": None} == limit | {"updated": None}  # kept: 1 slot
+    assert httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu").json() | {"updated": None} == limit | {
+        "updated": None
+    }  # kept: 1 slot
     for name in presets():
         assert httpx.get(f"{prefect_api}/deployments/name/{name}").json()["id"] == stored[name]["id"], name
 
@@ -121,7 +139,10 @@ def test_worker_setup_refuses_a_pool_no_deployment_uses_before_touching_the_serv
     from vidtune.flows.workpool import main
 
     assert main(["elsewhere", "1"]) == 2  # no server is configured here: it stops before asking one
-    assert "VIDTUNE_WORK_POOL='elsewhere', but prefect.yaml's deployments use the work pool(s) ['vidtune']" in capsys.readouterr().err
+    assert (
+        "VIDTUNE_WORK_POOL='elsewhere', but prefect.yaml's deployments use the work pool(s) ['vidtune']"
+        in capsys.readouterr().err
+    )
     assert main(["vidtune", "0"]) == 2 and "GPU_SLOTS" in capsys.readouterr().err
 
 
@@ -129,5 +150,7 @@ def test_serve_against_a_configured_server_that_is_down_says_what_to_do(tmp_path
     from tests.test_ui_path import free_port
 
     env = os.environ | {"PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
-    result = subprocess.run([sys.executable, "-m", "vidtune.flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "vidtune.flows.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "does not answer" in result.stdout and "vidtune server start" in result.stdout

@@ -16,7 +16,11 @@ def test_lists_videos_recursively_and_ignores_other_files(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.MP4", "a/b/y.gif", "z.mov", "notes.txt", "a/thumb.jpg"):
         (tmp_path / name).write_bytes(b"1")
-    assert [p.removeprefix(str(tmp_path) + "/") for p in list_video_paths(str(tmp_path))] == ["a/b/y.gif", "a/x.MP4", "z.mov"]
+    assert [p.removeprefix(str(tmp_path) + "/") for p in list_video_paths(str(tmp_path))] == [
+        "a/b/y.gif",
+        "a/x.MP4",
+        "z.mov",
+    ]
 
 
 def test_missing_input_names_the_parameter(tmp_path):

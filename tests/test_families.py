@@ -31,9 +31,15 @@ def _video(frames=FRAMES, size=32, seed=0) -> torch.Tensor:
 def _render(pipe) -> np.ndarray:
     """Two denoising steps from fixed noise: equal weights give (nearly) equal videos."""
     return pipe(
-        prompt="a red car in sks style", num_frames=FRAMES, height=32, width=32, num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0),
-    ).frames  # fmt: skip
+        prompt="a red car in sks style",
+        num_frames=FRAMES,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
 
 
 def _assert_loaded_weights_are_the_trained_ones(trained: np.ndarray, loaded: np.ndarray, base: np.ndarray) -> None:
@@ -63,7 +69,9 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
 
     denoiser = getattr(pipe, family.denoiser_name)
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_lora_targets), init_lora_weights="gaussian"))
+    denoiser.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_lora_targets), init_lora_weights="gaussian")
+    )
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-3)
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +93,9 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
         losses.append(loss.item())
     assert loss_fn().item() < losses[0]
 
-    type(pipe).save_lora_weights(tmp_path / "lora", **{f"{family.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)})
+    type(pipe).save_lora_weights(
+        tmp_path / "lora", **{f"{family.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)}
+    )
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
     trained = _render(pipe)
     fresh = family.load_pipeline(str(folder))
@@ -120,7 +130,10 @@ def test_valid_frame_counts(family_model):
 
 
 def test_unknown_family_and_non_diffusers_folder(tmp_path):
-    with pytest.raises(ValueError, match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan"):
+    with pytest.raises(
+        ValueError,
+        match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan",
+    ):
         get_family("sora")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
         detect_family(tmp_path)
@@ -134,7 +147,9 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     pipe = family.load_pipeline(str(folder))
     text = family.encode_prompts(pipe, ["a red car in sks style"])
     generator = torch.Generator().manual_seed(1)
-    batch = family.objective(pipe).inputs(family.sample_latents(pipe, family.encode_video(pipe, _video(seed=1)), generator), generator)
+    batch = family.objective(pipe).inputs(
+        family.sample_latents(pipe, family.encode_video(pipe, _video(seed=1)), generator), generator
+    )
     subset_name, pattern = next(iter(family.full_subsets.items()))
     denoiser = getattr(pipe, family.denoiser_name)
     params = select_trainable(denoiser, pattern)
@@ -172,7 +187,17 @@ def test_a_family_missing_a_member_or_with_an_invalid_bucket_is_refused_when_def
     from vidtune.training.families.wan import WanFamily
 
     with pytest.raises(TypeError, match="does not set title, frame_buckets"):
-        type("Half", (ModelFamily,), {"name": "half", "pipeline_class_name": "X", "objective_kind": "flow", "full_subsets": {},
-                                      "tiny_models": {}, **{m: WanFamily.__dict__[m] for m in ("encode_prompts", "sample_latents", "objective", "predict")}})  # fmt: skip
+        type(
+            "Half",
+            (ModelFamily,),
+            {
+                "name": "half",
+                "pipeline_class_name": "X",
+                "objective_kind": "flow",
+                "full_subsets": {},
+                "tiny_models": {},
+                **{m: WanFamily.__dict__[m] for m in ("encode_prompts", "sample_latents", "objective", "predict")},
+            },
+        )
     with pytest.raises(TypeError, match=r"frame_buckets \[80\] are not frame counts"):
         type("Odd", (WanFamily,), {"name": "odd", "frame_buckets": (81, 80)})

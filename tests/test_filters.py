@@ -10,12 +10,25 @@ from vidtune.tasks.records import ClipRecord, Status
 
 
 def _row(clip_id, clip_score=0.3, motion=2.0, caption="a cat", start=0):
-    return ClipRecord(clip_id=clip_id, source="s.mp4", source_sha256="x", start_frame=start, caption=caption,
-                      clip_score=clip_score, motion_score=motion)  # fmt: skip
+    return ClipRecord(
+        clip_id=clip_id,
+        source="s.mp4",
+        source_sha256="x",
+        start_frame=start,
+        caption=caption,
+        clip_score=clip_score,
+        motion_score=motion,
+    )
 
 
 def test_each_threshold_filters_with_its_reason():
-    rows = [_row("ok"), _row("low", clip_score=0.1), _row("still", motion=0.1), _row("shaky", motion=50), _row("mute", caption="  ")]
+    rows = [
+        _row("ok"),
+        _row("low", clip_score=0.1),
+        _row("still", motion=0.1),
+        _row("shaky", motion=50),
+        _row("mute", caption="  "),
+    ]
     params = FilterParams(min_clip_score=0.2, min_motion=0.5, max_motion=30)
     out = {r.clip_id: r for r in apply_filters(rows, params)}
     assert out["ok"].status == Status.KEPT
@@ -31,7 +44,9 @@ def test_score_only_filters_nothing():
 
 
 def test_failed_and_source_rows_are_left_alone():
-    failed = ClipRecord(clip_id="f", source="s", source_sha256="x", status=Status.FAILED, reason="frames could not be sampled")
+    failed = ClipRecord(
+        clip_id="f", source="s", source_sha256="x", status=Status.FAILED, reason="frames could not be sampled"
+    )
     source = ClipRecord(clip_id=None, source="s", source_sha256=None, status=Status.FAILED, reason="not a video")
     assert apply_filters([failed, source], FilterParams(min_motion=1)) == [failed, source]
 

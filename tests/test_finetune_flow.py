@@ -33,10 +33,23 @@ def finetune_params(curated, model, tmp_path, **overrides):
     from vidtune.flows.finetune import FinetuneParams
 
     output, _, _ = curated
-    values = {"run_evaluation": False, "run_registration": False,"data": str(output), "model": model, "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-              "precompute": {"frame_buckets": BUCKETS}, "rank": 4, "learning_rate": 5e-3, "max_steps": 30,
-              "mixed_precision": "no", "checkpoint_every": 10, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-              "validation": {"prompts": ["a red car in vidtune style"], "every": 15, "inference_steps": 2}, **overrides}  # fmt: skip
+    values = {
+        "run_evaluation": False,
+        "run_registration": False,
+        "data": str(output),
+        "model": model,
+        "out": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "precompute": {"frame_buckets": BUCKETS},
+        "rank": 4,
+        "learning_rate": 5e-3,
+        "max_steps": 30,
+        "mixed_precision": "no",
+        "checkpoint_every": 10,
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "validation": {"prompts": ["a red car in vidtune style"], "every": 15, "inference_steps": 2},
+        **overrides,
+    }
     return FinetuneParams.model_validate(values)
 
 
@@ -50,7 +63,9 @@ def fixed_noise_loss(pipe, shards: list[str]) -> float:
     return sum(total) / len(total)
 
 
-def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeline(prefect_api, curated, wan_model, tmp_path):
+def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeline(
+    prefect_api, curated, wan_model, tmp_path
+):
     from vidtune.flows.finetune import finetune
 
     summary = finetune(finetune_params(curated, wan_model, tmp_path, holdout_clips=0))
@@ -65,8 +80,15 @@ def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     tuned.load_lora_weights(adapter)  # the path users take
     assert tuned.transformer.peft_config["default_0"].r == 4  # rank/alpha travel in the safetensors metadata
     assert fixed_noise_loss(tuned, shards) < fixed_noise_loss(base, shards)
-    video = tuned(prompt="a red car", num_frames=9, height=64, width=64, num_inference_steps=2, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    video = tuned(
+        prompt="a red car",
+        num_frames=9,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     assert video.shape == (1, 9, 64, 64, 3)
 
     info = json.loads((adapter / "vidtune.json").read_text())
@@ -74,7 +96,9 @@ def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["training_type"] == "lora" and run.data.params["rank"] == "4"
+    assert (
+        run.info.status == "FINISHED" and run.data.params["training_type"] == "lora" and run.data.params["rank"] == "4"
+    )
     assert {"loss", "lr", "grad_norm", "samples_per_s", "peak_memory_mb"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 30
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples/step-000015")}
@@ -86,19 +110,30 @@ def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
         with av.open(str(tmp_path / "run" / "samples" / f"step-{step:06d}" / "sample-00.mp4")) as container:
             frames = list(container.decode(video=0))
         assert len(frames) == 9 and (frames[0].width, frames[0].height) == (64, 64)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-000010", "checkpoint-000020", "checkpoint-000030"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "checkpoint-000010",
+        "checkpoint-000020",
+        "checkpoint-000030",
+    ]
 
 
 @pytest.mark.slow
-def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(prefect_api, curated, wan_model, tmp_path):
+def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
+    prefect_api, curated, wan_model, tmp_path
+):
     from vidtune.flows.finetune import finetune
 
-    summary = finetune(finetune_params(curated, wan_model, tmp_path, num_processes=2, max_steps=6, checkpoint_every=3, validation={}))
+    summary = finetune(
+        finetune_params(curated, wan_model, tmp_path, num_processes=2, max_steps=6, checkpoint_every=3, validation={})
+    )
     run = tmp_path / "run"
     seen = [set(json.loads((run / "trained_clips" / f"rank-{r:02d}.json").read_text())["clip_ids"]) for r in (0, 1)]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert summary["steps"] == 6 and (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-000006").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-000006").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert json.loads((run / "adapter" / "vidtune.json").read_text())["steps"] == 6
 
 
@@ -106,14 +141,29 @@ def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, cura
     from vidtune.flows.finetune import finetune
 
     validation = {"prompts": ["a red car, {trigger}"], "every": 4, "inference_steps": 2}
-    summary = finetune(finetune_params(curated, wan_model, tmp_path, max_steps=4, checkpoint_every=2, validation=validation, prepare_only=True))
+    summary = finetune(
+        finetune_params(
+            curated, wan_model, tmp_path, max_steps=4, checkpoint_every=2, validation=validation, prepare_only=True
+        )
+    )
     run = tmp_path / "run"
     assert summary["prepared"] and (run / "train_job.json").is_file() and not (run / "adapter").exists()
     job = json.loads((run / "train_job.json").read_text())
-    assert job["params"]["validation"]["prompts"] == ["a red car"]  # {trigger}: this dataset has none, so no dangling comma
-    launched = subprocess.run([sys.executable, "-m", "vidtune.training.launch", str(run / "train_job.json")], capture_output=True, text=True, timeout=300)
+    assert job["params"]["validation"]["prompts"] == [
+        "a red car"
+    ]  # {trigger}: this dataset has none, so no dangling comma
+    launched = subprocess.run(
+        [sys.executable, "-m", "vidtune.training.launch", str(run / "train_job.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert json.loads((run / "train_progress.json").read_text())["step"] == json.loads((run / "train_result.json").read_text())["steps"] == 4
+    assert (
+        json.loads((run / "train_progress.json").read_text())["step"]
+        == json.loads((run / "train_result.json").read_text())["steps"]
+        == 4
+    )
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -126,10 +176,14 @@ def weightless_model(wan_model, tmp_path_factory):
 
 
 def test_missing_or_empty_data_is_refused_before_the_model_loads(prefect_api, weightless_model, tmp_path, vidtune):
-    code, out = vidtune("finetune", "--data", str(tmp_path / "nope"), "--model", weightless_model, "--out", str(tmp_path / "r"))
+    code, out = vidtune(
+        "finetune", "--data", str(tmp_path / "nope"), "--model", weightless_model, "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "does not exist; curate raw videos into it first" in out
     (tmp_path / "empty" / "shards").mkdir(parents=True)
-    code, out = vidtune("finetune", "--data", str(tmp_path / "empty"), "--model", weightless_model, "--out", str(tmp_path / "r"))
+    code, out = vidtune(
+        "finetune", "--data", str(tmp_path / "empty"), "--model", weightless_model, "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "no shards in" in out
 
 
@@ -137,11 +191,15 @@ def test_no_clip_fitting_a_bucket_names_the_buckets_and_the_clips(prefect_api, c
     from vidtune.flows.finetune import finetune
     from vidtune.training.data import DatasetError
 
-    with pytest.raises(DatasetError, match=r"no clip fits a frame bucket of wan \(81 frames\): the \d+ clips have \d+-\d+ frames"):
+    with pytest.raises(
+        DatasetError, match=r"no clip fits a frame bucket of wan \(81 frames\): the \d+ clips have \d+-\d+ frames"
+    ):
         finetune(finetune_params(curated, weightless_model, tmp_path, precompute={"frame_buckets": [81]}))
 
 
-def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(prefect_api, curated, wan_model, tmp_path):
+def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(
+    prefect_api, curated, wan_model, tmp_path
+):
     """What a published model with a short RoPE table (or too-large clips) would hit deep inside attention as
     `RuntimeError: shape '[1, 1, 52, -1]' is invalid` is a message before anything loads."""
     from vidtune.flows.finetune import finetune
@@ -149,7 +207,10 @@ def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(
     model = shutil.copytree(wan_model, tmp_path / "model")
     config = json.loads((model / "transformer" / "config.json").read_text())
     (model / "transformer" / "config.json").write_text(json.dumps({**config, "rope_max_seq_len": 3}))
-    with pytest.raises(ValueError, match=r"clips.height: 64 pixels make 4 latent patches, more than this model's RoPE table holds \(transformer rope_max_seq_len = 3: at most 48 pixels\); curate smaller clips"):
+    with pytest.raises(
+        ValueError,
+        match=r"clips.height: 64 pixels make 4 latent patches, more than this model's RoPE table holds \(transformer rope_max_seq_len = 3: at most 48 pixels\); curate smaller clips",
+    ):
         finetune(finetune_params(curated, str(model), tmp_path, precompute={"frame_buckets": [9]}))
     assert not (tmp_path / "cache").exists()  # refused before precompute
 
@@ -158,14 +219,28 @@ def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path, vidtu
     from vidtune.flows.config import ParamError, build_params
     from vidtune.flows.finetune import FinetuneParams
 
-    code, out = vidtune("finetune", "--data", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "rank=0", "--set", "max_steps=0")
+    code, out = vidtune(
+        "finetune",
+        "--data",
+        str(tmp_path),
+        "--model",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        "rank=0",
+        "--set",
+        "max_steps=0",
+    )
     assert code == 2
     assert "rank: Input should be greater than 0" in out and "max_steps: Input should be greater than 0" in out
 
     base = {"data": str(tmp_path), "model": str(tmp_path), "out": str(tmp_path / "r")}
-    for sets, message in ((["training_type=full", "fp8_storage=true"], "fp8_storage: only with training_type=lora"),
-                          (["alpha=-1"], "alpha: Input should be greater than 0"),
-                          (["data_source=frames"], "data_source: Input should be 'cache' or 'shards'")):  # fmt: skip
+    for sets, message in (
+        (["training_type=full", "fp8_storage=true"], "fp8_storage: only with training_type=lora"),
+        (["alpha=-1"], "alpha: Input should be greater than 0"),
+        (["data_source=frames"], "data_source: Input should be 'cache' or 'shards'"),
+    ):
         with pytest.raises(ParamError, match=message):
             build_params(FinetuneParams, base=base, overrides=sets)
     if not torch.cuda.is_available():
@@ -177,13 +252,24 @@ def test_finetune_help_and_parameter_list(vidtune):
     _, help_text = vidtune("finetune", "--help")
     assert "--data" in help_text and "resume=latest" in help_text
     _, listing = vidtune("finetune", "--list-params")
-    for name in ("training_type", "rank", "alpha", "learning_rate", "batch_size", "max_steps", "gradient_checkpointing", "mixed_precision", "resume"):
+    for name in (
+        "training_type",
+        "rank",
+        "alpha",
+        "learning_rate",
+        "batch_size",
+        "max_steps",
+        "gradient_checkpointing",
+        "mixed_precision",
+        "resume",
+    ):
         assert name in listing
 
 
 def _task_span(api: str, flow_run_id, name: str) -> tuple[float, float]:
-    import httpx
     from datetime import datetime
+
+    import httpx
 
     body = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "task_runs": {"name": {"like_": name}}}
     (run,) = [r for r in httpx.post(f"{api}/task_runs/filter", json=body).json() if r["name"].startswith(f"{name}-")]
@@ -205,11 +291,17 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
     states = {}
 
     def run(name: str) -> None:
-        params = finetune_params(curated, wan_model, tmp_path / name, max_steps=2, gpu_limit=limit, validation={"prompts": []})
+        params = finetune_params(
+            curated, wan_model, tmp_path / name, max_steps=2, gpu_limit=limit, validation={"prompts": []}
+        )
         states[name] = finetune(params, return_state=True)
 
     def logged(text: str) -> dict[str, list[str]]:
-        return {r.flow_run_name: r.getMessage() for r in caplog.records if text in r.getMessage() and hasattr(r, "flow_run_name")}
+        return {
+            r.flow_run_name: r.getMessage()
+            for r in caplog.records
+            if text in r.getMessage() and hasattr(r, "flow_run_name")
+        }
 
     caplog.set_level("INFO")
     threads = {name: threading.Thread(target=run, args=(name,)) for name in ("first", "second")}
@@ -229,7 +321,11 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
     evaluation = {"prompts": ["a red car"], "inference_steps": 1, "clip_model": None}
     result = {}
     with concurrency(limit, occupy=1):  # another GPU job holds the only slot
-        queued = threading.Thread(target=lambda: result.update(slot=evaluate(str(tmp_path / "first" / "run"), EvaluateParams(**evaluation, gpu_limit=limit))))
+        queued = threading.Thread(
+            target=lambda: result.update(
+                slot=evaluate(str(tmp_path / "first" / "run"), EvaluateParams(**evaluation, gpu_limit=limit))
+            )
+        )
         queued.start()
         deadline = time.monotonic() + 120
         while len(logged(f"waiting for a slot of concurrency limit '{limit}'")) < 2 and time.monotonic() < deadline:

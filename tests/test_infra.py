@@ -123,7 +123,9 @@ def worker_image_files() -> dict[str, str]:
             into_folder = destination.endswith("/") or destination == "." or len(sources) > 1
             for source in sources:
                 keeps_name = into_folder and not source.endswith("/")
-                files[os.path.normpath(os.path.join(target, os.path.basename(source)) if keeps_name else target)] = source
+                files[os.path.normpath(os.path.join(target, os.path.basename(source)) if keeps_name else target)] = (
+                    source
+                )
     return files
 
 
@@ -174,7 +176,9 @@ def test_worker_reaches_the_servers_by_service_name():
     assert (prefect_api.hostname, prefect_api.port, prefect_api.path) == ("prefect-server", 4200, "/api")
     assert (mlflow_uri.hostname, mlflow_uri.port) == ("mlflow", 5000)
     assert {prefect_api.hostname, mlflow_uri.hostname} <= set(compose["services"])
-    conditions = {name: dependency["condition"] for name, dependency in compose["services"]["worker"]["depends_on"].items()}
+    conditions = {
+        name: dependency["condition"] for name, dependency in compose["services"]["worker"]["depends_on"].items()
+    }
     assert conditions == {"prefect-server": "service_healthy", "mlflow": "service_healthy"}
 
 
@@ -196,7 +200,11 @@ def test_mlflow_database_is_the_one_the_init_script_creates():
     created = set(re.findall(r"CREATE DATABASE (\w+)", "".join(s.read_text() for s in init_scripts)))
     backend = urlparse(load_compose()["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"])
     assert backend.hostname == "postgres" and backend.path.lstrip("/") in created
-    prefect_db = urlparse(load_compose(env_example()[0])["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"])
+    prefect_db = urlparse(
+        load_compose(env_example()[0])["services"]["prefect-server"]["environment"][
+            "PREFECT_API_DATABASE_CONNECTION_URL"
+        ]
+    )
     assert (prefect_db.scheme, prefect_db.hostname) == ("postgresql+asyncpg", "postgres")
 
 
@@ -224,7 +232,11 @@ def test_entrypoint_script_is_executable_and_parses():
 
 
 def test_worker_dockerfile_copies_only_existing_files_it_does_not_ignore():
-    allowed = {line[1:].rstrip("/") for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")}
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     sources = set(worker_image_files().values())
     assert {"pyproject.toml", "README.md", "flows/", "tasks/", "training/", "evaluation/"} <= sources
     for source in sources:
@@ -234,14 +246,22 @@ def test_worker_dockerfile_copies_only_existing_files_it_does_not_ignore():
 
 def test_pinned_versions_agree_between_images():
     prefect_image = compose_default("PREFECT_IMAGE")
-    assert prefect_image == arg_default(INFRA / "prefect-server.Dockerfile", "PREFECT_IMAGE") == env_example()[0]["PREFECT_IMAGE"]
+    assert (
+        prefect_image
+        == arg_default(INFRA / "prefect-server.Dockerfile", "PREFECT_IMAGE")
+        == env_example()[0]["PREFECT_IMAGE"]
+    )
     assert prefect_image.split(":")[1].startswith(arg_default(WORKER_DOCKERFILE, "PREFECT_VERSION") + "-")
-    assert arg_default(WORKER_DOCKERFILE, "MLFLOW_VERSION") == arg_default(INFRA / "mlflow.Dockerfile", "MLFLOW_VERSION")
-
+    assert arg_default(WORKER_DOCKERFILE, "MLFLOW_VERSION") == arg_default(
+        INFRA / "mlflow.Dockerfile", "MLFLOW_VERSION"
+    )
 
 
 def test_worker_pool_is_the_one_prefect_yaml_deploys_to():
-    pools = {(deployment.get("work_pool") or {}).get("name") for deployment in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    pools = {
+        (deployment.get("work_pool") or {}).get("name")
+        for deployment in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    }
     assert pools == {load_compose()["services"]["worker"]["environment"]["VIDTUNE_WORK_POOL"]}
 
 
@@ -259,10 +279,14 @@ def compose_command() -> list[str] | None:
 def test_docker_compose_accepts_the_file():
     command = compose_command()
     if command is None:
-        pytest.skip("the docker compose plugin is missing (`docker compose version` fails) and no Compose v2 `docker-compose`")
+        pytest.skip(
+            "the docker compose plugin is missing (`docker compose version` fails) and no Compose v2 `docker-compose`"
+        )
     result = subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "config", "-q"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # `config -q` prints nothing when the file is valid; the stderr check also catches wrappers that drop the exit code.
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr

@@ -25,7 +25,12 @@ FLOW_CHECKPOINTS = {  # family -> repos whose scheduler_config.json is stored in
 VP_CHECKPOINTS = {
     "cogvideox": ["THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b"],
     # SD 1.5 ships PNDM; diffusers' AnimateDiff docs configure DDIM with linear betas; Lightning ships Euler, AnimateLCM LCM
-    "animatediff": ["stable-diffusion-v1-5/stable-diffusion-v1-5", "_derived/animatediff-docs-ddim-sd15", "ByteDance/AnimateDiff-Lightning", "wangfuyun/AnimateLCM"],
+    "animatediff": [
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "_derived/animatediff-docs-ddim-sd15",
+        "ByteDance/AnimateDiff-Lightning",
+        "wangfuyun/AnimateLCM",
+    ],
     "animatediff-sdxl": ["stabilityai/stable-diffusion-xl-base-1.0", "_derived/animatediff-docs-ddim-sdxl"],
 }
 FLOW_CASES = [(family, repo) for family, repos in FLOW_CHECKPOINTS.items() for repo in repos]
@@ -35,7 +40,9 @@ LATENT_SHAPE = (4, 4, 3, 32, 32)  # batch of 4; 12k values per sample, so the no
 
 def _pipe(repo: str):
     """What a family reads to build its objective: the scheduler (as from_pretrained builds it) and patch sizes."""
-    return SimpleNamespace(scheduler=published_scheduler(repo), transformer_temporal_patch_size=1, transformer_spatial_patch_size=1)
+    return SimpleNamespace(
+        scheduler=published_scheduler(repo), transformer_temporal_patch_size=1, transformer_spatial_patch_size=1
+    )
 
 
 def _latents(seed: int = 0) -> torch.Tensor:
@@ -47,7 +54,10 @@ def _coefficients(objective, seed: int = 3):
     """Per sample: noisy = A x + B n, target = C x + D n. A, C from x vs 2x with the same seed; B/D from the
     parts left; D is pinned by the noise being standard normal (its std is 1 within ~1%)."""
     x = _latents()
-    first, second = objective.inputs(x, torch.Generator().manual_seed(seed)), objective.inputs(2 * x, torch.Generator().manual_seed(seed))
+    first, second = (
+        objective.inputs(x, torch.Generator().manual_seed(seed)),
+        objective.inputs(2 * x, torch.Generator().manual_seed(seed)),
+    )
     assert torch.equal(first.timesteps, second.timesteps)
     per_sample = lambda t: t.flatten(1).mean(1)  # noqa: E731
     a, c = per_sample((second.noisy - first.noisy) / x), per_sample((second.target - first.target) / x)
@@ -103,12 +113,16 @@ def test_vp_inputs_follow_the_published_betas_whatever_sampler_the_checkpoint_sh
     t = inputs.timesteps
     assert t.dtype == torch.int64 and ((t >= 0) & (t < config.get("num_train_timesteps", 1000))).all()
     expected = torch.from_numpy(_published_alphas_cumprod(config))[t]
-    assert torch.allclose(a**2, expected, atol=2e-5), f"signal share {a.tolist()} vs published {expected.sqrt().tolist()}"
+    assert torch.allclose(a**2, expected, atol=2e-5), (
+        f"signal share {a.tolist()} vs published {expected.sqrt().tolist()}"
+    )
     assert torch.allclose(a**2 + b**2, torch.ones_like(a), atol=0.03)  # variance preserving
     if objective.prediction_type == "epsilon":
         assert torch.allclose(c, torch.zeros_like(c), atol=1e-9) and torch.allclose(d, torch.ones_like(d), rtol=0.03)
     else:  # v = sqrt(abar) n - sqrt(1 - abar) x
-        assert torch.allclose(c, -(1 - expected).sqrt(), atol=1e-4) and torch.allclose(d, expected.sqrt(), rtol=0.03, atol=1e-3)
+        assert torch.allclose(c, -(1 - expected).sqrt(), atol=1e-4) and torch.allclose(
+            d, expected.sqrt(), rtol=0.03, atol=1e-3
+        )
     assert objective.prediction_type == ("v_prediction" if family_name == "cogvideox" else "epsilon")
 
 
@@ -121,13 +135,21 @@ def test_the_checkpoint_flow_shift_is_applied_and_a_parameter_overrides_it():
     shift = config["flow_shift"]
     wan = get_family("wan")
     # logit-normal around 0 has median 0.5; shifted by k it becomes k / (1 + k)
-    assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"))) == pytest.approx(shift / (1 + shift), abs=0.02)
-    assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ObjectiveParams(flow_shift=1.0))) == pytest.approx(0.5, abs=0.02)
+    assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"))) == pytest.approx(
+        shift / (1 + shift), abs=0.02
+    )
+    assert _median_sigma(
+        wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ObjectiveParams(flow_shift=1.0))
+    ) == pytest.approx(0.5, abs=0.02)
     unshifted = ObjectiveParams(timestep_sampling="uniform")
-    assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), unshifted)) == pytest.approx(0.5, abs=0.03)
+    assert _median_sigma(wan.objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), unshifted)) == pytest.approx(
+        0.5, abs=0.03
+    )
     hunyuan = get_family("hunyuan-video")  # FlowMatchEuler's fixed `shift` (7), whatever the token count
     for tokens in (256, 3 * 32 * 32):
-        assert _median_sigma(hunyuan.objective(_pipe("hunyuanvideo-community/HunyuanVideo")), tokens) == pytest.approx(7 / 8, abs=0.02)
+        assert _median_sigma(hunyuan.objective(_pipe("hunyuanvideo-community/HunyuanVideo")), tokens) == pytest.approx(
+            7 / 8, abs=0.02
+        )
 
 
 def test_ltx_shifts_by_token_count_as_its_scheduler_declares():
@@ -136,7 +158,9 @@ def test_ltx_shifts_by_token_count_as_its_scheduler_declares():
     ltx = get_family("ltx-video")
     for frames, size in ((3, 32), (4, 64)):
         tokens = frames * size * size
-        slope = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
+        slope = (config["max_shift"] - config["base_shift"]) / (
+            config["max_image_seq_len"] - config["base_image_seq_len"]
+        )
         mu = config["base_shift"] + slope * (tokens - config["base_image_seq_len"])
         expected = 1 / (1 + math.exp(-mu))  # median of sigmoid(N(0,1)) shifted by exp(mu)
         objective = ltx.objective(_pipe("Lightricks/LTX-Video"))
@@ -153,10 +177,14 @@ def test_timestep_bounds_and_sampling_modes():
         params = ObjectiveParams(timestep_sampling=mode, min_timestep=200, max_timestep=700, sigmoid_scale=2.0)
         t = wan.objective(pipe, params).inputs(torch.zeros(512, 4, 1, 2, 2), torch.Generator().manual_seed(1)).timesteps
         assert t.min() >= 200 and t.max() <= 700 and t.std() > 50, mode
-    bf16 = wan.objective(pipe).inputs(torch.zeros(64, 4, 1, 2, 2, dtype=torch.bfloat16), torch.Generator().manual_seed(2))
+    bf16 = wan.objective(pipe).inputs(
+        torch.zeros(64, 4, 1, 2, 2, dtype=torch.bfloat16), torch.Generator().manual_seed(2)
+    )
     assert bf16.timesteps.dtype == torch.float32 and bf16.noisy.dtype == torch.bfloat16  # timesteps not rounded to bf16
     assert torch.allclose(bf16.timesteps, 1000 * wan.objective(pipe).sigmas(64, 4, torch.Generator().manual_seed(2)))
-    vp = get_family("cogvideox").objective(_pipe("THUDM/CogVideoX-2b"), ObjectiveParams(min_timestep=100, max_timestep=300))
+    vp = get_family("cogvideox").objective(
+        _pipe("THUDM/CogVideoX-2b"), ObjectiveParams(min_timestep=100, max_timestep=300)
+    )
     t = vp.inputs(torch.zeros(512, 4, 1, 2, 2), torch.Generator().manual_seed(1)).timesteps
     assert t.min() >= 100 and t.max() <= 299
 
@@ -165,7 +193,9 @@ def test_min_snr_gamma_and_flow_loss_weighting():
     family = get_family("animatediff")
     objective = family.objective(_pipe("stable-diffusion-v1-5/stable-diffusion-v1-5"), ObjectiveParams(snr_gamma=5.0))
     inputs = objective.inputs(torch.zeros(256, 4, 1, 2, 2), torch.Generator().manual_seed(0))
-    alpha_bar = torch.from_numpy(_published_alphas_cumprod(published_scheduler_config("stable-diffusion-v1-5/stable-diffusion-v1-5")))
+    alpha_bar = torch.from_numpy(
+        _published_alphas_cumprod(published_scheduler_config("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    )
     snr = (alpha_bar / (1 - alpha_bar))[inputs.timesteps]
     expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
     assert torch.allclose(inputs.weighting.flatten().double(), expected, rtol=1e-3)
@@ -173,14 +203,23 @@ def test_min_snr_gamma_and_flow_loss_weighting():
 
     cog = get_family("cogvideox").objective(_pipe("THUDM/CogVideoX-2b"), ObjectiveParams(snr_gamma=5.0))
     inputs = cog.inputs(torch.zeros(256, 4, 1, 2, 2), torch.Generator().manual_seed(0))
-    alpha_bar = torch.from_numpy(_published_alphas_cumprod(published_scheduler_config("THUDM/CogVideoX-2b")))[inputs.timesteps]
+    alpha_bar = torch.from_numpy(_published_alphas_cumprod(published_scheduler_config("THUDM/CogVideoX-2b")))[
+        inputs.timesteps
+    ]
     snr = alpha_bar / (1 - alpha_bar)
-    assert torch.allclose(inputs.weighting.flatten().double(), torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(
+        inputs.weighting.flatten().double(),
+        torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1),
+        rtol=1e-3,
+        atol=1e-6,
+    )
 
-    wan = get_family("wan").objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ObjectiveParams(loss_weighting="sigma_sqrt"))
+    wan = get_family("wan").objective(
+        _pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ObjectiveParams(loss_weighting="sigma_sqrt")
+    )
     inputs = wan.inputs(torch.zeros(64, 4, 1, 2, 2), torch.Generator().manual_seed(0))
     s = inputs.timesteps / 1000
-    assert torch.allclose(inputs.weighting.flatten(), s ** -2.0, rtol=1e-4)  # SD3's sigma_sqrt weight
+    assert torch.allclose(inputs.weighting.flatten(), s**-2.0, rtol=1e-4)  # SD3's sigma_sqrt weight
 
 
 def test_settings_that_do_not_apply_to_the_family_are_refused_by_name():

@@ -34,14 +34,25 @@ def installed(tmp_path_factory) -> Path:
     for folder in FOLDERS:
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source)], capture_output=True, text=True)
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp / "dist").glob("vidtune-*.whl")
     env = tmp / "venv"
     venv.create(env, with_pip=False)
     python = env / "bin" / "python"
-    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--quiet", str(wheel)], check=True, capture_output=True)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True)
+    subprocess.run(
+        [*pip, "--python", str(python), "install", "--no-deps", "--quiet", str(wheel)], check=True, capture_output=True
+    )
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (Path(purelib.stdout.strip()) / "vidtune-test-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return python
 
@@ -50,7 +61,9 @@ def test_the_wheel_imports_from_a_prefect_project_with_its_own_flows_and_tasks(i
     project = tmp_path / "user-project"
     for own in FOLDERS:
         (project / own).mkdir(parents=True)
-        (project / own / "__init__.py").write_text(f"raise ImportError(\"the user project's own {own} package was imported\")\n")
+        (project / own / "__init__.py").write_text(
+            f'raise ImportError("the user project\'s own {own} package was imported")\n'
+        )
     entrypoints = sorted({d["entrypoint"] for d in load_deployments(ROOT / "prefect.yaml")})
     check = textwrap.dedent(f"""
         import importlib, pkgutil, sys
@@ -67,9 +80,21 @@ def test_the_wheel_imports_from_a_prefect_project_with_its_own_flows_and_tasks(i
     result = subprocess.run([str(installed), "-c", check], cwd=project, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert len([line for line in lines if "-> " in line and f"{installed.parent.parent}/lib/" in line]) == len(entrypoints), result.stdout
+    assert len([line for line in lines if "-> " in line and f"{installed.parent.parent}/lib/" in line]) == len(
+        entrypoints
+    ), result.stdout
     assert lines[-1] == "short names imported: []"
-    assert any((installed.parent.parent / "lib").glob("python*/site-packages/vidtune/training/model_configs/*/*/model_index.json"))  # package data
+    assert any(
+        (installed.parent.parent / "lib").glob(
+            "python*/site-packages/vidtune/training/model_configs/*/*/model_index.json"
+        )
+    )  # package data
 
-    cli = subprocess.run([str(installed.parent / "vidtune"), "curate", "--help"], cwd=project, capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [str(installed.parent / "vidtune"), "curate", "--help"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0 and "manifest.parquet" in cli.stdout, cli.stdout + cli.stderr

@@ -52,14 +52,30 @@ def runs(prefect_api, curated, wan_model, tiny_clip, tiny_i3d, tmp_path_factory)
     root = tmp_path_factory.mktemp("runs")
     made = {}
     for name, steps, lr in (("strong", 30, 5e-3), ("weak", 3, 2e-4)):
-        params = FinetuneParams.model_validate({
-            "data": str(output), "model": wan_model, "out": str(root / name), "cache_dir": str(root / "cache"),
-            "precompute": {"frame_buckets": BUCKETS}, "rank": 4, "learning_rate": lr, "max_steps": steps,
-            "mixed_precision": "no", "checkpoint_every": 100, "tracking_uri": f"sqlite:///{root}/mlflow.db",
-            "run_registration": False, "holdout_clips": 3,
-            "evaluation": {"prompts": ["a red car", "a blue sky"], "inference_steps": 2, "clip_model": TINY_CLIP,
-                           "clip_pretrained": str(tiny_clip), "i3d_path": tiny_i3d},
-        })  # fmt: skip
+        params = FinetuneParams.model_validate(
+            {
+                "data": str(output),
+                "model": wan_model,
+                "out": str(root / name),
+                "cache_dir": str(root / "cache"),
+                "precompute": {"frame_buckets": BUCKETS},
+                "rank": 4,
+                "learning_rate": lr,
+                "max_steps": steps,
+                "mixed_precision": "no",
+                "checkpoint_every": 100,
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "run_registration": False,
+                "holdout_clips": 3,
+                "evaluation": {
+                    "prompts": ["a red car", "a blue sky"],
+                    "inference_steps": 2,
+                    "clip_model": TINY_CLIP,
+                    "clip_pretrained": str(tiny_clip),
+                    "i3d_path": tiny_i3d,
+                },
+            }
+        )
         made[name] = finetune(params)
     return root, made
 
@@ -92,7 +108,12 @@ def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs, prefect_ap
 
 
 def test_gate_decisions():
-    better = {"val_loss_base": 2.0, "val_loss_adapted": 1.5, "clip_alignment_base": 0.30, "clip_alignment_adapted": 0.29}
+    better = {
+        "val_loss_base": 2.0,
+        "val_loss_adapted": 1.5,
+        "clip_alignment_base": 0.30,
+        "clip_alignment_adapted": 0.29,
+    }
     assert decide(better, None, clip_tolerance=0.02).promote
     assert not decide({**better, "val_loss_adapted": 2.1}, None, 0.02).promote  # worse than the base
     assert not decide({**better, "clip_alignment_adapted": 0.27}, None, 0.02).promote  # alignment dropped too far
@@ -120,8 +141,13 @@ def test_a_better_adapter_is_promoted_a_worse_one_never_and_registering_twice_ad
     assert gate["promote"] and gate["version"] == strong.version
     run = client.get_run(made["strong"]["mlflow_run_id"])
     assert run.data.tags["vidtune.gate"] == "promoted to champion"
-    assert run.data.metrics["eval_val_loss_adapted"] < run.data.metrics["eval_val_loss_base"]  # metrics and samples on the run
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {"evaluation/contact_sheet.png", "evaluation/samples"}
+    assert (
+        run.data.metrics["eval_val_loss_adapted"] < run.data.metrics["eval_val_loss_base"]
+    )  # metrics and samples on the run
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
+        "evaluation/contact_sheet.png",
+        "evaluation/samples",
+    }
 
 
 def test_a_weaker_adapter_after_a_stronger_champion_is_a_new_version_and_stays_challenger(runs):
@@ -204,13 +230,25 @@ def test_generate_from_the_champion_writes_the_requested_frames(runs, tmp_path):
     root, _ = runs
     uri = f"sqlite:///{root}/mlflow.db"
     register_run(root / "strong", "style-c", uri)
-    out = generate("models:/style-c@champion", "a red car", tmp_path / "car.mp4", tracking_uri=uri, steps=2, num_frames=13, height=32, width=48)
+    out = generate(
+        "models:/style-c@champion",
+        "a red car",
+        tmp_path / "car.mp4",
+        tracking_uri=uri,
+        steps=2,
+        num_frames=13,
+        height=32,
+        width=48,
+    )
     with av.open(str(out)) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 13 and (frames[0].width, frames[0].height) == (48, 32)
     gif = generate("models:/style-c/1", "a red car", tmp_path / "car.gif", tracking_uri=uri, steps=2, lora_scale=0.5)
     assert gif.stat().st_size > 0  # default size: the training clips'
-    with pytest.raises(ModelNotFound, match=r"models:/style-c@best does not exist; registered versions of style-c: v1 \[challenger, champion\]"):
+    with pytest.raises(
+        ModelNotFound,
+        match=r"models:/style-c@best does not exist; registered versions of style-c: v1 \[challenger, champion\]",
+    ):
         generate("models:/style-c@best", "x", tmp_path / "x.mp4", tracking_uri=uri)
 
 
@@ -218,7 +256,10 @@ def test_an_unreachable_registry_fails_clearly_and_keeps_the_weights(runs, monke
     root, _ = runs
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with pytest.raises(RegistryError, match=r"MLflow at http://127.0.0.1:9 is unreachable .*weights are kept in .*adapter; register them later with: vidtune register .*weak --set name=style-d"):
+    with pytest.raises(
+        RegistryError,
+        match=r"MLflow at http://127.0.0.1:9 is unreachable .*weights are kept in .*adapter; register them later with: vidtune register .*weak --set name=style-d",
+    ):
         register_run(root / "weak", "style-d", "http://127.0.0.1:9", attempts=2)
     assert (root / "weak" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -228,17 +269,30 @@ def test_a_full_fine_tune_registers_as_a_pipeline_and_generates(prefect_api, cur
     from vidtune.flows.finetune import FinetuneParams, finetune
 
     output, _, _ = curated
-    params = FinetuneParams.model_validate({
-        "data": str(output), "model": wan_model, "out": str(tmp_path / "full"), "cache_dir": str(tmp_path / "cache"),
-        "precompute": {"frame_buckets": BUCKETS}, "training_type": "full", "full_modules": "attention", "max_steps": 2,
-        "mixed_precision": "no", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "run_evaluation": False, "run_registration": False,
-    })  # fmt: skip
+    params = FinetuneParams.model_validate(
+        {
+            "data": str(output),
+            "model": wan_model,
+            "out": str(tmp_path / "full"),
+            "cache_dir": str(tmp_path / "cache"),
+            "precompute": {"frame_buckets": BUCKETS},
+            "training_type": "full",
+            "full_modules": "attention",
+            "max_steps": 2,
+            "mixed_precision": "no",
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "run_evaluation": False,
+            "run_registration": False,
+        }
+    )
     finetune(params)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     registration = register_run(tmp_path / "full", "style-full", uri)
     assert registration.created and not registration.decision.promote  # not evaluated: registered, never champion
     assert registration.aliases == [CHALLENGER]
-    out = generate("models:/style-full@challenger", "a red car", tmp_path / "full.mp4", tracking_uri=uri, steps=2, num_frames=9)
+    out = generate(
+        "models:/style-full@challenger", "a red car", tmp_path / "full.mp4", tracking_uri=uri, steps=2, num_frames=9
+    )
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9
 
@@ -250,12 +304,25 @@ def test_a_run_trained_further_is_a_new_version_not_the_old_one_relabelled(runs,
     uri = f"sqlite:///{root}/mlflow.db"
     first = register_run(root / "weak", "style-f", uri)
     job = json.loads((root / "weak" / "train_job.json").read_text())
-    params = FinetuneParams.model_validate({
-        "data": job["tags"]["data"], "model": job["model"], "out": str(root / "weak"), "cache_dir": str(root / "cache"),
-        "precompute": {"frame_buckets": BUCKETS}, "rank": 4, "learning_rate": 2e-4, "max_steps": 6, "resume": "latest",
-        "mixed_precision": "no", "checkpoint_every": 100, "tracking_uri": uri, "run_registration": False, "holdout_clips": 3,
-        "evaluation": {"prompts": ["a red car"], "inference_steps": 2, "clip_model": None},
-    })  # fmt: skip
+    params = FinetuneParams.model_validate(
+        {
+            "data": job["tags"]["data"],
+            "model": job["model"],
+            "out": str(root / "weak"),
+            "cache_dir": str(root / "cache"),
+            "precompute": {"frame_buckets": BUCKETS},
+            "rank": 4,
+            "learning_rate": 2e-4,
+            "max_steps": 6,
+            "resume": "latest",
+            "mixed_precision": "no",
+            "checkpoint_every": 100,
+            "tracking_uri": uri,
+            "run_registration": False,
+            "holdout_clips": 3,
+            "evaluation": {"prompts": ["a red car"], "inference_steps": 2, "clip_model": None},
+        }
+    )
     finetune(params)
     assert json.loads((root / "weak" / "train_job.json").read_text())["holdout_clip_ids"] == job["holdout_clip_ids"]
     second = register_run(root / "weak", "style-f", uri)

@@ -25,7 +25,9 @@ def _env(prefect_api: str) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, raw_videos, tmp_path, cli_sets, make_params):
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
+    prefect_api, raw_videos, tmp_path, cli_sets, make_params
+):
     from vidtune.flows.curate import curate
 
     folder, videos = raw_videos
@@ -33,9 +35,12 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, r
     curate(make_params(folder, reference, workers=1))  # the same settings as cli_sets, in this process
 
     proc = subprocess.Popen(
-        _curate_cmd(folder, resumed, cli_sets), env=_env(prefect_api), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        _curate_cmd(folder, resumed, cli_sets),
+        env=_env(prefect_api),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     staging = resumed / ".vidtune" / "staging"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(staging.glob("*/rows.json"))) < 2:
@@ -48,7 +53,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(prefect_api, r
     for shard in (resumed / "shards").glob("*.tar"):  # whatever is visible is complete
         list(wds.WebDataset(str(shard), shardshuffle=False))
 
-    rerun = subprocess.run(_curate_cmd(folder, resumed, cli_sets), env=_env(prefect_api), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        _curate_cmd(folder, resumed, cli_sets), env=_env(prefect_api), capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"skipped {done_before_kill} sources already curated" in rerun.stdout + rerun.stderr
 

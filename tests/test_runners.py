@@ -29,7 +29,9 @@ def test_a_local_dask_cluster_listens_on_loopback_only_without_a_dashboard():
         client = runner.client
         assert client.wait_for_workers(1, timeout=60) is None
         port = client.scheduler_info()["services"]["dashboard"]  # distributed's name for its HTTP server
-        assert _get(f"http://127.0.0.1:{port}/health") == 200 and _get(f"http://127.0.0.1:{port}/status") == 404  # no dashboard page
+        assert (
+            _get(f"http://127.0.0.1:{port}/health") == 200 and _get(f"http://127.0.0.1:{port}/status") == 404
+        )  # no dashboard page
         me = psutil.Process()
         addresses = _listening(me) + [ip for child in me.children(recursive=True) for ip in _listening(child)]
         assert addresses and set(addresses) == {"127.0.0.1"}, addresses

@@ -91,17 +91,28 @@ def test_hard_cut_f1_and_no_clip_crosses_a_boundary(tmp_path):
     for seed in range(9):
         fps = (24, 25, 30, 29.97)[seed % 4]
         video = render_video(
-            tmp_path / f"v{seed}.mp4", seconds=7, fps=fps, width=(320, 256, 400)[seed % 3],
-            height=(240, 256, 224)[seed % 3], shots=5, transition=("cut", "fade", "dissolve")[seed % 3], seed=seed,
-        )  # fmt: skip
+            tmp_path / f"v{seed}.mp4",
+            seconds=7,
+            fps=fps,
+            width=(320, 256, 400)[seed % 3],
+            height=(240, 256, 224)[seed % 3],
+            shots=5,
+            transition=("cut", "fade", "dissolve")[seed % 3],
+            seed=seed,
+        )
         source = Source(str(video.path), f"{seed:064d}", 1, local_path=str(video.path))
-        result = extract_clips(source, probe_video(str(video.path)), SceneParams(), ClipParams(width=32, height=32, fps=4), tmp_path)
+        result = extract_clips(
+            source, probe_video(str(video.path)), SceneParams(), ClipParams(width=32, height=32, fps=4), tmp_path
+        )
         detected_f1.append(score_cuts(result.cuts, video.cuts, video.transitions, tolerance=1)[2])
         boundaries = [(c - 1, c) for c in video.cuts] + video.transitions
         crossings += [
             (seed, r.start_frame, r.end_frame)
-            for r in result.rows if r.clip_id for a, b in boundaries if r.start_frame <= b and a < r.end_frame
-        ]  # fmt: skip
+            for r in result.rows
+            if r.clip_id
+            for a, b in boundaries
+            if r.start_frame <= b and a < r.end_frame
+        ]
     assert sum(detected_f1) / len(detected_f1) >= 0.95, detected_f1
     assert crossings == []
 
@@ -109,7 +120,13 @@ def test_hard_cut_f1_and_no_clip_crosses_a_boundary(tmp_path):
 def test_adaptive_detector_finds_the_cuts_too(tmp_path):
     video = render_video(tmp_path / "a.mp4", seconds=6, fps=25, shots=4, seed=3)
     source = Source(str(video.path), "a" * 64, 1, local_path=str(video.path))
-    result = extract_clips(source, probe_video(str(video.path)), SceneParams(detector="adaptive"), ClipParams(width=32, height=32, fps=4), tmp_path)
+    result = extract_clips(
+        source,
+        probe_video(str(video.path)),
+        SceneParams(detector="adaptive"),
+        ClipParams(width=32, height=32, fps=4),
+        tmp_path,
+    )
     assert score_cuts(result.cuts, video.cuts, tolerance=1)[2] >= 0.95
 
 
@@ -117,9 +134,13 @@ def test_hd_sources_detect_cuts_from_plane_thumbnails(tmp_path):
     """720p frames take the point-sampled thumbnail path (yuv420p, >= 2x the detection width)."""
     from vidtune.tasks.extract import detection_thumbnail
 
-    video = render_video(tmp_path / "hd.mp4", seconds=4, fps=25, width=1280, height=720, shots=4, transition="dissolve", seed=4)
+    video = render_video(
+        tmp_path / "hd.mp4", seconds=4, fps=25, width=1280, height=720, shots=4, transition="dissolve", seed=4
+    )
     source = Source(str(video.path), "d" * 64, 1, local_path=str(video.path))
-    result = extract_clips(source, probe_video(str(video.path)), SceneParams(), ClipParams(width=32, height=32, fps=4), tmp_path)
+    result = extract_clips(
+        source, probe_video(str(video.path)), SceneParams(), ClipParams(width=32, height=32, fps=4), tmp_path
+    )
     assert score_cuts(result.cuts, video.cuts, video.transitions)[2] >= 0.95
     boundaries = [(c - 1, c) for c in video.cuts] + video.transitions
     assert not [r for r in result.rows if r.clip_id for a, b in boundaries if r.start_frame <= b and a < r.end_frame]

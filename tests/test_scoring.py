@@ -38,10 +38,15 @@ def test_motion_score_measures_a_known_pan():
 def test_clip_scorer_loads_weights_from_a_file_and_returns_unit_embeddings(tiny_clip):
     scorer = ClipScorer(TINY_CLIP, str(tiny_clip), "cpu")
     rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 255, (4, 48, 48, 3), dtype=np.uint8), rng.integers(0, 255, (2, 48, 48, 3), dtype=np.uint8)]
+    frames = [
+        rng.integers(0, 255, (4, 48, 48, 3), dtype=np.uint8),
+        rng.integers(0, 255, (2, 48, 48, 3), dtype=np.uint8),
+    ]
     scores, embeddings = scorer.score(frames, ["a red car", "a blue sky"])
     assert len(scores) == 2 and all(-1 <= s <= 1 for s in scores)
-    assert embeddings.shape == (2, 32) and np.allclose(np.linalg.norm(embeddings.astype(np.float32), axis=1), 1, atol=1e-2)
+    assert embeddings.shape == (2, 32) and np.allclose(
+        np.linalg.norm(embeddings.astype(np.float32), axis=1), 1, atol=1e-2
+    )
     same = [np.repeat(frames[0][:1], 3, axis=0)]
     one = [frames[0][:1]]
     assert scorer.score(same, ["x"])[0][0] == pytest.approx(scorer.score(one, ["x"])[0][0], abs=1e-5)
@@ -61,11 +66,15 @@ def test_the_weights_in_the_file_are_the_ones_scoring_even_when_the_file_is_repl
     frames = [np.random.default_rng(0).integers(0, 255, (2, 48, 48, 3), dtype=np.uint8)]
     scores = ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(weights))
     first = Annotators.load(CaptionParams(), scores).clip.score(frames, ["a red car"])[0][0]
-    assert ClipScorer(TINY_CLIP, str(tiny_clip), "cpu").score(frames, ["a red car"])[0][0] == pytest.approx(first, abs=1e-6)
+    assert ClipScorer(TINY_CLIP, str(tiny_clip), "cpu").score(frames, ["a red car"])[0][0] == pytest.approx(
+        first, abs=1e-6
+    )
     build_tiny_clip(weights, seed=1)  # other weights, same path (a warm worker has the old ones loaded)
     second = Annotators.load(CaptionParams(), scores).clip.score(frames, ["a red car"])[0][0]
     assert abs(second - first) > 1e-3
-    assert ClipScorer(TINY_CLIP, str(weights), "cpu").score(frames, ["a red car"])[0][0] == pytest.approx(second, abs=1e-6)
+    assert ClipScorer(TINY_CLIP, str(weights), "cpu").score(frames, ["a red car"])[0][0] == pytest.approx(
+        second, abs=1e-6
+    )
 
 
 def test_a_clip_whose_frames_cannot_be_read_fails_alone(tmp_path, tiny_clip):
@@ -75,7 +84,13 @@ def test_a_clip_whose_frames_cannot_be_read_fails_alone(tmp_path, tiny_clip):
     frames = [_yuv(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(16)]
     encode_clip(frames, tmp_path / "good.mp4", 8, ClipParams(width=32, height=32))
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
-    rows = annotate_clips([good, bad], tmp_path, None, CaptionParams(trigger="t"), ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(tiny_clip)))
+    rows = annotate_clips(
+        [good, bad],
+        tmp_path,
+        None,
+        CaptionParams(trigger="t"),
+        ScoreParams(clip_model=TINY_CLIP, clip_pretrained=str(tiny_clip)),
+    )
     assert bad.status == Status.FAILED and "frames could not be sampled" in bad.reason
     assert good.status == Status.KEPT and good.clip_score is not None and good.motion_score is not None
     assert (tmp_path / "good.npy").exists() and rows == [good, bad]

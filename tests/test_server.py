@@ -17,9 +17,9 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from tests.test_ui_path import free_port
 from vidtune.flows.server import configured_api_url, pid_alive
 from vidtune.flows.worker import fingerprint
-from tests.test_ui_path import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,24 +33,43 @@ def listening(port: int) -> bool:
 
 
 def vidtune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vidtune.flows.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [sys.executable, "-m", "vidtune.flows.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
-def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_ends_them(tmp_path, raw_videos, cli_sets):
+def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_ends_them(
+    tmp_path, raw_videos, cli_sets
+):
     raw = tmp_path / "raw"
     raw.mkdir()
     shutil.copy(raw_videos[1][0].path, raw)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
-        "VIDTUNE_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect-home"), "VIDTUNE_SERVER_PORT": str(port),
-        "VIDTUNE_WORKER": "1", "VIDTUNE_LOCAL_SERVER": "1", "COLUMNS": "200",
-    }  # fmt: skip
+        "VIDTUNE_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "VIDTUNE_SERVER_PORT": str(port),
+        "VIDTUNE_WORKER": "1",
+        "VIDTUNE_LOCAL_SERVER": "1",
+        "COLUMNS": "200",
+    }
     status = lambda: json.loads(vidtune("server", "status", "--json", env=env, cwd=tmp_path).stdout)  # noqa: E731
     try:
-        first = vidtune("curate", "raw", "out1", *cli_sets, env=env, cwd=tmp_path)  # relative paths: the caller's folder
+        first = vidtune(
+            "curate", "raw", "out1", *cli_sets, env=env, cwd=tmp_path
+        )  # relative paths: the caller's folder
         assert first.returncode == 0, first.stdout + first.stderr
         said = first.stdout + first.stderr
-        assert "starting a local Prefect server" in said and f"http://127.0.0.1:{port}" in said and "vidtune server stop" in said
+        assert (
+            "starting a local Prefect server" in said
+            and f"http://127.0.0.1:{port}" in said
+            and "vidtune server stop" in said
+        )
         assert "started a warm vidtune worker" in said and "127.0.0.1 only" in said
 
         second = vidtune("curate", "raw", "out2", *cli_sets, env=env, cwd=tmp_path)
@@ -58,8 +77,13 @@ def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_e
         state = status()
         (worker,) = state["workers"]
         assert state["server"]["healthy"] and state["server"]["port"] == port and worker["served"] == 2
-        assert ["vidtune-tiny-clip", cli_sets[-1].split("=", 2)[2], "cpu"] in worker["models"]  # CLIP stays loaded for the next run
-        kept = [sorted(pq.read_table(tmp_path / o / "manifest.parquet").to_pandas().query("status == 'kept'").clip_id) for o in ("out1", "out2")]
+        assert ["vidtune-tiny-clip", cli_sets[-1].split("=", 2)[2], "cpu"] in worker[
+            "models"
+        ]  # CLIP stays loaded for the next run
+        kept = [
+            sorted(pq.read_table(tmp_path / o / "manifest.parquet").to_pandas().query("status == 'kept'").clip_id)
+            for o in ("out1", "out2")
+        ]
         assert kept[0] == kept[1] and kept[0]  # the same work as in-process
         runs = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter", json={}).json()
         assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED"]  # both runs are in the UI
@@ -69,8 +93,13 @@ def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_e
 
         # Ctrl-C in the caller interrupts the run in the worker; the worker stays up for the next command
         log = (tmp_path / "interrupted.log").open("w")
-        caller = subprocess.Popen([sys.executable, "-m", "vidtune.flows.cli", "curate", str(raw_videos[0]), "out4", *cli_sets],
-                                  env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        caller = subprocess.Popen(
+            [sys.executable, "-m", "vidtune.flows.cli", "curate", str(raw_videos[0]), "out4", *cli_sets],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while "Beginning flow run" not in (tmp_path / "interrupted.log").read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -79,7 +108,11 @@ def test_first_command_starts_server_and_worker_later_ones_reuse_them_and_stop_e
         assert status()["workers"][0]["served"] == 4
     finally:
         stopped = vidtune("server", "stop", env=env, cwd=tmp_path)
-    assert stopped.returncode == 0 and "stopped 1 warm worker(s)" in stopped.stdout and "stopped the Prefect server" in stopped.stdout
+    assert (
+        stopped.returncode == 0
+        and "stopped 1 warm worker(s)" in stopped.stdout
+        and "stopped the Prefect server" in stopped.stdout
+    )
     assert not pid_alive(state["server"]["pid"]) and not pid_alive(worker["pid"]) and not listening(port)
     assert status() == {"server": None, "workers": [], "configured_api_url": None}
 
@@ -88,7 +121,9 @@ def test_a_configured_api_wins_and_the_worker_is_per_environment(tmp_path, monke
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     assert configured_api_url() is None
-    (tmp_path / "profiles.toml").write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n')
+    (tmp_path / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n'
+    )
     assert configured_api_url() == "http://prefect.internal:4200/api"  # the active profile, as Prefect reads it
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert configured_api_url() == "http://127.0.0.1:9/api"

@@ -21,7 +21,9 @@ def _rows(tmp_path, n, size=50_000):
 
 def test_shards_are_bounded_and_hold_every_kept_clip(tmp_path):
     rows = _rows(tmp_path, 10)
-    shard_of = pack_shards(rows, lambda r: tmp_path / f"{r.clip_id}.mp4", tmp_path / "shards", ShardParams(max_shard_mb=0.1))
+    shard_of = pack_shards(
+        rows, lambda r: tmp_path / f"{r.clip_id}.mp4", tmp_path / "shards", ShardParams(max_shard_mb=0.1)
+    )
     shards = sorted((tmp_path / "shards").glob("shard-*.tar"))
     assert len(shards) == 5  # a third 50 kB clip would take a shard past 0.1 MB
     assert all(s.stat().st_size <= 0.1 * 2**20 + 10 * 1024 for s in shards)  # + tar headers

@@ -25,18 +25,34 @@ def test_tiny_wan_loads_with_from_pretrained_and_generates(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "wan")
     assert isinstance(pipe, WanPipeline)
     video = pipe(
-        prompt="a red car in sks style", num_frames=5, height=32, width=32, num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0),
-    ).frames  # fmt: skip
+        prompt="a red car in sks style",
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
 
 
 def test_unknown_family_lists_the_supported_ones(tmp_path):
     result = CliRunner().invoke(app, ["tiny-model", "sora", str(tmp_path / "x")], env={"COLUMNS": "200"})
-    assert result.exit_code == 2 and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan, wan-14b" in result.output
+    assert (
+        result.exit_code == 2
+        and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan, wan-14b"
+        in result.output
+    )
 
 
-IGNORED = {"architectures", "torch_dtype", "dtype", "transformers_version", "vocab_size"}  # metadata; vocab: our tokenizer's
+IGNORED = {
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "vocab_size",
+}  # metadata; vocab: our tokenizer's
 
 
 def _saved_config(folder: Path, component: str) -> dict:
@@ -62,7 +78,11 @@ def _as_loaded(config: dict) -> dict:
 
 def _as_2d(value):
     """AnimateDiff pipelines turn an SD UNet's blocks into motion blocks (CrossAttnDownBlock2D -> ...Motion)."""
-    return [v.replace("Motion", "2D") for v in value] if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+    return (
+        [v.replace("Motion", "2D") for v in value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else value
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -73,18 +93,41 @@ def test_tiny_models_are_the_published_configs_with_only_sizes_shrunk(name, tmp_
     folder = build_tiny(name, tmp_path / name)
     for component, part in spec.parts.items():
         file = "scheduler_config.json" if component == "scheduler" else "config.json"
-        published, saved = _as_loaded(published_config(part.repo, f"{part.path}/{file}")), _saved_config(folder, component)
-        changed = {key for key, value in published.items() if not key.startswith("_") and key not in IGNORED and key in saved and value is not None and _as_2d(saved[key]) != value}
-        if component.startswith("text_encoder"):  # special-token ids may change only to the same tokens in our vocabulary
+        published, saved = (
+            _as_loaded(published_config(part.repo, f"{part.path}/{file}")),
+            _saved_config(folder, component),
+        )
+        changed = {
+            key
+            for key, value in published.items()
+            if not key.startswith("_")
+            and key not in IGNORED
+            and key in saved
+            and value is not None
+            and _as_2d(saved[key]) != value
+        }
+        if component.startswith(
+            "text_encoder"
+        ):  # special-token ids may change only to the same tokens in our vocabulary
             tokenizer = AutoTokenizer.from_pretrained(folder / component.replace("text_encoder", "tokenizer"))
             moved = {key for key in changed if key.endswith("_token_id")}
-            assert all(published[key] >= len(tokenizer) and saved[key] == getattr(tokenizer, key) for key in moved), (component, moved)
+            assert all(published[key] >= len(tokenizer) and saved[key] == getattr(tokenizer, key) for key in moved), (
+                component,
+                moved,
+            )
             changed -= moved
-        assert changed <= set(part.shrink), f"{name} {component}: changed beyond size fields: {sorted(changed - set(part.shrink))}"
+        assert changed <= set(part.shrink), (
+            f"{name} {component}: changed beyond size fields: {sorted(changed - set(part.shrink))}"
+        )
         assert changed or component == "scheduler", f"{name} {component}: nothing was shrunk"
     for component, part in spec.tokenizers.items():
-        tokenizer, published = AutoTokenizer.from_pretrained(folder / component), published_config(part.repo, f"{part.path}/tokenizer_config.json")
-        expected = published.get("model_max_length") if published.get("model_max_length", 1e30) < 1e6 else spec.max_length
+        tokenizer, published = (
+            AutoTokenizer.from_pretrained(folder / component),
+            published_config(part.repo, f"{part.path}/tokenizer_config.json"),
+        )
+        expected = (
+            published.get("model_max_length") if published.get("model_max_length", 1e30) < 1e6 else spec.max_length
+        )
         assert tokenizer.model_max_length == expected
         shipped = published_config(part.repo, f"{part.path}/special_tokens_map.json")
         for role in ("pad_token", "eos_token"):
@@ -93,6 +136,14 @@ def test_tiny_models_are_the_published_configs_with_only_sizes_shrunk(name, tmp_
 
 
 def test_the_wan_14b_configs_differ_from_the_1_3b_only_in_size():
-    big, small = (published_config(repo, "transformer/config.json") for repo in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"))
-    assert {k for k in big if big[k] != small.get(k)} <= {"num_attention_heads", "num_layers", "ffn_dim", "_name_or_path"}
+    big, small = (
+        published_config(repo, "transformer/config.json")
+        for repo in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    )
+    assert {k for k in big if big[k] != small.get(k)} <= {
+        "num_attention_heads",
+        "num_layers",
+        "ffn_dim",
+        "_name_or_path",
+    }
     assert big["num_layers"] == 40 and big["num_attention_heads"] * big["attention_head_dim"] == 5120

@@ -35,14 +35,37 @@ def wan_cache(curated, wan_model, tmp_path_factory) -> list[str]:
     output, _, _ = curated
     family = get_family("wan")
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
-    result = precompute(shards, family, family.load_pipeline(wan_model), wan_model, tmp_path_factory.mktemp("cache"), PrecomputeParams(frame_buckets=BUCKETS))
+    result = precompute(
+        shards,
+        family,
+        family.load_pipeline(wan_model),
+        wan_model,
+        tmp_path_factory.mktemp("cache"),
+        PrecomputeParams(frame_buckets=BUCKETS),
+    )
     return cache_shards(result.cache_dir)
 
 
 def make_job(model: str, shards: list[str], out, data_source: str = "cache", **params) -> TrainJob:
-    values = {"rank": 4, "learning_rate": 1e-3, "mixed_precision": "no", "max_steps": 6, "checkpoint_every": 3, **params}
-    return TrainJob(model=model, family="wan", out=str(out), data_source=data_source, shards=shards, frame_buckets=BUCKETS,
-                    sample_size=(9, 64, 64), params=TrainParams(**values), tracking_uri=f"sqlite:///{out}.mlflow.db")  # fmt: skip
+    values = {
+        "rank": 4,
+        "learning_rate": 1e-3,
+        "mixed_precision": "no",
+        "max_steps": 6,
+        "checkpoint_every": 3,
+        **params,
+    }
+    return TrainJob(
+        model=model,
+        family="wan",
+        out=str(out),
+        data_source=data_source,
+        shards=shards,
+        frame_buckets=BUCKETS,
+        sample_size=(9, 64, 64),
+        params=TrainParams(**values),
+        tracking_uri=f"sqlite:///{out}.mlflow.db",
+    )
 
 
 def _kill_self_at(step: int):
@@ -79,7 +102,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, 
     assert resumed.mlflow_run_id == killed_run  # the same MLflow run goes on: one loss curve, steps 1-6
     history = MlflowClient(job.tracking_uri).get_metric_history(killed_run, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 4, 5, 6]  # step 4 logged before the kill, then again
-    assert [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))][4:] == pytest.approx(resumed.losses[3:6], abs=1e-6)
+    assert [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))][4:] == pytest.approx(
+        resumed.losses[3:6], abs=1e-6
+    )
     assert resumed.losses[3:6] == pytest.approx(full.losses[3:6], abs=1e-5)
     got, want = (load_file(r.weights / "pytorch_lora_weights.safetensors") for r in (resumed, full))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
@@ -106,10 +131,15 @@ def test_ctrl_c_saves_the_steps_done_and_says_how_to_resume(wan_model, wan_cache
     assert child.exitcode == 130
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000002"
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == [checkpoint.name]
-    assert f"interrupted at step 2; checkpoint to resume from: {checkpoint} (step 2). Continue with the same out folder and --set resume=latest" in capfd.readouterr().err
+    assert (
+        f"interrupted at step 2; checkpoint to resume from: {checkpoint} (step 2). Continue with the same out folder and --set resume=latest"
+        in capfd.readouterr().err
+    )
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert MlflowClient(job.tracking_uri).get_run(state["mlflow_run_id"]).info.status == "KILLED"
-    resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest", "max_steps": 3})}))
+    resumed = train(
+        job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest", "max_steps": 3})})
+    )
     assert resumed.steps == 3 and len(resumed.losses) == 3 and resumed.mlflow_run_id == state["mlflow_run_id"]
 
 
@@ -137,8 +167,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(wan_model, wan
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(wan_model, wan_cache, tmp_path):
-    job = make_job(wan_model, wan_cache, tmp_path / "run", learning_rate=1e12, max_grad_norm=1e30, checkpoint_every=1, max_steps=10)
-    with pytest.raises(TrainingDiverged, match=r"loss is \[nan\] at step (\d+).*Last good checkpoint: .*checkpoint-") as info:
+    job = make_job(
+        wan_model, wan_cache, tmp_path / "run", learning_rate=1e12, max_grad_norm=1e30, checkpoint_every=1, max_steps=10
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"loss is \[nan\] at step (\d+).*Last good checkpoint: .*checkpoint-"
+    ) as info:
         train(job)
     step = int(info.value.args[0].split("at step ")[1].split(";")[0])
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -150,7 +184,10 @@ def test_comfyui_export_loads_in_diffusers_like_the_diffusers_adapter(wan_model,
     job = job.model_copy(update={"export_comfyui": True})
     result = train(job)
     comfy = load_file(result.weights / "comfyui_lora.safetensors")
-    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy and float(comfy["diffusion_model.blocks.0.self_attn.q.alpha"]) == 8.0
+    assert (
+        "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy
+        and float(comfy["diffusion_model.blocks.0.self_attn.q.alpha"]) == 8.0
+    )
 
     family = get_family("wan")
     outputs = []
@@ -160,23 +197,42 @@ def test_comfyui_export_loads_in_diffusers_like_the_diffusers_adapter(wan_model,
         torch.manual_seed(0)
         latents, text = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 32, 32)
         with torch.no_grad():
-            outputs.append(pipe.transformer(hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0])
+            outputs.append(
+                pipe.transformer(
+                    hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False
+                )[0]
+            )
     base = family.load_pipeline(wan_model)
     with torch.no_grad():
-        plain = base.transformer(hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0]
+        plain = base.transformer(
+            hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False
+        )[0]
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5) and not torch.allclose(outputs[0], plain, atol=1e-4)
 
 
 def test_full_fine_tuning_of_a_subset_and_on_the_fly_encoding(wan_model, curated, tmp_path):
     output, _, _ = curated
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
-    job = make_job(wan_model, shards, tmp_path / "run", data_source="shards", training_type="full", full_modules="attention",
-                   rank=32, max_steps=2, gradient_checkpointing=False)  # fmt: skip
+    job = make_job(
+        wan_model,
+        shards,
+        tmp_path / "run",
+        data_source="shards",
+        training_type="full",
+        full_modules="attention",
+        rank=32,
+        max_steps=2,
+        gradient_checkpointing=False,
+    )
     result = train(job)
     assert result.weights.name == "model" and all(torch.isfinite(torch.tensor(result.losses)))
     trained = get_family("wan").load_pipeline(str(result.weights))  # a whole pipeline, loadable like the base
     base = get_family("wan").load_pipeline(wan_model)
-    changed = {n for n, p in trained.transformer.named_parameters() if not torch.equal(p, dict(base.transformer.named_parameters())[n])}
+    changed = {
+        n
+        for n, p in trained.transformer.named_parameters()
+        if not torch.equal(p, dict(base.transformer.named_parameters())[n])
+    }
     assert changed and all(".attn1." in n or ".attn2." in n for n in changed)
 
 
@@ -208,7 +264,9 @@ def two_bucket_shards(tmp_path_factory) -> list[str]:
 def test_stream_gives_readers_disjoint_samples_and_batches_of_one_bucket(two_bucket_shards, world_size):
     per_rank = []
     for rank in range(world_size):
-        stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=2, seed=0, rank=rank, world_size=world_size)
+        stream = BucketedStream(
+            two_bucket_shards, _Bucket(), _item, batch_size=2, seed=0, rank=rank, world_size=world_size
+        )
         seen = []
         for batch, _ in zip(stream, range(5)):
             seen += batch["clip_ids"]
@@ -219,7 +277,9 @@ def test_stream_gives_readers_disjoint_samples_and_batches_of_one_bucket(two_buc
             assert not first_epoch[a] & first_epoch[b]
     buckets = {f"c{s}-{i}": "a" if i % 3 else "b" for s in range(3) for i in range(10)}
     for rank in range(world_size):
-        stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=2, seed=0, rank=rank, world_size=world_size)
+        stream = BucketedStream(
+            two_bucket_shards, _Bucket(), _item, batch_size=2, seed=0, rank=rank, world_size=world_size
+        )
         for batch, _ in zip(stream, range(5)):
             assert len({buckets[c] for c in batch["clip_ids"]}) == 1
 
@@ -247,10 +307,17 @@ def test_bf16_mixed_precision_with_fp8_storage_keeps_lora_weights_in_fp32(wan_mo
         return trainable
 
     monkeypatch.setattr(trainer_module, "make_trainable", spy)
-    result = train(make_job(wan_model, wan_cache, tmp_path / "run", mixed_precision="bf16", fp8_storage=True, max_steps=3))
+    result = train(
+        make_job(wan_model, wan_cache, tmp_path / "run", mixed_precision="bf16", fp8_storage=True, max_steps=3)
+    )
     assert seen == {"base": torch.float8_e4m3fn, "lora": {torch.float32}}
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    assert load_file(result.weights / "pytorch_lora_weights.safetensors")["transformer.blocks.0.attn1.to_q.lora_A.weight"].dtype == torch.float32
+    assert (
+        load_file(result.weights / "pytorch_lora_weights.safetensors")[
+            "transformer.blocks.0.attn1.to_q.lora_A.weight"
+        ].dtype
+        == torch.float32
+    )
 
 
 def test_dataloader_workers_read_disjoint_samples_and_resume_in_step(two_bucket_shards):
@@ -283,17 +350,25 @@ def test_resume_from_a_named_checkpoint_and_refusing_what_is_not_one(tmp_path):
 def test_an_unreachable_mlflow_does_not_cost_the_training_run(wan_model, wan_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=2).model_copy(update={"tracking_uri": "http://127.0.0.1:9"})
+    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=2).model_copy(
+        update={"tracking_uri": "http://127.0.0.1:9"}
+    )
     with pytest.warns(UserWarning, match="MLflow at http://127.0.0.1:9 failed .* training continues without tracking"):
         result = train(job)
-    assert result.steps == 2 and result.mlflow_run_id is None and (result.weights / "pytorch_lora_weights.safetensors").is_file()
+    assert (
+        result.steps == 2
+        and result.mlflow_run_id is None
+        and (result.weights / "pytorch_lora_weights.safetensors").is_file()
+    )
 
 
 def test_a_reader_left_without_trainable_clips_fails_instead_of_waiting_forever(two_bucket_shards):
     from vidtune.training.data import DatasetError
 
     odd = frozenset(f"c{s}-{i}" for s in range(3) for i in range(1, 10, 2))  # every sample of reader 1 of 2 (by sample)
-    stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=1, seed=0, rank=1, world_size=2, exclude=odd)
+    stream = BucketedStream(
+        two_bucket_shards, _Bucket(), _item, batch_size=1, seed=0, rank=1, world_size=2, exclude=odd
+    )
     stream.shards = stream.shards[:1]  # one shard: readers split it sample by sample
     with pytest.raises(DatasetError, match="rank 1 worker 0 has no trainable clips"):
         next(iter(stream))
@@ -319,7 +394,15 @@ def test_training_from_the_cache_never_loads_the_text_encoder(curated, wan_model
     output, _, _ = curated
     family, prompts = get_family("wan"), ["a red car in sks style"]
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
-    result = precompute(shards, family, family.load_pipeline(str(model)), str(model), tmp_path / "cache", PrecomputeParams(frame_buckets=BUCKETS), prompts=prompts)
+    result = precompute(
+        shards,
+        family,
+        family.load_pipeline(str(model)),
+        str(model),
+        tmp_path / "cache",
+        PrecomputeParams(frame_buckets=BUCKETS),
+        prompts=prompts,
+    )
     shutil.rmtree(model / "text_encoder")  # loading it now would fail
     validation = {"prompts": prompts, "every": 2, "inference_steps": 2, "num_frames": 5, "height": 32, "width": 32}
     job = make_job(str(model), cache_shards(result.cache_dir), tmp_path / "run", max_steps=2, validation=validation)
@@ -327,10 +410,15 @@ def test_training_from_the_cache_never_loads_the_text_encoder(curated, wan_model
 
     pipe, _, _ = _prepare_model(job, family, torch.device("cpu"), torch.float32)
     assert pipe.text_encoder is None
-    uncached = job.model_copy(update={"params": job.params.model_copy(update={"validation": job.params.validation.model_copy(update={"prompts": ["a blue sky"]})})})
+    uncached = job.model_copy(
+        update={
+            "params": job.params.model_copy(
+                update={"validation": job.params.validation.model_copy(update={"prompts": ["a blue sky"]})}
+            )
+        }
+    )
     with pytest.raises(ValueError, match=r"validation.prompts: \['a blue sky'\] have no cached embedding"):
         train(uncached)  # said before the first step, not at the first validation
     trained = train(job)
     assert trained.steps == 2 and all(torch.isfinite(torch.tensor(trained.losses)))
     assert (tmp_path / "run" / "samples" / "step-000002" / "sample-00.mp4").stat().st_size > 0
-

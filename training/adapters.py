@@ -36,9 +36,16 @@ def save_lora_adapter(family: ModelFamily, pipe, denoiser: torch.nn.Module, out_
     config = _json_safe(denoiser.peft_config["default"].to_dict())
     with atomic_dir(out_dir) as tmp:
         type(pipe).save_lora_weights(
-            tmp, **{f"{family.denoiser_name}_lora_layers": lora_state_dict(denoiser), f"{family.denoiser_name}_lora_adapter_metadata": config}
-        )  # fmt: skip
-        write_json_atomic(tmp / INFO_FILE, {**info, "rank": config["r"], "alpha": config["lora_alpha"], "targets": config["target_modules"]})
+            tmp,
+            **{
+                f"{family.denoiser_name}_lora_layers": lora_state_dict(denoiser),
+                f"{family.denoiser_name}_lora_adapter_metadata": config,
+            },
+        )
+        write_json_atomic(
+            tmp / INFO_FILE,
+            {**info, "rank": config["r"], "alpha": config["lora_alpha"], "targets": config["target_modules"]},
+        )
     return out_dir
 
 

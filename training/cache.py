@@ -119,7 +119,11 @@ class _ShardAppender:
     def flush(self) -> None:
         if not self.pending:
             return
-        with atomic_path(self.dir / f"cache-{self.next_index:06d}.tar") as tmp, open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as writer:
+        with (
+            atomic_path(self.dir / f"cache-{self.next_index:06d}.tar") as tmp,
+            open(tmp, "wb") as stream,
+            wds.TarWriter(stream, mtime=0) as writer,
+        ):
             for sample in self.pending:
                 writer.write(sample)
         self.next_index += 1
@@ -163,22 +167,32 @@ def check_cached_prompts(prompts_dir: Path, prompts: list[str]) -> None:
     """Before training starts: every validation prompt (and the negative one) must have a cached embedding."""
     missing = [p for p in _with_negative(prompts) if not prompt_file(prompts_dir, p).is_file()]
     if missing:
-        raise ValueError(f"validation.prompts: {missing} have no cached embedding in {prompts_dir}; run precompute with them "
-                         f"(vidtune finetune does) or set data_source=shards")  # fmt: skip
+        raise ValueError(
+            f"validation.prompts: {missing} have no cached embedding in {prompts_dir}; run precompute with them "
+            f"(vidtune finetune does) or set data_source=shards"
+        )
 
 
 def load_prompt(prompts_dir: Path, prompt: str) -> TextEmbeddings:
     """A cached prompt's embeddings with a batch dimension of 1."""
     path = prompt_file(prompts_dir, prompt)
     if not path.is_file():
-        raise FileNotFoundError(f"validation prompt {prompt!r} has no cached embedding in {prompts_dir}; rerun precompute with it")
+        raise FileNotFoundError(
+            f"validation prompt {prompt!r} has no cached embedding in {prompts_dir}; rerun precompute with it"
+        )
     tensors = {name: t.unsqueeze(0) for name, t in load_file(path).items()}
     return TextEmbeddings(tensors["embeds"], tensors.get("mask"), tensors.get("pooled"))
 
 
 def precompute(
-    shards: list[str], family: ModelFamily, pipe, model: str, cache_root: Path, params: PrecomputeParams,
-    on_clip: Callable[[int], None] | None = None, prompts: list[str] = (),
+    shards: list[str],
+    family: ModelFamily,
+    pipe,
+    model: str,
+    cache_root: Path,
+    params: PrecomputeParams,
+    on_clip: Callable[[int], None] | None = None,
+    prompts: list[str] = (),
 ) -> PrecomputeResult:
     """Encode every curated clip not cached yet for this fingerprint, and the validation `prompts`; count what is
     skipped and why. `on_clip(n)` is told how many clips have been looked at so far (encoded, reused or skipped)."""
@@ -210,11 +224,15 @@ def precompute(
             continue
         moments = family.encode_video(pipe, decode_clip(sample["mp4"], frames))
         text_tensors = _text_tensors(family.encode_prompts(pipe, [meta["caption"]]))
-        appenders[key].add({
-            "__key__": meta["clip_id"],
-            "latents.safetensors": save_tensors({"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}),
-            "text.safetensors": save_tensors(text_tensors, metadata={"caption": meta["caption"]}),
-        })  # fmt: skip
+        appenders[key].add(
+            {
+                "__key__": meta["clip_id"],
+                "latents.safetensors": save_tensors(
+                    {"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}
+                ),
+                "text.safetensors": save_tensors(text_tensors, metadata={"caption": meta["caption"]}),
+            }
+        )
         result.encoded += 1
     for appender in appenders.values():
         appender.flush()
@@ -226,5 +244,3 @@ def load_cache_entry(latents_bytes: bytes, text_bytes: bytes) -> tuple[torch.Ten
     from safetensors.torch import load
 
     return load(latents_bytes)["moments"], load(text_bytes)
-
-

@@ -69,9 +69,15 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            save_file({name: p.detach().contiguous().cpu() for name, p in self.trainable.items()}, tmp / "trainable.safetensors")
+            save_file(
+                {name: p.detach().contiguous().cpu() for name, p in self.trainable.items()},
+                tmp / "trainable.safetensors",
+            )
             if self.ema is not None:
-                save_file({f"shadow.{i}": t.contiguous().cpu() for i, t in enumerate(self.ema.shadow_params)}, tmp / "ema.safetensors")
+                save_file(
+                    {f"shadow.{i}": t.contiguous().cpu() for i, t in enumerate(self.ema.shadow_params)},
+                    tmp / "ema.safetensors",
+                )
                 write_json_atomic(tmp / "ema.json", {"optimization_step": self.ema.optimization_step})
             write_json_atomic(tmp / STATE_FILE, asdict(state))
         acc.wait_for_everyone()
@@ -88,7 +94,9 @@ class Checkpointer:
         saved = load_file(path / "trainable.safetensors")
         missing = sorted(set(self.trainable) - set(saved))
         if missing:
-            raise ValueError(f"resume: {path} was trained with other settings (it lacks {missing[0]}); start a new run folder")
+            raise ValueError(
+                f"resume: {path} was trained with other settings (it lacks {missing[0]}); start a new run folder"
+            )
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(saved[name].to(param.device, param.dtype))

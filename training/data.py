@@ -38,7 +38,9 @@ class DatasetSummary:
     def holdout(self, count: int) -> list[str]:
         """`count` clips kept out of training for evaluation: the same ones for the same data (ids are hashes)."""
         if count and len(self.fitting_ids) <= count:
-            raise DatasetError(f"holdout_clips: {count} held out of {len(self.fitting_ids)} usable clips leaves none to train on; lower holdout_clips")
+            raise DatasetError(
+                f"holdout_clips: {count} held out of {len(self.fitting_ids)} usable clips leaves none to train on; lower holdout_clips"
+            )
         return self.fitting_ids[:count]
 
 
@@ -179,7 +181,9 @@ class BucketedStream(torch.utils.data.IterableDataset):
         while True:
             rng = random.Random(f"{self.seed}/{epoch}/{part}")
             seen = 0
-            for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(self._my_samples(part, parts, rng)):
+            for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                self._my_samples(part, parts, rng)
+            ):
                 if sample["__key__"] in self.exclude:
                     continue
                 key = self.bucket_of(sample)
@@ -195,8 +199,10 @@ class BucketedStream(torch.utils.data.IterableDataset):
                     continue
                 yield collate([self.to_item(s, key) for s in raw])
             if not seen:
-                raise DatasetError(f"rank {self.rank} worker {worker} has no trainable clips (after held-out and too-short ones): "
-                                   f"fewer usable clips or shards than readers ({parts}); lower num_processes or data_workers")
+                raise DatasetError(
+                    f"rank {self.rank} worker {worker} has no trainable clips (after held-out and too-short ones): "
+                    f"fewer usable clips or shards than readers ({parts}); lower num_processes or data_workers"
+                )
             epoch += 1
 
 

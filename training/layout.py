@@ -125,7 +125,9 @@ class RunLayout:
         from vidtune.training.trainer import TrainJob
 
         if not self.train_job.is_file():
-            raise FileNotFoundError(f"run: {self.root} has no train_job.json; is it the --out folder of `vidtune finetune`?")
+            raise FileNotFoundError(
+                f"run: {self.root} has no train_job.json; is it the --out folder of `vidtune finetune`?"
+            )
         return TrainJob.model_validate_json(self.train_job.read_text())
 
     def find_train_job(self) -> TrainJob | None:

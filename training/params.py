@@ -29,7 +29,10 @@ class SamplingParams(BaseModel):
 
 
 class ValidationParams(SamplingParams):
-    prompts: list[str] = Field(default_factory=list, description="Prompts rendered every `every` steps ({trigger}: the dataset's trigger word; none: no samples).")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts rendered every `every` steps ({trigger}: the dataset's trigger word; none: no samples).",
+    )
     every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
     fps: int = Field(FPS, ge=1, description="Frame rate of the written MP4/GIF.")
 
@@ -40,33 +43,53 @@ class TrainParams(ObjectiveParams):
 
     model_config = ConfigDict(extra="forbid")
 
-    training_type: Literal["lora", "full"] = Field("lora", description="lora: train a low-rank adapter; full: train the denoiser's weights.")
+    training_type: Literal["lora", "full"] = Field(
+        "lora", description="lora: train a low-rank adapter; full: train the denoiser's weights."
+    )
     rank: int = Field(32, gt=0, le=1024, description="LoRA rank.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (scale = alpha / rank); default: the rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_targets: list[str] | str | None = Field(
-        None, description="Module names to adapt (list) or one regex that must match a whole module path; default: the family's attention projections."
+        None,
+        description="Module names to adapt (list) or one regex that must match a whole module path; default: the family's attention projections.",
     )
     full_modules: str | None = Field(
-        None, description="Full fine-tuning of a subset: a family subset name (e.g. temporal) or a regex over parameter names; default: all."
+        None,
+        description="Full fine-tuning of a subset: a family subset name (e.g. temporal) or a regex over parameter names; default: all.",
     )
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal[LR_SCHEDULES] = Field("constant_with_warmup", description="diffusers learning-rate schedule.")  # type: ignore[valid-type]
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW.")
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field(
+        "auto", description="auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW."
+    )
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
-    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an EMA of the trained weights with this decay and export it (null: off).")
+    ema_decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep an EMA of the trained weights with this decay and export it (null: off).",
+    )
     seed: int = Field(0, description="Seed for weights, noise, timesteps and data order.")
     batch_size: int = Field(1, ge=1, description="Clips per batch per process (a batch never mixes buckets).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
     max_steps: int = Field(1000, gt=0, description="Optimizer steps to train.")
-    gradient_checkpointing: bool = Field(True, description="Recompute denoiser activations in backward: less memory, more time.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else no (fp32).")
-    fp8_storage: bool = Field(False, description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute denoiser activations in backward: less memory, more time."
+    )
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else no (fp32)."
+    )
+    fp8_storage: bool = Field(
+        False,
+        description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).",
+    )
     checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
-    resume: str | None = Field(None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null.")
+    resume: str | None = Field(
+        None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null."
+    )
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
     shuffle_buffer: int = Field(64, ge=1, description="Samples held for shuffling.")
     validation: ValidationParams = Field(default_factory=ValidationParams)

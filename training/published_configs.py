@@ -70,5 +70,11 @@ class TinySpec:
 
 TEXT = 32  # every tiny text encoder's width
 T5_SHRINK = {"d_model": TEXT, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
-CLIP_SHRINK = {"hidden_size": TEXT, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": TEXT}
+CLIP_SHRINK = {
+    "hidden_size": TEXT,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": TEXT,
+}
 VAE_2D_SHRINK = {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 2}

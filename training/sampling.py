@@ -59,7 +59,9 @@ def prompt_arguments(text: TextEmbeddings, negative: TextEmbeddings, like: torch
     return args
 
 
-def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str, prompt_cache: Path | None = None) -> list[np.ndarray]:
+def render_videos(
+    pipe, settings: SampleSettings, out_dir: Path, label: str, prompt_cache: Path | None = None
+) -> list[np.ndarray]:
     """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time). With
     `prompt_cache` (see `vidtune.training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder."""
     pipe.set_progress_bar_config(disable=True)
@@ -68,12 +70,21 @@ def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str, pro
     negative = load_prompt(prompt_cache, "") if prompt_cache is not None else None
     with torch.no_grad(), scheduler_copy(pipe):
         for index, prompt in enumerate(settings.prompts):
-            text = {"prompt": prompt} if negative is None else prompt_arguments(load_prompt(prompt_cache, prompt), negative, like)
+            text = (
+                {"prompt": prompt}
+                if negative is None
+                else prompt_arguments(load_prompt(prompt_cache, prompt), negative, like)
+            )
             frames = pipe(
-                **text, num_frames=settings.num_frames, height=settings.height, width=settings.width,
-                num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance_scale,
-                generator=torch.Generator().manual_seed(settings.seed), output_type="np",
-            ).frames[0]  # fmt: skip
+                **text,
+                num_frames=settings.num_frames,
+                height=settings.height,
+                width=settings.width,
+                num_inference_steps=settings.inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=torch.Generator().manual_seed(settings.seed),
+                output_type="np",
+            ).frames[0]
             video = to_uint8(frames)
             write_mp4(video, out_dir / f"{label}-{index:02d}.mp4", settings.fps)
             write_gif(video, out_dir / f"{label}-{index:02d}.gif", settings.fps)
@@ -82,14 +93,25 @@ def render_videos(pipe, settings: SampleSettings, out_dir: Path, label: str, pro
 
 
 def render_samples(
-    pipe, denoiser: torch.nn.Module, params: ValidationParams, size: tuple[int, int, int], out_dir: Path, prompt_cache: Path | None = None
+    pipe,
+    denoiser: torch.nn.Module,
+    params: ValidationParams,
+    size: tuple[int, int, int],
+    out_dir: Path,
+    prompt_cache: Path | None = None,
 ) -> None:
     """Validation samples `out_dir/sample-NN.mp4|gif`. Training's RNG streams are left exactly as they were, so a
     run with validation trains like one without."""
     settings = SampleSettings(
-        params.prompts, params.num_frames or size[0], params.height or size[1], params.width or size[2],
-        params.inference_steps, params.guidance_scale, params.seed, params.fps,
-    )  # fmt: skip
+        params.prompts,
+        params.num_frames or size[0],
+        params.height or size[1],
+        params.width or size[2],
+        params.inference_steps,
+        params.guidance_scale,
+        params.seed,
+        params.fps,
+    )
     devices = [pipe.device] if pipe.device.type == "cuda" else []
     was_training = denoiser.training
     denoiser.eval()

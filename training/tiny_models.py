@@ -17,10 +17,51 @@ import torch
 from vidtune.training.families import FAMILIES, ModelFamily
 from vidtune.training.published_configs import Part, TinySpec, build_from_config, published_config, published_scheduler
 
-TOKENIZER_WORDS = ["a", "the", "of", "in", "with", "and", "style", "video", "shot", "scene", "person", "people", "car", "street", "city", "red", "blue", "green", "yellow", "purple", "light", "dark", "moving", "camera", "pan", "close", "wide", "night", "day", "beach", "sky", "water", "tree", "building", "road", "sks", "vidtune", "demo"]
+TOKENIZER_WORDS = [
+    "a",
+    "the",
+    "of",
+    "in",
+    "with",
+    "and",
+    "style",
+    "video",
+    "shot",
+    "scene",
+    "person",
+    "people",
+    "car",
+    "street",
+    "city",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "light",
+    "dark",
+    "moving",
+    "camera",
+    "pan",
+    "close",
+    "wide",
+    "night",
+    "day",
+    "beach",
+    "sky",
+    "water",
+    "tree",
+    "building",
+    "road",
+    "sks",
+    "vidtune",
+    "demo",
+]
 
 # variant -> its family: each family's `tiny_models` (Wan twice: the 1.3B's configs and the 14B's)
-TINY_MODELS: dict[str, ModelFamily] = {variant: family for family in FAMILIES.values() for variant in family.tiny_models}
+TINY_MODELS: dict[str, ModelFamily] = {
+    variant: family for family in FAMILIES.values() for variant in family.tiny_models
+}
 
 
 def tiny_spec(name: str) -> TinySpec:
@@ -41,7 +82,10 @@ def _word_tokenizer(part: Part, max_length: int | None):
 
     config = published_config(part.repo, f"{part.path}/tokenizer_config.json")
     special = published_config(part.repo, f"{part.path}/special_tokens_map.json")
-    names = {name: _token(special.get(name, config.get(name))) for name in ("pad_token", "eos_token", "unk_token", "bos_token")}
+    names = {
+        name: _token(special.get(name, config.get(name)))
+        for name in ("pad_token", "eos_token", "unk_token", "bos_token")
+    }
     clip_style = names["eos_token"] == "<|endoftext|>"
     if clip_style:  # "!" is id 0 of CLIP's vocabulary: SDXL's second tokenizer pads with it
         tokens = ["!", *TOKENIZER_WORDS, names["bos_token"], names["eos_token"]]
@@ -53,7 +97,9 @@ def _word_tokenizer(part: Part, max_length: int | None):
         template = f"{names['bos_token']} $A"
     else:
         decoder = config.get("added_tokens_decoder", {})
-        leading = [decoder[i]["content"] for i in sorted(decoder, key=int) if int(i) < 16]  # pad, eos, (bos), unk as shipped
+        leading = [
+            decoder[i]["content"] for i in sorted(decoder, key=int) if int(i) < 16
+        ]  # pad, eos, (bos), unk as shipped
         tokens = list(dict.fromkeys([*leading, names["unk_token"], *TOKENIZER_WORDS]))
         template = f"$A {names['eos_token']}"
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -63,10 +109,14 @@ def _word_tokenizer(part: Part, max_length: int | None):
     if config.get("add_bos_token"):  # prompt templates' header tokens stay whole, as in the published tokenizer
         backend.add_special_tokens(added)
     specials = [t for t in (names["bos_token"], names["eos_token"]) if t and t in template]
-    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in specials])
+    backend.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in specials]
+    )
     length = config.get("model_max_length")
     length = length if isinstance(length, int) and length < 1_000_000 else max_length
-    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=length, **{k: v for k, v in names.items() if v})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=length, **{k: v for k, v in names.items() if v}
+    )
 
 
 def _component(name: str, part: Part, tokenizer=None):
@@ -92,7 +142,11 @@ def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
     spec = tiny_spec(name)
     torch.manual_seed(seed)
     components = {key: _word_tokenizer(part, spec.max_length) for key, part in spec.tokenizers.items()}
-    paired = {key: components[key.replace("text_encoder", "tokenizer")] for key in spec.parts if key.startswith("text_encoder")}
+    paired = {
+        key: components[key.replace("text_encoder", "tokenizer")]
+        for key in spec.parts
+        if key.startswith("text_encoder")
+    }
     components |= {key: _component(key, part, paired.get(key)) for key, part in spec.parts.items()}
     pipe = getattr(diffusers, TINY_MODELS[name].pipeline_class_name)(**components)
     folder = Path(folder)

@@ -42,7 +42,9 @@ class RunTracker:
     """One MLflow run, written only by the main process; resumable by run id. If MLflow cannot be reached, training
     goes on untracked (a warning says so) and the run can be registered later with `vidtune register`."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, run_id: str | None = None, active: bool = True):
+    def __init__(
+        self, tracking_uri: str, experiment: str, run_name: str | None, run_id: str | None = None, active: bool = True
+    ):
         self.active, self.uri, self.run_id = active, tracking_uri, run_id
         self.client = MlflowClient(tracking_uri) if active else None
         if active:
@@ -50,7 +52,9 @@ class RunTracker:
 
     def _start(self, experiment: str, run_name: str | None) -> None:
         if self.run_id is None:
-            run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags={"vidtune.stage": "finetune"})
+            run = self.client.create_run(
+                experiment_id(self.client, experiment), run_name=run_name, tags={"vidtune.stage": "finetune"}
+            )
             self.run_id = run.info.run_id
         else:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -60,7 +64,10 @@ class RunTracker:
             call(*args)
         except Exception as exc:  # noqa: BLE001 - tracking must never cost a training run
             self.active = False
-            warnings.warn(f"MLflow at {self.uri} failed ({type(exc).__name__}: {str(exc)[:160]}); training continues without tracking", stacklevel=3)
+            warnings.warn(
+                f"MLflow at {self.uri} failed ({type(exc).__name__}: {str(exc)[:160]}); training continues without tracking",
+                stacklevel=3,
+            )
 
     def log_params(self, params: dict) -> None:
         if self.active:
@@ -71,7 +78,9 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:
             now = int(time.time() * 1000)
-            self._safely(self.client.log_batch, self.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self._safely(
+                self.client.log_batch, self.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            )
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         if self.active:

@@ -18,7 +18,9 @@ def select_trainable(module: torch.nn.Module, pattern: str | None = None) -> lis
         if param.requires_grad:
             chosen.append(param)
     if not chosen:
-        raise ValueError(f"no parameter name matches {pattern!r} (e.g. {next(iter(dict(module.named_parameters())), '')})")
+        raise ValueError(
+            f"no parameter name matches {pattern!r} (e.g. {next(iter(dict(module.named_parameters())), '')})"
+        )
     return chosen
 
 
@@ -30,8 +32,15 @@ def make_trainable(family, denoiser: torch.nn.Module, params) -> dict[str, torch
 
         denoiser.requires_grad_(False)
         targets = params.lora_targets or list(family.default_lora_targets)
-        denoiser.add_adapter(LoraConfig(r=params.rank, lora_alpha=params.alpha or params.rank,
-                                        lora_dropout=params.lora_dropout, target_modules=targets, init_lora_weights=True))  # fmt: skip
+        denoiser.add_adapter(
+            LoraConfig(
+                r=params.rank,
+                lora_alpha=params.alpha or params.rank,
+                lora_dropout=params.lora_dropout,
+                target_modules=targets,
+                init_lora_weights=True,
+            )
+        )
     else:
         pattern = family.full_subsets.get(params.full_modules, params.full_modules) if params.full_modules else None
         select_trainable(denoiser, pattern)

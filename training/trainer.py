@@ -15,8 +15,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +55,9 @@ class TrainJob(BaseModel):
     out: str
     data_source: Literal["cache", "shards"]
     shards: list[str]
-    prompt_cache: str | None = Field(None, description="validation prompts' embeddings (data_source=cache): no text encoder is loaded")
+    prompt_cache: str | None = Field(
+        None, description="validation prompts' embeddings (data_source=cache): no text encoder is loaded"
+    )
     frame_buckets: list[int]
     sample_size: tuple[int, int, int] = Field(description="(frames, height, width) of validation samples by default")
     params: TrainParams
@@ -63,7 +65,9 @@ class TrainJob(BaseModel):
     experiment: str = "vidtune"
     run_name: str | None = None
     export_comfyui: bool = False
-    holdout_clip_ids: list[str] = Field(default_factory=list, description="clips never trained on: evaluation's held-out set")
+    holdout_clip_ids: list[str] = Field(
+        default_factory=list, description="clips never trained on: evaluation's held-out set"
+    )
     tags: dict[str, str] = Field(default_factory=dict)
 
 
@@ -86,7 +90,11 @@ class TrainResult:
     def from_json(cls, path: Path) -> TrainResult:
         """Read what `vidtune.training.launch` wrote (paths come back as Paths)."""
         values = json.loads(Path(path).read_text())
-        values.update(out=Path(values["out"]), weights=Path(values["weights"]), checkpoints=[Path(p) for p in values["checkpoints"]])
+        values.update(
+            out=Path(values["out"]),
+            weights=Path(values["weights"]),
+            checkpoints=[Path(p) for p in values["checkpoints"]],
+        )
         return cls(**values)
 
 
@@ -108,7 +116,10 @@ def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dt
     if "moments" in batch:
         moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
     else:  # on-the-fly: what precompute would have cached
-        moments, text = family.encode_video(pipe, batch["video"].to(device)), family.encode_prompts(pipe, batch["captions"])
+        moments, text = (
+            family.encode_video(pipe, batch["video"].to(device)),
+            family.encode_prompts(pipe, batch["captions"]),
+        )
         moments = moments.to(dtype)
     objective = objective or family.objective(pipe)
     inputs = objective.inputs(family.sample_latents(pipe, moments))
@@ -119,24 +130,28 @@ def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dt
 def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import InitProcessGroupKwargs
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     params, out, family = job.params, Path(job.out), get_family(job.family)
     layout = RunLayout(out)
     check_objective_params(family.objective_kind, params, family.name)
     if params.resume is None and find_latest(layout.checkpoints):
-        raise ValueError(f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder")
+        raise ValueError(
+            f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder"
+        )
     precision = params.resolved_precision()
     # accelerate keeps one state per process; a second run in the same process (a Prefect worker, a notebook)
     # with other precision or accumulation settings must start from a clean one. The process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     # Other ranks wait while rank 0 renders validation samples: allow that longer than NCCL's 10-minute default.
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=params.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available(),  # so a torchrun-launched CPU job forms a gloo group
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # fmt: skip
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),  # so a torchrun-launched CPU job forms a gloo group
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )
     set_seed(params.seed)
     dtype = WEIGHT_DTYPES[precision]
 
@@ -154,21 +169,39 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     if resume_from and accelerator.is_main_process:
         print(f"resumed from {resume_from} at step {state.step}")
 
-    tracker = RunTracker(job.tracking_uri, job.experiment, job.run_name, state.mlflow_run_id, active=accelerator.is_main_process)
+    tracker = RunTracker(
+        job.tracking_uri, job.experiment, job.run_name, state.mlflow_run_id, active=accelerator.is_main_process
+    )
     state.mlflow_run_id = tracker.run_id
     if not resume_from:
-        tracker.log_params({**flatten(params.model_dump()), "model": job.model, "family": family.name,
-                            "data_source": job.data_source, "num_processes": accelerator.num_processes,
-                            "trainable_parameters": sum(p.numel() for p in trainable.values()), **job.tags})  # fmt: skip
+        tracker.log_params(
+            {
+                **flatten(params.model_dump()),
+                "model": job.model,
+                "family": family.name,
+                "data_source": job.data_source,
+                "num_processes": accelerator.num_processes,
+                "trainable_parameters": sum(p.numel() for p in trainable.values()),
+                **job.tags,
+            }
+        )
 
     stream = make_stream(
-        job.data_source, job.shards, job.frame_buckets, batch_size=params.batch_size, seed=params.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, shuffle_buffer=params.shuffle_buffer,
-        skip_batches=state.batches, exclude=frozenset(job.holdout_clip_ids),
-    )  # fmt: skip
+        job.data_source,
+        job.shards,
+        job.frame_buckets,
+        batch_size=params.batch_size,
+        seed=params.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shuffle_buffer=params.shuffle_buffer,
+        skip_batches=state.batches,
+        exclude=frozenset(job.holdout_clip_ids),
+    )
     # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=params.data_workers,
-                                         generator=torch.Generator().manual_seed(params.seed))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=params.data_workers, generator=torch.Generator().manual_seed(params.seed)
+    )
     per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
 
     def validate(step: int) -> None:
@@ -178,7 +211,13 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                 render_samples(pipe, denoiser, params.validation, job.sample_size, folder, prompt_cache)
             tracker.log_artifacts(folder, f"samples/{folder.name}")
 
-    bar = tqdm(total=params.max_steps, initial=state.step, desc="training", unit="step", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=params.max_steps,
+        initial=state.step,
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
     micro_losses: list[float] = []
     trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
     started, started_step, rate = time.perf_counter(), state.step, 0.0
@@ -195,7 +234,9 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                         f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
                         f"Last good checkpoint: {checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
                     )
-                grad_norm = _apply(accelerator, loss, list(trainable.values()), optimizer, scheduler, params.max_grad_norm)
+                grad_norm = _apply(
+                    accelerator, loss, list(trainable.values()), optimizer, scheduler, params.max_grad_norm
+                )
             state.batches += 1
             trained_clips += batch["clip_ids"]
             micro_losses.append(everyone.mean().item())
@@ -208,8 +249,13 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                 ema.step(list(trainable.values()))
             micro_losses = []  # empty again: the state is at a step boundary (what an interrupt may checkpoint)
             rate = (state.step - started_step) * per_step / (time.perf_counter() - started)
-            metrics = {"loss": state.losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "samples_per_s": rate, "peak_memory_mb": peak_memory_mb(accelerator.device)}  # fmt: skip
+            metrics = {
+                "loss": state.losses[-1],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_s": rate,
+                "peak_memory_mb": peak_memory_mb(accelerator.device),
+            }
             tracker.log_metrics(metrics, state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -225,8 +271,12 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
         tracker.finish("KILLED")
         if accelerator.is_main_process:
             where = f"{resumable} (step {saved_step(resumable)})" if resumable else "none (it starts over)"
-            print(f"\ninterrupted at step {state.step}; checkpoint to resume from: {where}. Continue with the same out "
-                  f"folder and --set resume=latest.", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"\ninterrupted at step {state.step}; checkpoint to resume from: {where}. Continue with the same out "
+                f"folder and --set resume=latest.",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     except BaseException:
         bar.close()
@@ -243,15 +293,27 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(out, weights, state.step, state.losses, tracker.run_id, rate, peak_memory_mb(accelerator.device),
-                       sorted(layout.checkpoints.glob("checkpoint-*")))  # fmt: skip
+    return TrainResult(
+        out,
+        weights,
+        state.step,
+        state.losses,
+        tracker.run_id,
+        rate,
+        peak_memory_mb(accelerator.device),
+        sorted(layout.checkpoints.glob("checkpoint-*")),
+    )
 
 
 def _checkpoint_on_interrupt(checkpointer: Checkpointer, state: TrainState, at_boundary: bool) -> Path | None:
     """On Ctrl-C, save the steps done since the last checkpoint when that is safe (one process, between optimizer
     steps); return the checkpoint a resume starts from."""
     latest = checkpointer.latest()
-    if at_boundary and state.step > (saved_step(latest) if latest else 0) and checkpointer.accelerator.num_processes == 1:
+    if (
+        at_boundary
+        and state.step > (saved_step(latest) if latest else 0)
+        and checkpointer.accelerator.num_processes == 1
+    ):
         return checkpointer.save(state)
     return latest
 
@@ -280,7 +342,9 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     cached = pipe_without_text_encoders(job)
     pipe = family.load_pipeline(job.model, dtype=dtype, **(dict.fromkeys(family.text_encoders) if cached else {}))
     for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module) and not (cached and name == "vae"):  # its decoder: only while samples render
+        if isinstance(component, torch.nn.Module) and not (
+            cached and name == "vae"
+        ):  # its decoder: only while samples render
             component.to(device)
     for name in ("vae", *family.text_encoders):
         if getattr(pipe, name, None) is not None:
@@ -310,9 +374,11 @@ def _optimization(params: TrainParams, trainable: list[torch.nn.Parameter], acce
 
     optimizer = make_optimizer(trainable, params, accelerator.device)
     scheduler = get_scheduler(
-        params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps * accelerator.num_processes,
+        params.lr_scheduler,
+        optimizer,
+        num_warmup_steps=params.warmup_steps * accelerator.num_processes,
         num_training_steps=params.max_steps * accelerator.num_processes,
-    )  # fmt: skip  (accelerate steps the schedule once per process)
+    )  # accelerate steps the schedule once per process
     ema = None
     if params.ema_decay is not None:
         from diffusers.training_utils import EMAModel
@@ -341,8 +407,14 @@ def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: di
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(list(trainable.values()))
-        info = {"base_model": job.model, "family": family.name, "training_type": params.training_type,
-                "steps": state.step, "final_loss": state.losses[-1], "mlflow_run_id": state.mlflow_run_id}  # fmt: skip
+        info = {
+            "base_model": job.model,
+            "family": family.name,
+            "training_type": params.training_type,
+            "steps": state.step,
+            "final_loss": state.losses[-1],
+            "mlflow_run_id": state.mlflow_run_id,
+        }
         if params.training_type == "lora":
             save_lora_adapter(family, pipe, denoiser, weights, info)
             if job.export_comfyui:

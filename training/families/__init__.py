@@ -13,9 +13,17 @@ from vidtune.training.families.hunyuan_video import HunyuanVideoFamily
 from vidtune.training.families.ltx import LtxFamily
 from vidtune.training.families.wan import WanFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
-    WanFamily(), LtxFamily(), CogVideoXFamily(), HunyuanVideoFamily(), AnimateDiffFamily(), AnimateDiffSDXLFamily(),
-)}  # fmt: skip  (one line per family)
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        WanFamily(),
+        LtxFamily(),
+        CogVideoXFamily(),
+        HunyuanVideoFamily(),
+        AnimateDiffFamily(),
+        AnimateDiffSDXLFamily(),
+    )
+}  # one line per family
 
 __all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
 
@@ -38,7 +46,9 @@ def _model_index(model: str | Path) -> Path:
     try:
         return Path(hf_hub_download(str(model), "model_index.json"))
     except Exception as exc:  # offline, unknown repo, gated: say which and what to do
-        raise ValueError(f"model: cannot read model_index.json of hub id {model} ({type(exc).__name__}); pass a local folder") from exc
+        raise ValueError(
+            f"model: cannot read model_index.json of hub id {model} ({type(exc).__name__}); pass a local folder"
+        ) from exc
 
 
 def detect_family(model_folder: str | Path) -> ModelFamily:

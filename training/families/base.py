@@ -46,13 +46,27 @@ class ModelFamily(ABC):
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # left out of training when prompts are cached
     temporal_compression: ClassVar[int] = 4  # the VAE keeps the first frame and compresses the rest this much
-    comfyui_renames: ClassVar[tuple[tuple[str, str], ...] | None] = None  # diffusers -> ComfyUI key parts; None: no export
+    comfyui_renames: ClassVar[tuple[tuple[str, str], ...] | None] = (
+        None  # diffusers -> ComfyUI key parts; None: no export
+    )
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if getattr(cls, "__abstractmethods__", None):
             return  # an intermediate base
-        missing = [m for m in ("name", "title", "pipeline_class_name", "objective_kind", "full_subsets", "frame_buckets", "tiny_models") if not hasattr(cls, m)]
+        missing = [
+            m
+            for m in (
+                "name",
+                "title",
+                "pipeline_class_name",
+                "objective_kind",
+                "full_subsets",
+                "frame_buckets",
+                "tiny_models",
+            )
+            if not hasattr(cls, m)
+        ]
         if missing:
             raise TypeError(f"model family {cls.__name__} does not set {', '.join(missing)}")
         invalid = [frames for frames in cls.frame_buckets if not cls.valid_num_frames(cls, frames)]

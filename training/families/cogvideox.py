@@ -19,18 +19,35 @@ class CogVideoXFamily(ModelFamily):
     objective_kind = "vp"
     full_subsets = {"attention": r"\.attn1\.", "feed_forward": r"\.ff\."}
     frame_buckets = (49, 33, 17, 9)
-    tiny_models = {"cogvideox": TinySpec({
-        "transformer": Part(COGVIDEOX, "transformer", {"num_attention_heads": 4, "attention_head_dim": 8, "time_embed_dim": 8,
-                                                       "text_embed_dim": TEXT, "num_layers": 1}),
-        "vae": Part(COGVIDEOX, "vae", VAE_2D_SHRINK),
-        "text_encoder": Part(COGVIDEOX, "text_encoder", T5_SHRINK),
-        "scheduler": Part(COGVIDEOX, "scheduler"),
-    }, {"tokenizer": Part(COGVIDEOX, "tokenizer")}, max_length=226)}  # fmt: skip
+    tiny_models = {
+        "cogvideox": TinySpec(
+            {
+                "transformer": Part(
+                    COGVIDEOX,
+                    "transformer",
+                    {
+                        "num_attention_heads": 4,
+                        "attention_head_dim": 8,
+                        "time_embed_dim": 8,
+                        "text_embed_dim": TEXT,
+                        "num_layers": 1,
+                    },
+                ),
+                "vae": Part(COGVIDEOX, "vae", VAE_2D_SHRINK),
+                "text_encoder": Part(COGVIDEOX, "text_encoder", T5_SHRINK),
+                "scheduler": Part(COGVIDEOX, "scheduler"),
+            },
+            {"tokenizer": Part(COGVIDEOX, "tokenizer")},
+            max_length=226,
+        )
+    }
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         length = pipe.transformer.config.max_text_seq_length  # the transformer's positional table fixes it
         with torch.no_grad():
-            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=pipe.device)
+            embeds, _ = pipe.encode_prompt(
+                prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=pipe.device
+            )
         return TextEmbeddings(embeds)
 
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -46,9 +63,14 @@ class CogVideoXFamily(ModelFamily):
         rotary = None
         if pipe.transformer.config.use_rotary_positional_embeddings:
             scale = pipe.vae_scale_factor_spatial
-            rotary = pipe._prepare_rotary_positional_embeddings(height * scale, width * scale, frames, inputs.noisy.device)
+            rotary = pipe._prepare_rotary_positional_embeddings(
+                height * scale, width * scale, frames, inputs.noisy.device
+            )
         out = (pipe.transformer if denoiser is None else denoiser)(
-            hidden_states=frames_first, encoder_hidden_states=text.embeds, timestep=inputs.timesteps,
-            image_rotary_emb=rotary, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=frames_first,
+            encoder_hidden_states=text.embeds,
+            timestep=inputs.timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
         return out.permute(0, 2, 1, 3, 4)

@@ -11,7 +11,14 @@ from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, 
 from vidtune.training.published_configs import CLIP_SHRINK, TEXT, Part, TinySpec
 
 HUNYUAN_VIDEO = "hunyuanvideo-community/HunyuanVideo"
-LLAMA_SHRINK = {"hidden_size": TEXT, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8, "num_hidden_layers": 3}
+LLAMA_SHRINK = {
+    "hidden_size": TEXT,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "num_hidden_layers": 3,
+}
 
 
 class HunyuanVideoFamily(ModelFamily):
@@ -25,16 +32,36 @@ class HunyuanVideoFamily(ModelFamily):
     # Training conditions on guidance 1 (the distilled guidance embedding's "no extra guidance"), as the
     # HunyuanVideo LoRA trainers do; sampling passes its guidance_scale, x1000 like the pipeline.
     training_guidance = 1.0
-    tiny_models = {"hunyuan-video": TinySpec({
-        "transformer": Part(HUNYUAN_VIDEO, "transformer", {"num_attention_heads": 2, "attention_head_dim": 16, "rope_axes_dim": [4, 6, 6],
-                                                           "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1,
-                                                           "text_embed_dim": TEXT, "pooled_projection_dim": TEXT}),
-        "vae": Part(HUNYUAN_VIDEO, "vae", {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 2}),
-        "text_encoder": Part(HUNYUAN_VIDEO, "text_encoder", LLAMA_SHRINK),
-        "text_encoder_2": Part(HUNYUAN_VIDEO, "text_encoder_2", CLIP_SHRINK),
-        "scheduler": Part(HUNYUAN_VIDEO, "scheduler"),
-    }, {"tokenizer": Part(HUNYUAN_VIDEO, "tokenizer"), "tokenizer_2": Part(HUNYUAN_VIDEO, "tokenizer_2")},
-        max_length=256)}  # fmt: skip  (HunyuanVideoPipeline's max_sequence_length)
+    tiny_models = {
+        "hunyuan-video": TinySpec(
+            {
+                "transformer": Part(
+                    HUNYUAN_VIDEO,
+                    "transformer",
+                    {
+                        "num_attention_heads": 2,
+                        "attention_head_dim": 16,
+                        "rope_axes_dim": [4, 6, 6],
+                        "num_layers": 1,
+                        "num_single_layers": 1,
+                        "num_refiner_layers": 1,
+                        "text_embed_dim": TEXT,
+                        "pooled_projection_dim": TEXT,
+                    },
+                ),
+                "vae": Part(
+                    HUNYUAN_VIDEO,
+                    "vae",
+                    {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 2},
+                ),
+                "text_encoder": Part(HUNYUAN_VIDEO, "text_encoder", LLAMA_SHRINK),
+                "text_encoder_2": Part(HUNYUAN_VIDEO, "text_encoder_2", CLIP_SHRINK),
+                "scheduler": Part(HUNYUAN_VIDEO, "scheduler"),
+            },
+            {"tokenizer": Part(HUNYUAN_VIDEO, "tokenizer"), "tokenizer_2": Part(HUNYUAN_VIDEO, "tokenizer_2")},
+            max_length=256,
+        )
+    }  # HunyuanVideoPipeline's max_sequence_length
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
         with torch.no_grad():
@@ -49,8 +76,18 @@ class HunyuanVideoFamily(ModelFamily):
         return FlowMatching.from_scheduler(pipe.scheduler, params)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
-        guidance = torch.full((inputs.noisy.shape[0],), self.training_guidance * 1000.0, device=inputs.noisy.device, dtype=inputs.noisy.dtype)
+        guidance = torch.full(
+            (inputs.noisy.shape[0],),
+            self.training_guidance * 1000.0,
+            device=inputs.noisy.device,
+            dtype=inputs.noisy.dtype,
+        )
         return (pipe.transformer if denoiser is None else denoiser)(
-            hidden_states=inputs.noisy, timestep=inputs.timesteps, encoder_hidden_states=text.embeds,
-            encoder_attention_mask=text.mask, pooled_projections=text.pooled, guidance=guidance, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=inputs.noisy,
+            timestep=inputs.timesteps,
+            encoder_hidden_states=text.embeds,
+            encoder_attention_mask=text.mask,
+            pooled_projections=text.pooled,
+            guidance=guidance,
+            return_dict=False,
+        )[0]

@@ -33,21 +33,32 @@ class ObjectiveParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     timestep_sampling: TimestepSampling | None = Field(
-        None, description="How noise levels are drawn: logit_normal (sigmoid of N(logit_mean, logit_std), then flow_shift), "
+        None,
+        description="How noise levels are drawn: logit_normal (sigmoid of N(logit_mean, logit_std), then flow_shift), "
         "uniform, sigmoid (sigmoid of sigmoid_scale * N(0, 1)), shift (sigmoid, then flow_shift: musubi-tuner's). "
         "Default: logit_normal for flow families (Wan, LTX-Video), uniform for VP families (CogVideoX, AnimateDiff).",
-    )  # fmt: skip
+    )
     logit_mean: float = Field(0.0, description="Mean of the normal in logit_normal sampling.")
     logit_std: float = Field(1.0, gt=0, description="Standard deviation of the normal in logit_normal sampling.")
-    sigmoid_scale: float = Field(1.0, gt=0, description="Scale of the normal in sigmoid and shift sampling (larger: closer to 0 and 1).")
+    sigmoid_scale: float = Field(
+        1.0, gt=0, description="Scale of the normal in sigmoid and shift sampling (larger: closer to 0 and 1)."
+    )
     flow_shift: float | None = Field(
-        None, gt=0, description="Flow families: shift of the drawn sigmas, s -> k s / (1 + (k - 1) s); default: the checkpoint's "
+        None,
+        gt=0,
+        description="Flow families: shift of the drawn sigmas, s -> k s / (1 + (k - 1) s); default: the checkpoint's "
         "(its scheduler's flow_shift or shift, or set by the clip's token count when it declares dynamic shifting); 1: none.",
-    )  # fmt: skip
-    min_timestep: int = Field(0, ge=0, lt=1000, description="Lowest training timestep (of 1000): draws are rescaled into [min, max].")
+    )
+    min_timestep: int = Field(
+        0, ge=0, lt=1000, description="Lowest training timestep (of 1000): draws are rescaled into [min, max]."
+    )
     max_timestep: int = Field(1000, gt=0, le=1000, description="Highest training timestep (of 1000).")
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field("none", description="Flow families: per-sample loss weight (SD3's schemes).")
-    snr_gamma: float | None = Field(None, gt=0, description="VP families: min-SNR-gamma loss weighting (5 is usual); null: off.")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Flow families: per-sample loss weight (SD3's schemes)."
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0, description="VP families: min-SNR-gamma loss weighting (5 is usual); null: off."
+    )
 
     @model_validator(mode="after")
     def _ordered_bounds(self) -> ObjectiveParams:
@@ -66,16 +77,22 @@ def check_objective_params(kind: Literal["flow", "vp"], params: ObjectiveParams,
     if kind == "vp" and params.timestep_sampling == "shift":
         raise ValueError(f"timestep_sampling: shift {flow_only}, not {family}")
     if kind == "flow" and params.snr_gamma is not None:
-        raise ValueError(f"snr_gamma: min-SNR weighting is for VP families (cogvideox, animatediff), not {family}; see loss_weighting")
+        raise ValueError(
+            f"snr_gamma: min-SNR weighting is for VP families (cogvideox, animatediff), not {family}; see loss_weighting"
+        )
 
 
-def _draw_levels(params: ObjectiveParams, batch: int, default: str, generator: torch.Generator | None) -> tuple[torch.Tensor, bool]:
+def _draw_levels(
+    params: ObjectiveParams, batch: int, default: str, generator: torch.Generator | None
+) -> tuple[torch.Tensor, bool]:
     """Per-sample levels in (0, 1) and whether the flow shift applies to them (logit_normal and shift do)."""
     mode = params.timestep_sampling or default
     device = generator.device if generator is not None else "cpu"
     if mode in ("logit_normal", "uniform"):  # diffusers' SD3 density; "none" is uniform
         scheme = "logit_normal" if mode == "logit_normal" else "none"
-        levels = compute_density_for_timestep_sampling(scheme, batch, params.logit_mean, params.logit_std, device=device, generator=generator)
+        levels = compute_density_for_timestep_sampling(
+            scheme, batch, params.logit_mean, params.logit_std, device=device, generator=generator
+        )
     else:
         levels = torch.sigmoid(params.sigmoid_scale * torch.randn(batch, generator=generator, device=device))
     return levels, mode in ("logit_normal", "shift")
@@ -103,7 +120,9 @@ class FlowShift:
         mu = base_shift + (max_shift - base_shift) * (tokens - base_len) / (max_len - base_len)
         shift = math.exp(mu) if self.exponential else mu
         if shift <= 0:
-            raise ValueError(f"flow_shift: the checkpoint's dynamic shift is {shift:.3f} at {tokens} tokens; set flow_shift")
+            raise ValueError(
+                f"flow_shift: the checkpoint's dynamic shift is {shift:.3f} at {tokens} tokens; set flow_shift"
+            )
         return shift
 
     @classmethod
@@ -111,14 +130,21 @@ class FlowShift:
         """The shift a flow checkpoint's scheduler declares: UniPC/DPM-Solver `flow_shift` with `use_flow_sigmas`,
         FlowMatchEuler `shift`, or dynamic shifting by resolution."""
         if config.get("use_dynamic_shifting") and "base_image_seq_len" in config:
-            dynamic = (config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"], config["max_shift"])
+            dynamic = (
+                config["base_image_seq_len"],
+                config["max_image_seq_len"],
+                config["base_shift"],
+                config["max_shift"],
+            )
             return cls(dynamic=dynamic, exponential=config.get("time_shift_type", "exponential") == "exponential")
         if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
             return cls(float(config.get("flow_shift", 1.0)))
         if "shift" in config:
             return cls(float(config["shift"]))
         name = config.get("_class_name", "the scheduler")
-        raise ValueError(f"flow_shift: {name} declares no flow-matching shift (not a flow checkpoint's scheduler?); set flow_shift")
+        raise ValueError(
+            f"flow_shift: {name} declares no flow-matching shift (not a flow checkpoint's scheduler?); set flow_shift"
+        )
 
 
 @dataclass(frozen=True)
@@ -131,9 +157,15 @@ class FlowMatching:
     num_train_timesteps: int = 1000
 
     @classmethod
-    def from_scheduler(cls, scheduler, params: ObjectiveParams | None, patch: tuple[int, int, int] = (1, 1, 1)) -> FlowMatching:
+    def from_scheduler(
+        cls, scheduler, params: ObjectiveParams | None, patch: tuple[int, int, int] = (1, 1, 1)
+    ) -> FlowMatching:
         params = params or ObjectiveParams()
-        shift = FlowShift(params.flow_shift) if params.flow_shift is not None else FlowShift.from_scheduler_config(scheduler.config)
+        shift = (
+            FlowShift(params.flow_shift)
+            if params.flow_shift is not None
+            else FlowShift.from_scheduler_config(scheduler.config)
+        )
         return cls(shift, params, patch, int(scheduler.config.get("num_train_timesteps", 1000)))
 
     def sigmas(self, batch: int, tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -171,12 +203,24 @@ class VariancePreserving:
         """Every VP scheduler computes `alphas_cumprod` from the checkpoint's betas at construction, with its own
         SNR shift (CogVideoX's `snr_shift_scale`) and zero-terminal-SNR rescale: that table is the model's."""
         config, name = scheduler.config, type(scheduler).__name__
-        if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction" or not hasattr(scheduler, "alphas_cumprod"):
-            raise ValueError(f"model: its scheduler {name} is a flow-matching one, but this family trains a VP (DDPM-style) objective")
+        if (
+            config.get("use_flow_sigmas")
+            or config.get("prediction_type") == "flow_prediction"
+            or not hasattr(scheduler, "alphas_cumprod")
+        ):
+            raise ValueError(
+                f"model: its scheduler {name} is a flow-matching one, but this family trains a VP (DDPM-style) objective"
+            )
         prediction = config.get("prediction_type") or default_prediction
         if prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(f"model: scheduler {name} declares prediction_type={prediction!r}; training supports epsilon and v_prediction")
-        return cls(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clone(), prediction, params or ObjectiveParams())
+            raise ValueError(
+                f"model: scheduler {name} declares prediction_type={prediction!r}; training supports epsilon and v_prediction"
+            )
+        return cls(
+            torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clone(),
+            prediction,
+            params or ObjectiveParams(),
+        )
 
     def timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         levels, _ = _draw_levels(self.params, batch, "uniform", generator)
@@ -188,7 +232,10 @@ class VariancePreserving:
         batch, shape = latents.shape[0], (latents.shape[0],) + (1,) * (latents.ndim - 1)
         timesteps = self.timesteps(batch, generator)
         alpha_bar = self.alphas_cumprod[timesteps.cpu()].view(shape)
-        signal, noise_level = alpha_bar.sqrt().to(latents.device, latents.dtype), (1 - alpha_bar).sqrt().to(latents.device, latents.dtype)
+        signal, noise_level = (
+            alpha_bar.sqrt().to(latents.device, latents.dtype),
+            (1 - alpha_bar).sqrt().to(latents.device, latents.dtype),
+        )
         noise = _noise_like(latents, generator)
         target = noise if self.prediction_type == "epsilon" else signal * noise - noise_level * latents
         return TrainingInputs(

@@ -12,12 +12,20 @@ WAN_13B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Di
 
 
 def _tiny(repo: str) -> TinySpec:
-    return TinySpec({
-        "transformer": Part(repo, "transformer", {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "text_dim": TEXT}),
-        "vae": Part(repo, "vae", {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}),
-        "text_encoder": Part(repo, "text_encoder", T5_SHRINK),
-        "scheduler": Part(repo, "scheduler"),
-    }, {"tokenizer": Part(repo, "tokenizer")}, max_length=512)  # fmt: skip  (WanPipeline's max_sequence_length)
+    return TinySpec(
+        {
+            "transformer": Part(
+                repo,
+                "transformer",
+                {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "text_dim": TEXT},
+            ),
+            "vae": Part(repo, "vae", {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}),
+            "text_encoder": Part(repo, "text_encoder", T5_SHRINK),
+            "scheduler": Part(repo, "scheduler"),
+        },
+        {"tokenizer": Part(repo, "tokenizer")},
+        max_length=512,
+    )  # WanPipeline's max_sequence_length
 
 
 class WanFamily(ModelFamily):
@@ -30,10 +38,17 @@ class WanFamily(ModelFamily):
     tiny_models = {"wan": _tiny(WAN_13B), "wan-14b": _tiny(WAN_14B)}  # the 14B's configs through the same code path
     # diffusers module names -> the original Wan names ComfyUI and most Wan tools key LoRAs by
     comfyui_renames = (
-        (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
-        (".to_out.0.", ".o."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".ffn.net.0.proj.", ".ffn.0."),
+        (".attn1.", ".self_attn."),
+        (".attn2.", ".cross_attn."),
+        (".to_q.", ".q."),
+        (".to_k.", ".k."),
+        (".to_v.", ".v."),
+        (".to_out.0.", ".o."),
+        (".add_k_proj.", ".k_img."),
+        (".add_v_proj.", ".v_img."),
+        (".ffn.net.0.proj.", ".ffn.0."),
         (".ffn.net.2.", ".ffn.2."),
-    )  # fmt: skip
+    )
 
     def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
         """Refuse, naming the setting, clips whose latent grid is longer than the transformer's RoPE table (which
@@ -46,9 +61,12 @@ class WanFamily(ModelFamily):
             return
         config = json.loads(config_file.read_text())
         (pt, ph, pw), limit = config["patch_size"], config["rope_max_seq_len"]
-        grid = {"precompute.frame_buckets": (frames, ((frames - 1) // 4 + 1) // pt, 4 * pt, "frames", "train on shorter buckets"),
-                "clips.height": (height, height // 8 // ph, 8 * ph, "pixels", "curate smaller clips"),
-                "clips.width": (width, width // 8 // pw, 8 * pw, "pixels", "curate smaller clips")}  # fmt: skip
+        latent_frames = ((frames - 1) // 4 + 1) // pt
+        grid = {
+            "precompute.frame_buckets": (frames, latent_frames, 4 * pt, "frames", "train on shorter buckets"),
+            "clips.height": (height, height // 8 // ph, 8 * ph, "pixels", "curate smaller clips"),
+            "clips.width": (width, width // 8 // pw, 8 * pw, "pixels", "curate smaller clips"),
+        }
         for setting, (size, patches, per_patch, unit, remedy) in grid.items():
             if patches > limit:
                 raise ValueError(
