@@ -106,7 +106,7 @@ def scenedetect_cli(path: Path, out: Path, command_only: bool = False) -> int | 
 def run_vidtune(inputs: Path, output: Path, workers: int, clip_weights: Path) -> dict:
     from vidtune.flows.curate import CurateParams, curate
     from vidtune.tasks.scoring import ScoreParams
-    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import TINY_CLIP
 
     params = CurateParams(
         input=str(inputs),
@@ -133,7 +133,7 @@ def main() -> None:
     size_mb = sum(p.stat().st_size for p in paths) / 2**20
     print(f"  {len(paths)} videos x {args.seconds:g} s, 1280x720, 24-30 fps, {size_mb:.0f} MB\n")
 
-    from vidtune.tasks.tiny_models import build_tiny_clip
+    from vidtune.training.tiny_models import build_tiny_clip
 
     clip_weights = build_tiny_clip(args.workdir / "models" / "tiny-clip.safetensors")
     scratch = Path(tempfile.mkdtemp(prefix="vidtune-bench-", dir=args.workdir))

@@ -87,10 +87,10 @@ def prepare(work: Path) -> dict:
     import vidtune.tasks  # noqa: F401  (Prefect defaults, before flows import prefect)
     from vidtune.flows.curate import CurateParams, curate
     from vidtune.tasks.synthetic_videos import make_raw_video_set
-    from vidtune.tasks.tiny_models import TINY_CLIP, build_tiny_clip
     from vidtune.training.cache import PrecomputeParams, precompute
     from vidtune.training.data import cache_shards, summarize_dataset
     from vidtune.training.families import get_family
+    from vidtune.training.tiny_models import TINY_CLIP, build_tiny_clip
 
     params = build_wan(work / "wan")
     make_raw_video_set(work / "raw", seed=1, seconds=8.0)  # 8 s: enough shots reach 17 frames at 8 fps

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from vidtune.evaluation.metrics import (
+    METRICS,
     clip_alignment,
     frame_consistency,
     frechet_distance,
     mean,
     temporal_flicker,
 )
+from vidtune.evaluation.report import metrics_markdown
 from vidtune.evaluation.samples import contact_sheet
 from vidtune.evaluation.validation import heldout_loss
 from vidtune.training.data import read_clips
@@ -29,8 +31,6 @@ from vidtune.training.trainer import TrainJob
 
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
 MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frames -> magnitude
-METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
-LOWER_IS_BETTER, HIGHER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}, {"clip_alignment", "frame_consistency"}
 
 
 def _video_metrics(
@@ -120,32 +120,3 @@ def evaluate_run(
     with atomic_path(layout.report) as tmp:
         tmp.write_text(metrics_markdown(results, run_dir))
     return results
-
-
-def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) -> str:
-    lines = ["| metric | base | adapted | delta |", "|---|---|---|---|"]
-    for name in METRICS:
-        base, adapted = results.get(f"{name}_base"), results.get(f"{name}_adapted")
-        if base is None and adapted is None:
-            lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
-            continue
-        delta = adapted - base if base is not None and adapted is not None else None
-        better = (
-            delta is not None
-            and abs(delta) >= 5e-5
-            and ((delta < 0 and name in LOWER_IS_BETTER) or (delta > 0 and name in HIGHER_IS_BETTER))
-        )
-        arrow = " (better)" if better else ""
-        lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
-    lines += [
-        "",
-        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
-        f"contact sheet: {run_dir}/evaluation/contact_sheet.png",
-    ]
-    if decision:
-        lines += ["", f"Promotion gate: {decision}"]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.4f}"

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
+LOWER_IS_BETTER, HIGHER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}, {"clip_alignment", "frame_consistency"}
+
 
 def clip_alignment(frame_embeddings: np.ndarray, text_embedding: np.ndarray) -> float:
     """Both L2-normalised: (frames, dim) and (dim,)."""

@@ -95,15 +95,11 @@ def curate(
         summary = curate_flow(params)
     except (FileNotFoundError, OutputMismatchError, ModelSetupError, ValueError) as exc:
         _fail(str(exc))  # input and settings problems (e.g. a malformed captions.csv): a message, not a traceback
+    from vidtune.evaluation.report import print_curate_summary
+
     print_curate_summary(summary, console)
     if strict and (summary["sources"]["failed"] or summary["clips"]["failed"]):
         raise typer.Exit(1)
-
-
-def print_curate_summary(summary: dict, console: Console) -> None:
-    from vidtune.tasks.manifest import curate_summary_markdown
-
-    console.print(Markdown(curate_summary_markdown(summary, Path(summary["output"]))))
 
 
 @app.command()
@@ -162,6 +158,8 @@ def finetune(
             soft_wrap=True,
         )
         return
+    from vidtune.evaluation.report import print_finetune_summary
+
     print_finetune_summary(summary, console)
 
 
@@ -260,12 +258,6 @@ def generate(
     except (ModelNotFound, ValueError) as exc:
         _fail(str(exc))
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-
-
-def print_finetune_summary(summary: dict, console: Console) -> None:
-    from vidtune.tasks.finetune_tasks import finetune_summary_markdown
-
-    console.print(Markdown(finetune_summary_markdown(summary)))
 
 
 @app.command("synth-videos")

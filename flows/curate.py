@@ -2,38 +2,32 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
-import numpy as np
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vidtune.flows.progress import progress_bar
 from vidtune.flows.runners import Runner, make_task_runner
-from vidtune.tasks.annotate import embedding_path
-from vidtune.tasks.captions import (
-    CaptionParams,
-    find_mapping_file,
-    load_caption_mapping,
-    sidecar_caption,
-)
+from vidtune.tasks.captions import CaptionParams
 from vidtune.tasks.clips import ClipParams
-from vidtune.tasks.curate_tasks import curate_source_task, identify_source_task
-from vidtune.tasks.discover import list_video_paths, mark_duplicates
-from vidtune.tasks.filters import FilterParams, apply_filters
-from vidtune.tasks.manifest import curate_stats, curate_summary_markdown, write_manifest, write_stats
-from vidtune.tasks.output import OutputLayout, prepare_output
-from vidtune.tasks.plots import write_score_histograms
-from vidtune.tasks.preflight import check_models
+from vidtune.tasks.curate_tasks import (
+    attach_sidecars_task,
+    check_models_task,
+    curate_source_task,
+    discover_task,
+    filter_clips_task,
+    identify_source_task,
+    pack_shards_task,
+    prepare_output_task,
+    write_manifest_task,
+)
+from vidtune.tasks.discover import mark_duplicates
+from vidtune.tasks.filters import FilterParams
 from vidtune.tasks.records import ClipRecord, Source, Status
 from vidtune.tasks.scenes import SceneParams
 from vidtune.tasks.scoring import ScoreParams
-from vidtune.tasks.shards import ShardParams, pack_shards
+from vidtune.tasks.shards import ShardParams
 from vidtune.tasks.source import SourceSettings
 
 
@@ -69,63 +63,9 @@ class CurateParams(BaseModel):
     def source_settings(self) -> SourceSettings:
         return SourceSettings(self.scenes, self.clips, self.captions, self.scores)
 
-
-@task(name="check-models", cache_policy=NO_CACHE)
-def check_models_task(captions: CaptionParams, scores: ScoreParams) -> None:
-    check_models(captions, scores)
-
-
-@task(name="prepare-output", cache_policy=NO_CACHE)
-def prepare_output_task(params: CurateParams) -> OutputLayout:
-    # Everything that shapes staged rows; filter thresholds are left out so they can change between runs.
-    settings = {name: getattr(params, name).model_dump() for name in ("scenes", "clips", "captions", "scores")}
-    return prepare_output(Path(params.output), settings, params.overwrite)
-
-
-@task(name="discover", cache_policy=NO_CACHE)
-def discover_task(input_path: str) -> list[str]:
-    return list_video_paths(input_path)
-
-
-@task(name="read-sidecar-captions", cache_policy=NO_CACHE)
-def attach_sidecars_task(sources: list[Source], input_path: str, captions: CaptionParams) -> list[Source]:
-    mapping_file = captions.sidecar_file or find_mapping_file(input_path)
-    mapping = load_caption_mapping(mapping_file) if mapping_file else {}
-    return [
-        dataclasses.replace(s, sidecar=sidecar_caption(s.path, input_path, mapping)) if not s.error else s
-        for s in sources
-    ]
-
-
-@task(name="filter-clips", cache_policy=NO_CACHE)
-def filter_clips_task(rows: list[ClipRecord], layout: OutputLayout, filters: FilterParams) -> list[ClipRecord]:
-    def embedding_of(row):
-        return np.load(embedding_path(layout.staging / row.source_sha256, row.clip_id))
-
-    return apply_filters(rows, filters, embedding_of)
-
-
-@task(name="pack-shards", cache_policy=NO_CACHE)
-def pack_shards_task(rows: list[ClipRecord], layout: OutputLayout, params: ShardParams) -> list[ClipRecord]:
-    def clip_file(row):
-        return layout.staging / row.source_sha256 / f"{row.clip_id}.mp4"
-
-    shard_of = pack_shards(rows, clip_file, layout.shards, params)
-    return [dataclasses.replace(r, shard=shard_of.get(r.clip_id) if r.status == Status.KEPT else None) for r in rows]
-
-
-@task(name="write-manifest", cache_policy=NO_CACHE)
-def write_manifest_task(
-    rows: list[ClipRecord], layout: OutputLayout, durations: dict, resumed: int, filters: FilterParams
-) -> dict:
-    write_manifest(rows, layout.manifest)
-    write_score_histograms(rows, filters, layout.root)
-    stats = curate_stats(rows, durations, resumed, shards=len(layout.shard_files()))
-    write_stats(stats, layout.stats)
-    create_markdown_artifact(
-        curate_summary_markdown(stats, layout.root), key="curate-summary", description=f"curate: {layout.root}"
-    )
-    return stats
+    def clip_settings(self) -> dict:
+        """Everything that shapes staged rows; filter thresholds are left out so they can change between runs."""
+        return {name: getattr(self, name).model_dump() for name in ("scenes", "clips", "captions", "scores")}
 
 
 def _run_per_source(task_, over: dict[str, list], label: str, runner: TaskRunner, **shared) -> list:
@@ -147,7 +87,7 @@ def curate(params: CurateParams) -> dict:
     paths = discover_task(params.input)
     logger.info("found %d video files under %s", len(paths), params.input)
     check_models_task(params.captions, params.scores)  # before any video is decoded
-    layout = prepare_output_task(params)
+    layout = prepare_output_task(params.output, params.clip_settings(), params.overwrite)
 
     states = _run_per_source(
         identify_source_task,

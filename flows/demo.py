@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vidtune.evaluation.inference import generate
-from vidtune.flows.cli import print_curate_summary, print_finetune_summary
+from vidtune.evaluation.report import print_curate_summary, print_finetune_summary
 from vidtune.flows.curate import CurateParams
 from vidtune.flows.evaluate import EvaluationParams, RegistryParams
 from vidtune.flows.finetune import FinetuneParams, finetune
@@ -18,10 +18,9 @@ from vidtune.tasks.filters import FilterParams
 from vidtune.tasks.scenes import SceneParams
 from vidtune.tasks.scoring import ScoreParams
 from vidtune.tasks.synthetic_videos import make_raw_video_set, render_video
-from vidtune.tasks.tiny_models import TINY_CLIP, build_tiny_clip
 from vidtune.training.cache import PrecomputeParams
 from vidtune.training.params import ValidationParams
-from vidtune.training.tiny_models import build_tiny_wan
+from vidtune.training.tiny_models import TINY_CLIP, build_tiny_clip, build_tiny_wan
 
 # Small clips keep the CPU demo quick; real runs use the defaults (832x480 @ 16 fps for Wan 2.1).
 DEMO_CLIPS = ClipParams(width=128, height=128, fps=8)

@@ -9,8 +9,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from vidtune.evaluation.evaluate import evaluate_run, metrics_markdown
+from vidtune.evaluation.evaluate import evaluate_run
 from vidtune.evaluation.registry import Registration, RegistryError, register_run
+from vidtune.evaluation.report import metrics_markdown
 from vidtune.tasks.scoring import (
     ClipScorer,
     cached_model,

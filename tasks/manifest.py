@@ -56,22 +56,3 @@ def curate_stats(rows: list[ClipRecord], source_durations: dict[str, float], res
 
 def write_stats(stats: dict, path: Path) -> None:
     write_json_atomic(path, stats)
-
-
-def curate_summary_markdown(stats: dict, output: Path) -> str:
-    """The run's summary as a markdown table (the Prefect artifact `curate-summary`)."""
-    sources, clips = stats["sources"], stats["clips"]
-    lines = [
-        f"**curate** → `{output}/shards` (manifest: `{output}/manifest.parquet`)",
-        "",
-        "| | total | kept | filtered | failed | resumed |",
-        "|---|---|---|---|---|---|",
-        f"| sources | {sources['total']} | {sources['with_clips']} | {sources['filtered']} | {sources['failed']} | {sources['resumed']} |",
-        f"| clips | {sum(clips.values())} | {clips['kept']} | {clips['filtered']} | {clips['failed']} | |",
-        "",
-        f"hours in → out: {stats['hours_in']:.4f} h → {stats['hours_out']:.4f} h; {stats['shards']} shards",
-    ]
-    for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
-        if stats[key]:
-            lines.append(f"\n{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in stats[key].items()))
-    return "\n".join(lines)

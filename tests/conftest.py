@@ -28,7 +28,7 @@ TEST_CLIPS = {"width": 64, "height": 64, "fps": 8}
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """Random open_clip weights for the bundled tiny config, saved to a file (loaded with pretrained=PATH)."""
-    from vidtune.tasks.tiny_models import build_tiny_clip
+    from vidtune.training.tiny_models import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip.safetensors")
 
@@ -37,7 +37,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 def make_params(tiny_clip):
     """CurateParams for tests: small clips, the tiny CLIP model, and any overrides."""
     from vidtune.flows.curate import CurateParams
-    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import TINY_CLIP
 
     def make(input_path, output, **overrides) -> CurateParams:
         values = {
@@ -79,7 +79,7 @@ def vidtune(monkeypatch):
 @pytest.fixture(scope="session")
 def cli_sets(tiny_clip) -> list[str]:
     """The same test settings as --set arguments, for CLI subprocesses."""
-    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import TINY_CLIP
 
     sets = {
         **{f"clips.{k}": v for k, v in TEST_CLIPS.items()},

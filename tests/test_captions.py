@@ -15,7 +15,7 @@ from vidtune.tasks.captions import (
     tile_frames,
 )
 from vidtune.tasks.records import ClipRecord
-from vidtune.tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
+from vidtune.training.tiny_models import CAPTION_WORDS, build_tiny_captioner
 
 ROW = ClipRecord(clip_id="c", source="/data/raw/my_trip-beach.mp4", source_sha256="x", start_s=1.0, end_s=3.5)
 

@@ -51,8 +51,7 @@ def cli(prefect_api, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(cli, raw_videos, tiny_clip):
     """`vidtune finetune --raw` on a few raw videos with a tiny Wan, registered as cli-style."""
-    from vidtune.tasks.tiny_models import TINY_CLIP
-    from vidtune.training.tiny_models import build_tiny_wan
+    from vidtune.training.tiny_models import TINY_CLIP, build_tiny_wan
 
     raw = cli.root / "raw"
     raw.mkdir()
@@ -106,7 +105,7 @@ def test_finetune_raw_curates_trains_evaluates_and_registers(trained, cli):
 
 
 def test_evaluate_and_register_a_run(trained, cli, tiny_clip):
-    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import TINY_CLIP
 
     _, run, tracking_uri = trained
     (run / "evaluation" / "metrics.json").unlink()

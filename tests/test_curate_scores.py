@@ -226,7 +226,7 @@ def test_near_duplicates_are_removed_naming_the_kept_clip(prefect_api, scored_in
 
 def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, tmp_path):
     from vidtune.flows.curate import curate
-    from vidtune.tasks.tiny_models import CAPTION_WORDS, build_tiny_captioner
+    from vidtune.training.tiny_models import CAPTION_WORDS, build_tiny_captioner
 
     blip = build_tiny_captioner(tmp_path / "blip")
     params = make_params(

@@ -46,7 +46,7 @@ def tiny_i3d(tmp_path_factory) -> str:
 def runs(prefect_api, curated, wan_model, tiny_clip, tiny_i3d, tmp_path_factory):
     """Two finished, evaluated runs: `strong` (30 steps) and `weak` (3 tiny steps); both beat the base a little."""
     from vidtune.flows.finetune import FinetuneParams, finetune
-    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import TINY_CLIP
 
     output, _, _ = curated
     root = tmp_path_factory.mktemp("runs")

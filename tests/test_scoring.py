@@ -12,7 +12,7 @@ from vidtune.tasks.captions import CaptionParams
 from vidtune.tasks.clips import ClipParams, encode_clip
 from vidtune.tasks.records import ClipRecord, Status
 from vidtune.tasks.scoring import ClipScorer, ScoreParams, motion_score, sample_frames
-from vidtune.tasks.tiny_models import TINY_CLIP
+from vidtune.training.tiny_models import TINY_CLIP
 
 
 def _yuv(rgb: np.ndarray) -> np.ndarray:
@@ -60,7 +60,7 @@ def test_models_are_loaded_once_per_process(tiny_clip):
 def test_the_weights_in_the_file_are_the_ones_scoring_even_when_the_file_is_replaced(tiny_clip, tmp_path):
     import shutil
 
-    from vidtune.tasks.tiny_models import build_tiny_clip
+    from vidtune.training.tiny_models import build_tiny_clip
 
     weights = shutil.copy(tiny_clip, tmp_path / "clip.safetensors")
     frames = [np.random.default_rng(0).integers(0, 255, (2, 48, 48, 3), dtype=np.uint8)]

@@ -71,7 +71,7 @@ def tiny_wan(tmp_path) -> str:
 def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
     tmp_path, raw_videos, tiny_clip, tiny_wan, vidtune
 ):
-    from vidtune.tasks.tiny_models import TINY_CLIP
+    from vidtune.training.tiny_models import TINY_CLIP
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

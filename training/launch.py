@@ -10,12 +10,15 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from vidtune.training.data import DatasetError
 from vidtune.training.files import write_json_atomic
 from vidtune.training.layout import RunLayout
-from vidtune.training.trainer import TrainingDiverged, TrainJob, train
+from vidtune.training.trainer import TrainingDiverged, TrainJob, TrainResult, train
 
 # Errors that explain themselves (bad data, diverged loss, bad settings): carried to the launching process.
 EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, DatasetError, ValueError)}
@@ -42,6 +45,51 @@ def write_progress(out: Path):
     """An `on_step` callback recording the main process's step in RUN/train_progress.json (a tiny atomic write per step)."""
     progress = RunLayout(out).progress
     return lambda step, loss: write_json_atomic(progress, {"step": step, "loss": loss})
+
+
+def accelerate_command(job_file: Path, num_processes: int) -> list[str]:
+    """`accelerate launch` for `num_processes` processes. Without a GPU it uses accelerate's torchrun launcher
+    (`--multi_gpu`): its `--cpu` launcher starts one process unless MPI is installed."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]  # precision is the trainer's parameter
+    if num_processes > 1:
+        command += ["--multi_gpu"]
+    return command + ["-m", "vidtune.training.launch", str(job_file)]
+
+
+def launch_accelerate(job: TrainJob, num_processes: int, report) -> TrainResult:
+    """`accelerate launch` on RUN/train_job.json (written by the flow), telling `report` each step the main process
+    reaches; the child is stopped if the caller is interrupted or cancelled."""
+    out = Path(job.out)
+    layout = RunLayout(out)
+    for stale in (layout.result, layout.error, layout.progress):
+        stale.unlink(missing_ok=True)
+    with subprocess.Popen(
+        accelerate_command(layout.train_job, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    ) as process:
+        try:
+            while process.poll() is None:
+                time.sleep(2)
+                report(read_progress(out))
+        except BaseException:  # cancelled or interrupted: the GPU slot is released, so the training must stop too
+            process.terminate()
+            raise
+    if process.returncode != 0:
+        raise_launch_error(
+            out, f"training under accelerate launch ({num_processes} processes) exited with {process.returncode}"
+        )
+    return TrainResult.from_json(layout.result)
 
 
 def main(argv: list[str] | None = None) -> None:

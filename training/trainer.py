@@ -127,149 +127,197 @@ def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dt
     return (inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2).mean()
 
 
-def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
-    from tqdm.auto import tqdm
+class Trainer:
+    """One training run, in the order it happens: `setup` (accelerator, model, optimizer, checkpoint, tracker,
+    data), then per micro-batch `step` and, at each optimizer-step boundary, `after_step` (log, checkpoint,
+    validate), then `finish` (what each rank saw, the weights, the MLflow run). `run` is the loop around them."""
 
-    params, out, family = job.params, Path(job.out), get_family(job.family)
-    layout = RunLayout(out)
-    check_objective_params(family.objective_kind, params, family.name)
-    if params.resume is None and find_latest(layout.checkpoints):
-        raise ValueError(
-            f"out: {out} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder"
+    def __init__(self, job: TrainJob, on_step: Callable[[int, float], None] | None = None):
+        self.job, self.on_step = job, on_step
+        self.params, self.family = job.params, get_family(job.family)
+        self.layout = RunLayout(Path(job.out))
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+        job, params, family, layout = self.job, self.params, self.family, self.layout
+        check_objective_params(family.objective_kind, params, family.name)
+        if params.resume is None and find_latest(layout.checkpoints):
+            raise ValueError(
+                f"out: {layout.root} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder"
+            )
+        precision = params.resolved_precision()
+        # accelerate keeps one state per process; a second run in the same process (a Prefect worker, a notebook)
+        # with other precision or accumulation settings must start from a clean one. The process group stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+        # Other ranks wait while rank 0 renders validation samples: allow that longer than NCCL's 10-minute default.
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=params.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),  # so a torchrun-launched CPU job forms a gloo group
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
         )
-    precision = params.resolved_precision()
-    # accelerate keeps one state per process; a second run in the same process (a Prefect worker, a notebook)
-    # with other precision or accumulation settings must start from a clean one. The process group stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    # Other ranks wait while rank 0 renders validation samples: allow that longer than NCCL's 10-minute default.
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),  # so a torchrun-launched CPU job forms a gloo group
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
-    )
-    set_seed(params.seed)
-    dtype = WEIGHT_DTYPES[precision]
+        set_seed(params.seed)
+        self.dtype = WEIGHT_DTYPES[precision]
 
-    pipe, denoiser, trainable = _prepare_model(job, family, accelerator.device, dtype)
-    prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
-    if prompt_cache is not None:
-        check_cached_prompts(prompt_cache, params.validation.prompts)
-    objective = family.objective(pipe, params)  # from the model's config, before sampling touches the scheduler
-    optimizer, scheduler, ema = _optimization(params, list(trainable.values()), accelerator)
-    wrapped, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
+        self.pipe, self.denoiser, self.trainable = _prepare_model(job, family, accelerator.device, self.dtype)
+        self.prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
+        if self.prompt_cache is not None:
+            check_cached_prompts(self.prompt_cache, params.validation.prompts)
+        self.objective = family.objective(
+            self.pipe, params
+        )  # from the model's config, before sampling touches the scheduler
+        optimizer, scheduler, self.ema = _optimization(params, list(self.trainable.values()), accelerator)
+        self.wrapped, self.optimizer, self.scheduler = accelerator.prepare(self.denoiser, optimizer, scheduler)
 
-    checkpointer = Checkpointer(layout.checkpoints, accelerator, trainable, ema, params.keep_checkpoints)
-    resume_from = resolve_resume(params.resume, layout.checkpoints)
-    state = checkpointer.load(resume_from) if resume_from else TrainState()
-    if resume_from and accelerator.is_main_process:
-        print(f"resumed from {resume_from} at step {state.step}")
-
-    tracker = RunTracker(
-        job.tracking_uri, job.experiment, job.run_name, state.mlflow_run_id, active=accelerator.is_main_process
-    )
-    state.mlflow_run_id = tracker.run_id
-    if not resume_from:
-        tracker.log_params(
-            {
-                **flatten(params.model_dump()),
-                "model": job.model,
-                "family": family.name,
-                "data_source": job.data_source,
-                "num_processes": accelerator.num_processes,
-                "trainable_parameters": sum(p.numel() for p in trainable.values()),
-                **job.tags,
-            }
+        self.checkpointer = Checkpointer(
+            layout.checkpoints, accelerator, self.trainable, self.ema, params.keep_checkpoints
         )
+        self.resume_from = resolve_resume(params.resume, layout.checkpoints)
+        self.state = state = self.checkpointer.load(self.resume_from) if self.resume_from else TrainState()
+        if self.resume_from and accelerator.is_main_process:
+            print(f"resumed from {self.resume_from} at step {state.step}")
 
-    stream = make_stream(
-        job.data_source,
-        job.shards,
-        job.frame_buckets,
-        batch_size=params.batch_size,
-        seed=params.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        shuffle_buffer=params.shuffle_buffer,
-        skip_batches=state.batches,
-        exclude=frozenset(job.holdout_clip_ids),
-    )
-    # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=params.data_workers, generator=torch.Generator().manual_seed(params.seed)
-    )
-    per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
+        self.tracker = RunTracker(
+            job.tracking_uri, job.experiment, job.run_name, state.mlflow_run_id, active=accelerator.is_main_process
+        )
+        state.mlflow_run_id = self.tracker.run_id
+        if not self.resume_from:
+            self.tracker.log_params(
+                {
+                    **flatten(params.model_dump()),
+                    "model": job.model,
+                    "family": family.name,
+                    "data_source": job.data_source,
+                    "num_processes": accelerator.num_processes,
+                    "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
+                    **job.tags,
+                }
+            )
 
-    def validate(step: int) -> None:
-        if params.validation.prompts and accelerator.is_main_process:
-            folder = layout.step_samples(step)
-            with accelerator.autocast(), on_device(pipe.vae, accelerator.device):
-                render_samples(pipe, denoiser, params.validation, job.sample_size, folder, prompt_cache)
-            tracker.log_artifacts(folder, f"samples/{folder.name}")
+        stream = make_stream(
+            job.data_source,
+            job.shards,
+            job.frame_buckets,
+            batch_size=params.batch_size,
+            seed=params.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            shuffle_buffer=params.shuffle_buffer,
+            skip_batches=state.batches,
+            exclude=frozenset(job.holdout_clip_ids),
+        )
+        # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
+        self.loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=params.data_workers,
+            generator=torch.Generator().manual_seed(params.seed),
+        )
+        self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
+        self.micro_losses: list[float] = []
+        self.trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
+        self.started, self.started_step, self.rate = time.perf_counter(), state.step, 0.0
 
-    bar = tqdm(
-        total=params.max_steps,
-        initial=state.step,
-        desc="training",
-        unit="step",
-        disable=not accelerator.is_main_process,
-    )
-    micro_losses: list[float] = []
-    trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
-    started, started_step, rate = time.perf_counter(), state.step, 0.0
-    try:
-        for batch in loader:
-            if state.step >= params.max_steps:
-                break
-            with accelerator.accumulate(wrapped):
-                with accelerator.autocast():
-                    loss = batch_loss(family, pipe, wrapped, batch, dtype, objective)
-                everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
-                if not torch.isfinite(everyone).all():
-                    raise TrainingDiverged(
-                        f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
-                        f"Last good checkpoint: {checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
-                    )
-                grad_norm = _apply(
-                    accelerator, loss, list(trainable.values()), optimizer, scheduler, params.max_grad_norm
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        self.setup()
+        params, state = self.params, self.state
+        self.bar = tqdm(
+            total=params.max_steps,
+            initial=state.step,
+            desc="training",
+            unit="step",
+            disable=not self.accelerator.is_main_process,
+        )
+        try:
+            for batch in self.loader:
+                if state.step >= params.max_steps:
+                    break
+                if self.step(batch):
+                    self.after_step()
+        except KeyboardInterrupt:
+            self.bar.close()
+            self._interrupted()
+            raise
+        except BaseException:
+            self.bar.close()
+            self.tracker.finish("FAILED")
+            raise
+        self.bar.close()
+        return self.finish()
+
+    def step(self, batch: dict) -> bool:
+        """One micro-batch forward and backward; True when it completed an optimizer step."""
+        accelerator, state = self.accelerator, self.state
+        with accelerator.accumulate(self.wrapped):
+            with accelerator.autocast():
+                loss = batch_loss(self.family, self.pipe, self.wrapped, batch, self.dtype, self.objective)
+            everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
+            if not torch.isfinite(everyone).all():
+                raise TrainingDiverged(
+                    f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
+                    f"Last good checkpoint: {self.checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
                 )
-            state.batches += 1
-            trained_clips += batch["clip_ids"]
-            micro_losses.append(everyone.mean().item())
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            state.samples += per_step
-            state.losses.append(sum(micro_losses) / len(micro_losses))
-            if ema is not None:
-                ema.step(list(trainable.values()))
-            micro_losses = []  # empty again: the state is at a step boundary (what an interrupt may checkpoint)
-            rate = (state.step - started_step) * per_step / (time.perf_counter() - started)
-            metrics = {
-                "loss": state.losses[-1],
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "samples_per_s": rate,
-                "peak_memory_mb": peak_memory_mb(accelerator.device),
-            }
-            tracker.log_metrics(metrics, state.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
-            if on_step is not None:
-                on_step(state.step, state.losses[-1])
-            if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:
-                checkpointer.save(state)
-            if state.step % params.validation.every == 0 or state.step == params.max_steps:
-                validate(state.step)
-    except KeyboardInterrupt:
-        bar.close()
-        resumable = _checkpoint_on_interrupt(checkpointer, state, at_boundary=not micro_losses)
-        tracker.finish("KILLED")
-        if accelerator.is_main_process:
+            self.grad_norm = _apply(
+                accelerator,
+                loss,
+                list(self.trainable.values()),
+                self.optimizer,
+                self.scheduler,
+                self.params.max_grad_norm,
+            )
+        state.batches += 1
+        self.trained_clips += batch["clip_ids"]
+        self.micro_losses.append(everyone.mean().item())
+        return accelerator.sync_gradients
+
+    def after_step(self) -> None:
+        """At an optimizer-step boundary: count it, update the EMA, log, checkpoint and validate when due."""
+        params, state = self.params, self.state
+        state.step += 1
+        state.samples += self.per_step
+        state.losses.append(sum(self.micro_losses) / len(self.micro_losses))
+        if self.ema is not None:
+            self.ema.step(list(self.trainable.values()))
+        self.micro_losses = []  # empty again: the state is at a step boundary (what an interrupt may checkpoint)
+        self.rate = (state.step - self.started_step) * self.per_step / (time.perf_counter() - self.started)
+        metrics = {
+            "loss": state.losses[-1],
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.grad_norm),
+            "samples_per_s": self.rate,
+            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
+        }
+        self.tracker.log_metrics(metrics, state.step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
+        if self.on_step is not None:
+            self.on_step(state.step, state.losses[-1])
+        if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:
+            self.checkpointer.save(state)
+        if state.step % params.validation.every == 0 or state.step == params.max_steps:
+            self.validate(state.step)
+
+    def validate(self, step: int) -> None:
+        if self.params.validation.prompts and self.accelerator.is_main_process:
+            folder = self.layout.step_samples(step)
+            with self.accelerator.autocast(), on_device(self.pipe.vae, self.accelerator.device):
+                render_samples(
+                    self.pipe, self.denoiser, self.params.validation, self.job.sample_size, folder, self.prompt_cache
+                )
+            self.tracker.log_artifacts(folder, f"samples/{folder.name}")
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: checkpoint what is safe to, close the MLflow run as KILLED, and say how to resume."""
+        state = self.state
+        resumable = _checkpoint_on_interrupt(self.checkpointer, state, at_boundary=not self.micro_losses)
+        self.tracker.finish("KILLED")
+        if self.accelerator.is_main_process:
             where = f"{resumable} (step {saved_step(resumable)})" if resumable else "none (it starts over)"
             print(
                 f"\ninterrupted at step {state.step}; checkpoint to resume from: {where}. Continue with the same out "
@@ -277,32 +325,35 @@ def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) ->
                 file=sys.stderr,
                 flush=True,
             )
-        raise
-    except BaseException:
-        bar.close()
-        tracker.finish("FAILED")
-        raise
-    bar.close()
 
-    clips_file = layout.trained_clips(accelerator.process_index)
-    if resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
-        trained_clips = json.loads(clips_file.read_text())["clip_ids"] + trained_clips
-    write_json_atomic(clips_file, {"clip_ids": trained_clips, "last_resumed_at_step": started_step})
-    weights = _export(job, family, pipe, accelerator, trainable, ema, state)
-    tracker.log_metrics({"final_loss": state.losses[-1]}, state.step)
-    tracker.finish()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(
-        out,
-        weights,
-        state.step,
-        state.losses,
-        tracker.run_id,
-        rate,
-        peak_memory_mb(accelerator.device),
-        sorted(layout.checkpoints.glob("checkpoint-*")),
-    )
+    def finish(self) -> TrainResult:
+        """What this rank saw (added to a resumed run's), the final weights, and the MLflow run closed."""
+        accelerator, state, layout = self.accelerator, self.state, self.layout
+        clips_file = layout.trained_clips(accelerator.process_index)
+        trained_clips = self.trained_clips
+        if self.resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
+            trained_clips = json.loads(clips_file.read_text())["clip_ids"] + trained_clips
+        write_json_atomic(clips_file, {"clip_ids": trained_clips, "last_resumed_at_step": self.started_step})
+        weights = _export(self.job, self.family, self.pipe, accelerator, self.trainable, self.ema, state)
+        self.tracker.log_metrics({"final_loss": state.losses[-1]}, state.step)
+        self.tracker.finish()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(
+            layout.root,
+            weights,
+            state.step,
+            state.losses,
+            self.tracker.run_id,
+            self.rate,
+            peak_memory_mb(accelerator.device),
+            sorted(layout.checkpoints.glob("checkpoint-*")),
+        )
+
+
+def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run `job` to its last step (resuming when it says so); see `Trainer` for the phases."""
+    return Trainer(job, on_step).run()
 
 
 def _checkpoint_on_interrupt(checkpointer: Checkpointer, state: TrainState, at_boundary: bool) -> Path | None:

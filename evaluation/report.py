@@ -1,0 +1,95 @@
+"""Every human-readable summary of a run, in one place: the markdown of the Prefect artifacts (`curate-summary`,
+`evaluation`, `finetune-summary`), RUN/evaluation/report.md, and the CLI's rendering of the same markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.markdown import Markdown
+
+from vidtune.evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRICS
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) -> str:
+    """Base vs adapted per metric, with the delta and whether it is better (RUN/evaluation/report.md)."""
+    lines = ["| metric | base | adapted | delta |", "|---|---|---|---|"]
+    for name in METRICS:
+        base, adapted = results.get(f"{name}_base"), results.get(f"{name}_adapted")
+        if base is None and adapted is None:
+            lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
+            continue
+        delta = adapted - base if base is not None and adapted is not None else None
+        better = (
+            delta is not None
+            and abs(delta) >= 5e-5
+            and ((delta < 0 and name in LOWER_IS_BETTER) or (delta > 0 and name in HIGHER_IS_BETTER))
+        )
+        arrow = " (better)" if better else ""
+        lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
+    lines += [
+        "",
+        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
+        f"contact sheet: {run_dir}/evaluation/contact_sheet.png",
+    ]
+    if decision:
+        lines += ["", f"Promotion gate: {decision}"]
+    return "\n".join(lines) + "\n"
+
+
+def curate_summary_markdown(stats: dict, output: Path) -> str:
+    """The run's summary as a markdown table (the Prefect artifact `curate-summary`)."""
+    sources, clips = stats["sources"], stats["clips"]
+    lines = [
+        f"**curate** → `{output}/shards` (manifest: `{output}/manifest.parquet`)",
+        "",
+        "| | total | kept | filtered | failed | resumed |",
+        "|---|---|---|---|---|---|",
+        f"| sources | {sources['total']} | {sources['with_clips']} | {sources['filtered']} | {sources['failed']} | {sources['resumed']} |",
+        f"| clips | {sum(clips.values())} | {clips['kept']} | {clips['filtered']} | {clips['failed']} | |",
+        "",
+        f"hours in → out: {stats['hours_in']:.4f} h → {stats['hours_out']:.4f} h; {stats['shards']} shards",
+    ]
+    for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
+        if stats[key]:
+            lines.append(f"\n{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in stats[key].items()))
+    return "\n".join(lines)
+
+
+def finetune_summary_markdown(summary: dict) -> str:
+    """A finetune run's outcome (the artifact `finetune-summary`): training, the curate table, metrics and the gate."""
+    losses = summary["losses"]
+    lines = [
+        f"**finetune** ({summary['family']}) → `{summary['weights']}`",
+        "",
+        "| training | |",
+        "|---|---|",
+        f"| clips | {sum(summary['buckets'].values())} of {summary['clips']} fit buckets {summary['buckets']} |",
+        f"| steps | {summary['steps']} |",
+        f"| loss | {losses[0]:.4f} (first) → {summary['final_loss']:.4f} (last) |",
+        f"| speed | {summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB |",
+        f"| MLflow run | `{summary['mlflow_run_id']}` at `{summary['tracking_uri']}` |",
+    ]
+    if summary.get("curate"):  # --raw: the curate subflow ran first
+        lines = [curate_summary_markdown(summary["curate"], Path(summary["curate"]["output"])), "", *lines]
+    if summary.get("metrics"):
+        lines += ["", metrics_markdown(summary["metrics"], Path(summary["out"]))]
+    if summary.get("registration"):
+        registration = summary["registration"]
+        lines += [
+            "",
+            f"Registered `{registration['model_uri']}` [{', '.join(registration['aliases'])}]: {registration['gate']}",
+        ]
+    return "\n".join(lines)
+
+
+def print_curate_summary(summary: dict, console: Console) -> None:
+    console.print(Markdown(curate_summary_markdown(summary, Path(summary["output"]))))
+
+
+def print_finetune_summary(summary: dict, console: Console) -> None:
+    console.print(Markdown(finetune_summary_markdown(summary)))
