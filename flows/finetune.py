@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from pydantic import Field, field_validator, model_validator
@@ -27,12 +26,12 @@ from vidtune.training.data import cache_shards, parse_bucket_key
 from vidtune.training.families import get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.layout import DatasetLayout, RunLayout
-from vidtune.training.params import TrainParams
+from vidtune.training.params import RunTarget, TrainParams
 from vidtune.training.tracking import default_tracking_uri
 from vidtune.training.trainer import TrainJob
 
 
-class FinetuneParams(TrainParams, GpuSlotParams):
+class FinetuneParams(RunTarget, TrainParams, GpuSlotParams):
     """Everything `vidtune finetune` takes (the trainer's parameters plus data, model and outputs): the Prefect
     UI form, the YAML `--config` schema and the `--set` target."""
 
@@ -43,26 +42,9 @@ class FinetuneParams(TrainParams, GpuSlotParams):
         None,
         description="Curate raw videos first (the curate flow runs as a subflow; its output is the data); null: train on existing data.",
     )
-    model: str = Field(
-        description="Base model: a local diffusers folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
-    )
-    out: str = Field(description="Run folder: adapter/ (or model/), checkpoints/, samples/.")
-    family: str | None = Field(None, description="Model family; default: detected from the model's model_index.json.")
-    data_source: Literal["cache", "shards"] = Field(
-        "cache", description="cache: train on precomputed latents; shards: encode clips every step."
-    )
     cache_dir: str | None = Field(None, description="Latent cache root; default: DATA/latent_cache.")
     precompute: PrecomputeParams = Field(default_factory=PrecomputeParams)
     num_processes: int = Field(1, ge=1, le=1024, description="Training processes (accelerate launch; one per GPU).")
-    experiment: str = Field("vidtune", description="MLflow experiment.")
-    run_name: str | None = Field(None, description="MLflow run name; default: MLflow's.")
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db."
-    )
-    export_comfyui: bool = Field(
-        False,
-        description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (families with a ComfyUI key map).",
-    )
     holdout_clips: int = Field(2, ge=0, description="Clips kept out of training for the held-out validation loss.")
     run_evaluation: bool = Field(True, description="Evaluate base vs adapted after training (the evaluate flow).")
     run_registration: bool = Field(
@@ -202,20 +184,19 @@ def _train_job(
 ) -> TrainJob:
     """What the trainer runs, also written to RUN/train_job.json (evaluate, register and accelerate read it)."""
     sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
+    resolved = {
+        "family": family,
+        "out": str(Path(params.out).expanduser().resolve()),
+        "tracking_uri": params.tracking_uri or default_tracking_uri(),
+    }
     job = TrainJob(
-        model=params.model,
-        family=family,
-        out=str(Path(params.out).expanduser().resolve()),
-        data_source=params.data_source,
+        **params.model_dump(include=set(RunTarget.model_fields) - set(resolved)),
+        **resolved,
         shards=shards,
         frame_buckets=buckets,
         sample_size=sample_size,
         params=train_params,
         prompt_cache=prompt_cache,
-        tracking_uri=params.tracking_uri or default_tracking_uri(),
-        experiment=params.experiment,
-        run_name=params.run_name,
-        export_comfyui=params.export_comfyui,
         holdout_clip_ids=_holdout(params, dataset),
         tags={"data": str(Path(params.data).resolve())},
     )

@@ -111,3 +111,28 @@ class TrainParams(ObjectiveParams):
         if self.mixed_precision != "auto":
             return self.mixed_precision
         return "bf16" if bf16_supported() else "no"
+
+
+class RunTarget(BaseModel):
+    """What a training run trains, where it writes and where it logs: declared once, for the `finetune` form (where
+    `family` and `tracking_uri` may be left to defaults) and the resolved `TrainJob` (where the flow has set them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="Base model: a local diffusers folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
+    )
+    out: str = Field(description="Run folder: adapter/ (or model/), checkpoints/, samples/.")
+    family: str | None = Field(None, description="Model family; default: detected from the model's model_index.json.")
+    data_source: Literal["cache", "shards"] = Field(
+        "cache", description="cache: train on precomputed latents; shards: encode clips every step."
+    )
+    experiment: str = Field("vidtune", description="MLflow experiment.")
+    run_name: str | None = Field(None, description="MLflow run name; default: MLflow's.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db."
+    )
+    export_comfyui: bool = Field(
+        False,
+        description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (families with a ComfyUI key map).",
+    )

@@ -18,10 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from vidtune.training.adapters import (
     COMFYUI_FILE,
@@ -37,7 +36,7 @@ from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.files import write_json_atomic
 from vidtune.training.layout import RunLayout
-from vidtune.training.params import TrainParams
+from vidtune.training.params import RunTarget, TrainParams
 from vidtune.training.sampling import render_samples
 from vidtune.training.tracking import RunTracker, flatten
 from vidtune.training.trainable import make_optimizer, make_trainable
@@ -45,15 +44,11 @@ from vidtune.training.trainable import make_optimizer, make_trainable
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class TrainJob(BaseModel):
-    """Everything one training run needs, resolved by the `finetune` flow (and written as JSON for accelerate)."""
+class TrainJob(RunTarget):
+    """Everything one training run needs, resolved by the `finetune` flow (and written as JSON for accelerate):
+    the run target with its family and tracking URI set, plus the data, the trainer's parameters and the held-out
+    clips."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    family: str
-    out: str
-    data_source: Literal["cache", "shards"]
     shards: list[str]
     prompt_cache: str | None = Field(
         None, description="validation prompts' embeddings (data_source=cache): no text encoder is loaded"
@@ -61,10 +56,6 @@ class TrainJob(BaseModel):
     frame_buckets: list[int]
     sample_size: tuple[int, int, int] = Field(description="(frames, height, width) of validation samples by default")
     params: TrainParams
-    tracking_uri: str
-    experiment: str = "vidtune"
-    run_name: str | None = None
-    export_comfyui: bool = False
     holdout_clip_ids: list[str] = Field(
         default_factory=list, description="clips never trained on: evaluation's held-out set"
     )
