@@ -21,46 +21,8 @@ from safetensors.torch import save_file
 from vidtune.training.families import FAMILIES, ModelFamily
 from vidtune.training.published_configs import Part, TinySpec, build_from_config, published_config, published_scheduler
 
-TOKENIZER_WORDS = [
-    "a",
-    "the",
-    "of",
-    "in",
-    "with",
-    "and",
-    "style",
-    "video",
-    "shot",
-    "scene",
-    "person",
-    "people",
-    "car",
-    "street",
-    "city",
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "purple",
-    "light",
-    "dark",
-    "moving",
-    "camera",
-    "pan",
-    "close",
-    "wide",
-    "night",
-    "day",
-    "beach",
-    "sky",
-    "water",
-    "tree",
-    "building",
-    "road",
-    "sks",
-    "vidtune",
-    "demo",
-]
+SCENE_WORDS = "person people car street city red blue green yellow purple light dark moving camera pan close wide night day beach sky water tree building road".split()
+TOKENIZER_WORDS = [*"a the of in with and style video shot scene".split(), *SCENE_WORDS, "sks", "vidtune", "demo"]
 
 # variant -> its family: each family's `tiny_models` (Wan twice: the 1.3B's configs and the 14B's)
 TINY_MODELS: dict[str, ModelFamily] = {
@@ -163,40 +125,7 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
 
 
 TINY_CLIP = "vidtune-tiny-clip"  # registered from tasks/model_configs/ by vidtune.tasks.scoring
-CAPTION_WORDS = [
-    "a",
-    "the",
-    "video",
-    "of",
-    "shot",
-    "scene",
-    "with",
-    "person",
-    "people",
-    "car",
-    "street",
-    "city",
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "purple",
-    "light",
-    "dark",
-    "moving",
-    "camera",
-    "pan",
-    "close",
-    "wide",
-    "night",
-    "day",
-    "beach",
-    "sky",
-    "water",
-    "tree",
-    "building",
-    "road",
-]
+CAPTION_WORDS = [*"a the video of shot scene with".split(), *SCENE_WORDS]
 
 
 def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
