@@ -94,7 +94,7 @@ def evaluate_run(
         loss = (
             heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None
         )  # before sampling sets inference timesteps
-        videos[label] = render_videos(pipe, settings, layout.evaluation / "samples", label)
+        videos[label] = render_videos(pipe, settings, layout.evaluation_samples, label)
         results[label] = {
             **_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps),
             "val_loss": loss,
@@ -115,7 +115,7 @@ def evaluate_run(
         for i, prompt in enumerate(settings.prompts)
         for label in ("base", "adapted")
     ]
-    contact_sheet(rows, layout.evaluation / "contact_sheet.png")
+    contact_sheet(rows, layout.contact_sheet)
     write_json_atomic(layout.metrics, results)
     with atomic_path(layout.report) as tmp:
         tmp.write_text(metrics_markdown(results, run_dir))

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from vidtune.evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRICS
+from vidtune.training.layout import RunLayout
 
 
 def _fmt(value) -> str:
@@ -31,10 +32,11 @@ def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) 
         )
         arrow = " (better)" if better else ""
         lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
+    layout = RunLayout(Path(run_dir))
     lines += [
         "",
-        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {run_dir}/evaluation/samples/ (base-NN / adapted-NN .mp4 and .gif); "
-        f"contact sheet: {run_dir}/evaluation/contact_sheet.png",
+        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {layout.evaluation_samples}/ (base-NN / adapted-NN .mp4 and .gif); "
+        f"contact sheet: {layout.contact_sheet}",
     ]
     if decision:
         lines += ["", f"Promotion gate: {decision}"]

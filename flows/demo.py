@@ -19,6 +19,7 @@ from vidtune.tasks.scenes import SceneParams
 from vidtune.tasks.scoring import ScoreParams
 from vidtune.tasks.synthetic_videos import make_raw_video_set, render_video
 from vidtune.training.cache import PrecomputeParams
+from vidtune.training.layout import RunLayout
 from vidtune.training.params import ValidationParams
 from vidtune.training.tiny_models import TINY_CLIP, build_tiny_clip, build_tiny_wan
 
@@ -122,7 +123,7 @@ def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: C
         f"shards:     {dataset}/shards/shard-*.tar (WebDataset: mp4, txt caption, json row, npy CLIP embedding)\n"
         f"manifest:   {dataset}/manifest.parquet (every input, with status and reason); plots: {dataset}/*_hist.png\n"
         f"adapter:    {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
-        f"samples:    {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {run}/evaluation/contact_sheet.png\n"
+        f"samples:    {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {RunLayout(run).contact_sheet}\n"
         f"generate:   MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
         f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '{prompt_with_trigger(DEMO_PROMPTS[1], DEMO_CAPTIONS.trigger)}' --out clip.mp4\n"
         "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, evaluate/default); serve them with\n"

@@ -46,9 +46,6 @@ class DatasetLayout:
         """The packed shards in order (in-progress `.shard-*.tmp` files are not shards)."""
         return sorted(str(p) for p in self.shards.glob("shard-*.tar"))
 
-    def read_stats(self) -> dict | None:
-        return _read_json(self.stats)
-
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -103,6 +100,14 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.evaluation / "metrics.json"
+
+    @property
+    def evaluation_samples(self) -> Path:
+        return self.evaluation / "samples"  # base-NN / adapted-NN .mp4 and .gif
+
+    @property
+    def contact_sheet(self) -> Path:
+        return self.evaluation / "contact_sheet.png"
 
     @property
     def report(self) -> Path:
