@@ -10,7 +10,9 @@ from rich.console import Console
 from vidtune.flows.demo import DEMO_STEPS, run_demo
 
 
-def test_demo_curates_generated_videos_and_fine_tunes_a_lora(prefect_api, tmp_path):
+def test_demo_curates_generated_videos_and_fine_tunes_a_lora(prefect_api, tmp_path, monkeypatch):
+    # the home run_demo would choose, set here so it is undone afterwards: later tests keep their own
+    monkeypatch.setenv("VIDTUNE_HOME", str((tmp_path / "demo").resolve() / "home"))
     out = io.StringIO()
     summary = run_demo(tmp_path / "demo", Console(file=out, width=120))
     curated, trained = summary["curate"], summary["finetune"]
