@@ -20,7 +20,7 @@ from vidtune.tasks.finetune_tasks import (
     train_task,
 )
 from vidtune.tasks.output import dataset_trigger
-from vidtune.training.adapters import check_comfyui_export
+from vidtune.training.adapters import comfyui_export
 from vidtune.training.cache import PrecomputeParams, frame_buckets
 from vidtune.training.data import cache_shards, parse_bucket_key
 from vidtune.training.families import get_family
@@ -116,8 +116,7 @@ def finetune(params: FinetuneParams) -> dict:
     """Curated clips (or raw videos, curated first) in, a trained, evaluated and registered adapter out."""
     logger = get_run_logger()
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
-    if params.export_comfyui:
-        check_comfyui_export(family)
+    comfyui_export(family, params.export_comfyui)  # export_comfyui=true for a family ComfyUI cannot load: refused
     check_objective_params(family.objective_kind, params, family.name)
     curated = curate(params.curate) if params.curate is not None else None
     buckets = frame_buckets(family, params.precompute)

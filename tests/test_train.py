@@ -179,14 +179,17 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
     assert saved[-1] == f"checkpoint-{step - 1:06d}" and not (tmp_path / "run" / "adapter").exists()
 
 
-def test_comfyui_export_loads_in_diffusers_like_the_diffusers_adapter(wan_model, wan_cache, tmp_path):
+def test_comfyui_file_is_written_by_default_and_loads_in_diffusers_like_the_diffusers_adapter(
+    wan_model, wan_cache, tmp_path
+):
     job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=3, learning_rate=1e-2, alpha=8.0)
-    job = job.model_copy(update={"export_comfyui": True})
     result = train(job)
     comfy = load_file(result.weights / "comfyui_lora.safetensors")
-    assert (
-        "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy
-        and float(comfy["diffusion_model.blocks.0.self_attn.q.alpha"]) == 8.0
+    peft = load_file(result.weights / "pytorch_lora_weights.safetensors")
+    assert not any(k.endswith(".alpha") for k in comfy)  # the scale (alpha / rank = 2) is folded into lora_B
+    assert torch.equal(
+        comfy["diffusion_model.blocks.0.self_attn.q.lora_B.weight"],
+        2 * peft["transformer.blocks.0.attn1.to_q.lora_B.weight"],
     )
 
     family = get_family("wan")
@@ -208,6 +211,18 @@ def test_comfyui_export_loads_in_diffusers_like_the_diffusers_adapter(wan_model,
             hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False
         )[0]
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5) and not torch.allclose(outputs[0], plain, atol=1e-4)
+
+
+def test_a_lora_target_comfyui_cannot_name_is_refused_before_the_first_step(wan_model, wan_cache, tmp_path):
+    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=2, lora_targets=["to_q", "patch_embedding"])
+    with pytest.raises(
+        ValueError, match=r"lora_targets: patch_embedding has no ComfyUI module name.*export_comfyui=false"
+    ):
+        train(job)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    result = train(job.model_copy(update={"export_comfyui": False}))  # the way out the message names
+    assert (result.weights / "pytorch_lora_weights.safetensors").is_file()
+    assert not (result.weights / "comfyui_lora.safetensors").exists()
 
 
 def test_full_fine_tuning_of_a_subset_and_on_the_fly_encoding(wan_model, curated, tmp_path):

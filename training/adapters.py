@@ -1,5 +1,6 @@
 """What training leaves behind: a LoRA in diffusers format (loadable with `pipe.load_lora_weights`, with its
-rank/alpha/targets in the safetensors metadata), optionally re-keyed for ComfyUI; or a full pipeline folder."""
+rank/alpha/targets in the safetensors metadata) and, for families ComfyUI loads, the same LoRA keyed for ComfyUI;
+or a full pipeline folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vidtune.training.comfyui import ComfyUIKeys, comfyui_state_dict
 from vidtune.training.families import ModelFamily
 from vidtune.training.files import atomic_dir, atomic_path, write_json_atomic
 
@@ -49,30 +51,39 @@ def save_lora_adapter(family: ModelFamily, pipe, denoiser: torch.nn.Module, out_
     return out_dir
 
 
-def check_comfyui_export(family: ModelFamily) -> tuple[tuple[str, str], ...]:
-    """The family's ComfyUI key renames, or a refusal naming the families that have them."""
-    if family.comfyui_renames is None:
-        from vidtune.training.families import FAMILIES
+def comfyui_export(family: ModelFamily, requested: bool | None) -> ComfyUIKeys | None:
+    """The family's ComfyUI module names when its ComfyUI file is written: by default for every family ComfyUI
+    loads; `export_comfyui=true` refuses one it does not, `false` writes none."""
+    if requested is False:
+        return None
+    if family.comfyui_keys is None:
+        if requested:
+            from vidtune.training.families import FAMILIES
 
-        available = ", ".join(f.name for f in FAMILIES.values() if f.comfyui_renames is not None)
-        raise ValueError(f"export_comfyui: no ComfyUI key mapping for {family.name} yet (available: {available})")
-    return family.comfyui_renames
+            loads = ", ".join(f.name for f in FAMILIES.values() if f.comfyui_keys is not None)
+            raise ValueError(
+                f"export_comfyui: ComfyUI has no LoRA loader for {family.title} (it loads {loads}); "
+                "leave export_comfyui unset to write only the diffusers file"
+            )
+        return None
+    return family.comfyui_keys
 
 
-def export_comfyui(family: ModelFamily, state: dict[str, torch.Tensor], alpha: float, path: Path) -> Path:
-    """The LoRA keyed as ComfyUI loads it: `diffusion_model.<original module>.lora_A/B.weight` plus `.alpha`."""
-    renames = check_comfyui_export(family)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        module, _, kind = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
-        module = f".{module}."
-        for old, new in renames:
-            module = module.replace(old, new)
-        module = f"diffusion_model{module}".rstrip(".")
-        out[f"{module}.lora_{kind}"] = tensor
-        out[f"{module}.alpha"] = torch.tensor(float(alpha))
+def lora_modules_of(denoiser: torch.nn.Module) -> dict[str, float]:
+    """The modules peft put a LoRA on, with the scale (alpha / rank) each applies (of its one adapter)."""
+    return {
+        name: next(iter(module.scaling.values()))
+        for name, module in denoiser.named_modules()
+        if getattr(module, "scaling", None) and hasattr(module, "lora_A")
+    }
+
+
+def export_comfyui(family: ModelFamily, denoiser: torch.nn.Module, path: Path) -> Path:
+    """The LoRA keyed as ComfyUI loads it (see `vidtune.training.comfyui`)."""
+    state = comfyui_state_dict(family.comfyui_keys, denoiser, lora_state_dict(denoiser), lora_modules_of(denoiser))
+    metadata = {"format": "comfyui", "family": family.name, "scale": "folded into lora_B (no alpha: scale 1)"}
     with atomic_path(path) as tmp:
-        save_file(out, str(tmp), metadata={"format": "comfyui", "alpha": str(alpha), "family": family.name})
+        save_file(state, str(tmp), metadata=metadata)
     return path
 
 

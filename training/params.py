@@ -132,7 +132,8 @@ class RunTarget(BaseModel):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///$VIDTUNE_HOME/mlflow.db."
     )
-    export_comfyui: bool = Field(
-        False,
-        description="Also write adapter/comfyui_lora.safetensors keyed for ComfyUI (families with a ComfyUI key map).",
+    export_comfyui: bool | None = Field(
+        None,
+        description="adapter/comfyui_lora.safetensors keyed for ComfyUI: by default for the families ComfyUI loads "
+        "(wan, ltx-video, hunyuan-video); true: required (refused for others); false: not written.",
     )

@@ -24,8 +24,9 @@ from pydantic import Field
 
 from vidtune.training.adapters import (
     COMFYUI_FILE,
+    comfyui_export,
     export_comfyui,
-    lora_state_dict,
+    lora_modules_of,
     save_full_model,
     save_lora_adapter,
 )
@@ -395,6 +396,9 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     if params.fp8_storage:  # before the adapter: the frozen base layers are stored in float8, LoRA stays fp32
         denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     trainable = make_trainable(family, denoiser, params)
+    comfyui = comfyui_export(family, job.export_comfyui) if params.training_type == "lora" else None
+    if comfyui is not None:  # before any step: a module ComfyUI cannot name is refused now, not after training
+        comfyui.check(list(lora_modules_of(denoiser)))
     if params.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
@@ -459,8 +463,8 @@ def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: di
         }
         if params.training_type == "lora":
             save_lora_adapter(family, pipe, denoiser, weights, info)
-            if job.export_comfyui:
-                export_comfyui(family, lora_state_dict(denoiser), params.alpha or params.rank, weights / COMFYUI_FILE)
+            if comfyui_export(family, job.export_comfyui) is not None:
+                export_comfyui(family, denoiser, weights / COMFYUI_FILE)
         else:
             save_full_model(_with_text_encoders(family, pipe, job.model), weights, info)
     accelerator.wait_for_everyone()

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from vidtune.training.comfyui import ComfyUIKeys
 from vidtune.training.published_configs import TinySpec
 
 
@@ -46,9 +47,7 @@ class ModelFamily(ABC):
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # left out of training when prompts are cached
     temporal_compression: ClassVar[int] = 4  # the VAE keeps the first frame and compresses the rest this much
-    comfyui_renames: ClassVar[tuple[tuple[str, str], ...] | None] = (
-        None  # diffusers -> ComfyUI key parts; None: no export
-    )
+    comfyui_keys: ClassVar[ComfyUIKeys | None] = None  # diffusers -> ComfyUI module names; None: ComfyUI has no loader
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

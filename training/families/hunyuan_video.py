@@ -6,11 +6,67 @@ from __future__ import annotations
 
 import torch
 
+from vidtune.training.comfyui import ComfyUIKeys, Rule, renamed
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 from vidtune.training.published_configs import CLIP_SHRINK, TEXT, Part, TinySpec
 
 HUNYUAN_VIDEO = "hunyuanvideo-community/HunyuanVideo"
+QKV = ("to_q", "to_k", "to_v")
+MLP = {"net.0.proj": "fc1", "net.2": "fc2"}
+# diffusers -> the original Tencent names, which ComfyUI's HunyuanVideo accepts under `diffusion_model.` (its
+# diffusion-pipe alias in comfy/lora.py) and diffusers' own converters read back. Fused originals take a stack of the
+# diffusers LoRAs: img_attn_qkv = attn.to_q|to_k|to_v, linear1 = attn.to_q|to_k|to_v|proj_mlp (ComfyUI splits its
+# output in that order: comfy/ldm/flux/layers.py SingleStreamBlock).
+COMFYUI_KEYS = ComfyUIKeys(
+    (
+        Rule(r"transformer_blocks\.(\d+)\.attn\.(?P<part>to_q|to_k|to_v)", r"double_blocks.\1.img_attn_qkv", QKV),
+        Rule(
+            r"transformer_blocks\.(\d+)\.attn\.(?P<part>add_q_proj|add_k_proj|add_v_proj)",
+            r"double_blocks.\1.txt_attn_qkv",
+            ("add_q_proj", "add_k_proj", "add_v_proj"),
+        ),
+        Rule(
+            r"single_transformer_blocks\.(\d+)\.(?P<part>attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)",
+            r"single_blocks.\1.linear1",
+            ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+        ),
+        Rule(
+            r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.(?P<part>to_q|to_k|to_v)",
+            r"txt_in.individual_token_refiner.blocks.\1.self_attn_qkv",
+            QKV,
+        ),
+        Rule("proj_out", "final_layer.linear"),
+        Rule(r"context_embedder\.proj_in", "txt_in.input_embedder"),
+    )
+    + renamed(
+        r"transformer_blocks\.(\d+)",
+        r"double_blocks.\1",
+        {
+            "attn.to_out.0": "img_attn_proj",
+            "attn.to_add_out": "txt_attn_proj",
+            "norm1.linear": "img_mod.linear",
+            "norm1_context.linear": "txt_mod.linear",
+            **{f"ff.{k}": f"img_mlp.{v}" for k, v in MLP.items()},
+            **{f"ff_context.{k}": f"txt_mlp.{v}" for k, v in MLP.items()},
+        },
+    )
+    + renamed(
+        r"single_transformer_blocks\.(\d+)",
+        r"single_blocks.\1",
+        {"proj_out": "linear2", "norm.linear": "modulation.linear"},
+    )
+    + renamed(
+        r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)",
+        r"txt_in.individual_token_refiner.blocks.\1",
+        {
+            "attn.to_out.0": "self_attn_proj",
+            "norm_out.linear": "adaLN_modulation.1",
+            **{f"ff.{k}": f"mlp.{v}" for k, v in MLP.items()},
+        },
+    ),
+    source="HunyuanVideo's original module names, which ComfyUI's comfy/lora.py maps for HunyuanVideo",
+)
 LLAMA_SHRINK = {
     "hidden_size": TEXT,
     "intermediate_size": 64,
@@ -29,6 +85,7 @@ class HunyuanVideoFamily(ModelFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     full_subsets = {"attention": r"\.attn\.", "feed_forward": r"\.ff(_context)?\."}
     frame_buckets = (129, 65, 33, 17, 9)  # 129: the published clip length
+    comfyui_keys = COMFYUI_KEYS
     # Training conditions on guidance 1 (the distilled guidance embedding's "no extra guidance"), as the
     # HunyuanVideo LoRA trainers do; sampling passes its guidance_scale, x1000 like the pipeline.
     training_guidance = 1.0

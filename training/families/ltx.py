@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vidtune.training.comfyui import ComfyUIKeys, Rule, same_names
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
@@ -20,6 +21,17 @@ class LtxFamily(ModelFamily):
     temporal_compression = 8
     frame_buckets = (121, 97, 65, 33, 17, 9)
     frame_rate = 25  # the pipeline's default; RoPE is scaled by it, so training matches sampling
+    # ComfyUI's LTXV (comfy/ldm/lightricks/model.py) names its modules as diffusers does but for the two that
+    # diffusers' single-file converter renames (patchify_proj -> proj_in, adaln_single -> time_embed)
+    comfyui_keys = ComfyUIKeys(
+        (Rule("proj_in", "patchify_proj"), Rule(r"time_embed\.(.+)", r"adaln_single.\1"))
+        + same_names(
+            r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))",
+            r"caption_projection\.linear_[12]",
+            "proj_out",
+        ),
+        source="LTX-Video's original module names, as ComfyUI's comfy/ldm/lightricks/model.py keeps them",
+    )
     tiny_models = {
         "ltx-video": TinySpec(
             {

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from vidtune.training.comfyui import ComfyUIKeys, Rule, renamed
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
 
+ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}  # diffusers -> Wan attention leaves
 WAN_13B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 
 
@@ -36,18 +38,29 @@ class WanFamily(ModelFamily):
     objective_kind = "flow"
     frame_buckets = (81, 49, 33, 17, 9)  # 81: the published clip length
     tiny_models = {"wan": _tiny(WAN_13B), "wan-14b": _tiny(WAN_14B)}  # the 14B's configs through the same code path
-    # diffusers module names -> the original Wan names ComfyUI and most Wan tools key LoRAs by
-    comfyui_renames = (
-        (".attn1.", ".self_attn."),
-        (".attn2.", ".cross_attn."),
-        (".to_q.", ".q."),
-        (".to_k.", ".k."),
-        (".to_v.", ".v."),
-        (".to_out.0.", ".o."),
-        (".add_k_proj.", ".k_img."),
-        (".add_v_proj.", ".v_img."),
-        (".ffn.net.0.proj.", ".ffn.0."),
-        (".ffn.net.2.", ".ffn.2."),
+    comfyui_keys = ComfyUIKeys(
+        renamed(r"blocks\.(\d+)\.attn1", r"blocks.\1.self_attn", ATTENTION)
+        + renamed(
+            r"blocks\.(\d+)\.attn2",
+            r"blocks.\1.cross_attn",
+            {**ATTENTION, "add_k_proj": "k_img", "add_v_proj": "v_img"},
+        )
+        + renamed(r"blocks\.(\d+)\.ffn", r"blocks.\1.ffn", {"net.0.proj": "0", "net.2": "2"})
+        + renamed(
+            "condition_embedder",
+            "",
+            {
+                "text_embedder.linear_1": "text_embedding.0",
+                "text_embedder.linear_2": "text_embedding.2",
+                "time_embedder.linear_1": "time_embedding.0",
+                "time_embedder.linear_2": "time_embedding.2",
+                "time_proj": "time_projection.1",
+                "image_embedder.ff.net.0.proj": "img_emb.proj.1",
+                "image_embedder.ff.net.2": "img_emb.proj.3",
+            },
+        )
+        + (Rule("proj_out", "head.head"),),
+        source="Wan's original module names, as ComfyUI's comfy/ldm/wan/model.py keeps them",
     )
 
     def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
