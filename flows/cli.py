@@ -215,6 +215,60 @@ def register(
     )
 
 
+@app.command("import-lora")
+def import_lora(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The LoRA .safetensors file.")],
+    model: Annotated[str, typer.Option("--model", help="Its base model: a local diffusers folder or a hub id.")],
+    name: Annotated[str | None, typer.Option("--name", help="Registered model name (default: vidtune-style).")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="A curated dataset for the held-out loss (else: sample metrics only).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: under $VIDTUNE_HOME/imports).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    list_params: Annotated[bool, _list_params_option("vidtune.flows.import_lora.ImportLoraParams")] = False,
+) -> None:
+    """Bring a LoRA trained elsewhere (musubi-tuner, diffusion-pipe, ai-toolkit, finetrainers, ComfyUI) into the
+    registry: evaluated against the base and registered through the same gate as a `vidtune finetune` run.
+
+    Reads diffusers keys (transformer.<module>.lora_A.weight), original-model keys (diffusion_model.<module>.lora_A
+    or lora_down, optional .alpha) and kohya keys (lora_unet_<module>.lora_down.weight + .alpha); converts them
+    with diffusers' converters where they fit the model, else by the family's ComfyUI module names.
+    """
+    from vidtune.evaluation.registry import RegistryError
+    from vidtune.flows.import_lora import ImportLoraParams
+    from vidtune.flows.import_lora import import_lora as import_flow
+
+    base = {"file": str(file), "model": model, "registry": {"name": name} if name else {}}
+    base |= {"data": str(data)} if data else {}
+    base |= {"out": str(out)} if out else {}
+    try:
+        params = build_params(ImportLoraParams, base=base, config=config, overrides=set_ or [])
+        result = import_flow(params)
+    except (ParamError, FileNotFoundError, RegistryError, ValueError) as exc:
+        _fail(str(exc))
+    from vidtune.training.layout import RunLayout
+
+    console.print(Markdown(RunLayout(Path(result["out"])).report.read_text()))
+    console.print(
+        escape(
+            f"{result['source_format']}-format LoRA (rank {result['rank']}, {result['modules']} modules, "
+            f"{result['converter']}' converter) -> {result['out']}/adapter"
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    registration = result["registration"]
+    if registration:
+        console.print(
+            escape(f"{registration['model_uri']} [{', '.join(registration['aliases'])}]: {registration['gate']}"),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION.")],

@@ -18,7 +18,7 @@ from vidtune.flows.deployments import load_deployments, load_flow, merge_run_par
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
-EXPECTED = {"curate/default", "finetune/style", "finetune/full", "evaluate/default"}
+EXPECTED = {"curate/default", "finetune/style", "finetune/full", "import-lora/default", "evaluate/default"}
 
 
 def presets() -> dict[str, dict]:

@@ -327,3 +327,71 @@ def test_a_run_trained_further_is_a_new_version_not_the_old_one_relabelled(runs,
     assert json.loads((root / "weak" / "train_job.json").read_text())["holdout_clip_ids"] == job["holdout_clip_ids"]
     second = register_run(root / "weak", "style-f", uri)
     assert second.created and int(second.version) == int(first.version) + 1 and CHALLENGER in second.aliases
+
+
+def test_a_lora_from_another_trainer_is_evaluated_like_the_run_it_came_from_and_registered(
+    runs, curated, wan_model, tiny_clip, vidtune, tmp_path
+):
+    """The strong run's LoRA as musubi-tuner writes one (kohya keys, alpha), through `vidtune import-lora` as users
+    type it: the same held-out loss as the run itself (same weights, clips and draws), then a registry version."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_import_lora import _kohya_format
+    from vidtune.training.tiny_models import TINY_CLIP
+
+    root, made = runs
+    output, _, _ = curated
+    strong = made["strong"]
+    comfy = load_file(f"{strong['weights']}/comfyui_lora.safetensors")
+    save_file(_kohya_format(comfy), str(tmp_path / "musubi_style.safetensors"))
+    code, printed = vidtune(
+        "import-lora",
+        str(tmp_path / "musubi_style.safetensors"),
+        "--model",
+        wan_model,
+        "--name",
+        "imported-style",
+        "--data",
+        str(output),
+        "--out",
+        str(tmp_path / "imported"),
+        "--set=holdout_clips=3",
+        f"--set=frame_buckets={BUCKETS}",
+        f"--set=tracking_uri=sqlite:///{root}/mlflow.db",
+        "--set=evaluation.prompts=[a red car, a blue sky]",
+        "--set=evaluation.inference_steps=2",
+        f"--set=evaluation.clip_model={TINY_CLIP}",
+        f"--set=evaluation.clip_pretrained={tiny_clip}",
+    )
+    assert code == 0, printed
+    assert "kohya-format LoRA (rank 4" in printed and "models:/imported-style/1 [challenger" in printed
+    metrics = json.loads((tmp_path / "imported" / "evaluation" / "metrics.json").read_text())
+    assert metrics["heldout_clips"] == strong["metrics"]["heldout_clips"] == 3
+    assert metrics["val_loss_adapted"] == pytest.approx(strong["metrics"]["val_loss_adapted"], rel=1e-4)
+    assert metrics["val_loss_base"] == pytest.approx(strong["metrics"]["val_loss_base"], rel=1e-6)
+    version = MlflowClient(f"sqlite:///{root}/mlflow.db").get_model_version("imported-style", "1")
+    assert version.tags["vidtune.base_model"] == wan_model and version.tags["vidtune.gate"]
+
+    # the ComfyUI file itself, without a dataset: sample metrics only, so the gate keeps it a challenger
+    code, printed = vidtune(
+        "import-lora",
+        f"{strong['weights']}/comfyui_lora.safetensors",
+        "--model",
+        wan_model,
+        "--name",
+        "imported-style",
+        "--out",
+        str(tmp_path / "no-data"),
+        f"--set=tracking_uri=sqlite:///{root}/mlflow.db",
+        "--set=evaluation.prompts=[a red car]",
+        "--set=evaluation.inference_steps=2",
+        "--set=evaluation.num_frames=9",
+        "--set=evaluation.height=64",
+        "--set=evaluation.width=64",
+        f"--set=evaluation.clip_model={TINY_CLIP}",
+        f"--set=evaluation.clip_pretrained={tiny_clip}",
+    )
+    assert code == 0, printed
+    metrics = json.loads((tmp_path / "no-data" / "evaluation" / "metrics.json").read_text())
+    assert metrics["heldout_clips"] == 0 and metrics["val_loss_adapted"] is None and metrics["clip_alignment_adapted"]
+    assert "original-format LoRA" in printed and "models:/imported-style/2 [challenger]" in printed
