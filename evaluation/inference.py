@@ -1,5 +1,6 @@
-"""Generate from a registered model: `models:/NAME@ALIAS` (or `models:/NAME/VERSION`) -> base pipeline from the
-registered base-model reference + the LoRA (or the fully fine-tuned pipeline) -> an MP4 or GIF.
+"""Generate from a logged or registered vidtune model: any model URI MLflow resolves (`models:/NAME@ALIAS`,
+`models:/NAME/VERSION`, `models:/NAME/latest`, `models:/m-<id>`, `runs:/<run id>/adapter`) -> the base pipeline from
+the recorded base model + the LoRA (or the fully fine-tuned pipeline) -> an MP4 or GIF.
 
     from vidtune.evaluation.inference import generate
     generate("models:/vidtune-style@champion", "a red car in sks style", "car.mp4", num_frames=33)
@@ -7,26 +8,23 @@ registered base-model reference + the LoRA (or the fully fine-tuned pipeline) ->
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vidtune.evaluation.pyfunc import build_pipeline, render
 from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
-from vidtune.training.devices import placement
-from vidtune.training.families import detect_family
-from vidtune.training.media import to_uint8, write_gif, write_mp4
-from vidtune.training.tracking import default_tracking_uri, vidtune_home
-
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+from vidtune.training.media import write_gif, write_mp4
+from vidtune.training.tracking import default_tracking_uri, point_mlflow_at, vidtune_home
 
 
 class ModelNotFound(ValueError):
-    """The model URI names no registered version; the message lists what is registered."""
+    """The model URI names no logged model; the message lists what is registered."""
 
 
 def _registered(client: MlflowClient, name: str) -> str:
@@ -44,32 +42,39 @@ def _registered(client: MlflowClient, name: str) -> str:
     return f"registered versions of {name}: {'; '.join(lines)}"
 
 
-def resolve_version(model_uri: str, client: MlflowClient):
-    match = MODEL_URI.match(model_uri)
-    if not match:
-        raise ModelNotFound(f"model: {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
-    name = match["name"]
+def resolve(model_uri: str, tracking_uri: str):
+    """MLflow's own resolution of `model_uri` to a logged model (its ModelInfo); ModelNotFound says what exists."""
+    from mlflow.models import get_model_info
+    from mlflow.store.artifact.utils.models import _parse_model_uri
+
+    point_mlflow_at(tracking_uri)
     try:
-        if match["alias"]:
-            return client.get_model_version_by_alias(name, match["alias"])
-        return client.get_model_version(name, match["version"])
-    except MlflowException:
-        raise ModelNotFound(f"model: {model_uri} does not exist; {_registered(client, name)}") from None
+        return get_model_info(model_uri)
+    except (MlflowException, OSError):
+        hint = ""
+        if model_uri.startswith("models:/"):
+            try:
+                name = _parse_model_uri(model_uri).name
+                hint = f"; {_registered(MlflowClient(tracking_uri), name)}" if name else ""
+            except MlflowException:
+                hint = (
+                    "; model URIs are models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or models:/m-<id>"
+                )
+        raise ModelNotFound(f"model: {model_uri} does not exist{hint}") from None
 
 
-def fetch(version, tracking_uri: str) -> Path:
-    """The version's files, downloaded once into $VIDTUNE_HOME/models/NAME/VERSION (then reused)."""
+def fetch(model_uri: str, info, tracking_uri: str) -> Path:
+    """The logged model's files, downloaded once into $VIDTUNE_HOME/models/<model id> (then reused): keyed by what
+    the URI resolved to, so `@champion` moving to another version downloads that one."""
     import mlflow
 
-    # Keyed by the run too: another tracking server (or a reset database) has its own "version 1".
-    target = vidtune_home() / "models" / version.name / f"{version.version}-{(version.run_id or 'norun')[:12]}"
+    target = vidtune_home() / "models" / info.model_uuid
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{info.model_uuid}.", dir=target.parent))
     try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(tmp))
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=tracking_uri)
         try:
             tmp.rename(target)
         except OSError:  # a concurrent generate got there first: theirs is the same files
@@ -80,27 +85,31 @@ def fetch(version, tracking_uri: str) -> Path:
     return target
 
 
+def model_files(local: Path) -> tuple[dict, dict[str, str]]:
+    """The model config and artifact paths the MLmodel file of a downloaded vidtune model records."""
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
+    config = flavor.get("config") or flavor.get("model_config") or {}
+    if "family" not in config:
+        raise ModelNotFound(
+            f"model: {local} was not logged by this vidtune (no video model config); register its run again with "
+            "vidtune register RUN"
+        )
+    artifacts = {name: str(local / entry["path"]) for name, entry in (flavor.get("artifacts") or {}).items()}
+    return config, artifacts
+
+
 def load_registered_pipeline(
-    model_uri: str, tracking_uri: str | None = None, lora_scale: float = 1.0, device: str | None = None
+    model_uri: str,
+    tracking_uri: str | None = None,
+    lora_scale: float = 1.0,
+    device: str | None = None,
+    base_model: str | None = None,
 ):
-    """The pipeline a registered version describes, on `device` (GPU when there is one)."""
+    """The pipeline a logged model describes, on `device` (GPU when there is one), and its model config."""
     tracking_uri = tracking_uri or default_tracking_uri()
-    version = resolve_version(model_uri, MlflowClient(tracking_uri))
-    local = fetch(version, tracking_uri)
-    default_device, dtype = placement()  # the GPU's dtype also when offloading from the CPU
-    device = device or default_device
-    pipelines = sorted((local / "artifacts").glob("*/model_index.json"))
-    if (
-        pipelines
-    ):  # a full fine-tune: the pipeline folder itself (read from safetensors; the pyfunc pickle is not loaded)
-        folder = pipelines[0].parent
-        return detect_family(folder).load_pipeline(str(folder), dtype=dtype).to(device), version
-    base = version.tags.get("vidtune.base_model")
-    family = detect_family(base)
-    pipe = family.load_pipeline(base, dtype=dtype)
-    pipe.load_lora_weights(str(local / "adapter_weights"), adapter_name="vidtune")
-    pipe.set_adapters(["vidtune"], adapter_weights=[lora_scale])
-    return pipe.to(device), version
+    info = resolve(model_uri, tracking_uri)
+    config, artifacts = model_files(fetch(model_uri, info, tracking_uri))
+    return build_pipeline(config, artifacts, base_model=base_model, device=device, lora_scale=lora_scale), config
 
 
 def generate(
@@ -119,34 +128,28 @@ def generate(
     fps: int = FPS,
     cpu_offload: bool = False,
     vae_tiling: bool = False,
+    base_model: str | None = None,
 ) -> Path:
     """Render `prompt` with a registered model to `out` (.mp4 or .gif); returns the path."""
     out = Path(out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"out: {out} must end in .mp4 or .gif")
-    pipe, version = load_registered_pipeline(model_uri, tracking_uri, lora_scale, device="cpu" if cpu_offload else None)
+    pipe, config = load_registered_pipeline(
+        model_uri, tracking_uri, lora_scale, device="cpu" if cpu_offload else None, base_model=base_model
+    )
     if cpu_offload and torch.cuda.is_available():
         pipe.enable_model_cpu_offload()
     if vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
-    size = version.tags.get("vidtune.sample_size", "")
-    default_frames, default_h, default_w = (int(v) for v in size.split("x")) if size else (None, None, None)
-    kwargs = {
-        k: v
-        for k, v in {
-            "num_frames": num_frames or default_frames,
-            "height": height or default_h,
-            "width": width or default_w,
-        }.items()
-        if v
-    }
-    frames = pipe(
-        prompt=prompt,
-        num_inference_steps=steps,
+    default_frames, default_h, default_w = config.get("sample_size") or (None, None, None)
+    video = render(
+        pipe,
+        prompt,
+        num_frames=num_frames or default_frames,
+        height=height or default_h,
+        width=width or default_w,
+        steps=steps,
         guidance_scale=guidance_scale,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-        **kwargs,
-    ).frames[0]
-    video = to_uint8(frames)
+        seed=seed,
+    )
     return (write_mp4 if out.suffix.lower() == ".mp4" else write_gif)(video, out, fps)

@@ -1,6 +1,6 @@
-"""The MLflow model registry: log a finished run's adapter (`mlflow.diffusers`) or full pipeline (pyfunc around
-the diffusers folder), register it as a new version aliased `challenger`, and move `champion` only through the
-promotion gate. Registration is idempotent: a retried call finds the version it made and does not add another.
+"""The MLflow model registry: log a finished run's adapter or full pipeline as vidtune's video pyfunc
+(`vidtune.evaluation.pyfunc`: loads with `mlflow.pyfunc.load_model`, serves with `mlflow models serve`), register it
+as a new version aliased `challenger`, and move `champion` only through the promotion gate. Registration is idempotent: a retried call finds the version it made and does not add another.
 
 Gate (all must hold to promote):
 - the adapted model beats the base on held-out validation loss;
@@ -19,10 +19,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vidtune.evaluation.pyfunc import MODEL_CODE, SIGNATURE, input_example
 from vidtune.training.adapters import read_info
 from vidtune.training.files import write_json_atomic
 from vidtune.training.layout import RunLayout
-from vidtune.training.tracking import vidtune_home
+from vidtune.training.tracking import experiment_id, log_dataset, point_mlflow_at, vidtune_home
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 
@@ -145,39 +146,75 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
     """Log the weights into the run that trained them (or a new one); returns (model uri, run id)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
     if run_id is not None:
         try:
             MlflowClient(tracking_uri).get_run(run_id)
         except MlflowException:  # trained against another tracking server (or untracked): log into a new run
             run_id = None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register {run_dir.name}") as run:
-        layout = RunLayout(run_dir)
+    point_mlflow_at(tracking_uri)
+    layout = RunLayout(run_dir)
+    job = layout.find_train_job()
+    new_run = {}
+    if run_id is None:  # in the run's experiment, whose artifacts go where vidtune says (not ./mlruns)
+        new_run = {
+            "run_name": f"register {run_dir.name}",
+            "experiment_id": experiment_id(MlflowClient(tracking_uri), job.experiment if job else "vidtune"),
+        }
+    with mlflow.start_run(run_id=run_id, **new_run) as run:
+        if new_run and job is not None and "data" in job.tags:  # an imported LoRA: the data it was evaluated on
+            log_dataset(MlflowClient(tracking_uri), run.info.run_id, Path(job.tags["data"]), "evaluation")
         evaluation, metrics = layout.evaluation, layout.read_metrics() or {}
         mlflow.log_metrics(
             {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         )
         if evaluation.is_dir():
             mlflow.log_artifacts(str(evaluation), "evaluation")  # samples, contact sheet, report
-        if info["training_type"] == "lora":
-            import mlflow.diffusers
-
-            logged = mlflow.diffusers.log_model(
-                adapter_path=str(layout.adapter),
-                base_model=info["base_model"],
-                name="adapter",
-                pip_requirements=["diffusers", "peft", "torch", "transformers"],
-            )
-        else:
-            from vidtune.evaluation.pyfunc import DiffusersFolderModel
-
-            logged = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=DiffusersFolderModel(),
-                artifacts={"pipeline": str(layout.model)},
-                pip_requirements=["diffusers", "torch", "transformers"],
-            )
+        sample_size = list(job.sample_size) if job else None
+        config = {
+            "family": info["family"],
+            "training_type": info["training_type"],
+            "base_model": info["base_model"],
+            "base_model_hub_id": hub_id_of(info["base_model"]),
+            "sample_size": sample_size,
+        }
+        lora = info["training_type"] == "lora"
+        logged = mlflow.pyfunc.log_model(
+            name="adapter" if lora else "model",
+            python_model=str(MODEL_CODE),  # models from code: no pickle
+            artifacts={"adapter": str(layout.adapter)} if lora else {"pipeline": str(layout.model)},
+            model_config=config,
+            signature=SIGNATURE,
+            input_example=input_example(tuple(sample_size)) if sample_size else None,
+            pip_requirements=pip_requirements(),
+        )
         return logged.model_uri, run.info.run_id
+
+
+def hub_id_of(model: str) -> str | None:
+    """The hub id a base model can be fetched by on another machine: the id itself, or the repo of a local copy in
+    the Hugging Face cache layout (`.../models--ORG--NAME/snapshots/REV`); None for other local folders."""
+    path = Path(model).expanduser()
+    if not path.exists() and not str(model).startswith((".", "/", "~")) and str(model).count("/") == 1:
+        return str(model)
+    for part in path.resolve().parts if path.exists() else ():
+        if part.startswith("models--") and part.count("--") >= 2:
+            return "/".join(part.removeprefix("models--").split("--", 1))
+    return None
+
+
+def pip_requirements() -> list[str]:
+    """What a served version needs: vidtune and the libraries its model code imports, at this machine's versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("vidtune", "diffusers", "peft", "torch", "transformers", "mlflow"):
+        try:
+            out.append(
+                f"{package}=={version(package)}" if package != "torch" else f"torch>={version(package).split('+')[0]}"
+            )
+        except PackageNotFoundError:
+            out.append(package)
+    return out
 
 
 def register_run(
@@ -192,6 +229,7 @@ def register_run(
     info = read_info(weights)
     metrics = layout.read_metrics()
     try:
+        point_mlflow_at(tracking_uri)  # MLflow resolves the logged model's URI through it
         return _register(run_dir, weights, info, metrics, name, tracking_uri, clip_tolerance, attempts)
     except RegistryError as exc:
         raise RegistryError(
@@ -236,6 +274,7 @@ def _register(
                 "vidtune.weights_sha256": weights_sha,
                 "vidtune.sample_size": "x".join(map(str, job.sample_size if job else ())),
                 "vidtune.base_model": info["base_model"],
+                "vidtune.base_model_hub_id": hub_id_of(info["base_model"]) or "",
                 "vidtune.family": info["family"],
                 "vidtune.training_type": info["training_type"],
                 "vidtune.val_loss_gain": str(relative_gain(metrics or {})),

@@ -271,7 +271,14 @@ def import_lora(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="A model URI MLflow resolves: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+            "models:/m-<id> or runs:/<run id>/adapter.",
+        ),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="What to render.")],
     out: Annotated[Path, typer.Option("--out", help="Output file, .mp4 or .gif.")],
     lora_scale: Annotated[float, typer.Option(help="LoRA strength (0 = base model).")] = 1.0,
@@ -284,11 +291,16 @@ def generate(
     fps: Annotated[int, typer.Option(help="Frame rate of the written file.")] = FPS,
     cpu_offload: Annotated[bool, typer.Option(help="Keep idle components on the CPU (GPU memory saver).")] = False,
     vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles (large frames on small GPUs).")] = False,
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="The base model's folder or hub id here (default: the recorded one, else its hub id)."),
+    ] = None,
 ) -> None:
     """Render a prompt with a registered model (models:/NAME@ALIAS) to an MP4 or GIF.
 
-    Builds the base pipeline from the version's base-model reference and loads its LoRA (downloaded once into
-    $VIDTUNE_HOME/models), or loads the registered fully fine-tuned pipeline.
+    Builds the base pipeline from the version's base-model reference (the recorded folder, else its hub id, else
+    --base-model) and loads its LoRA (downloaded once into $VIDTUNE_HOME/models), or loads the registered fully
+    fine-tuned pipeline.
     """
     from vidtune.evaluation.inference import ModelNotFound
     from vidtune.evaluation.inference import generate as generate_video
@@ -308,6 +320,7 @@ def generate(
             fps=fps,
             cpu_offload=cpu_offload,
             vae_tiling=vae_tiling,
+            base_model=base_model,
         )
     except (ModelNotFound, ValueError) as exc:
         _fail(str(exc))

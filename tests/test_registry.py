@@ -5,9 +5,11 @@ once, and `generate` renders from `models:/NAME@champion`."""
 from __future__ import annotations
 
 import json
+import os
 
 import av
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -369,8 +371,11 @@ def test_a_lora_from_another_trainer_is_evaluated_like_the_run_it_came_from_and_
     assert metrics["heldout_clips"] == strong["metrics"]["heldout_clips"] == 3
     assert metrics["val_loss_adapted"] == pytest.approx(strong["metrics"]["val_loss_adapted"], rel=1e-4)
     assert metrics["val_loss_base"] == pytest.approx(strong["metrics"]["val_loss_base"], rel=1e-6)
-    version = MlflowClient(f"sqlite:///{root}/mlflow.db").get_model_version("imported-style", "1")
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    version = client.get_model_version("imported-style", "1")
     assert version.tags["vidtune.base_model"] == wan_model and version.tags["vidtune.gate"]
+    (evaluated_on,) = client.get_run(version.run_id).inputs.dataset_inputs  # lineage: the data it was judged on
+    assert evaluated_on.dataset.name == output.name and not os.path.exists("mlruns")  # artifacts where we said
 
     # the ComfyUI file itself, without a dataset: sample metrics only, so the gate keeps it a challenger
     code, printed = vidtune(
@@ -395,3 +400,136 @@ def test_a_lora_from_another_trainer_is_evaluated_like_the_run_it_came_from_and_
     metrics = json.loads((tmp_path / "no-data" / "evaluation" / "metrics.json").read_text())
     assert metrics["heldout_clips"] == 0 and metrics["val_loss_adapted"] is None and metrics["clip_alignment_adapted"]
     assert "original-format LoRA" in printed and "models:/imported-style/2 [challenger]" in printed
+
+
+def test_every_model_uri_form_resolves_through_mlflow_and_pyfunc_predict_returns_mp4s(runs, tmp_path, monkeypatch):
+    """A registered version as MLflow users load it: `mlflow.pyfunc.load_model` by every URI form MLflow resolves,
+    `predict` with the logged signature (prompt, frames, size, steps, guidance, seed) -> one MP4 per prompt."""
+    import base64
+
+    import mlflow
+    from mlflow.models import get_model_info
+
+    root, made = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    registration = register_run(root / "strong", "style-uri", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what `mlflow.pyfunc.load_model` users set; undone after
+    info = get_model_info("models:/style-uri/1")
+    forms = [
+        "models:/style-uri@champion",
+        "models:/style-uri/1",
+        "models:/style-uri/latest",
+        f"models:/{info.model_id}",
+        f"runs:/{made['strong']['mlflow_run_id']}/adapter",
+    ]
+    assert {get_model_info(form).model_uuid for form in forms} == {info.model_uuid}
+    assert registration.model_uri == "models:/style-uri/1"
+    assert [c.name for c in info.signature.inputs.inputs] == ["prompt"]
+    assert {"num_frames", "height", "width", "steps", "guidance_scale", "seed"} <= {
+        p["name"] for p in info.signature.params.to_dict()
+    }
+    assert info.saved_input_example_info["type"] == "dataframe"
+    # lineage: the training run logged the dataset it trained on
+    (logged,) = MlflowClient(uri).get_run(made["strong"]["mlflow_run_id"]).inputs.dataset_inputs
+    profile = json.loads(logged.dataset.profile)
+    assert logged.dataset.digest and profile["num_rows"] == made["strong"]["clips"]
+    assert logged.dataset.name in logged.dataset.source, logged.dataset.source
+    assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
+    model = mlflow.pyfunc.load_model(forms[3])
+    predicted = model.predict(
+        pd.DataFrame({"prompt": ["a red car", "a blue sky"]}), params={"num_frames": 5, "steps": 2}
+    )
+    assert list(predicted["prompt"]) == ["a red car", "a blue sky"] and list(predicted["num_frames"]) == [5, 5]
+    default = model.predict(pd.DataFrame({"prompt": ["a red car"]}), params={"steps": 2})
+    assert (default["num_frames"][0], default["height"][0], default["width"][0]) == (9, 64, 64)  # the training size
+    (tmp_path / "car.mp4").write_bytes(base64.b64decode(predicted["video"][0]))
+    with av.open(str(tmp_path / "car.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_a_base_model_that_is_not_here_is_found_by_its_hub_id_or_named_in_the_message(
+    runs, wan_model, tmp_path, monkeypatch
+):
+    """A base model in the Hugging Face cache layout records its hub id; when the folder is gone (another machine,
+    offline) `generate` says what to pass, and `base_model=` (`--base-model`) renders."""
+    import shutil
+
+    from vidtune.evaluation.inference import generate
+    from vidtune.evaluation.pyfunc import BaseModelMissing
+    from vidtune.evaluation.registry import hub_id_of
+
+    root, _ = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    snapshot = tmp_path / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B-Diffusers" / "snapshots" / "0123abc"
+    shutil.copytree(wan_model, snapshot)
+    assert hub_id_of(str(snapshot)) == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" and hub_id_of(wan_model) is None
+    assert hub_id_of("Lightricks/LTX-Video") == "Lightricks/LTX-Video"
+    run = tmp_path / "strong-copy"
+    shutil.copytree(root / "strong", run)
+    info = json.loads((run / "adapter" / "vidtune.json").read_text())
+    (run / "adapter" / "vidtune.json").write_text(json.dumps({**info, "base_model": str(snapshot)}))
+    registration = register_run(run, "style-hub", uri)
+    version = MlflowClient(uri).get_model_version("style-hub", registration.version)
+    assert version.tags["vidtune.base_model_hub_id"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+    shutil.rmtree(tmp_path / "hub")  # the recorded folder is not on this machine
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        BaseModelMissing, match=r"Wan-AI/Wan2.1-T2V-1.3B-Diffusers cannot be loaded here .*--base-model"
+    ):
+        generate("models:/style-hub@champion", "a red car", tmp_path / "x.mp4", tracking_uri=uri, steps=1)
+    out = generate(
+        "models:/style-hub@champion", "a red car", tmp_path / "y.mp4", tracking_uri=uri, steps=1, base_model=wan_model
+    )
+    assert out.stat().st_size > 0
+
+
+def test_mlflow_models_serve_answers_an_http_request_with_an_mp4(runs, tmp_path):
+    """MLflow's own server on a registered version, bound to 127.0.0.1, asked as a client would over HTTP."""
+    import base64
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    root, _ = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    register_run(root / "strong", "style-serve", uri)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_cli, "models", "serve", "-m", "models:/style-serve@champion", "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        # an activated virtualenv: MLflow starts `uvicorn` from PATH
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115  (closed with the process)
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_records": [{"prompt": "a red car"}], "params": {"steps": 2, "num_frames": 5}},
+            timeout=300,
+        )
+        assert response.status_code == 200, response.text[:2000]
+        (prediction,) = response.json()["predictions"]
+        (tmp_path / "served.mp4").write_bytes(base64.b64decode(prediction["video"]))
+        with av.open(str(tmp_path / "served.mp4")) as container:
+            assert container.format.name.startswith("mov") and sum(1 for _ in container.decode(video=0)) == 5
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -4,6 +4,7 @@ artifact folder under `VIDTUNE_HOME` (MLflow's own default would scatter `./mlru
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,24 @@ def default_tracking_uri() -> str:
     home = vidtune_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+_ENV_LOCK = threading.Lock()
+
+
+def point_mlflow_at(uri: str) -> None:
+    """MLflow's fluent API (`mlflow.start_run`, `get_model_info`, ...) pointed at `uri`, without the side effect of
+    `mlflow.set_tracking_uri` exporting MLFLOW_TRACKING_URI, which later `default_tracking_uri()` calls and child
+    processes would otherwise inherit (and another thread's registration could leave behind)."""
+    import mlflow
+
+    with _ENV_LOCK:
+        exported = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
 
 
 def default_artifact_location(experiment: str) -> str | None:
@@ -86,9 +105,37 @@ class RunTracker:
         if self.active:
             self._safely(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
+    def log_dataset(self, data: Path, context: str = "training") -> None:
+        """The curated dataset as the run's MLflow input (lineage: the registry shows which data made which
+        version): its kept clips from `manifest.parquet` (MLflow digests them and counts the rows), the folder as
+        the source."""
+        if self.active:
+            self._safely(self._log_dataset, Path(data), context)
+
+    def _log_dataset(self, data: Path, context: str) -> None:
+        log_dataset(self.client, self.run_id, data, context)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
             self._safely(self.client.set_terminated, self.run_id, status)
+
+
+def log_dataset(client: MlflowClient, run_id: str, data: Path, context: str) -> None:
+    """A curated dataset as an MLflow input of `run_id`: its kept clips from `manifest.parquet` (MLflow digests them
+    and counts the rows), the folder as the source; nothing when the folder has no manifest."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    if not (Path(data) / "manifest.parquet").is_file():
+        return
+    manifest = pd.read_parquet(Path(data) / "manifest.parquet")
+    kept = manifest[(manifest["status"] == "kept") & manifest["clip_id"].notna()].reset_index(drop=True)
+    columns = [c for c in ("clip_id", "source", "source_sha256", "caption") if c in kept.columns]
+    dataset = mlflow.data.from_pandas(kept[columns], source=str(Path(data).resolve()), name=Path(data).name)
+    client.log_inputs(
+        run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    )
 
 
 def flatten(params: dict, prefix: str = "") -> dict:

@@ -189,6 +189,8 @@ class Trainer:
                     **job.tags,
                 }
             )
+            if "data" in job.tags:
+                self.tracker.log_dataset(Path(job.tags["data"]))
 
         stream = make_stream(
             job.data_source,
