@@ -95,6 +95,7 @@ class Registration:
     created: bool  # False: an earlier call had registered this run already
     decision: GateDecision
     aliases: list[str]
+    run_id: str | None = None  # the MLflow run holding the logged model
 
 
 def _retrying(call, attempts: int, what: str, tracking_uri: str):
@@ -298,7 +299,13 @@ def _register(
     write_json_atomic(RunLayout(run_dir).gate, {"name": name, "version": str(version.version), **asdict(decision)})
     aliases = client.get_model_version(name, version.version).aliases
     return Registration(
-        name, str(version.version), f"models:/{name}/{version.version}", created, decision, list(aliases)
+        name,
+        str(version.version),
+        f"models:/{name}/{version.version}",
+        created,
+        decision,
+        list(aliases),
+        version.run_id,
     )
 
 

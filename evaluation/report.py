@@ -16,21 +16,31 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) -> str:
-    """Base vs adapted per metric, with the delta and whether it is better (RUN/evaluation/report.md)."""
-    lines = ["| metric | base | adapted | delta |", "|---|---|---|---|"]
+def metric_rows(results: dict) -> list[dict]:
+    """One row per metric: base, adapted, delta (None where not computed) and whether adapted is better (the
+    Prefect table artifact `evaluation-metrics`, and the markdown report)."""
+    rows = []
     for name in METRICS:
         base, adapted = results.get(f"{name}_base"), results.get(f"{name}_adapted")
-        if base is None and adapted is None:
-            lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
-            continue
         delta = adapted - base if base is not None and adapted is not None else None
         better = (
             delta is not None
             and abs(delta) >= 5e-5
             and ((delta < 0 and name in LOWER_IS_BETTER) or (delta > 0 and name in HIGHER_IS_BETTER))
         )
-        arrow = " (better)" if better else ""
+        rows.append({"metric": name, "base": base, "adapted": adapted, "delta": delta, "better": better})
+    return rows
+
+
+def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) -> str:
+    """Base vs adapted per metric, with the delta and whether it is better (RUN/evaluation/report.md)."""
+    lines = ["| metric | base | adapted | delta |", "|---|---|---|---|"]
+    for row in metric_rows(results):
+        name, base, adapted, delta = row["metric"], row["base"], row["adapted"], row["delta"]
+        if base is None and adapted is None:
+            lines.append(f"| {name} | – | – | {results['fvd_note'] if name == 'fvd' else 'not computed'} |")
+            continue
+        arrow = " (better)" if row["better"] else ""
         lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
     layout = RunLayout(Path(run_dir))
     lines += [

@@ -7,6 +7,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vidtune.flows.names import run_name
 from vidtune.flows.progress import progress_bar
 from vidtune.flows.runners import Runner, make_task_runner
 from vidtune.tasks.captions import CaptionParams
@@ -80,7 +81,12 @@ def _run_per_source(task_, over: dict[str, list], label: str, runner: TaskRunner
         return [f.state for f in futures]
 
 
-@flow(name="curate", log_prints=True, validate_parameters=True)
+@flow(
+    name="curate",
+    flow_run_name=run_name("curate", ("params", "output"), folder=True),
+    log_prints=True,
+    validate_parameters=True,
+)
 def curate(params: CurateParams) -> dict:
     """Raw videos in, clips out: discover, hash, detect scenes, extract, caption, score, filter, shard."""
     logger = get_run_logger()

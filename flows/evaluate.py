@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
+from vidtune.flows.names import run_name
 from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.evaluate_tasks import evaluate_task, register_task
 from vidtune.tasks.output import dataset_trigger
@@ -76,13 +77,47 @@ def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
     )
 
 
+PROMOTED = "vidtune.model.promoted"
+
+
+def emit_promoted(registration, run: Path, metrics: dict, tracking_uri: str) -> None:
+    """The Prefect event `vidtune.model.promoted` (resource `vidtune.model.<name>`), for automations to react to:
+    render samples, deploy, notify."""
+    from prefect.events import emit_event
+
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    emit_event(
+        event=PROMOTED,
+        resource={
+            "prefect.resource.id": f"vidtune.model.{registration.name}",
+            "prefect.resource.name": registration.name,
+            "vidtune.version": str(registration.version),
+        },
+        payload={
+            "name": registration.name,
+            "version": str(registration.version),
+            "model_uri": registration.model_uri,
+            "run_dir": str(Path(run).resolve()),
+            "aliases": registration.aliases,
+            "gate": registration.decision.summary(),
+            "metrics": numbers,
+            "tracking_uri": tracking_uri,
+        },
+    )
+
+
 def _run_tracking_uri(run: Path) -> str | None:
     """The MLflow the run was trained against (its train_job.json), so its version joins that run."""
     job = RunLayout(run).find_train_job()
     return job.tracking_uri if job is not None else None
 
 
-@flow(name="evaluate", log_prints=True, validate_parameters=True)
+@flow(
+    name="evaluate",
+    flow_run_name=run_name("evaluate", ("run",), folder=True),
+    log_prints=True,
+    validate_parameters=True,
+)
 def evaluate(run: str, params: EvaluateParams | None = None) -> dict:
     """Base vs adapted on fixed prompts and noise; metrics, samples and a contact sheet in RUN/evaluation/."""
     params = params or EvaluateParams()
@@ -95,13 +130,20 @@ def evaluate(run: str, params: EvaluateParams | None = None) -> dict:
     return metrics
 
 
-@flow(name="register", log_prints=True, validate_parameters=True)
+@flow(
+    name="register",
+    flow_run_name=run_name("register", ("params", "name"), default="vidtune-style"),
+    log_prints=True,
+    validate_parameters=True,
+)
 def register(run: str, params: RegisterParams | None = None) -> dict:
     """Register RUN's weights as a new version (alias challenger); the gate decides whether it becomes champion."""
     params = params or RegisterParams()
     tracking_uri = params.tracking_uri or _run_tracking_uri(Path(run)) or default_tracking_uri()
     registration = register_task(str(Path(run).resolve()), params.name, tracking_uri, params.clip_tolerance)
     get_run_logger().info("%s v%s: %s", registration.name, registration.version, registration.decision.summary())
+    if registration.decision.promote:
+        emit_promoted(registration, Path(run), RunLayout(Path(run)).read_metrics() or {}, tracking_uri)
     return {
         "name": registration.name,
         "version": registration.version,

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from vidtune.flows.curate import CurateParams, curate
 from vidtune.flows.evaluate import EvaluateParams, EvaluationParams, RegisterParams, RegistryParams, evaluate, register
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
+from vidtune.flows.names import run_name
 from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.finetune_tasks import (
     check_dataset_task,
@@ -111,10 +112,77 @@ def _train_params(params: FinetuneParams) -> TrainParams:
     )
 
 
-@flow(name="finetune", log_prints=True, validate_parameters=True)
-def finetune(params: FinetuneParams) -> dict:
-    """Curated clips (or raw videos, curated first) in, a trained, evaluated and registered adapter out."""
+# Top-level parameters beside `params`, for the keys people change most: `prefect deployment run finetune/style
+# --param max_steps=500 --param input=/data/raw2` works without restating the nested model. Each, when set,
+# replaces the nested value it names before validation.
+TOP_LEVEL = {
+    "input": "curate.input",
+    "data": "data",
+    "model": "model",
+    "out": "out",
+    "name": "registry.name",
+    "max_steps": "max_steps",
+    "learning_rate": "learning_rate",
+    "rank": "rank",
+}
+
+
+def with_top_level(params: FinetuneParams, values: dict) -> FinetuneParams:
+    """`params` with the top-level parameters that are set written into it, validated again (naming the field)."""
+    changes = {key: value for key, value in values.items() if value is not None}
+    if not changes:
+        return params
+    merged = params.model_dump()
+    for key, value in changes.items():
+        *parents, leaf = TOP_LEVEL[key].split(".")
+        target = merged
+        for parent in parents:
+            if target.get(parent) is None:
+                raise ValueError(f"{key}: sets params.{TOP_LEVEL[key]}, but params.{parent} is null")
+            target = target[parent]
+        target[leaf] = value
+    if "input" in changes and "data" not in changes:
+        merged["data"] = None  # follows curate.output
+    return FinetuneParams.model_validate(merged)
+
+
+def resume_on_retry(params: FinetuneParams, run_count: int) -> FinetuneParams:
+    """A retried flow run (Retry in the UI, or flow retries) continues from its last checkpoint: the attempt that
+    failed left them in `out`, and a fresh start would be refused for them."""
+    if run_count > 1 and params.resume is None:
+        return params.model_copy(update={"resume": "latest"})
+    return params
+
+
+@flow(
+    name="finetune",
+    flow_run_name=run_name("finetune", ("name",), ("params", "registry", "name"), default="vidtune-style"),
+    log_prints=True,
+    validate_parameters=True,
+)
+def finetune(
+    params: FinetuneParams,
+    input: str | None = None,
+    data: str | None = None,
+    model: str | None = None,
+    out: str | None = None,
+    name: str | None = None,
+    max_steps: int | None = None,
+    learning_rate: float | None = None,
+    rank: int | None = None,
+) -> dict:
+    """Curated clips (or raw videos, curated first) in, a trained, evaluated and registered adapter out. The
+    top-level parameters, when set, replace the nested ones they name (see TOP_LEVEL)."""
+    from prefect.runtime import flow_run
+
     logger = get_run_logger()
+    top = {"input": input, "data": data, "model": model, "out": out, "name": name}
+    params = with_top_level(params, top | {"max_steps": max_steps, "learning_rate": learning_rate, "rank": rank})
+    if flow_run.run_count > 1 and params.resume is None:
+        logger.info(
+            "attempt %d of this flow run: resuming from the latest checkpoint in %s", flow_run.run_count, params.out
+        )
+    params = resume_on_retry(params, flow_run.run_count)
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
     comfyui_export(family, params.export_comfyui)  # export_comfyui=true for a family ComfyUI cannot load: refused
     check_objective_params(family.objective_kind, params, family.name)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vidtune.flows.evaluate import EvaluateParams, EvaluationParams, RegisterParams, RegistryParams, evaluate, register
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
+from vidtune.flows.names import run_name
 from vidtune.tasks.finetune_tasks import check_dataset_task, resolve_family_task
 from vidtune.training.layout import RunLayout
 from vidtune.training.tracking import default_tracking_uri, vidtune_home
@@ -117,7 +118,12 @@ def default_out(params: ImportLoraParams) -> Path:
     return vidtune_home() / "imports" / f"{params.registry.name}-{file_digest(params.file)[:12]}"
 
 
-@flow(name="import-lora", log_prints=True, validate_parameters=True)
+@flow(
+    name="import-lora",
+    flow_run_name=run_name("import-lora", ("params", "registry", "name"), default="vidtune-style"),
+    log_prints=True,
+    validate_parameters=True,
+)
 def import_lora(params: ImportLoraParams) -> dict:
     """Another trainer's LoRA file in; an evaluated (base vs adapted) and registered version out."""
     logger = get_run_logger()

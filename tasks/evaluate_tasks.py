@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vidtune.evaluation.evaluate import evaluate_run
 from vidtune.evaluation.registry import Registration, RegistryError, register_run
-from vidtune.evaluation.report import metrics_markdown
+from vidtune.evaluation.report import metric_rows, metrics_markdown
 from vidtune.tasks.scoring import (
     ClipScorer,
     cached_model,
@@ -48,6 +48,14 @@ def evaluate_task(
     create_markdown_artifact(
         metrics_markdown(metrics, Path(run)), key="evaluation", description=f"base vs adapted: {run}"
     )
+    create_table_artifact(
+        [
+            {k: v for k, v in row.items() if k != "better"} | {"better": str(row["better"])}
+            for row in metric_rows(metrics)
+        ],
+        key="evaluation-metrics",
+        description=f"base vs adapted per metric (None: not computed): {run}",
+    )
     return metrics
 
 
@@ -70,4 +78,36 @@ def register_task(run: str, name: str, tracking_uri: str, clip_tolerance: float)
         f"| {c['check']} | {c['passed']} | {c['value']} | {c['threshold']} |" for c in registration.decision.checks
     ]
     create_markdown_artifact("\n".join(lines), key="promotion-gate", description="the promotion gate's decision")
+    for key, (link, text) in mlflow_links(tracking_uri, registration).items():
+        create_link_artifact(link, link_text=text, key=key, description=f"{name} v{registration.version} in MLflow")
     return registration
+
+
+def mlflow_links(tracking_uri: str, registration: Registration) -> dict[str, tuple[str, str]]:
+    """Links to the version and its run: MLflow's UI pages on a tracking server; for a local database the folders
+    the logged model and run keep their files in (open the UI with `mlflow ui --backend-store-uri URI`)."""
+    from mlflow.tracking import MlflowClient
+
+    name, version, run_id = registration.name, registration.version, registration.run_id
+    client = MlflowClient(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri.rstrip("/")
+        experiment = client.get_run(run_id).info.experiment_id if run_id else None
+        links = {"model-version": (f"{base}/#/models/{name}/versions/{version}", f"models:/{name}/{version}")}
+        if experiment:
+            links["mlflow-run"] = (f"{base}/#/experiments/{experiment}/runs/{run_id}", f"MLflow run {run_id}")
+        return links
+    source = client.get_model_version(name, version).source
+    links = (
+        {
+            "model-version": (
+                client.get_logged_model(source.removeprefix("models:/")).artifact_location,
+                f"models:/{name}/{version}",
+            )
+        }
+        if source.startswith("models:/m-")
+        else {}
+    )
+    if run_id:
+        links["mlflow-run"] = (client.get_run(run_id).info.artifact_uri, f"MLflow run {run_id}")
+    return links

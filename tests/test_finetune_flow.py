@@ -335,3 +335,44 @@ def test_gpu_runs_queue_on_the_limit_and_gpu_limit_null_takes_none(prefect_api, 
         assert free["val_loss_adapted"] > 0 and queued.is_alive() and "slot" not in result
     queued.join(300)
     assert result["slot"]["val_loss_adapted"] == pytest.approx(free["val_loss_adapted"])
+
+
+def test_a_retried_finetune_run_resumes_from_its_last_checkpoint(
+    prefect_api, curated, wan_model, tmp_path, monkeypatch
+):
+    """What Retry in the UI does (the same flow run, run_count 2): the failed attempt's checkpoints are continued
+    instead of refused. The first attempt fails after training, where a crash costs the most."""
+    import vidtune.flows.finetune as module
+
+    real, attempts = module.publish_summary_task, []
+
+    def fails_the_first_time(summary):
+        attempts.append(summary["steps"])
+        if len(attempts) == 1:
+            raise RuntimeError("the machine went away")
+        return real(summary)
+
+    monkeypatch.setattr(module, "publish_summary_task", fails_the_first_time)
+    params = finetune_params(curated, wan_model, tmp_path, max_steps=4, checkpoint_every=2, validation={"prompts": []})
+    result = module.finetune.with_options(retries=1, retry_delay_seconds=0)(params)
+    assert attempts == [4, 4] and result["steps"] == 4  # the retry started from checkpoint-000004: no step twice
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "checkpoint-000002",
+        "checkpoint-000004",
+    ]
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()]
+    )
+    assert len(runs) == 1  # and it went on in the same MLflow run
+
+
+def test_common_keys_as_top_level_parameters_replace_the_nested_ones(curated, wan_model, tmp_path):
+    from vidtune.flows.finetune import with_top_level
+
+    params = finetune_params(curated, wan_model, tmp_path)
+    changed = with_top_level(params, {"max_steps": 7, "name": "other", "rank": None, "learning_rate": 1e-4})
+    assert (changed.max_steps, changed.registry.name, changed.rank, changed.learning_rate) == (7, "other", 4, 1e-4)
+    with pytest.raises(ValueError, match=r"input: sets params\.curate\.input, but params\.curate is null"):
+        with_top_level(params, {"input": "/data/raw"})
+    with pytest.raises(ValueError, match="max_steps"):
+        with_top_level(params, {"max_steps": 0})

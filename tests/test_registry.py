@@ -533,3 +533,47 @@ def test_mlflow_models_serve_answers_an_http_request_with_an_mp4(runs, tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_promotion_emits_a_prefect_event_an_automation_can_react_to(runs, prefect_api):
+    import time
+
+    import httpx
+
+    from vidtune.flows.evaluate import PROMOTED, RegisterParams, register
+
+    root, _ = runs
+    result = register(
+        str(root / "strong"), RegisterParams(name="style-event", tracking_uri=f"sqlite:///{root}/mlflow.db")
+    )
+    assert result["promoted"]
+    deadline, events = time.monotonic() + 60, []
+    while time.monotonic() < deadline and not events:
+        time.sleep(1)
+        found = httpx.post(f"{prefect_api}/events/filter", json={"filter": {"event": {"name": [PROMOTED]}}}).json()
+        events = [e for e in found["events"] if e["resource"]["prefect.resource.id"] == "vidtune.model.style-event"]
+    (event,) = events
+    assert event["payload"]["version"] == result["version"] and event["payload"]["model_uri"] == result["model_uri"]
+    assert event["payload"]["metrics"]["val_loss_adapted"] < event["payload"]["metrics"]["val_loss_base"]
+    assert any(r["prefect.resource.role"] == "flow-run" for r in event["related"])  # from the register flow run
+    assert event["payload"]["run_dir"] == str((root / "strong").resolve())
+
+    # the README's automation for it is one the server takes (its deployment id filled in)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    automation = (Path(__file__).resolve().parent.parent / "infra" / "automations" / "promoted.yaml").read_text()
+    filled = automation.replace("00000000-0000-0000-0000-000000000000", "7d8f0b9e-4a47-4c1f-9a43-3b3a8c1d2e5f")
+    (root / "promoted.yaml").write_text(filled)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    created = subprocess.run(
+        [prefect, "automation", "create", "--from-file", str(root / "promoted.yaml")],
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0 and "Created automation 'evaluate each new vidtune champion'" in created.stdout, (
+        created.stdout + created.stderr
+    )

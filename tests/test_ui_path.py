@@ -109,7 +109,6 @@ def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
             "model": tiny_wan,
             "out": str(tmp_path / "run"),
             "rank": 4,
-            "max_steps": 4,
             "warmup_steps": 0,
             "gradient_accumulation_steps": 1,
             "checkpoint_every": 2,
@@ -130,6 +129,8 @@ def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
                 "finetune/style",
                 "--params",
                 json.dumps({"params": params}),
+                "--param",  # a common key as a top-level parameter, beside the nested form
+                "max_steps=4",
                 "--watch",
                 "--watch-timeout",
                 "540",
@@ -168,8 +169,17 @@ def test_prefect_deployment_run_through_vidtune_serve_registers_a_model_version(
             "register",
         ]  # one run, three subflows
         assert all(r["state_type"] == "COMPLETED" for r in runs)
+        names = {flows[r["flow_id"]]: r["name"] for r in runs}  # named for what they do, with the run's short id
+        assert names["finetune"].startswith("finetune-vidtune-style-") and names["curate"].startswith("curate-dataset-")
+        assert names["evaluate"].startswith("evaluate-run-") and names["register"].startswith("register-vidtune-style-")
+        assert job["params"]["max_steps"] == 4  # from --param max_steps=4
         artifacts = {a["key"]: a for a in httpx.post(f"{api}/artifacts/filter", json={}).json()}
         assert {"curate-summary", "finetune-summary", "evaluation", "promotion-gate"} <= set(artifacts)
+        table = artifacts["evaluation-metrics"]
+        assert table["type"] == "table" and {"metric": "val_loss"}.items() <= json.loads(table["data"])[0].items()
+        # link artifacts (Prefect stores them as markdown links): the logged model's and the run's MLflow folders
+        assert artifacts["model-version"]["data"].startswith("[models:/vidtune-style/1](file://")
+        assert artifacts["mlflow-run"]["data"].startswith(f"[MLflow run {version.run_id}](file://")
         assert (
             artifacts["train-progress"]["data"]
             == artifacts["precompute-progress"]["data"]
