@@ -60,17 +60,28 @@ def embedding_path(clip_dir: Path, clip_id: str) -> Path:
     return clip_dir / f"{clip_id}.npy"
 
 
+def frames_per_clip(captions: CaptionParams, scores: ScoreParams) -> int:
+    """Evenly spaced frames per clip that captioning and the CLIP score read."""
+    return max(scores.clip_frames, captions.vlm_frames if captions.mode == "vlm" else 1)
+
+
 def annotate_clips(
-    rows: list[ClipRecord], clip_dir: Path, sidecar: str | None, captions: CaptionParams, scores: ScoreParams
+    rows: list[ClipRecord],
+    clip_dir: Path,
+    sidecar: str | None,
+    captions: CaptionParams,
+    scores: ScoreParams,
+    sampled: dict | None = None,
 ) -> list[ClipRecord]:
     """Fill caption, clip_score and motion_score of the kept clip rows (in place) and save CLIP embeddings.
+    `sampled`: frames taken while the clips were written (`frames_per_clip` of them); others are read back.
 
     A clip whose frames cannot be read back becomes `failed` with the reason; the others go on.
     """
     annotators = Annotators.load(captions, scores)
-    per_clip = max(scores.clip_frames, captions.vlm_frames if annotators.captioner else 1)
-    sampled = {}
-    for row in (r for r in rows if r.clip_id and r.status == Status.KEPT):
+    per_clip = frames_per_clip(captions, scores)
+    sampled = dict(sampled or {})
+    for row in (r for r in rows if r.clip_id and r.status == Status.KEPT and r.clip_id not in sampled):
         try:
             sampled[row.clip_id] = sample_frames(clip_dir / f"{row.clip_id}.mp4", row.fps, per_clip, scores.motion_fps)
         except FramesUnavailable as exc:

@@ -26,7 +26,9 @@ class ClipParams(BaseModel):
     fps: float = Field(16.0, gt=0, le=120, description="Clip frame rate; sources are resampled to it.")
     crf: int = Field(18, ge=0, le=51, description="x264 constant rate factor (lower = better, larger).")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = Field(
-        "superfast", description="x264 speed preset (veryfast: ~3.5x smaller files, ~16% slower curation)."
+        "ultrafast",
+        description="x264 speed preset: ultrafast encodes ~2x faster than superfast for ~15% larger files at the same "
+        "crf (luma PSNR 45 vs 46 dB at crf 18); veryfast: ~3.5x smaller files, slower curation.",
     )
 
     @field_validator("width", "height")

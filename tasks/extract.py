@@ -62,8 +62,12 @@ def decoded_frames(container, stream):
 class SourceExtractor:
     """Consumes one source's decoded frames in order and writes its clips to `out_dir`."""
 
-    def __init__(self, source: Source, probe: ProbeResult, scenes: SceneParams, clips: ClipParams, out_dir: Path):
+    def __init__(
+        self, source: Source, probe: ProbeResult, scenes: SceneParams, clips: ClipParams, out_dir: Path, sample=None
+    ):
         self.source, self.probe, self.scenes, self.clips, self.out_dir = source, probe, scenes, clips, out_dir
+        self.sample = sample  # (images, fps) -> SampledFrames for the scores, while the frames are at hand
+        self.sampled: dict = {}
         fps = probe.fps
         self.detector = BoundaryDetector(scenes, fps)
         max_len = max(1, math.floor(scenes.max_clip_s * fps + 1e-6))
@@ -142,6 +146,8 @@ class SourceExtractor:
                 continue
             clip_id = clip_id_for(self.source.sha256, start, end)
             encode_clip(images, self.out_dir / f"{clip_id}.mp4", clips.fps, clips, self._color)
+            if self.sample is not None:
+                self.sampled[clip_id] = self.sample(images, clips.fps, self._color)
             self.records.append(
                 ClipRecord(
                     clip_id=clip_id,
@@ -181,10 +187,11 @@ class SourceExtractor:
 
 
 def extract_clips(
-    source: Source, probe: ProbeResult, scenes: SceneParams, clips: ClipParams, out_dir: Path
+    source: Source, probe: ProbeResult, scenes: SceneParams, clips: ClipParams, out_dir: Path, sample=None
 ) -> SourceResult:
-    """Decode `source` once and write its clips (rows, duration and detected boundaries in the result)."""
-    extractor = SourceExtractor(source, probe, scenes, clips, out_dir)
+    """Decode `source` once and write its clips (rows, duration and detected boundaries in the result; with
+    `sample`, the frames the scores read, taken from each clip as it is written)."""
+    extractor = SourceExtractor(source, probe, scenes, clips, out_dir, sample)
     with av.open(source.local_path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -192,4 +199,6 @@ def extract_clips(
             extractor.add_frame(frame) if error is None else extractor.add_error(error)
     rows = extractor.finish()
     detector = extractor.detector
-    return SourceResult(rows, False, extractor.duration_s, sorted(set(detector.cuts)), detector.gradual)
+    return SourceResult(
+        rows, False, extractor.duration_s, sorted(set(detector.cuts)), detector.gradual, extractor.sampled
+    )

@@ -82,6 +82,7 @@ class SourceResult:
     duration_s: float = 0.0
     cuts: list[int] = field(default_factory=list)  # detected hard cuts (first frame of the new shot)
     gradual: list[tuple[int, int]] = field(default_factory=list)  # detected fades/dissolves (inclusive)
+    sampled: dict = field(default_factory=dict)  # clip_id -> SampledFrames taken while writing (in memory only)
 
 
 MANIFEST_SCHEMA = pa.schema(

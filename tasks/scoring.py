@@ -101,6 +101,13 @@ class SampledFrames:
     motion_dt: float  # seconds between motion frames
 
 
+def _sample_indices(n: int, fps: float, clip_frames: int, motion_fps: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which of a clip's `n` frames the CLIP score (evenly spaced) and the motion score (~motion_fps) read."""
+    clip_idx = np.linspace(0, n - 1, clip_frames).round().astype(int)
+    step = max(1, round(fps / motion_fps))
+    return clip_idx, np.arange(0, n, step), step
+
+
 def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -> SampledFrames:
     """Read the frames both scores need from an encoded clip in one decord batch."""
     import decord
@@ -112,9 +119,7 @@ def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -
         n = len(reader)
         if n == 0:
             raise FramesUnavailable("frames could not be sampled: the clip has no frames")
-        clip_idx = np.linspace(0, n - 1, clip_frames).round().astype(int)
-        step = max(1, round(fps / motion_fps))
-        motion_idx = np.arange(0, n, step)
+        clip_idx, motion_idx, step = _sample_indices(n, fps, clip_frames, motion_fps)
         wanted = np.unique(np.concatenate([clip_idx, motion_idx]))
         batch = reader.get(wanted.tolist())
     except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError for unopenable files
@@ -123,6 +128,18 @@ def sample_frames(path: Path, fps: float, clip_frames: int, motion_fps: float) -
     return SampledFrames(
         clip=batch[[position[int(i)] for i in clip_idx]],
         motion=batch[[position[int(i)] for i in motion_idx]],
+        motion_dt=step / fps,
+    )
+
+
+def sample_images(images: list[np.ndarray], fps: float, clip_frames: int, motion_fps: float, to_rgb) -> SampledFrames:
+    """The same frames as `sample_frames`, taken from the clip's frames while it is written (no second decode):
+    `to_rgb` converts the few that are read."""
+    clip_idx, motion_idx, step = _sample_indices(len(images), fps, clip_frames, motion_fps)
+    rgb = {int(i): to_rgb(images[int(i)]) for i in np.unique(np.concatenate([clip_idx, motion_idx]))}
+    return SampledFrames(
+        clip=np.stack([rgb[int(i)] for i in clip_idx]),
+        motion=np.stack([rgb[int(i)] for i in motion_idx]),
         motion_dt=step / fps,
     )
 

@@ -109,3 +109,34 @@ def test_resampler_skips_grid_points_inside_a_gap():
     resampler = FrameResampler(fps=10)
     assert resampler.grid_points(0.0, 0.1) == 1
     assert resampler.grid_points(3600.0, 3600.1) == 1  # an hour-long hole is not filled with copies
+
+
+def test_frames_taken_while_writing_are_the_ones_read_back_from_the_clip(raw_videos, tmp_path):
+    """The scores read each clip's frames as they are written instead of decoding the MP4 again: the same
+    frames (indices and content, up to the encoder's loss), so the scores do not change."""
+    from vidtune.tasks.discover import identify_source
+    from vidtune.tasks.extract import extract_clips
+    from vidtune.tasks.scenes import SceneParams
+    from vidtune.tasks.scoring import sample_frames, sample_images
+
+    _, videos = raw_videos
+    video = next(v for v in videos if v.rotation)
+    params = ClipParams(width=128, height=96, fps=8)
+
+    def sample(images, fps, color):
+        return sample_images(images, fps, 4, 2.0, lambda packed: yuv_to_rgb(packed, color))
+
+    result = extract_clips(
+        identify_source(str(video.path), tmp_path),
+        probe_video(str(video.path)),
+        SceneParams(),
+        params,
+        tmp_path,
+        sample,
+    )
+    assert set(result.sampled) == {r.clip_id for r in result.rows if r.clip_id}
+    for row in (r for r in result.rows if r.clip_id):
+        taken, read = result.sampled[row.clip_id], sample_frames(tmp_path / f"{row.clip_id}.mp4", row.fps, 4, 2.0)
+        assert taken.clip.shape == read.clip.shape and taken.motion.shape == read.motion.shape
+        assert taken.motion_dt == read.motion_dt
+        assert np.abs(taken.clip.astype(float) - read.clip).mean() < 3  # crf 18: near-lossless
