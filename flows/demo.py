@@ -117,16 +117,18 @@ def print_next_steps(workdir: Path, dataset: Path, tracking_uri: str, console: C
     console.print(
         f"Prefect UI: {prefect_ui}\n"
         "            (the finetune run, its curate/evaluate/register subflows, task runs, logs, and the artifacts\n"
-        "             curate-summary, finetune-summary, evaluation, promotion-gate and the *-progress bars)\n"
+        "             curate-summary, finetune-summary, evaluation, evaluation-metrics, promotion-gate, the MLflow\n"
+        "             links model-version and mlflow-run, and the *-progress bars)\n"
         f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000\n"
         f"            then open http://127.0.0.1:5000/#/models/{DEMO_MODEL} (versions, aliases, gate tags; the run's metrics and samples)\n"
         f"shards:     {dataset}/shards/shard-*.tar (WebDataset: mp4, txt caption, json row, npy CLIP embedding)\n"
         f"manifest:   {dataset}/manifest.parquet (every input, with status and reason); plots: {dataset}/*_hist.png\n"
-        f"adapter:    {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors\n"
+        f"adapter:    {run}/adapter/pytorch_lora_weights.safetensors (pipe.load_lora_weights), comfyui_lora.safetensors (ComfyUI)\n"
         f"samples:    {run}/samples/step-*/sample-00.mp4 and .gif; base vs adapted: {RunLayout(run).contact_sheet}\n"
         f"generate:   MLFLOW_TRACKING_URI={tracking_uri} VIDTUNE_HOME={os.environ['VIDTUNE_HOME']} "
         f".venv/bin/vidtune generate --model models:/{DEMO_MODEL}@champion --prompt '{prompt_with_trigger(DEMO_PROMPTS[1], DEMO_CAPTIONS.trigger)}' --out clip.mp4\n"
-        "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, evaluate/default); serve them with\n"
+        f"serve:      MLFLOW_TRACKING_URI={tracking_uri} .venv/bin/mlflow models serve -m models:/{DEMO_MODEL}@champion --env-manager local --host 127.0.0.1 (venv activated)\n"
+        "deployments: prefect.yaml (curate/default, finetune/style, finetune/full, import-lora/default, evaluate/default); serve them with\n"
         "            .venv/bin/vidtune serve   (against the same server; README: the Prefect UI path)",
         highlight=False,
         soft_wrap=True,
