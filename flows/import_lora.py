@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from vidtune.flows.evaluate import EvaluateParams, EvaluationParams, RegisterParams, RegistryParams, evaluate, register
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.flows.names import run_name
+from vidtune.tasks.files import sha256_of
 from vidtune.tasks.finetune_tasks import check_dataset_task, resolve_family_task
+from vidtune.training.families import get_family
 from vidtune.training.layout import RunLayout
 from vidtune.training.tracking import default_tracking_uri, vidtune_home
 
@@ -51,13 +53,19 @@ class ImportedRun(BaseModel):
 
 
 @task(name="convert-lora", cache_policy=NO_CACHE)
-def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dataset) -> ImportedRun:
+def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dataset, digest: str) -> ImportedRun:
     """Read the file, convert it to the base model's diffusers keys, load it, and write the run folder."""
     import torch
 
-    from vidtune.training.adapters import COMFYUI_FILE, comfyui_export, export_comfyui, save_lora_adapter
-    from vidtune.training.families import get_family
-    from vidtune.training.lora_import import file_digest, import_lora, read_lora_file
+    from vidtune.training.adapters import (
+        COMFYUI_FILE,
+        comfyui_export,
+        export_comfyui,
+        lora_modules_of,
+        save_lora_adapter,
+    )
+    from vidtune.training.data import parse_bucket_key
+    from vidtune.training.lora_import import import_lora, read_lora_file
     from vidtune.training.params import TrainParams
     from vidtune.training.trainer import TrainJob
 
@@ -72,17 +80,16 @@ def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dat
         "family": family.name,
         "training_type": "lora",
         "imported_from": source,
-        "source_sha256": file_digest(source),
+        "source_sha256": digest,
         "source_format": imported.source_format,
         "converter": imported.converter,
     }
     layout = RunLayout(out)
     save_lora_adapter(family, pipe, denoiser, layout.adapter, info)
-    if comfyui_export(family, None) is not None and all(
-        family.comfyui_keys.target(m) is not None for m in _lora_module_names(denoiser)
-    ):
+    keys = comfyui_export(family, None)
+    if keys is not None and all(keys.target(m) is not None for m in lora_modules_of(denoiser)):
         export_comfyui(family, denoiser, layout.adapter / COMFYUI_FILE)
-    sizes = [tuple(int(v) for v in key.split("x")) for key in (dataset.buckets if dataset else {})]
+    sizes = [parse_bucket_key(key) for key in (dataset.buckets if dataset else {})]
     job = TrainJob(
         model=params.model,
         out=str(out),
@@ -106,16 +113,8 @@ def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dat
     )
 
 
-def _lora_module_names(denoiser) -> list[str]:
-    from vidtune.training.adapters import lora_modules_of
-
-    return list(lora_modules_of(denoiser))
-
-
-def default_out(params: ImportLoraParams) -> Path:
-    from vidtune.training.lora_import import file_digest
-
-    return vidtune_home() / "imports" / f"{params.registry.name}-{file_digest(params.file)[:12]}"
+def default_out(params: ImportLoraParams, digest: str) -> Path:
+    return vidtune_home() / "imports" / f"{params.registry.name}-{digest[:12]}"
 
 
 @flow(
@@ -130,13 +129,14 @@ def import_lora(params: ImportLoraParams) -> dict:
     if not Path(params.file).expanduser().is_file():
         raise FileNotFoundError(f"file: {params.file} does not exist")
     family = resolve_family_task(params.model, params.family)
-    from vidtune.training.families import get_family
 
     buckets = params.frame_buckets or list(get_family(family).frame_buckets)
     dataset = check_dataset_task(params.data, buckets, family) if params.data else None
-    out = Path(params.out).expanduser().resolve() if params.out else default_out(params)
+    with open(Path(params.file).expanduser(), "rb") as handle:  # once: the run folder's name and the source's record
+        digest = sha256_of(handle)
+    out = Path(params.out).expanduser().resolve() if params.out else default_out(params, digest)
     with gpu_slot(params.gpu_limit):
-        imported = convert_lora_task(params, family, out, dataset)
+        imported = convert_lora_task(params, family, out, dataset, digest)
         logger.info(
             "%s-format LoRA (rank %d, %d modules) converted by %s' converter into %s",
             imported.source_format,

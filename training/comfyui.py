@@ -93,7 +93,7 @@ def comfyui_state_dict(
         start, end = match.span("part")
         siblings = [module[:start] + part + module[end:] for part in rule.parts]
         fused.setdefault(target, {})[rule.parts.index(match["part"])] = (down, up)
-        fused_sizes[target] = [_out_features(denoiser.get_submodule(s)) for s in siblings]
+        fused_sizes[target] = [base_weight(denoiser.get_submodule(s)).shape[0] for s in siblings]
     for target, parts in fused.items():
         sizes = fused_sizes[target]
         order = sorted(parts)
@@ -109,9 +109,9 @@ def comfyui_state_dict(
     return out
 
 
-def _out_features(module: torch.nn.Module) -> int:
-    base = getattr(module, "base_layer", module)  # a peft-wrapped layer or the plain one
-    return base.out_features
+def base_weight(module: torch.nn.Module | None) -> torch.Tensor | None:
+    """The weight of a layer, or of the layer a peft LoRA wraps; None for modules without one."""
+    return getattr(getattr(module, "base_layer", module), "weight", None)
 
 
 def same_names(*names: str) -> tuple[Rule, ...]:

@@ -17,15 +17,12 @@ keeping the shared lora_A. A file neither fits is refused, naming the keys that 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vidtune.training.comfyui import ComfyUIKeys
-
-FORMATS = ("diffusers", "original", "kohya")
+from vidtune.training.comfyui import ComfyUIKeys, base_weight, lora_modules
 
 
 @dataclass
@@ -53,14 +50,6 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def detect_format(state: dict[str, torch.Tensor]) -> str:
     keys = [k for k in state if not k.endswith(".alpha")]
     if keys and all(k.startswith("lora_unet_") for k in keys):
@@ -78,7 +67,7 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
 
 
 def import_lora(family, pipe, state: dict[str, torch.Tensor]) -> ImportedLora:
-    """`state` (any of FORMATS) as a diffusers-keyed LoRA of `pipe`'s denoiser; see the module docstring."""
+    """`state` (diffusers, original or kohya keys) as a diffusers-keyed LoRA of `pipe`'s denoiser; see the module docstring."""
     source_format = detect_format(state)
     denoiser = getattr(pipe, family.denoiser_name)
     prefix = f"{family.denoiser_name}."
@@ -113,8 +102,6 @@ def _imported(state: dict[str, torch.Tensor], source_format: str, converter: str
 
 def _misfits(denoiser: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str) -> str:
     """'' when every LoRA pair in `state` fits a module of `denoiser`; else which do not, and why."""
-    from vidtune.training.comfyui import lora_modules
-
     modules = dict(denoiser.named_modules())
     state = {k.removeprefix(prefix): v for k, v in state.items()}
     pairs = lora_modules(state)
@@ -122,7 +109,7 @@ def _misfits(denoiser: torch.nn.Module, state: dict[str, torch.Tensor], prefix: 
     bad = [f"{m} (no lora_A/lora_B pair)" for m in sorted(unpaired)]
     for name, (down, up) in pairs.items():
         module = modules.get(name)
-        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        weight = base_weight(module)
         if weight is None:
             bad.append(f"{name} (no such module)")
         elif down.shape[0] != up.shape[1] or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
@@ -163,7 +150,7 @@ def _from_original_names(
         start = 0
         for index in sorted(modules):
             layer = denoiser.get_submodule(modules[index]) if len(modules) > 1 else None
-            rows = getattr(layer, "base_layer", layer).weight.shape[0] if layer is not None else up.shape[0]
+            rows = base_weight(layer).shape[0] if layer is not None else up.shape[0]
             block, start = up[start : start + rows], start + rows
             if len(modules) == 1 or block.abs().sum() > 0:  # fused parts a file left zero were not trained
                 out[f"{prefix}{modules[index]}.lora_A.weight"], out[f"{prefix}{modules[index]}.lora_B.weight"] = (

@@ -110,10 +110,7 @@ class RunTracker:
         version): its kept clips from `manifest.parquet` (MLflow digests them and counts the rows), the folder as
         the source."""
         if self.active:
-            self._safely(self._log_dataset, Path(data), context)
-
-    def _log_dataset(self, data: Path, context: str) -> None:
-        log_dataset(self.client, self.run_id, data, context)
+            self._safely(log_dataset, self.client, self.run_id, Path(data), context)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
