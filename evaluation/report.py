@@ -66,6 +66,8 @@ def curate_summary_markdown(stats: dict, output: Path) -> str:
         "",
         f"hours in → out: {stats['hours_in']:.4f} h → {stats['hours_out']:.4f} h; {stats['shards']} shards",
     ]
+    if stats.get("sizes"):
+        lines.append("\nkept clips by size: " + ", ".join(f"{k} ({v})" for k, v in stats["sizes"].items()))
     for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
         if stats[key]:
             lines.append(f"\n{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in stats[key].items()))

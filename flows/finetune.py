@@ -23,7 +23,7 @@ from vidtune.tasks.finetune_tasks import (
 from vidtune.tasks.output import dataset_trigger
 from vidtune.training.adapters import comfyui_export
 from vidtune.training.cache import PrecomputeParams, frame_buckets
-from vidtune.training.data import cache_shards, parse_bucket_key
+from vidtune.training.data import cache_shards, parse_bucket_key, validation_size
 from vidtune.training.families import get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.layout import DatasetLayout, RunLayout
@@ -250,7 +250,7 @@ def _train_job(
     prompt_cache: str | None,
 ) -> TrainJob:
     """What the trainer runs, also written to RUN/train_job.json (evaluate, register and accelerate read it)."""
-    sample_size = min(parse_bucket_key(key) for key in dataset.buckets)  # validation default: the shortest bucket
+    sample_size = validation_size(dataset.buckets)
     resolved = {
         "family": family,
         "out": str(Path(params.out).expanduser().resolve()),

@@ -1,8 +1,10 @@
-"""Clip extraction: resample decoded frames to the training fps and size, and encode clips as H.264 with PyAV."""
+"""Clip extraction: resample decoded frames to the training fps, frame each shot's picture at its training size
+(aspect-ratio buckets, no blowing up), and encode clips as H.264 with PyAV."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
@@ -10,19 +12,48 @@ from pathlib import Path
 from typing import Literal
 
 import av
+import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vidtune.tasks.bars import Crop
 from vidtune.tasks.files import atomic_path
+
+SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+WORKING_MARGIN = 2.0  # buffered frames keep 2x the largest training size: crops to half the frame never upscale
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "832x480" -> (832, 480), both multiples of 16."""
+    match = SIZE_PATTERN.match(str(text).strip())
+    if not match:
+        raise ValueError(f"sizes are WIDTHxHEIGHT in pixels, e.g. 832x480; got {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise ValueError(f"{text}: width and height must be multiples of 16 (VAE and patch sizes need it)")
+    return width, height
 
 
 class ClipParams(BaseModel):
-    """The size and rate clips are stored at (the training resolution)."""
+    """The sizes and rate clips are stored at (the training resolutions), and how the picture is framed."""
 
     model_config = ConfigDict(extra="forbid")
 
-    width: int = Field(832, ge=16, description="Clip width in pixels (multiple of 16).")
-    height: int = Field(480, ge=16, description="Clip height in pixels (multiple of 16).")
+    width: int = Field(832, ge=16, description="Landscape clip width in pixels (multiple of 16).")
+    height: int = Field(480, ge=16, description="Landscape clip height in pixels (multiple of 16).")
+    buckets: list[str] | None = Field(
+        None,
+        description="Training sizes WIDTHxHEIGHT (multiples of 16); each shot goes to the one closest to its picture's "
+        "aspect ratio. Default: width x height, its portrait transpose and the square of the same area.",
+    )
+    max_upscale: float = Field(
+        1.5,
+        ge=1.0,
+        description="Most a shot's picture may be enlarged to reach its size; smaller pictures go to a smaller bucket "
+        "that fits, or are filtered as 'resolution too low'.",
+    )
+    crop_bars: bool = Field(True, description="Crop letterbox/pillarbox bars (dark borders) of each shot.")
+    bar_threshold: int = Field(10, ge=1, le=64, description="Luma levels above black that count as picture.")
     fps: float = Field(16.0, gt=0, le=120, description="Clip frame rate; sources are resampled to it.")
     crf: int = Field(18, ge=0, le=51, description="x264 constant rate factor (lower = better, larger).")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = Field(
@@ -38,11 +69,57 @@ class ClipParams(BaseModel):
             raise ValueError(f"must be a multiple of 16 (VAE and patch sizes need it), got {value}")
         return value
 
+    @field_validator("buckets")
+    @classmethod
+    def _sizes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("needs at least one size (or null for the default)")
+            for size in value:
+                parse_size(size)
+        return value
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """The training sizes (width, height), without repeats."""
+        if self.buckets is not None:
+            return list(dict.fromkeys(parse_size(s) for s in self.buckets))
+        side = max(16, round(math.sqrt(self.width * self.height) / 16) * 16)
+        return list(dict.fromkeys([(self.width, self.height), (self.height, self.width), (side, side)]))
+
 
 def cover_crop_size(display_w: int, display_h: int, width: int, height: int) -> tuple[int, int]:
     """Size to resize a display_w x display_h image to so that it covers width x height (then centre-cropped)."""
     scale = max(width / display_w, height / display_h)
     return max(width, math.ceil(display_w * scale - 1e-6)), max(height, math.ceil(display_h * scale - 1e-6))
+
+
+def upscale_needed(picture_w: int, picture_h: int, width: int, height: int) -> float:
+    """How much a picture must be enlarged to cover width x height (below 1: it is shrunk)."""
+    return max(width / picture_w, height / picture_h)
+
+
+def choose_size(
+    picture_w: int, picture_h: int, sizes: list[tuple[int, int]], max_upscale: float
+) -> tuple[int, int] | None:
+    """The training size for a picture: among the sizes it covers with at most `max_upscale`, the closest in aspect
+    ratio (then the larger); None when every size would blow it up more."""
+    fitting = [s for s in sizes if upscale_needed(picture_w, picture_h, *s) <= max_upscale + 1e-9]
+    if not fitting:
+        return None
+    aspect = math.log(picture_w / picture_h)
+    return min(fitting, key=lambda s: (round(abs(math.log(s[0] / s[1]) - aspect), 6), -s[0] * s[1]))
+
+
+def low_resolution_reason(picture_w: int, picture_h: int, sizes: list[tuple[int, int]], max_upscale: float) -> str:
+    """Why a picture has no training size, and the settings that would give it one."""
+    least = min(sizes, key=lambda s: upscale_needed(picture_w, picture_h, *s))
+    factor = upscale_needed(picture_w, picture_h, *least)
+    fit_w, fit_h = (int(v * max_upscale) // 16 * 16 for v in (picture_w, picture_h))
+    hint = f"add a size that fits to clips.buckets (e.g. {fit_w}x{fit_h}) or " if min(fit_w, fit_h) >= 16 else ""
+    return (
+        f"resolution too low: the picture is {picture_w}x{picture_h}, {factor:.1f}x upscaling to reach the nearest "
+        f"training size {least[0]}x{least[1]}, over clips.max_upscale {max_upscale}; {hint}raise clips.max_upscale"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,19 +136,40 @@ class ColorTags:
         return cls(frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc)
 
 
-def to_training_frame(frame: av.VideoFrame, rotation: int, width: int, height: int) -> tuple[np.ndarray, ColorTags]:
-    """Upright, resized to cover, centre-cropped yuv420p planes packed as (height * 3 / 2, width) uint8.
+@dataclass(frozen=True)
+class WorkingFrame:
+    """An upright yuv420p frame at the working size (the source's, or smaller for large sources): what is kept
+    of a source frame until its clip's framing (bars, size) is known."""
+
+    y: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.y.shape[1], self.y.shape[0]
+
+
+def working_size(display_w: int, display_h: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The display size shrunk (never enlarged) to WORKING_MARGIN x the largest training size it must cover, even."""
+    scale = min(1.0, WORKING_MARGIN * max(upscale_needed(display_w, display_h, w, h) for w, h in sizes))
+    return max(2, round(display_w * scale / 2) * 2), max(2, round(display_h * scale / 2) * 2)
+
+
+def to_working_frame(frame: av.VideoFrame, rotation: int, width: int, height: int) -> tuple[WorkingFrame, ColorTags]:
+    """`frame` upright at width x height (display orientation).
 
     Frames stay in YUV from decoder to encoder: a round trip through RGB would cost two colour conversions per
     frame (measured: the largest cost after decoding and encoding) and gain nothing.
     """
     quarter_turns = (rotation // 90) % 4
-    display_w, display_h = (frame.height, frame.width) if quarter_turns % 2 else (frame.width, frame.height)
-    cover_w, cover_h = (v + v % 2 for v in cover_crop_size(display_w, display_h, width, height))  # even for 4:2:0
-    coded_w, coded_h = (cover_h, cover_w) if quarter_turns % 2 else (cover_w, cover_h)
-    # AREA (box-filter averaging, anti-aliased when downscaling): with this PyAV/FFmpeg it is the faster of the
-    # anti-aliased swscale filters (1280x544 -> 1130x480 YUV: 1.0 ms vs BICUBIC 2.0 ms per frame; bench/startup.py).
-    scaled = frame.reformat(width=coded_w, height=coded_h, format="yuv420p", interpolation="AREA")
+    coded_w, coded_h = (height, width) if quarter_turns % 2 else (width, height)
+    if frame.format.name == "yuv420p" and (frame.width, frame.height) == (coded_w, coded_h):
+        scaled = frame
+    else:
+        # AREA (box-filter averaging, anti-aliased when downscaling): with this PyAV/FFmpeg it is the faster of the
+        # anti-aliased swscale filters (1280x544 -> 1130x480 YUV: 1.0 ms vs BICUBIC 2.0 ms per frame).
+        scaled = frame.reformat(width=coded_w, height=coded_h, format="yuv420p", interpolation="AREA")
     flat = scaled.to_ndarray().ravel()
     luma_size, chroma_size = coded_w * coded_h, (coded_w // 2) * (coded_h // 2)
     planes = [
@@ -81,11 +179,24 @@ def to_training_frame(frame: av.VideoFrame, rotation: int, width: int, height: i
     ]
     if quarter_turns:
         planes = [np.rot90(p, k=quarter_turns) for p in planes]
+    return WorkingFrame(*planes), ColorTags.of(scaled)
+
+
+def to_training_frame(frame: WorkingFrame, crop: Crop, width: int, height: int) -> np.ndarray:
+    """The `crop` of a working frame resized to cover width x height and centre-cropped: yuv420p planes packed as
+    (height * 3 / 2, width) uint8. `crop` is even (chroma stays aligned)."""
+    cover_w, cover_h = (v + v % 2 for v in cover_crop_size(crop.width, crop.height, width, height))  # even for 4:2:0
+    # Shrinking averages (no aliasing), enlarging (at most clips.max_upscale) interpolates smoothly.
+    interpolation = cv2.INTER_AREA if cover_w <= crop.width else cv2.INTER_CUBIC
     top, left = ((cover_h - height) // 2) & ~1, ((cover_w - width) // 2) & ~1  # even: chroma stays aligned
-    y = planes[0][top : top + height, left : left + width]
-    u, v = (p[top // 2 : (top + height) // 2, left // 2 : (left + width) // 2] for p in planes[1:])
-    packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(height * 3 // 2, width)
-    return packed, ColorTags.of(scaled)
+    packed = []
+    for plane, div in ((frame.y, 1), (frame.u, 2), (frame.v, 2)):
+        part = plane[
+            crop.top // div : (crop.top + crop.height) // div, crop.left // div : (crop.left + crop.width) // div
+        ]
+        resized = cv2.resize(np.ascontiguousarray(part), (cover_w // div, cover_h // div), interpolation=interpolation)
+        packed.append(resized[top // div : (top + height) // div, left // div : (left + width) // div].ravel())
+    return np.concatenate(packed).reshape(height * 3 // 2, width)
 
 
 def yuv_to_rgb(packed: np.ndarray, tags: ColorTags = ColorTags()) -> np.ndarray:
@@ -122,19 +233,19 @@ class FrameResampler:
 
 @dataclass
 class ClipBuffer:
-    """Training-size frames of the source frames that a future clip may still use."""
+    """Working frames of the source frames that a future clip may still use."""
 
-    frames: deque[tuple[int, np.ndarray, int]]  # (source index, image, how many grid points it fills)
+    frames: deque[tuple[int, WorkingFrame, int]]  # (source index, frame, how many grid points it fills)
 
     @classmethod
     def empty(cls) -> ClipBuffer:
         return cls(deque())
 
-    def add(self, source_index: int, image: np.ndarray, repeats: int) -> None:
+    def add(self, source_index: int, image: WorkingFrame, repeats: int) -> None:
         if repeats > 0:
             self.frames.append((source_index, image, repeats))
 
-    def take(self, start: int, end: int) -> list[np.ndarray]:
+    def take(self, start: int, end: int) -> list[WorkingFrame]:
         return [img for idx, img, n in self.frames if start <= idx < end for _ in range(n)]
 
     def drop_before(self, index: int) -> None:
@@ -150,7 +261,8 @@ def encode_clip(
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = params.width, params.height, "yuv420p"
+            stream.height, stream.width = images[0].shape[0] * 2 // 3, images[0].shape[1]
+            stream.pix_fmt = "yuv420p"
             # One encoder thread: curate parallelises across sources, and small frames gain little from more.
             stream.options = {"crf": str(params.crf), "preset": params.preset, "threads": "1"}
             context = stream.codec_context

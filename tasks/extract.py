@@ -1,5 +1,6 @@
-"""Single-pass extraction: decode a source once, detect boundaries on thumbnails while buffering training-size
-frames of the open run, and encode each clip as soon as its span is final."""
+"""Single-pass extraction: decode a source once, detect boundaries on thumbnails while buffering working-size
+frames of the open run, and encode each clip as soon as its span is final: its bars cropped, at the training size
+closest to its picture's aspect ratio."""
 
 from __future__ import annotations
 
@@ -10,19 +11,26 @@ import av
 import cv2
 import numpy as np
 
+from vidtune.tasks.bars import Crop, black_level, detect_active_area
 from vidtune.tasks.clips import (
     ClipBuffer,
     ClipParams,
     ColorTags,
     FrameResampler,
+    WorkingFrame,
+    choose_size,
     encode_clip,
+    low_resolution_reason,
     to_training_frame,
+    to_working_frame,
+    working_size,
 )
 from vidtune.tasks.probe import ProbeResult
 from vidtune.tasks.records import ClipRecord, Source, SourceResult, Status, clip_id_for
 from vidtune.tasks.scenes import BoundaryDetector, ClipPlanner, SceneParams
 
 MAX_FRAME_GAP_S = 2.0  # longer gaps between consecutive frames are treated as a cut
+BAR_SAMPLE_FRAMES = 8  # frames of a clip that vote on its bars
 
 
 def detection_thumbnail(frame: av.VideoFrame, target_width: int) -> np.ndarray:
@@ -73,6 +81,8 @@ class SourceExtractor:
         max_len = max(1, math.floor(scenes.max_clip_s * fps + 1e-6))
         min_len = min(max_len, max(1, math.ceil(scenes.min_clip_s * fps - 1e-6)))
         self.planner = ClipPlanner(min_len=min_len, max_len=max_len, trim=scenes.trim_frames)
+        self.sizes = clips.sizes()
+        self.working_size = working_size(*probe.display_size, self.sizes)
         self.resampler = FrameResampler(clips.fps)
         self.buffer = ClipBuffer.empty()
         self.times: list[float] = []  # presentation time of every decoded frame
@@ -126,7 +136,7 @@ class SourceExtractor:
         index, frame, shown_from = self._previous
         repeats = self.resampler.grid_points(shown_from, shown_until)
         if repeats:
-            image, self._color = to_training_frame(frame, self.probe.rotation, self.clips.width, self.clips.height)
+            image, self._color = to_working_frame(frame, self.probe.rotation, *self.working_size)
             self.buffer.add(index, image, repeats)
 
     def _plan(self, states) -> None:
@@ -141,28 +151,54 @@ class SourceExtractor:
     def _write(self, spans: list[tuple[int, int]]) -> None:
         clips = self.clips
         for start, end in spans:
-            images = self.buffer.take(start, end)
-            if not images:
+            frames = self.buffer.take(start, end)
+            if not frames:
                 continue
             clip_id = clip_id_for(self.source.sha256, start, end)
+            crop = self._picture(frames)
+            picture = self._in_source_pixels(crop)
+            size = choose_size(picture.width, picture.height, self.sizes, clips.max_upscale)
+            row = ClipRecord(
+                clip_id=clip_id,
+                source=self.source.path,
+                source_sha256=self.source.sha256,
+                start_s=round(self._clip_time(start), 4),
+                end_s=round(self._clip_time(end), 4),
+                start_frame=start,
+                end_frame=end,
+                num_frames=len(frames),
+                fps=clips.fps,
+                crop_left=picture.left,
+                crop_top=picture.top,
+                active_width=picture.width,
+                active_height=picture.height,
+            )
+            self.records.append(row)
+            if size is None:  # not blown up: a filtered row, nothing encoded
+                row.status = Status.FILTERED
+                row.reason = low_resolution_reason(picture.width, picture.height, self.sizes, clips.max_upscale)
+                continue
+            row.width, row.height = size
+            images = [to_training_frame(frame, crop, *size) for frame in frames]
             encode_clip(images, self.out_dir / f"{clip_id}.mp4", clips.fps, clips, self._color)
             if self.sample is not None:
                 self.sampled[clip_id] = self.sample(images, clips.fps, self._color)
-            self.records.append(
-                ClipRecord(
-                    clip_id=clip_id,
-                    source=self.source.path,
-                    source_sha256=self.source.sha256,
-                    start_s=round(self._clip_time(start), 4),
-                    end_s=round(self._clip_time(end), 4),
-                    start_frame=start,
-                    end_frame=end,
-                    num_frames=len(images),
-                    fps=clips.fps,
-                    width=clips.width,
-                    height=clips.height,
-                )
-            )
+
+    def _picture(self, frames: list[WorkingFrame]) -> Crop:
+        """The clip's picture inside its bars (working-frame pixels, even), or the whole frame."""
+        width, height = self.working_size
+        if not self.clips.crop_bars:
+            return Crop.full(width, height)
+        voters = frames[:: max(1, len(frames) // BAR_SAMPLE_FRAMES)][:BAR_SAMPLE_FRAMES]
+        crop = detect_active_area([f.y for f in voters], black_level(self._color.color_range), self.clips.bar_threshold)
+        return crop.even()
+
+    def _in_source_pixels(self, crop: Crop) -> Crop:
+        display_w, display_h = self.probe.display_size
+        width, height = self.working_size
+        if crop.is_full(width, height):
+            return Crop.full(display_w, display_h)
+        return crop.scaled(display_w / width, display_h / height)
 
     def _source_rows(self) -> list[ClipRecord]:
         """A failed row for corruption (clips from intact stretches stay), or a filtered row if nothing was usable."""

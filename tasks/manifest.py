@@ -46,6 +46,7 @@ def curate_stats(rows: list[ClipRecord], source_durations: dict[str, float], res
         "clips": {s.value: sum(r.status == s for r in clip_rows) for s in Status},
         "hours_in": round(sum(source_durations.values()) / 3600, 6),
         "hours_out": round(sum(r.end_s - r.start_s for r in kept) / 3600, 6),
+        "sizes": dict(Counter(f"{r.width}x{r.height}" for r in kept).most_common()),  # aspect-ratio buckets
         "clip_reasons": dict(
             Counter(reason_kind(r.reason) for r in clip_rows if r.status != Status.KEPT).most_common()
         ),

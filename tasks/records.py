@@ -49,8 +49,12 @@ class ClipRecord:
     end_frame: int = 0
     num_frames: int = 0
     fps: float = 0.0
-    width: int = 0
+    width: int = 0  # the clip's training size (its aspect-ratio bucket); the source's size on source rows
     height: int = 0
+    crop_left: int = 0  # the shot's picture inside letterbox/pillarbox bars, in source display pixels
+    crop_top: int = 0
+    active_width: int = 0
+    active_height: int = 0
     caption: str = ""
     clip_score: float | None = None
     motion_score: float | None = None
@@ -98,6 +102,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("fps", pa.float64()),
         ("width", pa.int64()),
         ("height", pa.int64()),
+        ("crop_left", pa.int64()),
+        ("crop_top", pa.int64()),
+        ("active_width", pa.int64()),
+        ("active_height", pa.int64()),
         ("caption", pa.string()),
         ("clip_score", pa.float64()),
         ("motion_score", pa.float64()),

@@ -17,7 +17,7 @@ import av
 
 from vidtune.tasks.annotate import annotate_clips, frames_per_clip
 from vidtune.tasks.captions import CaptionParams
-from vidtune.tasks.clips import ClipParams, yuv_to_rgb
+from vidtune.tasks.clips import ClipParams, choose_size, low_resolution_reason, yuv_to_rgb
 from vidtune.tasks.extract import extract_clips
 from vidtune.tasks.files import write_json_atomic
 from vidtune.tasks.probe import ProbeError, probe_video
@@ -101,6 +101,9 @@ def _curate_new_source(source: Source, settings: SourceSettings, staging: Path) 
     facts = dict(fps=probe.fps, width=probe.display_size[0], height=probe.display_size[1], end_s=probe.duration_s)
     if 0 < probe.duration_s < scenes.min_clip_s:
         reason = f"too short: {probe.duration_s:.2f} s is under scenes.min_clip_s = {scenes.min_clip_s} s"
+        return SourceResult([ClipRecord.for_source(source, Status.FILTERED, reason, **facts)], False, probe.duration_s)
+    if choose_size(*probe.display_size, clips.sizes(), clips.max_upscale) is None:  # even with no bars: not decoded
+        reason = low_resolution_reason(*probe.display_size, clips.sizes(), clips.max_upscale)
         return SourceResult([ClipRecord.for_source(source, Status.FILTERED, reason, **facts)], False, probe.duration_s)
     try:
         return extract_clips(source, probe, scenes, clips, staging, _sampler(settings))

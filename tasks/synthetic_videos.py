@@ -32,6 +32,8 @@ class SyntheticVideo:
     transitions: list[tuple[int, int]] = field(default_factory=list)  # inclusive frame ranges of fades/dissolves
     rotation: int = 0
     vfr: bool = False
+    bars: tuple[int, int, int, int] = (0, 0, 0, 0)  # black (left, top, right, bottom) in pixels
+    bars_from: int = 0  # first frame with the bars
 
     @property
     def duration_s(self) -> float:
@@ -122,6 +124,10 @@ def render_video(
     motion: float = 1.0,
     crf: int = 18,
     preset: str = "ultrafast",
+    bars: tuple[int, int, int, int] = (0, 0, 0, 0),
+    bars_from: int = 0,
+    brightness: float = 1.0,
+    vignette: bool = False,
     seed: int = 0,
 ) -> SyntheticVideo:
     """Render a video of `shots` shots to `path` (.mp4 via PyAV/H.264, .gif via Pillow) and return its ground truth.
@@ -130,6 +136,9 @@ def render_video(
     `vfr=True` writes irregular frame durations (a mix of 1/fps and 1.5/fps), as phones and screen recorders do.
     `motion` scales camera pans and object speeds (0 = a locked-off, static shot with only sensor grain).
     `crf`/`preset` set the x264 encode (camera-like files: crf 23, preset veryfast).
+    `bars` (left, top, right, bottom) blacks out borders from frame `bars_from` on (letterbox, pillarbox,
+    windowbox, or a matte that appears mid-video). `brightness` < 1 and `vignette` (picture falling off to black
+    towards the borders) make a dark scene, the kind that must not pass for bars.
     """
     if transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
@@ -145,8 +154,19 @@ def render_video(
     scenes = [_Shot(rng, width, height, hue, motion) for hue in hues]
     grain_tiles = [rng.normal(0, grain, (height, width, 1)).astype(np.float32) for _ in range(4)]
     shot_start = {s: int(np.sum(lengths[:s])) for s in range(shots)}
+    light = _light_mask(width, height, brightness, vignette)
 
     def frame_at(i: int) -> np.ndarray:
+        image = mixed_frame_at(i)
+        if light is not None:
+            image = (image * light).astype(np.uint8)
+        if i >= bars_from and any(bars):
+            left, top, right, bottom = bars
+            image = image.copy()
+            image[:top], image[height - bottom :], image[:, :left], image[:, width - right :] = 0, 0, 0, 0
+        return image
+
+    def mixed_frame_at(i: int) -> np.ndarray:
         a, b, mix = plan[i]
         g = grain_tiles[i % len(grain_tiles)]
         img_a = scenes[a].render(i - shot_start[a], g)
@@ -163,7 +183,20 @@ def render_video(
         _write_gif(path, (frame_at(i) for i in range(num_frames)), fps)
     else:
         _write_mp4(path, (frame_at(i) for i in range(num_frames)), fps, width, height, rotation, vfr, rng, crf, preset)
-    return SyntheticVideo(path, fps, num_frames, width, height, cuts, gradual, rotation, vfr)
+    return SyntheticVideo(path, fps, num_frames, width, height, cuts, gradual, rotation, vfr, tuple(bars), bars_from)
+
+
+def _light_mask(width: int, height: int, brightness: float, vignette: bool) -> np.ndarray | None:
+    """Per-pixel light (height, width, 1): `brightness` everywhere, falling smoothly to 0 at the borders with
+    `vignette`; None when the picture is left as it is."""
+    if brightness == 1.0 and not vignette:
+        return None
+    light = np.full((height, width), brightness, np.float32)
+    if vignette:
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        distance = np.maximum(np.abs(xx / (width - 1) - 0.5), np.abs(yy / (height - 1) - 0.5)) * 2  # 0 centre, 1 edge
+        light *= np.clip((1 - distance) / 0.5, 0, 1) ** 2
+    return light[..., None]
 
 
 def _write_mp4(path, frames, fps, width, height, rotation, vfr, rng, crf, preset) -> None:

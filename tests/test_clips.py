@@ -6,11 +6,14 @@ import av
 import numpy as np
 import pytest
 
+from vidtune.tasks.bars import Crop
 from vidtune.tasks.clips import (
     ClipParams,
     FrameResampler,
+    choose_size,
     cover_crop_size,
     to_training_frame,
+    to_working_frame,
     yuv_to_rgb,
 )
 from vidtune.tasks.probe import probe_video
@@ -40,7 +43,11 @@ def _frame_with_red_top_left(width=64, height=32) -> av.VideoFrame:
     [(0, (0, 0)), (90, (1, 0)), (180, (1, 1)), (270, (0, 1))],
 )
 def test_training_frames_are_upright(rotation, red_corner):
-    packed, tags = to_training_frame(_frame_with_red_top_left(), rotation, 32, 32)
+    frame = _frame_with_red_top_left()
+    width, height = (32, 64) if rotation % 180 else (64, 32)  # display size
+    working, tags = to_working_frame(frame, rotation, width, height)
+    assert working.size == (width, height)
+    packed = to_training_frame(working, Crop.full(width, height), 32, 32)
     assert packed.shape == (48, 32)  # yuv420p planes
     image = yuv_to_rgb(packed, tags)
     row, col = red_corner
@@ -70,10 +77,51 @@ def test_resampler_repeats_frames_when_upsampling():
     assert sum(counts) == 24 and max(counts) == 3
 
 
-@pytest.mark.parametrize("field, value", [("width", 100), ("height", 30), ("fps", 0), ("crf", 60)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("width", 100),
+        ("height", 30),
+        ("fps", 0),
+        ("crf", 60),
+        ("buckets", ["832x480", "830x480"]),
+        ("buckets", ["wide"]),
+    ]
+    + [("buckets", []), ("max_upscale", 0.9)],
+)
 def test_clip_params_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         ClipParams(**{field: value})
+
+
+def test_default_sizes_are_landscape_portrait_and_square_of_about_the_same_area():
+    assert ClipParams().sizes() == [(832, 480), (480, 832), (624, 624)]
+    assert ClipParams(width=64, height=64).sizes() == [(64, 64)]
+    assert ClipParams(buckets=["512x512", "512x512", "256x144"]).sizes() == [(512, 512), (256, 144)]
+
+
+@pytest.mark.parametrize(
+    "picture, size",
+    [
+        ((1920, 1080), (832, 480)),  # 16:9 -> landscape
+        ((1080, 1920), (480, 832)),  # phone portrait stays portrait
+        ((1000, 1000), (624, 624)),
+        ((640, 480), (832, 480)),  # 4:3: closer to landscape than square; 1.3x up is allowed
+        ((480, 640), (480, 832)),  # needs 1.3x: within max_upscale 1.5
+        ((440, 440), (624, 624)),  # 1.42x
+        ((400, 400), None),  # 1.56x to the square, more to the others
+        ((160, 90), None),  # the music video: 5.2x
+    ],
+)
+def test_each_picture_goes_to_the_closest_aspect_that_needs_no_blowing_up(picture, size):
+    assert choose_size(*picture, ClipParams().sizes(), 1.5) == size
+
+
+def test_a_picture_too_small_for_the_closest_aspect_takes_a_smaller_bucket():
+    sizes = ClipParams(buckets=["832x480", "480x832", "624x624", "416x240"]).sizes()
+    assert choose_size(400, 226, sizes, 1.5) == (416, 240)
+    assert choose_size(1280, 720, sizes, 1.5) == (832, 480)  # the larger of two with the same aspect
+    assert choose_size(100, 56, sizes, 1.5) is None
 
 
 def test_clip_frames_match_the_source_frame_they_come_from(raw_videos, tmp_path):
@@ -91,16 +139,18 @@ def test_clip_frames_match_the_source_frame_they_come_from(raw_videos, tmp_path)
         row = extract_clips(
             source, probe, SceneParams(), ClipParams(width=128, height=96, fps=8, crf=10), tmp_path
         ).rows[0]
+        width, height = (96, 128) if probe.display_size[1] > probe.display_size[0] else (128, 96)  # portrait stays
+        assert (row.width, row.height) == (width, height), video.path.name
         with av.open(str(tmp_path / f"{row.clip_id}.mp4")) as clip:
             first = next(clip.decode(video=0)).to_ndarray(format="rgb24").astype(float)
         with av.open(str(video.path)) as container:
             frame = next(f for i, f in enumerate(container.decode(video=0)) if i == row.start_frame)
         reference = Image.fromarray(frame.to_ndarray(format="rgb24")).rotate(probe.rotation, expand=True)
         w, h = reference.size
-        scale = max(128 / w, 96 / h)
+        scale = max(width / w, height / h)
         reference = reference.resize((round(w * scale), round(h * scale)), Image.BOX)
-        left, top = (reference.size[0] - 128) // 2, (reference.size[1] - 96) // 2
-        expected = np.asarray(reference.crop((left, top, left + 128, top + 96))).astype(float)
+        left, top = (reference.size[0] - width) // 2, (reference.size[1] - height) // 2
+        expected = np.asarray(reference.crop((left, top, left + width, top + height))).astype(float)
         assert np.abs(first - expected).mean() < 8, video.path.name
         assert np.abs(first - expected[::-1, ::-1]).mean() > 20  # the comparison can tell orientation apart
 

@@ -246,3 +246,15 @@ def test_remote_input_url(prefect_api, raw_videos, tmp_path, make_params):
     rows = read_manifest(tmp_path / "out" / "manifest.parquet")
     assert {r.source for r in rows} == {f"memory:///vidtune-test/raw/{v.path.name}" for v in videos[:2]}
     assert summary["clips"]["kept"] > 0 and all(r.status.value == "kept" for r in rows)
+
+
+def test_the_messy_set_has_no_bars_to_crop_and_the_manifest_says_so(manifest):
+    """Night scenes, GIFs, rotated, odd-sized and 4K 10-bit sources have no bars: every kept clip's picture is the
+    whole (upright) source frame, recorded in the manifest's crop columns."""
+    from vidtune.tasks.probe import probe_video
+
+    kept = [r for r in manifest if r.status.value == "kept"]
+    assert kept
+    for row in kept:
+        expected = (0, 0, *probe_video(row.source).display_size)
+        assert (row.crop_left, row.crop_top, row.active_width, row.active_height) == expected, row.source

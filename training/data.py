@@ -91,6 +91,13 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     return DatasetSummary(shards, clips, fitting, too_short, sorted(ids))
 
 
+def validation_size(buckets: Counter) -> tuple[int, int, int]:
+    """(frames, height, width) that samples render at by default: a bucket the run trains on, the shortest, at the
+    size (aspect ratio) most of its clips have."""
+    key = min(buckets, key=lambda k: (parse_bucket_key(k)[0], -buckets[k], k))
+    return parse_bucket_key(key)
+
+
 def cache_shards(cache_dir: Path, buckets: set[str] | None = None) -> list[str]:
     """Shards of the latent cache, only those of `buckets` ("FxHxW") when given (the cache keeps every bucket it
     ever encoded; a run trains on the ones it asks for)."""

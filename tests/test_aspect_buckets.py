@@ -1,0 +1,98 @@
+"""Aspect-ratio buckets from curation to training: landscape and portrait footage curated at their own sizes, cached
+per (frames, height, width), trained in batches that never mix sizes, and sampled at a size the run trained on."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from vidtune.tasks.captions import CaptionParams
+from vidtune.tasks.clips import ClipParams
+from vidtune.tasks.discover import identify_source
+from vidtune.tasks.manifest import write_manifest
+from vidtune.tasks.output import OutputLayout
+from vidtune.tasks.records import Status
+from vidtune.tasks.scenes import SceneParams
+from vidtune.tasks.scoring import ScoreParams
+from vidtune.tasks.shards import ShardParams, pack_shards
+from vidtune.tasks.source import SourceSettings, curate_source
+from vidtune.tasks.synthetic_videos import render_video
+from vidtune.training.cache import PrecomputeParams, precompute
+from vidtune.training.data import cache_shards, make_stream, summarize_dataset, validation_size
+from vidtune.training.families import get_family
+
+LANDSCAPE, PORTRAIT = "9x48x64", "9x64x48"
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """A letterboxed landscape source and a phone-portrait source, curated into one dataset (64x48 / 48x64)."""
+    raw, layout = tmp_path_factory.mktemp("raw"), OutputLayout(tmp_path_factory.mktemp("data"))
+    videos = [
+        render_video(raw / "wide.mp4", seconds=6, fps=24, width=320, height=240, shots=3, bars=(0, 30, 0, 30), seed=5),
+        render_video(raw / "phone.mp4", seconds=6, fps=30, width=180, height=320, shots=3, seed=6),
+    ]
+    settings = SourceSettings(
+        SceneParams(),
+        ClipParams(buckets=["64x48", "48x64"], fps=8),
+        CaptionParams(trigger="sks"),
+        ScoreParams(clip=False, motion=False),
+    )
+    rows = []
+    for video in videos:
+        source = identify_source(str(video.path), layout.downloads)
+        rows += curate_source(source, settings, layout.staging).rows
+    shard_of = pack_shards(
+        rows, lambda r: layout.staging / r.source_sha256 / f"{r.clip_id}.mp4", layout.shards, ShardParams()
+    )
+    for row in rows:
+        row.shard = shard_of.get(row.clip_id)
+    write_manifest(rows, layout.manifest)
+    return layout, rows
+
+
+def test_each_source_keeps_its_orientation(mixed_dataset):
+    _, rows = mixed_dataset
+    sizes = {(r.source.rsplit("/", 1)[-1], r.width, r.height) for r in rows if r.status == Status.KEPT}
+    assert sizes == {("wide.mp4", 64, 48), ("phone.mp4", 48, 64)}
+
+
+def test_precompute_and_training_take_the_curated_buckets_as_they_are(mixed_dataset, tmp_path):
+    from tests.test_train import make_job
+    from vidtune.training.tiny_models import build_tiny_wan
+    from vidtune.training.trainer import train
+
+    layout, _ = mixed_dataset
+    summary = summarize_dataset(layout.root, [9], "wan")
+    assert set(summary.buckets) == {LANDSCAPE, PORTRAIT}
+    assert validation_size(summary.buckets) in {(9, 48, 64), (9, 64, 48)}
+
+    model = str(build_tiny_wan(tmp_path / "wan"))
+    family = get_family("wan")
+    result = precompute(
+        summary.shards,
+        family,
+        family.load_pipeline(model),
+        model,
+        tmp_path / "cache",
+        PrecomputeParams(frame_buckets=[9]),
+    )
+    assert result.encoded == sum(summary.buckets.values())
+    shards = cache_shards(result.cache_dir)
+    assert {p.split("/")[-2] for p in shards} == {LANDSCAPE, PORTRAIT}
+
+    # Latent grids follow the bucket (VAE: 8x spatial); a batch holds one bucket, and both buckets are trained.
+    stream = iter(make_stream("cache", shards, [9], batch_size=2, seed=0))
+    seen = Counter()
+    for _ in range(8):
+        batch = next(stream)
+        height, width = batch["moments"].shape[-2:]
+        seen[(height * 8, width * 8)] += 1
+    assert set(seen) == {(48, 64), (64, 48)}
+
+    job = make_job(model, shards, tmp_path / "run", batch_size=2, max_steps=4, checkpoint_every=4)
+    job = job.model_copy(update={"frame_buckets": [9], "sample_size": validation_size(summary.buckets)})
+    trained = train(job)
+    assert len(trained.losses) == 4 and all(torch.isfinite(torch.tensor(trained.losses)))
