@@ -23,8 +23,9 @@ from vidtune.training.layout import RunLayout
 from vidtune.training.params import ValidationParams
 from vidtune.training.tiny_models import TINY_CLIP, build_tiny_clip, build_tiny_wan
 
-# Small clips keep the CPU demo quick; real runs use the defaults (832x480 @ 16 fps for Wan 2.1).
-DEMO_CLIPS = ClipParams(width=128, height=128, fps=8)
+# Small clips keep the CPU demo quick; real runs use the defaults (832x480, 480x832, 624x624 @ 16 fps for Wan 2.1).
+# Three aspect-ratio buckets as there: 128x96, 96x128 (the phone and rotated sources) and 112x112.
+DEMO_CLIPS = ClipParams(width=128, height=96, fps=8)
 DEMO_SCENES = SceneParams(min_clip_s=1.0, max_clip_s=3.0)
 DEMO_CAPTIONS = CaptionParams(trigger="in vidtune-demo style")  # template: "{trigger}, {source_name}"
 DEMO_STEPS = 40
