@@ -437,3 +437,35 @@ def test_training_from_the_cache_never_loads_the_text_encoder(curated, wan_model
     trained = train(job)
     assert trained.steps == 2 and all(torch.isfinite(torch.tensor(trained.losses)))
     assert (tmp_path / "run" / "samples" / "step-000002" / "sample-00.mp4").stat().st_size > 0
+
+
+def test_caption_dropout_is_reproducible_and_drops_about_the_asked_share():
+    from vidtune.training.data import caption_dropped
+
+    ids = [f"clip-{i}" for i in range(4000)]
+    dropped = [caption_dropped(7, 3, c, 0.1) for c in ids]
+    assert 0.08 < sum(dropped) / len(ids) < 0.12
+    assert dropped == [caption_dropped(7, 3, c, 0.1) for c in ids]  # a resumed run drops the same ones
+    assert dropped != [caption_dropped(7, 4, c, 0.1) for c in ids]  # and another batch other ones
+    assert not any(caption_dropped(7, 3, c, 0.0) for c in ids)
+
+
+def test_dropped_captions_train_on_the_empty_prompt(wan_model, wan_cache, tmp_path):
+    """A cached batch's dropped rows hold the empty prompt's embedding (encoded here by the model's own text
+    encoder), the others stay; a run with caption_dropout trains on a different loss from the first step."""
+    from vidtune.training.data import drop_captions
+
+    family = get_family("wan")
+    pipe = family.load_pipeline(wan_model)
+    batch = next(iter(make_stream("cache", wan_cache, BUCKETS, batch_size=2, seed=0)))
+    empty = family.encode_prompts(pipe, [""])
+    dropped = drop_captions(batch, [True, False], empty)
+    assert torch.allclose(dropped["text"]["embeds"][0], empty.embeds[0])
+    assert not torch.allclose(batch["text"]["embeds"][0], empty.embeds[0])
+    assert torch.equal(dropped["text"]["embeds"][1], batch["text"]["embeds"][1])
+    on_the_fly = drop_captions({"clip_ids": ["a", "b"], "captions": ["x", "y"]}, [False, True])
+    assert on_the_fly["captions"] == ["x", ""]
+
+    plain = train(make_job(wan_model, wan_cache, tmp_path / "plain", max_steps=1, batch_size=2))
+    dropping = train(make_job(wan_model, wan_cache, tmp_path / "drop", max_steps=1, batch_size=2, caption_dropout=0.99))
+    assert dropping.losses[0] != pytest.approx(plain.losses[0], rel=1e-6)

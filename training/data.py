@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 
 from vidtune.training.cache import choose_bucket, decode_clip, load_cache_entry
+from vidtune.training.families.base import TextEmbeddings
 from vidtune.training.layout import DatasetLayout
 
 
@@ -128,6 +129,27 @@ class _ShardBucket:
 def _shard_item(sample: dict, bucket: str) -> dict:
     video = decode_clip(sample["mp4"], parse_bucket_key(bucket)[0])[0]  # the frames precompute would have encoded
     return {"clip_id": sample["__key__"], "video": video, "caption": sample["txt"].decode()}
+
+
+def caption_dropped(seed: int, batch_index: int, clip_id: str, probability: float) -> bool:
+    """Whether this clip trains with the empty prompt in this batch: a pure function of (seed, batch, clip), so a
+    resumed run drops the same captions as an uninterrupted one."""
+    return probability > 0 and random.Random(f"{seed}/{batch_index}/{clip_id}").random() < probability
+
+
+def drop_captions(batch: dict, dropped: list[bool], empty: TextEmbeddings | None = None) -> dict:
+    """`batch` with the prompts of the `dropped` clips replaced by the empty prompt: the caption "" for clips
+    encoded on the fly, the empty prompt's embeddings `empty` (batch dimension 1) for cached ones."""
+    if not any(dropped):
+        return batch
+    if "captions" in batch:
+        return {**batch, "captions": ["" if drop else c for drop, c in zip(dropped, batch["captions"])]}
+    rows = torch.tensor(dropped)
+    text = {}
+    for name, tensor in batch["text"].items():
+        text[name] = tensor.clone()
+        text[name][rows] = getattr(empty, name)[0].to(tensor.dtype)
+    return {**batch, "text": text}
 
 
 def collate(items: list[dict]) -> dict:

@@ -90,6 +90,13 @@ class TrainParams(ObjectiveParams):
     resume: str | None = Field(
         None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null."
     )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Probability that a clip trains with the empty prompt, so the model keeps the unconditional "
+        "prediction classifier-free guidance uses (0.1 is common for style LoRAs).",
+    )
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
     shuffle_buffer: int = Field(64, ge=1, description="Samples held for shuffling.")
     validation: ValidationParams = Field(default_factory=ValidationParams)

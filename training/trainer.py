@@ -30,9 +30,9 @@ from vidtune.training.adapters import (
     save_full_model,
     save_lora_adapter,
 )
-from vidtune.training.cache import check_cached_prompts
+from vidtune.training.cache import check_cached_prompts, load_prompt
 from vidtune.training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume, saved_step
-from vidtune.training.data import make_stream
+from vidtune.training.data import caption_dropped, drop_captions, make_stream
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.files import write_json_atomic
@@ -159,6 +159,11 @@ class Trainer:
         self.prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
         if self.prompt_cache is not None:
             check_cached_prompts(self.prompt_cache, params.validation.prompts)
+        self.empty_prompt = None  # what a dropped caption is replaced by, for cached clips
+        if params.caption_dropout and job.data_source == "cache":
+            self.empty_prompt = (
+                load_prompt(self.prompt_cache, "") if self.prompt_cache else family.encode_prompts(self.pipe, [""])
+            )
         self.objective = family.objective(
             self.pipe, params
         )  # from the model's config, before sampling touches the scheduler
@@ -248,6 +253,12 @@ class Trainer:
     def step(self, batch: dict) -> bool:
         """One micro-batch forward and backward; True when it completed an optimizer step."""
         accelerator, state = self.accelerator, self.state
+        if self.params.caption_dropout:
+            dropped = [
+                caption_dropped(self.params.seed, state.batches, c, self.params.caption_dropout)
+                for c in batch["clip_ids"]
+            ]
+            batch = drop_captions(batch, dropped, self.empty_prompt)
         with accelerator.accumulate(self.wrapped):
             with accelerator.autocast():
                 loss = batch_loss(self.family, self.pipe, self.wrapped, batch, self.dtype, self.objective)
