@@ -96,3 +96,15 @@ def test_precompute_and_training_take_the_curated_buckets_as_they_are(mixed_data
     job = job.model_copy(update={"frame_buckets": [9], "sample_size": validation_size(summary.buckets)})
     trained = train(job)
     assert len(trained.losses) == 4 and all(torch.isfinite(torch.tensor(trained.losses)))
+
+
+def test_repeats_weight_sources_by_path_or_name(mixed_dataset):
+    from vidtune.training.data import clip_repeats
+
+    layout, rows = mixed_dataset
+    summary = summarize_dataset(layout.root, [9], "wan")
+    phone = {r.clip_id for r in rows if r.status == Status.KEPT and r.source.endswith("phone.mp4")}
+    assert phone and set(summary.source_of) == {r.clip_id for r in rows if r.status == Status.KEPT}
+    assert clip_repeats({"phone*": 3}, summary.source_of) == dict.fromkeys(phone, 3)
+    assert clip_repeats({"*/phone.mp4": 2, "phone*": 3}, summary.source_of) == dict.fromkeys(phone, 2)  # first wins
+    assert clip_repeats({"nothing*": 5}, summary.source_of) == {}

@@ -469,3 +469,15 @@ def test_dropped_captions_train_on_the_empty_prompt(wan_model, wan_cache, tmp_pa
     plain = train(make_job(wan_model, wan_cache, tmp_path / "plain", max_steps=1, batch_size=2))
     dropping = train(make_job(wan_model, wan_cache, tmp_path / "drop", max_steps=1, batch_size=2, caption_dropout=0.99))
     assert dropping.losses[0] != pytest.approx(plain.losses[0], rel=1e-6)
+
+
+def test_repeated_clips_come_that_many_times_per_epoch(two_bucket_shards):
+    stream = BucketedStream(two_bucket_shards, _Bucket(), _item, batch_size=1, seed=0, repeats={"c0-1": 3, "c2-5": 2})
+    first_epoch = Counter(batch["clip_ids"][0] for batch, _ in zip(stream, range(30 + 2 + 1)))  # 30 clips, 3 copies
+    assert first_epoch["c0-1"] == 3 and first_epoch["c2-5"] == 2
+    assert len(first_epoch) == 30 and sum(first_epoch.values()) == 33 and set(first_epoch.values()) == {1, 2, 3}
+
+
+def test_repeats_must_be_at_least_one():
+    with pytest.raises(ValueError, match="repeats: each count must be at least 1"):
+        TrainParams(repeats={"a*": 0})

@@ -13,7 +13,8 @@ import random
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ class DatasetSummary:
     buckets: Counter  # "FxHxW" -> clips that train in it
     too_short: list[int]  # frame counts of clips shorter than every bucket
     fitting_ids: list[str]  # clips that fit a bucket, sorted
+    source_of: dict[str, str] = field(default_factory=dict)  # clip id -> the source it was cut from
 
     def holdout(self, count: int) -> list[str]:
         """`count` clips kept out of training for evaluation: the same ones for the same data (ids are hashes)."""
@@ -71,9 +73,10 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     shards = layout.shard_files()
     if not shards:
         raise DatasetError(f"data: no shards in {layout.shards}; is {data} the OUTPUT of `vidtune curate`?")
-    fitting, too_short, ids = Counter(), [], []
+    fitting, too_short, ids, source_of = Counter(), [], [], {}
     for shard in shards:
         for row in _clip_rows(Path(shard)):
+            source_of[row["clip_id"]] = row["source"]
             frames = choose_bucket(row["num_frames"], buckets)
             if frames is None:
                 too_short.append(row["num_frames"])
@@ -89,7 +92,19 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
             f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
             "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
         )
-    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids))
+    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids), source_of)
+
+
+def clip_repeats(repeats: dict[str, int], source_of: dict[str, str]) -> dict[str, int]:
+    """clip id -> times per epoch, for the clips whose source matches a glob of `repeats` (by path or file name;
+    the first matching glob wins); other clips train once and are left out."""
+    counts = {}
+    for clip_id, source in source_of.items():
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+        count = next((n for glob, n in repeats.items() if fnmatch(source, glob) or fnmatch(name, glob)), 1)
+        if count != 1:
+            counts[clip_id] = count
+    return counts
 
 
 def validation_size(buckets: Counter) -> tuple[int, int, int]:
@@ -179,14 +194,21 @@ class BucketedStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 64,
         skip_batches: int = 0,
         exclude: frozenset[str] = frozenset(),
+        repeats: dict[str, int] | None = None,
     ):
         super().__init__()
         self.exclude = exclude  # clip ids held out of training
+        self.repeats = repeats or {}  # clip id -> times per epoch (others: once)
         self.shards, self.bucket_of, self.to_item = sorted(shards), bucket_of, to_item
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
 
     def _my_samples(self, part: int, parts: int, rng: random.Random) -> Iterator[dict]:
+        for sample in self._my_shard_samples(part, parts, rng):
+            for _ in range(self.repeats.get(sample["__key__"], 1)):  # the shuffle buffer spreads the copies apart
+                yield sample
+
+    def _my_shard_samples(self, part: int, parts: int, rng: random.Random) -> Iterator[dict]:
         if len(self.shards) >= parts:  # whole shards per reader: nobody reads what it does not train on
             mine = self.shards[part::parts]
             rng.shuffle(mine)

@@ -97,12 +97,22 @@ class TrainParams(ObjectiveParams):
         description="Probability that a clip trains with the empty prompt, so the model keeps the unconditional "
         "prediction classifier-free guidance uses (0.1 is common for style LoRAs).",
     )
+    repeats: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-source weights: {glob: N} trains the clips of sources whose path or file name matches the "
+        "glob N times per epoch (e.g. {'hero/*': 3}); unmatched sources once.",
+    )
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
     shuffle_buffer: int = Field(64, ge=1, description="Samples held for shuffling.")
     validation: ValidationParams = Field(default_factory=ValidationParams)
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> TrainParams:
+        bad = {glob: n for glob, n in self.repeats.items() if n < 1}
+        if bad:
+            raise ValueError(
+                f"repeats: each count must be at least 1 (0 would drop the clips; filter them instead): {bad}"
+            )
         on_this_machine = not (info.context or {}).get("remote")  # `vidtune run` validates for a worker elsewhere
         if self.mixed_precision == "fp16" and on_this_machine and not torch.cuda.is_available():
             raise ValueError("mixed_precision: fp16 needs a GPU (CPU autocast has no fp16); use bf16 or no")

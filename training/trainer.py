@@ -60,6 +60,9 @@ class TrainJob(RunTarget):
     holdout_clip_ids: list[str] = Field(
         default_factory=list, description="clips never trained on: evaluation's held-out set"
     )
+    clip_repeats: dict[str, int] = Field(
+        default_factory=dict, description="clip id -> times per epoch, from params.repeats (others: once)"
+    )
     tags: dict[str, str] = Field(default_factory=dict)
 
 
@@ -208,6 +211,7 @@ class Trainer:
             shuffle_buffer=params.shuffle_buffer,
             skip_batches=state.batches,
             exclude=frozenset(job.holdout_clip_ids),
+            repeats=job.clip_repeats,
         )
         # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
         self.loader = torch.utils.data.DataLoader(
