@@ -131,7 +131,7 @@ def test_a_shot_whose_picture_is_too_small_once_cropped_goes_to_a_smaller_bucket
     rows = [r for r in _extract(video, ClipParams(fps=8), tmp_path).rows if r.clip_id]
     assert rows and all(r.status == Status.FILTERED for r in rows)
     assert all(r.reason.startswith("resolution too low: the picture is 320x360") for r in rows)
-    assert not list(tmp_path.glob("*.mp4")) or all(not (tmp_path / f"{r.clip_id}.mp4").exists() for r in rows)
+    assert not any((tmp_path / f"{r.clip_id}.mp4").exists() for r in rows)  # nothing encoded for them
 
     smaller = ClipParams(buckets=["832x480", "480x832", "624x624", "320x320"], fps=8)
     rows = [r for r in _extract(video, smaller, tmp_path).rows if r.clip_id]
