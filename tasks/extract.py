@@ -179,7 +179,8 @@ class SourceExtractor:
                 row.reason = low_resolution_reason(picture.width, picture.height, self.sizes, clips.max_upscale)
                 continue
             row.width, row.height = size
-            images = [to_training_frame(frame, crop, *size) for frame in frames]
+            framed = {id(frame): to_training_frame(frame, crop, *size) for frame in frames}  # a repeated frame once
+            images = [framed[id(frame)] for frame in frames]
             encode_clip(images, self.out_dir / f"{clip_id}.mp4", clips.fps, clips, self._color)
             if self.sample is not None:
                 self.sampled[clip_id] = self.sample(images, clips.fps, self._color)

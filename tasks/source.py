@@ -102,8 +102,9 @@ def _curate_new_source(source: Source, settings: SourceSettings, staging: Path) 
     if 0 < probe.duration_s < scenes.min_clip_s:
         reason = f"too short: {probe.duration_s:.2f} s is under scenes.min_clip_s = {scenes.min_clip_s} s"
         return SourceResult([ClipRecord.for_source(source, Status.FILTERED, reason, **facts)], False, probe.duration_s)
-    if choose_size(*probe.display_size, clips.sizes(), clips.max_upscale) is None:  # even with no bars: not decoded
-        reason = low_resolution_reason(*probe.display_size, clips.sizes(), clips.max_upscale)
+    sizes = clips.sizes()
+    if choose_size(*probe.display_size, sizes, clips.max_upscale) is None:  # even with no bars: not decoded
+        reason = low_resolution_reason(*probe.display_size, sizes, clips.max_upscale)
         return SourceResult([ClipRecord.for_source(source, Status.FILTERED, reason, **facts)], False, probe.duration_s)
     try:
         return extract_clips(source, probe, scenes, clips, staging, _sampler(settings))
