@@ -71,6 +71,8 @@ def curate_summary_markdown(stats: dict, output: Path) -> str:
     for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
         if stats[key]:
             lines.append(f"\n{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in stats[key].items()))
+    if stats.get("report"):  # a URI to paste in a browser (markdown renderers refuse file: links)
+        lines.append(f"\nevery clip, kept or not, with thumbnails: `{Path(stats['report']).resolve().as_uri()}`")
     return "\n".join(lines)
 
 

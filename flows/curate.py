@@ -21,7 +21,9 @@ from vidtune.tasks.curate_tasks import (
     identify_source_task,
     pack_shards_task,
     prepare_output_task,
+    publish_curate_summary_task,
     write_manifest_task,
+    write_report_task,
 )
 from vidtune.tasks.discover import mark_duplicates
 from vidtune.tasks.filters import FilterParams
@@ -59,6 +61,10 @@ class CurateParams(BaseModel):
         needs_clip = [name for name in ("min_clip_score", "dedup_threshold") if getattr(self.filters, name) is not None]
         if needs_clip and not self.scores.clip:
             raise ValueError(f"filters.{needs_clip[0]} needs the CLIP score, but scores.clip is false")
+        if self.filters.max_text_area is not None and not self.scores.text_area:
+            raise ValueError("filters.max_text_area needs the text-area score: set scores.text_area=true")
+        if self.filters.min_aesthetic is not None and not self.scores.aesthetic_head:
+            raise ValueError("filters.min_aesthetic needs scores.aesthetic_head (a LAION aesthetic head file or URL)")
         return self
 
     def source_settings(self) -> SourceSettings:
@@ -90,8 +96,8 @@ def _run_per_source(task_, over: dict[str, list], label: str, runner: TaskRunner
 def curate(params: CurateParams) -> dict:
     """Raw videos in, clips out: discover, hash, detect scenes, extract, caption, score, filter, shard."""
     logger = get_run_logger()
-    paths = discover_task(params.input)
-    logger.info("found %d video files under %s", len(paths), params.input)
+    paths = discover_task(params.input, params.clips.images)
+    logger.info("found %d video and image files under %s", len(paths), params.input)
     check_models_task(params.captions, params.scores)  # before any video is decoded
     layout = prepare_output_task(params.output, params.clip_settings(), params.overwrite)
 
@@ -134,5 +140,8 @@ def curate(params: CurateParams) -> dict:
     rows = filter_clips_task(rows, layout, params.filters)
     rows = pack_shards_task(rows, layout, params.shards)
     stats = write_manifest_task(rows, layout, durations, resumed, params.filters)
+    report = write_report_task(layout)
+    summary = {**stats, "output": str(layout.root), "manifest": str(layout.manifest), "report": str(report)}
+    publish_curate_summary_task(summary)
     logger.info("kept %d clips in %d shards at %s", stats["clips"]["kept"], stats["shards"], layout.shards)
-    return {**stats, "output": str(layout.root), "manifest": str(layout.manifest)}
+    return summary

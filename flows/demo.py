@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import av
+import numpy as np
+from PIL import Image
 from rich.console import Console
 
 from vidtune.evaluation.inference import generate
@@ -34,11 +37,18 @@ DEMO_PROMPTS = ["a red car {trigger}", "a city street {trigger}"]  # {trigger}: 
 
 
 def make_demo_inputs(raw: Path) -> None:
-    """Synthetic raw videos, a static shot (the motion filter drops it) and two broken files (they become
-    manifest rows with a reason, not a crash)."""
+    """Synthetic raw videos, a static shot (the motion filter drops it), two photos (single-frame clips) and two
+    broken files (they become manifest rows with a reason, not a crash)."""
     if not any(raw.glob("*.mp4")):
         make_raw_video_set(raw, seconds=6.0)
         render_video(raw / "tripod_static.mp4", seconds=3, fps=25, shots=1, motion=0, seed=99)
+    photos = raw / "photos"
+    if not photos.is_dir():
+        photos.mkdir()
+        with av.open(str(raw / "street 24fps.mp4")) as video:
+            frame = next(video.decode(video=0)).to_ndarray(format="rgb24")
+        Image.fromarray(frame).save(photos / "street.jpg", quality=92)
+        Image.fromarray(np.rot90(frame).copy()).save(photos / "street_portrait.png")
     (raw / "broken").mkdir(parents=True, exist_ok=True)
     (raw / "broken" / "notes.mp4").write_text("this is a text file with a video extension\n")
     (raw / "broken" / "empty.mov").write_bytes(b"")

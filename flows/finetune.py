@@ -23,7 +23,14 @@ from vidtune.tasks.finetune_tasks import (
 from vidtune.tasks.output import dataset_trigger
 from vidtune.training.adapters import comfyui_export
 from vidtune.training.cache import PrecomputeParams, frame_buckets
-from vidtune.training.data import cache_shards, clip_repeats, parse_bucket_key, validation_size
+from vidtune.training.data import (
+    cache_shards,
+    clip_repeats,
+    combined_repeats,
+    parse_bucket_key,
+    still_repeats,
+    validation_size,
+)
 from vidtune.training.families import get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.layout import DatasetLayout, RunLayout
@@ -265,7 +272,10 @@ def _train_job(
         params=train_params,
         prompt_cache=prompt_cache,
         holdout_clip_ids=_holdout(params, dataset),
-        clip_repeats=clip_repeats(train_params.repeats, dataset.source_of),
+        clip_repeats=combined_repeats(
+            clip_repeats(train_params.repeats, dataset.source_of),
+            still_repeats(train_params.image_fraction, dataset.stills, dataset.fitting_ids),
+        ),
         tags={"data": str(Path(params.data).resolve())},
     )
     RunLayout(Path(job.out)).write_train_job(job)

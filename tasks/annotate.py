@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vidtune.tasks.captions import CaptionParams, VlmCaptioner, render_caption
+from vidtune.tasks.aesthetic import AestheticHead
+from vidtune.tasks.captions import CaptionParams, ClipFrames, VlmCaptioner, render_caption
 from vidtune.tasks.files import atomic_path
+from vidtune.tasks.ocr import TextAreaScorer
 from vidtune.tasks.records import ClipRecord, Status
 from vidtune.tasks.scoring import (
     ClipScorer,
@@ -31,6 +33,8 @@ class Annotators:
 
     captioner: VlmCaptioner | None
     clip: ClipScorer | None
+    text: TextAreaScorer | None = None
+    aesthetic: AestheticHead | None = None
 
     @classmethod
     def load(cls, captions: CaptionParams, scores: ScoreParams) -> Annotators:
@@ -42,7 +46,7 @@ class Annotators:
         clip = None
         if scores.clip:
             clip = load_clip_scorer(scores.clip_model, scores.clip_pretrained, device)
-        return cls(captioner, clip)
+        return cls(captioner, clip, load_text_scorer(scores), load_aesthetic_head(scores, clip))
 
 
 def load_clip_scorer(model: str, pretrained: str | None, device: str) -> ClipScorer:
@@ -50,6 +54,21 @@ def load_clip_scorer(model: str, pretrained: str | None, device: str) -> ClipSco
     not keep scoring with the old one."""
     key = ("clip", model, pretrained, local_version(pretrained), device)
     return cached_model(key, lambda: ClipScorer(model, pretrained, device))
+
+
+def load_text_scorer(scores: ScoreParams) -> TextAreaScorer | None:
+    return cached_model(("text-area",), TextAreaScorer) if scores.text_area else None
+
+
+def load_aesthetic_head(scores: ScoreParams, clip: ClipScorer | None) -> AestheticHead | None:
+    """The head for `scores.aesthetic_head`, checked against the CLIP model's embedding size."""
+    if not scores.aesthetic_head or clip is None:
+        return None
+    reference = scores.aesthetic_head
+    head = cached_model(("aesthetic", reference, local_version(reference)), lambda: AestheticHead(reference))
+    if clip.embed_dim is not None:
+        head.check_embedding_dim(clip.embed_dim, scores.clip_model)
+    return head
 
 
 def _evenly(frames: np.ndarray, count: int) -> np.ndarray:
@@ -73,7 +92,8 @@ def annotate_clips(
     scores: ScoreParams,
     sampled: dict | None = None,
 ) -> list[ClipRecord]:
-    """Fill caption, clip_score and motion_score of the kept clip rows (in place) and save CLIP embeddings.
+    """Fill caption and scores (clip, motion, text area, aesthetic) of the kept clip rows (in place); save CLIP
+    embeddings.
     `sampled`: frames taken while the clips were written (`frames_per_clip` of them); others are read back.
 
     A clip whose frames cannot be read back becomes `failed` with the reason; the others go on.
@@ -92,7 +112,10 @@ def annotate_clips(
 
     vlm_texts: list[str | None] = [None] * len(ready)
     if annotators.captioner:
-        frames = [list(_evenly(sampled[r.clip_id].clip, captions.vlm_frames)) for r in ready]
+        count = {r.clip_id: captions.vlm_frames if r.num_frames > 1 else 1 for r in ready}  # a still: one picture
+        frames = [
+            ClipFrames(list(_evenly(sampled[r.clip_id].clip, count[r.clip_id])), r.num_frames, r.fps) for r in ready
+        ]
         vlm_texts = annotators.captioner.caption(
             frames, captions.vlm_prompt, captions.vlm_max_new_tokens, captions.vlm_batch_size
         )
@@ -101,9 +124,12 @@ def annotate_clips(
         row.caption = render_caption(template, row, trigger=captions.trigger, sidecar=sidecar, vlm=vlm)
 
     if scores.motion:
-        for row in ready:
+        for row in (r for r in ready if r.media == "video"):  # a still has no motion to score
             s = sampled[row.clip_id]
             row.motion_score = round(motion_score(s.motion, s.motion_dt, scores.motion_width), 4)
+    if annotators.text:
+        for row in ready:
+            row.text_area = round(annotators.text.score(_evenly(sampled[row.clip_id].clip, scores.clip_frames)), 3)
     if annotators.clip:
         for start in range(0, len(ready), CLIP_BATCH):
             batch = ready[start : start + CLIP_BATCH]
@@ -112,6 +138,9 @@ def annotate_clips(
             for row, score, embedding in zip(batch, clip_scores, embeddings):
                 row.clip_score = round(score, 5)
                 _save_npy(embedding_path(clip_dir, row.clip_id), embedding)
+            if annotators.aesthetic:
+                for row, score in zip(batch, annotators.aesthetic.score(embeddings, scores.clip_model)):
+                    row.aesthetic_score = round(score, 4)
     return rows
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,7 @@ DEFAULT_TEMPLATES = {
     "vlm": "{trigger}, {vlm}",
 }
 CHAT_PROMPT = "Describe this video in one sentence."
+GRID_MAX_FRAMES = 16  # an image captioner sees one grid: beyond 4x4 the frames get too small to read
 MAPPING_FILES = ("captions.csv", "captions.jsonl")
 
 
@@ -48,8 +50,20 @@ class CaptionParams(BaseModel):
     )
     vlm_model: str | None = Field(None, description="transformers captioner (local folder or hub id) for mode=vlm.")
     vlm_prompt: str | None = Field(None, description="Prompt for chat VLMs (default asks for one sentence).")
-    vlm_frames: int = Field(4, ge=1, le=16, description="Frames per clip given to the VLM, tiled into one image.")
-    vlm_max_new_tokens: int = Field(40, ge=1, le=512, description="Longest caption the VLM may write.")
+    vlm_frames: int = Field(
+        4,
+        ge=1,
+        le=32,
+        description="Frames per clip given to the VLM: a video VLM (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, ...) gets "
+        f"them as a video with their timing; an image captioner gets at most {GRID_MAX_FRAMES} tiled into one image.",
+    )
+    vlm_max_new_tokens: int = Field(
+        40,
+        ge=1,
+        le=1024,
+        description="Longest caption the VLM may write, in tokens; kept whole in the manifest and shards (training's "
+        "text encoder reads up to its own maximum length).",
+    )
     vlm_batch_size: int = Field(8, ge=1, description="Clips captioned per forward pass.")
 
     @model_validator(mode="after")
@@ -168,8 +182,33 @@ def tile_frames(frames: list[np.ndarray]) -> np.ndarray:
     return grid
 
 
+@dataclass(frozen=True)
+class ClipFrames:
+    """A clip's evenly spaced frames (first to last, H x W x 3 uint8) and the clip they were taken from:
+    `num_frames` frames at `fps`. A video VLM places the frames in time from these."""
+
+    frames: list[np.ndarray]
+    num_frames: int
+    fps: float
+
+    def video_metadata(self) -> dict:
+        """transformers' VideoMetadata fields: the sampled frames' indices into the clip give their timestamps, and
+        count / clip length gives their rate (Qwen2.5-VL's `second_per_grid_ts` = temporal patch / that rate)."""
+        last = max(self.num_frames - 1, 0)
+        indices = np.linspace(0, last, len(self.frames)).round().astype(int).tolist()
+        fps = self.fps if self.fps > 0 else None
+        duration = self.num_frames / fps if fps else None
+        return {"total_num_frames": self.num_frames, "fps": fps, "frames_indices": indices, "duration": duration}
+
+
+def _evenly_spaced(frames: list[np.ndarray], count: int) -> list[np.ndarray]:
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)]
+
+
 class VlmCaptioner:
-    """A transformers image-text-to-text model (BLIP-style captioner or chat VLM), loaded once per worker."""
+    """A transformers image-text-to-text model, loaded once per worker. A chat VLM whose processor takes videos
+    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, ...) is given each clip's frames as a video; an image captioner
+    (BLIP-style or an image-only chat VLM) one grid image of them."""
 
     def __init__(self, model: str, device: str):
         import torch
@@ -180,32 +219,52 @@ class VlmCaptioner:
         self.processor = AutoProcessor.from_pretrained(model)
         self.model = AutoModelForImageTextToText.from_pretrained(model).to(device).eval()
         self.chat = getattr(self.processor, "chat_template", None) is not None
+        self.video = self.chat and getattr(self.processor, "video_processor", None) is not None
+        if self.chat:  # decoder-only: a batch's shorter prompts are padded on the left, next to the answer
+            self.processor.tokenizer.padding_side = "left"
         self.lock = threading.Lock()  # shared by a worker's threads; tokenizers are not re-entrant
 
-    def caption(
-        self, clips: list[list[np.ndarray]], prompt: str | None, max_new_tokens: int, batch_size: int
-    ) -> list[str]:
-        from PIL import Image
-
+    def caption(self, clips: list[ClipFrames], prompt: str | None, max_new_tokens: int, batch_size: int) -> list[str]:
         captions: list[str] = []
         for start in range(0, len(clips), batch_size):
-            images = [Image.fromarray(tile_frames(frames)) for frames in clips[start : start + batch_size]]
+            batch = clips[start : start + batch_size]
+            as_video = self.video and all(c.num_frames > 1 for c in batch)  # a still goes in as the image it is
             with self.lock:
-                captions += self._generate(images, prompt, max_new_tokens)
+                inputs = self._video_inputs(batch, prompt) if as_video else self._grid_inputs(batch, prompt)
+                captions += self._generate(inputs.to(self.device), max_new_tokens)
         return captions
 
-    def _generate(self, images, prompt: str | None, max_new_tokens: int) -> list[str]:
+    def _chat_text(self, kind: str, prompt: str | None) -> str:
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": prompt or CHAT_PROMPT}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _video_inputs(self, clips: list[ClipFrames], prompt: str | None):
+        """Each clip as a T x H x W x 3 video with its timing. Frames are already sampled (no resampling here); a
+        model that patches frames in pairs (Qwen2-VL's temporal_patch_size 2) gets the last frame repeated, while
+        the timing stays that of the frames actually sampled."""
+        step = getattr(self.processor.video_processor, "temporal_patch_size", None) or 1
+        videos = [np.stack(c.frames + c.frames[-1:] * (-len(c.frames) % step)) for c in clips]
+        return self.processor(
+            text=[self._chat_text("video", prompt)] * len(clips),
+            videos=videos,
+            video_metadata=[c.video_metadata() for c in clips],
+            do_sample_frames=False,
+            padding=True,
+            return_tensors="pt",
+        )
+
+    def _grid_inputs(self, clips: list[ClipFrames], prompt: str | None):
+        from PIL import Image
+
+        images = [Image.fromarray(tile_frames(_evenly_spaced(c.frames, GRID_MAX_FRAMES))) for c in clips]
         if self.chat:
-            messages = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or CHAT_PROMPT}]}
-            ]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt")
-        elif prompt:
-            inputs = self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
-        else:
-            inputs = self.processor(images=images, return_tensors="pt")
-        inputs = inputs.to(self.device)
+            text = [self._chat_text("image", prompt)] * len(images)
+            return self.processor(images=images, text=text, padding=True, return_tensors="pt")
+        if prompt:
+            return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+        return self.processor(images=images, return_tensors="pt")
+
+    def _generate(self, inputs, max_new_tokens: int) -> list[str]:
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
         prompt_ids = inputs.get("input_ids")

@@ -55,6 +55,9 @@ class ClipParams(BaseModel):
     crop_bars: bool = Field(True, description="Crop letterbox/pillarbox bars (dark borders) of each shot.")
     bar_threshold: int = Field(10, ge=1, le=64, description="Luma levels above black that count as picture.")
     fps: float = Field(16.0, gt=0, le=120, description="Clip frame rate; sources are resampled to it.")
+    images: bool = Field(
+        True, description="Curate jpg/png/webp files in the input too, each as a single-frame clip (manifest media)."
+    )
     crf: int = Field(18, ge=0, le=51, description="x264 constant rate factor (lower = better, larger).")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = Field(
         "ultrafast",

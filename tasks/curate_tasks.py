@@ -7,20 +7,22 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vidtune.evaluation.report import curate_summary_markdown
 from vidtune.tasks.annotate import embedding_path
 from vidtune.tasks.captions import CaptionParams, find_mapping_file, load_caption_mapping, sidecar_caption
-from vidtune.tasks.discover import identify_source, list_video_paths
+from vidtune.tasks.discover import identify_source, list_input_paths
 from vidtune.tasks.filters import FilterParams, apply_filters
-from vidtune.tasks.manifest import curate_stats, write_manifest, write_stats
+from vidtune.tasks.manifest import curate_stats, read_manifest, write_manifest, write_stats
 from vidtune.tasks.output import OutputLayout, prepare_output
 from vidtune.tasks.plots import write_score_histograms
 from vidtune.tasks.preflight import check_models
+from vidtune.tasks.progress import progress_artifact
 from vidtune.tasks.records import ClipRecord, Source, SourceResult, Status
+from vidtune.tasks.report import write_report
 from vidtune.tasks.scoring import ScoreParams
 from vidtune.tasks.shards import ShardParams, pack_shards
 from vidtune.tasks.source import SourceSettings, curate_source
@@ -68,8 +70,8 @@ def prepare_output_task(output: str, clip_settings: dict, overwrite: bool) -> Ou
 
 
 @task(name="discover", cache_policy=NO_CACHE)
-def discover_task(input_path: str) -> list[str]:
-    return list_video_paths(input_path)
+def discover_task(input_path: str, images: bool = True) -> list[str]:
+    return list_input_paths(input_path, images)
 
 
 @task(name="read-sidecar-captions", cache_policy=NO_CACHE)
@@ -107,7 +109,21 @@ def write_manifest_task(
     write_score_histograms(rows, filters, layout.root)
     stats = curate_stats(rows, durations, resumed, shards=len(layout.shard_files()))
     write_stats(stats, layout.stats)
-    create_markdown_artifact(
-        curate_summary_markdown(stats, layout.root), key="curate-summary", description=f"curate: {layout.root}"
-    )
     return stats
+
+
+@task(name="write-report", cache_policy=NO_CACHE)
+def write_report_task(layout: OutputLayout) -> Path:
+    rows = read_manifest(layout.manifest)  # the page shows exactly the manifest, in its order
+    clips = sum(bool(r.clip_id) for r in rows)
+    get_run_logger().info("report.html: thumbnails of %d clips", clips)
+    with progress_artifact("report-progress", clips, f"report.html: thumbnails of {clips} clips") as report:
+        return write_report(rows, layout, report)
+
+
+@task(name="curate-summary", cache_policy=NO_CACHE)
+def publish_curate_summary_task(summary: dict) -> None:
+    output = Path(summary["output"])
+    create_markdown_artifact(
+        curate_summary_markdown(summary, output), key="curate-summary", description=f"curate: {output}"
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 import fsspec
 
 from vidtune.tasks.files import sha256_of
+from vidtune.tasks.images import IMAGE_EXTENSIONS
 from vidtune.tasks.records import Source
 
 VIDEO_EXTENSIONS = frozenset(
@@ -40,24 +41,24 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def list_video_paths(input_path: str) -> list[str]:
-    """All video/GIF files under `input_path` (recursive), sorted; a single file is returned as is."""
+def list_input_paths(input_path: str, images: bool = True) -> list[str]:
+    """All video/GIF files (and with `images`, jpg/png/webp files) under `input_path` (recursive), sorted; a single
+    file is returned as is."""
+    extensions = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS if images else VIDEO_EXTENSIONS
     if is_remote(input_path):
         fs, root = fsspec.core.url_to_fs(input_path)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if fs.isfile(root):
             return [input_path]
         found = fs.find(root)
-        return sorted(f"{protocol}://{p}" for p in found if Path(p).suffix.lower() in VIDEO_EXTENSIONS)
+        return sorted(f"{protocol}://{p}" for p in found if Path(p).suffix.lower() in extensions)
     root = Path(input_path.removeprefix("file://")).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"input: {input_path!r} does not exist")
     if root.is_file():
         return [str(root)]
     # Links are listed even when broken (a loop, a missing target), so they reach the manifest with a reason.
-    return sorted(
-        str(p) for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in VIDEO_EXTENSIONS
-    )
+    return sorted(str(p) for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in extensions)
 
 
 def identify_source(path: str, download_dir: Path) -> Source:

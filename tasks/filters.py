@@ -23,6 +23,13 @@ class FilterParams(BaseModel):
     )
     min_motion: float | None = Field(0.5, ge=0, description="Drop static clips: flow below this % of width per second.")
     max_motion: float | None = Field(None, ge=0, description="Drop clips moving faster than this (shaky, flashing).")
+    max_text_area: float | None = Field(
+        None, ge=0, le=100, description="Drop clips with text overlays (subtitles, logos) over this % of the frame."
+    )
+    min_aesthetic: float | None = Field(
+        None,
+        description="Drop clips the LAION aesthetic predictor scores below this (about 1-10; LAION's subsets: 5, 6).",
+    )
     dedup_threshold: float | None = Field(
         None, gt=0, le=1, description="Keep one of each group of clips whose CLIP embeddings have cosine >= this."
     )
@@ -45,6 +52,14 @@ def filter_reason(row: ClipRecord, params: FilterParams) -> str | None:
         return f"static: motion {row.motion_score:.2f} < filters.min_motion {params.min_motion}"
     if params.max_motion is not None and row.motion_score is not None and row.motion_score > params.max_motion:
         return f"too much motion: {row.motion_score:.2f} > filters.max_motion {params.max_motion}"
+    if params.max_text_area is not None and row.text_area is not None and row.text_area > params.max_text_area:
+        return f"text overlay: {row.text_area:.1f} % of the frame is text > filters.max_text_area {params.max_text_area:g} %"
+    if (
+        params.min_aesthetic is not None
+        and row.aesthetic_score is not None
+        and row.aesthetic_score < params.min_aesthetic
+    ):
+        return f"low aesthetic score: {row.aesthetic_score:.2f} < filters.min_aesthetic {params.min_aesthetic:g}"
     return None
 
 

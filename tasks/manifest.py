@@ -47,6 +47,7 @@ def curate_stats(rows: list[ClipRecord], source_durations: dict[str, float], res
         "hours_in": round(sum(source_durations.values()) / 3600, 6),
         "hours_out": round(sum(r.end_s - r.start_s for r in kept) / 3600, 6),
         "sizes": dict(Counter(f"{r.width}x{r.height}" for r in kept).most_common()),  # aspect-ratio buckets
+        "media": dict(Counter(r.media for r in kept).most_common()),  # kept clips that are videos / images
         "clip_reasons": dict(
             Counter(reason_kind(r.reason) for r in clip_rows if r.status != Status.KEPT).most_common()
         ),

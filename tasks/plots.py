@@ -16,6 +16,8 @@ from vidtune.tasks.records import ClipRecord, Status
 SCORES = {
     "clip_score": ("CLIP text-video score (cosine)", ("min_clip_score",)),
     "motion_score": ("motion (% of frame width per second)", ("min_motion", "max_motion")),
+    "text_area": ("text overlay (% of the frame)", ("max_text_area",)),
+    "aesthetic_score": ("LAION aesthetic score", ("min_aesthetic",)),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vidtune.tasks.aesthetic import AestheticHeadError
 from vidtune.tasks.annotate import Annotators
 from vidtune.tasks.captions import CaptionParams, load_caption_mapping
 from vidtune.tasks.scoring import ScoreParams
@@ -45,6 +46,8 @@ def check_models(captions: CaptionParams, scores: ScoreParams) -> None:
 def _load(load, captions: CaptionParams, scores: ScoreParams) -> None:
     try:
         load(captions.model_copy(update={"mode": "template"}), scores)
+    except AestheticHeadError as exc:  # its own message names scores.aesthetic_head and the fix
+        raise ModelSetupError(str(exc)) from exc
     except Exception as exc:
         raise ModelSetupError(
             f"scores.clip_model/clip_pretrained: cannot load open_clip {scores.clip_model!r} with "

@@ -43,6 +43,7 @@ class ClipRecord:
     clip_id: str | None
     source: str
     source_sha256: str | None
+    media: str = "video"  # "image": a still (jpg/png/webp) curated as a one-frame clip
     start_s: float = 0.0
     end_s: float = 0.0
     start_frame: int = 0
@@ -58,6 +59,8 @@ class ClipRecord:
     caption: str = ""
     clip_score: float | None = None
     motion_score: float | None = None
+    text_area: float | None = None  # share of the frame covered by detected text (OCR), the most over sampled frames
+    aesthetic_score: float | None = None  # the LAION aesthetic predictor on the CLIP embedding (about 1-10)
     status: Status = Status.KEPT
     reason: str = ""
     shard: str | None = None
@@ -94,6 +97,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("clip_id", pa.string()),
         ("source", pa.string()),
         ("source_sha256", pa.string()),
+        ("media", pa.string()),
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
         ("start_frame", pa.int64()),
@@ -109,6 +113,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("clip_score", pa.float64()),
         ("motion_score", pa.float64()),
+        ("text_area", pa.float64()),
+        ("aesthetic_score", pa.float64()),
         ("status", pa.string()),
         ("reason", pa.string()),
         ("shard", pa.string()),

@@ -39,12 +39,27 @@ class ScoreParams(ClipModelParams):
     motion: bool = Field(True, description="Compute the optical-flow motion score.")
     motion_fps: float = Field(2.0, gt=0, le=30, description="Rate frames are sampled at for optical flow.")
     motion_width: int = Field(128, ge=32, le=1024, description="Width frames are downscaled to for optical flow.")
+    text_area: bool = Field(
+        False,
+        description="Compute the OCR text-area score (PP-OCR text detection on the CLIP frames; ~0.45 CPU-s per clip).",
+    )
+    aesthetic_head: str | None = Field(
+        None,
+        description="LAION aesthetic predictor head on the CLIP embedding: a .pth/.safetensors file or a URL "
+        "(downloaded once to $VIDTUNE_HOME/models/aesthetic); null: no aesthetic score.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run (auto = cuda if available).")
 
     @model_validator(mode="after")
     def _no_model_no_clip(self) -> ScoreParams:
         if self.clip_model is None:
             self.clip = False  # clip_model null means no CLIP here too, as in evaluation
+        return self
+
+    @model_validator(mode="after")
+    def _aesthetic_needs_clip(self) -> ScoreParams:
+        if self.aesthetic_head and not self.clip:
+            raise ValueError("aesthetic_head scores the CLIP embedding, but scores.clip is false (or clip_model null)")
         return self
 
 
@@ -180,6 +195,7 @@ class ClipScorer:
             model_name, pretrained=pretrained, device=device
         )
         self.model.eval()
+        self.embed_dim: int | None = getattr(self.model.visual, "output_dim", None)  # timm towers do not say
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.lock = threading.Lock()  # threads of a worker share this model: one forward pass at a time
 

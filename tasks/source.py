@@ -20,6 +20,7 @@ from vidtune.tasks.captions import CaptionParams
 from vidtune.tasks.clips import ClipParams, choose_size, low_resolution_reason, yuv_to_rgb
 from vidtune.tasks.extract import extract_clips
 from vidtune.tasks.files import write_json_atomic
+from vidtune.tasks.images import extract_image, is_image
 from vidtune.tasks.probe import ProbeError, probe_video
 from vidtune.tasks.records import ClipRecord, Source, SourceResult, Status
 from vidtune.tasks.scenes import SceneParams
@@ -94,6 +95,8 @@ def _sampler(settings: SourceSettings):
 
 def _curate_new_source(source: Source, settings: SourceSettings, staging: Path) -> SourceResult:
     scenes, clips = settings.scenes, settings.clips
+    if is_image(source.path):
+        return extract_image(source, clips, staging, _sampler(settings))
     try:
         probe = probe_video(source.local_path)
     except ProbeError as exc:

@@ -114,6 +114,8 @@ def test_positional_arguments_win_over_the_config_file(tmp_path):
         (["captions.template={trigerr}, {source_name}"], "captions: template: unknown field"),
         (["scenes.min_clip_s=0.05", "clips.fps=8"], "shorter than one frame at clips.fps"),
         (["scores.clip=false", "filters.dedup_threshold=0.99"], "filters.dedup_threshold needs the CLIP score"),
+        (["filters.max_text_area=5"], "filters.max_text_area needs the text-area score"),
+        (["filters.min_aesthetic=5"], "filters.min_aesthetic needs scores.aesthetic_head"),
     ],
 )
 def test_inconsistent_parameters_are_rejected_up_front(overrides, message):

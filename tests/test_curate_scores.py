@@ -1,5 +1,5 @@
-"""The second half of curation through the real flow: captions, CLIP and motion scores, filters, dedup,
-VLM captions, fail-fast model checks, and Dask scale-out giving the same manifest."""
+"""The second half of curation through the real flow: captions, CLIP, motion, text-area and aesthetic scores,
+filters, dedup, VLM captions, fail-fast model checks, and Dask scale-out giving the same manifest."""
 
 from __future__ import annotations
 
@@ -238,12 +238,35 @@ def test_vlm_captions_through_the_flow(prefect_api, scored_inputs, make_params, 
         assert trigger == "sks" and words and set(words.split()) <= set(CAPTION_WORDS)
 
 
+def test_text_area_and_aesthetic_scores_reach_the_manifest_and_plots(prefect_api, scored_inputs, make_params, tmp_path):
+    import torch
+
+    from vidtune.flows.curate import curate
+    from vidtune.tasks.annotate import embedding_path
+    from vidtune.tasks.records import Status
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1)  # LAION's linear head shape, for the tiny CLIP's 32-dim embedding
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    scores = {"text_area": True, "aesthetic_head": str(tmp_path / "head.pth")}
+    curate(make_params(scored_inputs, tmp_path / "o", captions={"trigger": "sks"}, scores=scores))
+    rows = [r for r in read_manifest(tmp_path / "o" / "manifest.parquet") if r.clip_id]
+    assert len(rows) == 4 and all(r.status != Status.FAILED and r.text_area is not None for r in rows)
+    for row in rows:
+        embedding = np.load(embedding_path(tmp_path / "o" / ".vidtune" / "staging" / row.source_sha256, row.clip_id))
+        expected = head(torch.nn.functional.normalize(torch.from_numpy(embedding).float(), dim=0)).item()
+        assert row.aesthetic_score == pytest.approx(expected, abs=1e-4)
+    for name in ("text_area_hist.png", "aesthetic_score_hist.png"):
+        assert (tmp_path / "o" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
         ({"scores": {"clip_pretrained": "/nowhere/weights.safetensors"}}, "scores.clip_pretrained"),
         ({"captions": {"mode": "vlm", "vlm_model": "./no/such/model"}}, "captions.vlm_model"),
         ({"captions": {"sidecar_file": "/nowhere/captions.csv"}}, "captions.sidecar_file"),
+        ({"scores": {"aesthetic_head": "/nowhere/head.pth"}}, "scores.aesthetic_head"),
     ],
 )
 def test_missing_models_fail_before_any_video_is_decoded(

@@ -111,9 +111,10 @@ def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
     pipe = family.load_pipeline(str(folder), **dict.fromkeys(family.text_encoders))
     assert all(getattr(pipe, name) is None for name in family.text_encoders)
     generator = torch.Generator().manual_seed(0)
-    latents = family.sample_latents(pipe, family.encode_video(pipe, _video()), generator)
-    pred = family.predict(pipe, family.objective(pipe).inputs(latents, generator), text)
-    assert pred.shape == latents.shape and torch.isfinite(pred).all()
+    for frames in (FRAMES, 1) if family.valid_num_frames(1) else (FRAMES,):  # 1: a still (a curated image)
+        latents = family.sample_latents(pipe, family.encode_video(pipe, _video(frames)), generator)
+        pred = family.predict(pipe, family.objective(pipe).inputs(latents, generator), text)
+        assert pred.shape == latents.shape and torch.isfinite(pred).all(), frames
 
 
 def test_valid_frame_counts(family_model):
@@ -122,7 +123,8 @@ def test_valid_frame_counts(family_model):
     family, _ = family_model
     assert family.valid_num_frames(FRAMES) and not family.valid_num_frames(0) and not family.valid_num_frames(1000)
     assert all(family.valid_num_frames(frames) for frames in family.frame_buckets)  # none silently dropped
-    assert frame_buckets(family, PrecomputeParams()) == sorted(family.frame_buckets)
+    stills = [1] if family.valid_num_frames(1) else []  # the bucket curated images train in
+    assert frame_buckets(family, PrecomputeParams()) == sorted([*stills, *family.frame_buckets])
     if family.name == "wan":
         assert family.valid_num_frames(81)  # Wan's published clip length, its longest default bucket
     if family.name in ("wan", "cogvideox", "ltx-video"):  # temporally compressed: only 4k+1 / 8k+1 counts

@@ -9,7 +9,7 @@ from vidtune.tasks.filters import FilterParams, apply_filters, near_duplicates
 from vidtune.tasks.records import ClipRecord, Status
 
 
-def _row(clip_id, clip_score=0.3, motion=2.0, caption="a cat", start=0):
+def _row(clip_id, clip_score=0.3, motion=2.0, caption="a cat", start=0, **scores):
     return ClipRecord(
         clip_id=clip_id,
         source="s.mp4",
@@ -18,6 +18,7 @@ def _row(clip_id, clip_score=0.3, motion=2.0, caption="a cat", start=0):
         caption=caption,
         clip_score=clip_score,
         motion_score=motion,
+        **scores,
     )
 
 
@@ -36,6 +37,20 @@ def test_each_threshold_filters_with_its_reason():
     assert out["still"].reason.startswith("static: motion 0.10")
     assert out["shaky"].reason.startswith("too much motion")
     assert out["mute"].reason.startswith("empty caption")
+
+
+def test_text_overlays_and_low_aesthetic_scores_filter_with_their_reasons():
+    rows = [
+        _row("clean", text_area=0.4, aesthetic_score=5.5),
+        _row("subtitled", text_area=12.34, aesthetic_score=5.5),
+        _row("dull", text_area=0.0, aesthetic_score=3.21),
+        _row("unscored"),  # the scores were off when it was curated: nothing to filter on
+    ]
+    out = {r.clip_id: r for r in apply_filters(rows, FilterParams(max_text_area=5, min_aesthetic=4.5))}
+    assert out["subtitled"].reason == "text overlay: 12.3 % of the frame is text > filters.max_text_area 5 %"
+    assert out["dull"].reason == "low aesthetic score: 3.21 < filters.min_aesthetic 4.5"
+    assert out["clean"].status == out["unscored"].status == Status.KEPT
+    assert all(r.status == Status.KEPT for r in apply_filters(rows, FilterParams()))  # both off by default
 
 
 def test_score_only_filters_nothing():

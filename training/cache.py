@@ -44,9 +44,14 @@ class PrecomputeParams(BaseModel):
     clips_per_shard: int = Field(256, ge=1, description="Cache entries per shard.")
 
 
+STILL_FRAMES = 1  # the bucket of stills (curated images): a video never trains as its first frame alone
+
+
 def frame_buckets(family: ModelFamily, params: PrecomputeParams) -> list[int]:
-    """The clip lengths to cache, shortest first: the configured ones the family's VAE takes, else the family's."""
-    return sorted(b for b in (params.frame_buckets or family.frame_buckets) if family.valid_num_frames(b))
+    """The clip lengths to cache, shortest first: the configured ones the family's VAE takes, else the family's;
+    and 1 for stills when its VAE takes a single frame."""
+    lengths = {*(params.frame_buckets or family.frame_buckets), STILL_FRAMES}
+    return sorted(b for b in lengths if family.valid_num_frames(b))
 
 
 @dataclass
@@ -80,9 +85,17 @@ def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
 
 
 def choose_bucket(num_frames: int, buckets: list[int]) -> int | None:
-    """The longest bucket that fits in the clip (clips are cut to it), or None when the clip is too short."""
-    fitting = [b for b in buckets if b <= num_frames]
+    """The longest bucket that fits in the clip (clips are cut to it), or None when the clip is too short. The
+    1-frame bucket takes stills only."""
+    fitting = [b for b in buckets if b <= num_frames and (b != STILL_FRAMES or num_frames == STILL_FRAMES)]
     return max(fitting) if fitting else None
+
+
+def _skip_reason(num_frames: int, buckets: list[int], family: ModelFamily) -> str:
+    if num_frames == STILL_FRAMES:
+        return f"stills: the {family.title} VAE takes no single frame"
+    shortest = min(b for b in buckets if b != STILL_FRAMES)
+    return f"shorter than every bucket ({num_frames} < {shortest} frames)"
 
 
 def _cached_ids(bucket_dir: Path) -> set[str]:
@@ -212,7 +225,7 @@ def precompute(
         meta = json.loads(sample["json"])
         frames = choose_bucket(meta["num_frames"], buckets)
         if frames is None:
-            result.skipped[f"shorter than every bucket ({meta['num_frames']} < {buckets[0]} frames)"] += 1
+            result.skipped[_skip_reason(meta["num_frames"], buckets, family)] += 1
             continue
         key = f"{frames}x{meta['height']}x{meta['width']}"
         bucket_dir = result.cache_dir / key

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from vidtune.training.cache import choose_bucket, decode_clip, load_cache_entry
+from vidtune.training.cache import STILL_FRAMES, choose_bucket, decode_clip, load_cache_entry
 from vidtune.training.families.base import TextEmbeddings
 from vidtune.training.layout import DatasetLayout
 
@@ -37,6 +37,7 @@ class DatasetSummary:
     too_short: list[int]  # frame counts of clips shorter than every bucket
     fitting_ids: list[str]  # clips that fit a bucket, sorted
     source_of: dict[str, str] = field(default_factory=dict)  # clip id -> the source it was cut from
+    stills: set[str] = field(default_factory=set)  # ids of the clips that are images (single frames)
 
     def holdout(self, count: int) -> list[str]:
         """`count` clips kept out of training for evaluation: the same ones for the same data (ids are hashes)."""
@@ -44,7 +45,8 @@ class DatasetSummary:
             raise DatasetError(
                 f"holdout_clips: {count} held out of {len(self.fitting_ids)} usable clips leaves none to train on; lower holdout_clips"
             )
-        return self.fitting_ids[:count]
+        videos = [i for i in self.fitting_ids if i not in self.stills]  # evaluation compares videos when it can
+        return (videos if len(videos) > count else self.fitting_ids)[:count]
 
 
 def bucket_key(frames: int, height: int, width: int) -> str:
@@ -73,10 +75,12 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     shards = layout.shard_files()
     if not shards:
         raise DatasetError(f"data: no shards in {layout.shards}; is {data} the OUTPUT of `vidtune curate`?")
-    fitting, too_short, ids, source_of = Counter(), [], [], {}
+    fitting, too_short, ids, source_of, stills = Counter(), [], [], {}, set()
     for shard in shards:
         for row in _clip_rows(Path(shard)):
             source_of[row["clip_id"]] = row["source"]
+            if row.get("media") == "image":
+                stills.add(row["clip_id"])
             frames = choose_bucket(row["num_frames"], buckets)
             if frames is None:
                 too_short.append(row["num_frames"])
@@ -92,7 +96,7 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
             f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
             "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
         )
-    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids), source_of)
+    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids), source_of, stills)
 
 
 def clip_repeats(repeats: dict[str, int], source_of: dict[str, str]) -> dict[str, int]:
@@ -107,10 +111,37 @@ def clip_repeats(repeats: dict[str, int], source_of: dict[str, str]) -> dict[str
     return counts
 
 
+def still_repeats(fraction: float | None, stills: set[str], clip_ids: list[str]) -> dict[str, int]:
+    """clip id -> times per epoch that make stills about `fraction` of an epoch's samples: whole repeats of the
+    stills, or of the videos when stills are too many (0: stills left out; 1: videos left out; None: as curated)."""
+    still_ids = [c for c in clip_ids if c in stills]
+    video_ids = [c for c in clip_ids if c not in stills]
+    if fraction is None or not still_ids:
+        return {}
+    if fraction == 0 or fraction == 1:
+        return dict.fromkeys(still_ids if fraction == 0 else video_ids, 0)
+    if not video_ids:
+        return {}
+    per_video = fraction * len(video_ids) / ((1 - fraction) * len(still_ids))  # still repeats per video repeat
+    if per_video >= 1:
+        return dict.fromkeys(still_ids, round(per_video))
+    return dict.fromkeys(video_ids, round(1 / per_video))
+
+
+def combined_repeats(*weights: dict[str, int]) -> dict[str, int]:
+    """The product of per-clip repeat counts (a clip missing from one counts once there); entries of 1 left out."""
+    product: dict[str, int] = {}
+    for weight in weights:
+        for clip_id, count in weight.items():
+            product[clip_id] = product.get(clip_id, 1) * count
+    return {clip_id: count for clip_id, count in product.items() if count != 1}
+
+
 def validation_size(buckets: Counter) -> tuple[int, int, int]:
-    """(frames, height, width) that samples render at by default: a bucket the run trains on, the shortest, at the
-    size (aspect ratio) most of its clips have."""
-    key = min(buckets, key=lambda k: (parse_bucket_key(k)[0], -buckets[k], k))
+    """(frames, height, width) that samples render at by default: a bucket the run trains on, the shortest video
+    one, at the size (aspect ratio) most of its clips have."""
+    videos = [k for k in buckets if parse_bucket_key(k)[0] != STILL_FRAMES] or list(buckets)
+    key = min(videos, key=lambda k: (parse_bucket_key(k)[0], -buckets[k], k))
     return parse_bucket_key(key)
 
 

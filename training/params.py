@@ -102,6 +102,13 @@ class TrainParams(ObjectiveParams):
         description="Per-source weights: {glob: N} trains the clips of sources whose path or file name matches the "
         "glob N times per epoch (e.g. {'hero/*': 3}); unmatched sources once.",
     )
+    image_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Share of each epoch's samples that are stills (curated images), reached with whole repeats of "
+        "the images or of the videos; 0 leaves images out; null: as curated.",
+    )
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
     shuffle_buffer: int = Field(64, ge=1, description="Samples held for shuffling.")
     validation: ValidationParams = Field(default_factory=ValidationParams)

@@ -7,12 +7,14 @@ shipped, so the only difference between what tests train and what users train is
 The output folder has the layout of a hub checkpoint (`model_index.json`, `transformer/` or `unet/`, `vae/`,
 `text_encoder/`, `tokenizer/`, `scheduler/`) and loads with `DiffusionPipeline.from_pretrained(folder)`.
 
-The curation models (a CLIP of open_clip's classes and a BLIP captioner) are here too: saved as users' models
-are (an open_clip weights file; a transformers folder from `save_pretrained`) and loaded through the same code.
+The curation models (a CLIP of open_clip's classes, a BLIP captioner and a Qwen2.5-VL video captioner) are here
+too: saved as users' models are (an open_clip weights file; transformers folders from `save_pretrained`) and
+loaded through the same code.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -196,6 +198,99 @@ def build_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
     # An untrained model would stop at once; make it say a few words, as a trained one does.
     model.generation_config.min_new_tokens = 3
     model.generation_config.suppress_tokens = [0, 1, 2, 4]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+QWEN_VL_REPO = "Qwen/Qwen2.5-VL-3B-Instruct"
+QWEN_WIDTH = 32
+QWEN_VL_SHRINK = {  # head_dim 128 -> 16, so mrope_section [16, 24, 24] (sums to head_dim / 2) scales by 1/8
+    "hidden_size": QWEN_WIDTH,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+}
+QWEN_VISION_SHRINK = {  # one full-attention block last, as each group of 8 ends in the published [7, 15, 23, 31]
+    "depth": 2,
+    "hidden_size": QWEN_WIDTH,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": QWEN_WIDTH,
+    "fullatt_block_indexes": [1],
+}
+
+
+def _qwen_tokenizer():
+    """A byte-level BPE with Qwen2's pre-tokenizer, merges learnt here from a few words (the published vocab.json
+    and merges.txt are files we cannot ship), then the published added tokens in their published order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    config = published_config(QWEN_VL_REPO, "tokenizer_config.json")
+    decoder = config["added_tokens_decoder"]
+    added = [decoder[i] for i in sorted(decoder, key=int)]
+    pipeline = Qwen2Tokenizer()._tokenizer  # Qwen2's normalizer, pre-tokenizer and decoder around an empty BPE
+    learner = Tokenizer(models.BPE())
+    learner.normalizer, learner.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte stays encodable, as in the published vocab
+    words = [*CAPTION_WORDS, *"system you are a helpful assistant user describe this video in one sentence".split()]
+    learner.train_from_iterator(
+        [" ".join(words)] * 4,
+        trainers.BpeTrainer(vocab_size=len(alphabet) + 200, initial_alphabet=alphabet, show_progress=False),
+    )
+    model = json.loads(learner.to_str())["model"]
+    vocab = {**model["vocab"], **{token["content"]: len(model["vocab"]) + k for k, token in enumerate(added)}}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]],
+        unk_token=config["unk_token"],
+        bos_token=config["bos_token"],
+        eos_token=config["eos_token"],
+        pad_token=config["pad_token"],
+        errors=config["errors"],
+        model_max_length=config["model_max_length"],
+        extra_special_tokens=config["additional_special_tokens"],
+    )
+    tokenizer.add_tokens([AddedToken(t["content"], special=t["special"], normalized=False) for t in added])
+    return tokenizer
+
+
+def build_tiny_video_captioner(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2.5-VL (a video VLM): the published config with only widths, depths and heads shrunk
+    (the vocabulary and special-token ids become the tiny tokenizer's), the published processor settings and chat
+    template, saved with `save_pretrained` so AutoProcessor / AutoModelForImageTextToText load it. The published
+    `min_pixels` is 56x56, so tests' 56x56 frames pass through unscaled: 4x4 patches, 2x2 tokens per 2 frames."""
+    import transformers
+
+    folder = Path(folder)
+    tokenizer = _qwen_tokenizer()
+    config = {**published_config(QWEN_VL_REPO, "config.json"), **QWEN_VL_SHRINK}
+    config["vision_config"] = {**config["vision_config"], **QWEN_VISION_SHRINK}
+    config["vocab_size"] = len(tokenizer)
+    published_tokens = published_config(QWEN_VL_REPO, "tokenizer_config.json")["added_tokens_decoder"]
+    for key in [k for k in config if k.endswith("token_id")]:  # a published id -> its token -> the tiny id
+        config[key] = tokenizer.convert_tokens_to_ids(published_tokens[str(config[key])]["content"])
+    torch.manual_seed(seed)
+    model = build_from_config(config)
+    processing = published_config(QWEN_VL_REPO, "preprocessor_config.json")
+    settings = {k: v for k, v in processing.items() if k not in ("image_processor_type", "processor_class")}
+    processor = transformers.Qwen2_5_VLProcessor(
+        image_processor=getattr(transformers, processing["image_processor_type"])(**settings),
+        # the repo ships no video config: from_pretrained builds the video processor from preprocessor_config.json
+        video_processor=transformers.Qwen2VLVideoProcessor(**settings),
+        tokenizer=tokenizer,
+        chat_template=published_config(QWEN_VL_REPO, "chat_template.json")["chat_template"],
+    )
+    # An untrained model would stop at once or spell bytes; make it say a few word pieces, as a trained one does.
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    added = {tokenizer.convert_tokens_to_ids(t["content"]) for t in published_tokens.values()}
+    model.generation_config.suppress_tokens = sorted(
+        i for token, i in tokenizer.get_vocab().items() if len(token) == 1 or i in added - {tokenizer.eos_token_id}
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

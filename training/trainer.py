@@ -61,7 +61,8 @@ class TrainJob(RunTarget):
         default_factory=list, description="clips never trained on: evaluation's held-out set"
     )
     clip_repeats: dict[str, int] = Field(
-        default_factory=dict, description="clip id -> times per epoch, from params.repeats (others: once)"
+        default_factory=dict,
+        description="clip id -> times per epoch, from params.repeats and image_fraction (others: once; 0: left out)",
     )
     tags: dict[str, str] = Field(default_factory=dict)
 
