@@ -1,8 +1,9 @@
 """Scene detection accuracy on generated videos with known boundaries, side by side.
 
 Compares PySceneDetect alone (our gradual/blank checks switched off) with vidtune's default detection, for the
-ContentDetector and the AdaptiveDetector: hard-cut F1 within ±1 frame, and how many clips straddle a cut, fade
-or dissolve (the thing that ruins a training clip).
+ContentDetector and the AdaptiveDetector, and the learned TransNetV2 model with and without the blank-frame check:
+hard-cut F1 within ±1 frame, and how many clips straddle a cut, fade or dissolve (the thing that ruins a training
+clip). TransNetV2 runs on the GPU when there is one, else on the CPU (its s/video is then ~10x the others').
 
     .venv/bin/python bench/scene_detection.py [--videos 24]
 """
@@ -26,6 +27,8 @@ CONFIGS = {
     "vidtune default (content)": SceneParams(),
     "PySceneDetect adaptive only": SceneParams(detector="adaptive", gradual_threshold=0, blank_std=0),
     "vidtune adaptive": SceneParams(detector="adaptive"),
+    "TransNetV2 only": SceneParams(detector="transnetv2", blank_std=0),
+    "vidtune transnetv2": SceneParams(detector="transnetv2"),
 }
 
 

@@ -5,6 +5,9 @@ detectors look at consecutive frames, so slow fades and cross-dissolves slip thr
 signals cover those: blank frames (near-constant luma: black, white, slates) and gradual transitions (colour
 histograms that drift far apart over half a second while no single step is a cut). Frames they flag are
 unusable, and clips are trimmed a few frames away from every boundary.
+
+`detector="transnetv2"` replaces both PySceneDetect and the histogram check with a learned model that finds hard
+cuts and fades/dissolves itself (`tasks/transnet.py`).
 """
 
 from __future__ import annotations
@@ -24,15 +27,23 @@ class SceneParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    detector: Literal["content", "adaptive"] = Field("content", description="PySceneDetect detector for hard cuts.")
+    detector: Literal["content", "adaptive", "transnetv2"] = Field(
+        "content", description="Boundary detector: PySceneDetect's content/adaptive, or the TransNetV2 model."
+    )
     threshold: float = Field(27.0, gt=0, description="ContentDetector threshold (higher = fewer cuts).")
     adaptive_threshold: float = Field(3.0, gt=0, description="AdaptiveDetector ratio threshold.")
-    min_scene_s: float = Field(0.5, ge=0, description="Cuts closer together than this are merged.")
+    transnet_threshold: float = Field(
+        0.5, gt=0, lt=1, description="TransNetV2 transition probability above which a frame is a cut or transition."
+    )
+    min_scene_s: float = Field(0.5, ge=0, description="Cuts closer together than this are merged (PySceneDetect).")
     min_clip_s: float = Field(1.0, gt=0, description="Shorter usable stretches are not made into clips.")
     max_clip_s: float = Field(5.0, gt=0, description="Longer shots are split into consecutive windows of this length.")
     trim_frames: int = Field(2, ge=0, description="Frames dropped on each side of a cut, fade or dissolve.")
     gradual_threshold: float = Field(
-        0.35, ge=0, le=1, description="Histogram distance over `gradual_window_s` marking a fade/dissolve (0 = off)."
+        0.35,
+        ge=0,
+        le=1,
+        description="Histogram distance over `gradual_window_s` marking a fade/dissolve (0 = off; not with transnetv2).",
     )
     gradual_window_s: float = Field(0.5, gt=0, description="Window for gradual-transition detection.")
     blank_std: float = Field(4.0, ge=0, description="Frames whose luma std is below this are blank (0 = off).")
@@ -156,9 +167,21 @@ class BoundaryDetector:
     def __init__(self, params: SceneParams, fps: float):
         self.params = params
         self.fps = fps
-        self.cut_detector = make_cut_detector(params, fps)
         self.window = max(2, round(params.gradual_window_s * fps))
-        self.lag = round(params.min_scene_s * fps) + self.window + 4  # +4: adaptive window and a margin
+        self.transnet = None
+        if params.detector == "transnetv2":
+            from vidtune.tasks import transnet  # torch and the model are loaded only when asked for
+            from vidtune.tasks.scoring import resolve_device
+
+            self.transnet = transnet.TransNetDetector(params.transnet_threshold, resolve_device("auto"))
+            self.lag = transnet.LAG
+            # The model finds fades and dissolves itself, so the histogram check is off; blank frames are no
+            # transition to it but are still unusable, so blank_std applies (it also covers a fade's black middle).
+            self.check_gradual = False
+        else:
+            self.cut_detector = make_cut_detector(params, fps)
+            self.lag = round(params.min_scene_s * fps) + self.window + 4  # +4: adaptive window and a margin
+            self.check_gradual = params.gradual_threshold > 0
         self._pending: deque[_FrameState] = deque()
         self._first_pending = 0  # frame index of _pending[0]
         self._hists: deque[np.ndarray] = deque(maxlen=self.window + 1)
@@ -176,13 +199,25 @@ class BoundaryDetector:
         sparse = small_bgr[::2, ::2]  # every 4th pixel: the same statistics at a quarter of the cost
         if self.params.blank_std > 0 and luma_std(sparse) < self.params.blank_std:
             state.usable = False
-        for timecode in self.cut_detector.process_frame(FrameTimecode(i, self.fps), small_bgr):
-            self._mark_cut(int(timecode.frame_num))
-        self._check_gradual(i, colour_histogram(sparse))
+        if self.transnet is not None:
+            self._mark(*self.transnet.push(small_bgr))
+        else:
+            for timecode in self.cut_detector.process_frame(FrameTimecode(i, self.fps), small_bgr):
+                self._mark_cut(int(timecode.frame_num))
+        if self.check_gradual:
+            self._check_gradual(i, colour_histogram(sparse))
         return self._release(keep=self.lag)
 
     def finish(self) -> list[_FrameState]:
+        if self.transnet is not None:
+            self._mark(*self.transnet.finish())
         return self._release(keep=0)
+
+    def _mark(self, cuts: list[int], gradual: list[int]) -> None:
+        for frame in cuts:
+            self._mark_cut(frame)
+        for frame in gradual:
+            self._mark_gradual(frame)
 
     def _mark_cut(self, frame: int) -> None:
         if frame > 0 and frame >= self._first_pending:
@@ -193,7 +228,7 @@ class BoundaryDetector:
         if self._hists:
             self._steps.append(histogram_distance(hist, self._hists[-1]))
         self._hists.append(hist)
-        if self.params.gradual_threshold <= 0 or len(self._hists) <= self.window:
+        if len(self._hists) <= self.window:
             return
         reference = self._hists[0]
         drift = histogram_distance(hist, reference)
@@ -206,12 +241,16 @@ class BoundaryDetector:
         first = i - self.window
         for k, h in enumerate(self._hists):
             if histogram_distance(h, reference) > margin and histogram_distance(h, hist) > margin:
-                j = first + k
-                self._pending[j - self._first_pending].usable = False
-                if self.gradual and self.gradual[-1][1] >= j - 1:
-                    self.gradual[-1] = (self.gradual[-1][0], max(j, self.gradual[-1][1]))
-                else:
-                    self.gradual.append((j, j))
+                self._mark_gradual(first + k)
+
+    def _mark_gradual(self, frame: int) -> None:
+        """Frame `frame` is part of a fade/dissolve: unusable, and added to (or extending) the reported spans."""
+        if frame >= self._first_pending:
+            self._pending[frame - self._first_pending].usable = False
+        if self.gradual and self.gradual[-1][1] >= frame - 1:
+            self.gradual[-1] = (self.gradual[-1][0], max(frame, self.gradual[-1][1]))
+        else:
+            self.gradual.append((frame, frame))
 
     def _release(self, keep: int) -> list[_FrameState]:
         released = []

@@ -149,3 +149,88 @@ def test_hd_sources_detect_cuts_from_plane_thumbnails(tmp_path):
     with av.open(str(video.path)) as container:
         frame = next(container.decode(video=0))
     assert detection_thumbnail(frame, 256).shape == (144, 256, 3)
+
+
+# --------------------------------------------------------------------------------------------- TransNetV2
+
+
+def _straddling(result, video) -> list[tuple[int, int]]:
+    boundaries = [(c - 1, c) for c in video.cuts] + video.transitions
+    spans = [(r.start_frame, r.end_frame) for r in result.rows if r.clip_id]
+    return [(s, e) for s, e in spans for a, b in boundaries if s <= b and a < e]
+
+
+@pytest.mark.parametrize("transition", ["dissolve", "fade"])
+def test_transnetv2_finds_cuts_and_transitions_and_no_clip_straddles_them(tmp_path, transition):
+    """The shipped TransNetV2 weights, fed our streamed thumbnails: every hard cut within ±1 frame, the
+    fade/dissolve reported where it is, and clips kept clear of all of them."""
+    video = render_video(tmp_path / "t.mp4", seconds=4, fps=25, shots=4, transition=transition, seed=5)
+    source = Source(str(video.path), "e" * 64, 1, local_path=str(video.path))
+    params = SceneParams(detector="transnetv2", min_clip_s=0.4)  # 4 shots in 4 s: clips of shots under 1 s
+    result = extract_clips(
+        source, probe_video(str(video.path)), params, ClipParams(width=32, height=32, fps=4), tmp_path
+    )
+    assert score_cuts(result.cuts, video.cuts, video.transitions, tolerance=1) == (1.0, 1.0, 1.0), result.cuts
+    ((start, end),) = video.transitions
+    assert result.gradual and all(start - 1 <= a <= b <= end + 1 for a, b in result.gradual), result.gradual
+    assert [r for r in result.rows if r.clip_id] and _straddling(result, video) == []
+
+
+def test_transnetv2_stream_gives_the_whole_video_predictions():
+    """Frame-by-frame windows (with the first/last frame standing in for context) match the package's own
+    whole-video pass, across a window run on push and two on finish."""
+    import numpy as np
+    import torch
+
+    from vidtune.tasks.transnet import TransitionProbabilities, load_transnet
+
+    model = load_transnet("cpu")
+    frames = np.random.default_rng(0).integers(0, 256, (124, 27, 48, 3), dtype=np.uint8)
+    stream = TransitionProbabilities(model)
+    streamed = np.concatenate([stream.push(f) for f in frames] + [stream.finish()])
+    with torch.no_grad():
+        single, every = model.predict_frames(torch.from_numpy(frames), quiet=True)
+    np.testing.assert_allclose(streamed, np.stack([single.numpy(), every.numpy()], axis=1), atol=1e-5)
+
+
+def test_transnetv2_loading_leaves_global_torch_state_alone():
+    """The package's constructor seeds the global RNGs and switches on deterministic algorithms; ours must not."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from vidtune.tasks.transnet import load_transnet
+
+    torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    load_transnet("cpu")
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+    assert (np.random.get_state()[1] == numpy_rng).all() and random.getstate() == python_rng
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+
+
+def test_transition_runs_split_cuts_from_gradual_transitions():
+    from vidtune.tasks.transnet import TransitionRuns
+
+    single = [0.0] * 10 + [0.9] + [0.0] * 9 + [0.0] * 5 + [0.8] + [0.0] * 5 + [0.0] * 5 + [0.7]
+    every = [0.0] * 10 + [0.9, 0.6] + [0.0] * 8 + [0.9] * 11 + [0.0] * 5 + [0.7]
+    runs = TransitionRuns(threshold=0.5)
+    cuts, gradual = [], []
+    for s, e in zip(single, every, strict=True):
+        c, g = runs.push(s, e)
+        cuts, gradual = cuts + c, gradual + g
+    cuts += runs.finish()
+    # a cut after the single-frame peak at 10; the 11-frame run (with a dissolve-centre spike) is gradual;
+    # the firing on the last frame has no frame after it to cut before
+    assert cuts == [11]
+    assert gradual == list(range(20, 31))
+
+
+def test_detector_choice_is_validated_by_name():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="detector"):
+        SceneParams(detector="transnet")
+    with pytest.raises(ValidationError, match="transnet_threshold"):
+        SceneParams(detector="transnetv2", transnet_threshold=1.5)
