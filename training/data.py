@@ -91,8 +91,9 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     if clips == 0:
         raise DatasetError(f"data: the shards in {layout.shards} hold no clips (see {layout.manifest} for why)")
     if not fitting:
+        video_buckets = sorted(b for b in buckets if b != STILL_FRAMES)  # stills have their own, not worth naming
         raise DatasetError(
-            f"data: no clip fits a frame bucket of {family_name} ({', '.join(map(str, sorted(buckets)))} frames): the "
+            f"data: no clip fits a frame bucket of {family_name} ({', '.join(map(str, video_buckets))} frames): the "
             f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
             "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
         )
