@@ -68,6 +68,8 @@ def curate_summary_markdown(stats: dict, output: Path) -> str:
     ]
     if stats.get("sizes"):
         lines.append("\nkept clips by size: " + ", ".join(f"{k} ({v})" for k, v in stats["sizes"].items()))
+    if stats.get("media", {}).get("image"):  # images curated beside the videos
+        lines.append(f"\nkept clips that are images (single frames): {stats['media']['image']}")
     for label, key in (("clips not kept", "clip_reasons"), ("sources without clips", "source_reasons")):
         if stats[key]:
             lines.append(f"\n{label}, by reason: " + ", ".join(f"{k} ({v})" for k, v in stats[key].items()))

@@ -258,3 +258,16 @@ def test_the_messy_set_has_no_bars_to_crop_and_the_manifest_says_so(manifest):
     for row in kept:
         expected = (0, 0, *probe_video(row.source).display_size)
         assert (row.crop_left, row.crop_top, row.active_width, row.active_height) == expected, row.source
+
+
+def test_outputs_are_readable_as_the_umask_allows(curated):
+    """Atomic writes go through private temporary files (mkstemp: 0600); what lands must have ordinary modes, or a
+    dataset curated on a shared machine is unreadable by the training job of another user."""
+    import stat
+
+    from vidtune.training.files import UMASK
+
+    output, _, _ = curated
+    files = [output / name for name in ("manifest.parquet", "stats.json", "report.html")]
+    files += sorted((output / "shards").glob("*.tar"))
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~UMASK for p in files}

@@ -11,6 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it before Python 3.13; read once, at import (one thread)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it into place, else remove it."""
@@ -23,6 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~UMASK)  # as open() would have made it; mkstemp's are private (0600)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -38,6 +48,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
+        os.chmod(tmp, 0o777 & ~UMASK)  # as mkdir would have made it; mkdtemp's are private (0700)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
