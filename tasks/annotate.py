@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from vidtune.tasks.aesthetic import AestheticHead
 from vidtune.tasks.captions import CaptionParams, ClipFrames, VlmCaptioner, render_caption
 from vidtune.tasks.files import atomic_path
 from vidtune.tasks.ocr import TextAreaScorer
 from vidtune.tasks.records import ClipRecord, Status
+from vidtune.tasks.report import SHEET_FRAMES, sheet_path, tile_sheet
 from vidtune.tasks.scoring import (
     ClipScorer,
     FramesUnavailable,
@@ -109,6 +111,9 @@ def annotate_clips(
     ready = [r for r in rows if r.clip_id in sampled]
     if not ready:
         return rows
+    for row in ready:  # report.html's thumbnails, from frames at hand
+        frames = _evenly(sampled[row.clip_id].clip, SHEET_FRAMES if row.num_frames > 1 else 1)
+        _save_bytes(sheet_path(clip_dir, row.clip_id), tile_sheet([Image.fromarray(f) for f in frames]))
 
     vlm_texts: list[str | None] = [None] * len(ready)
     if annotators.captioner:
@@ -147,5 +152,9 @@ def annotate_clips(
 def _save_npy(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
+    _save_bytes(path, buffer.getvalue())
+
+
+def _save_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+        tmp.write_bytes(data)

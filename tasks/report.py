@@ -31,27 +31,35 @@ log = logging.getLogger(__name__)
 SCORE_COLUMNS = [name for name, kind in typing.get_type_hints(ClipRecord).items() if kind == float | None]
 
 
-def contact_sheet(video: Path | typing.IO[bytes], frames: int = 4, height: int = 96, quality: int = 70) -> bytes:
+SHEET_FRAMES, SHEET_HEIGHT, SHEET_QUALITY = 4, 96, 70
+
+
+def sheet_path(clip_dir: Path, clip_id: str) -> Path:
+    """Where curation stages a clip's contact sheet, made from the frames the scores read (no second decode)."""
+    return clip_dir / f"{clip_id}.sheet.jpg"
+
+
+def tile_sheet(images: list[Image.Image], height: int = SHEET_HEIGHT, quality: int = SHEET_QUALITY) -> bytes:
+    """`images` scaled to `height` px and set side by side in one JPEG."""
+    width = max(1, round(images[0].width * height / images[0].height))
+    sheet = Image.new("RGB", (width * len(images), height))
+    for i, image in enumerate(images):
+        sheet.paste(image.resize((width, height), Image.Resampling.BILINEAR), (i * width, 0))
+    out = io.BytesIO()
+    sheet.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def contact_sheet(video: Path | typing.IO[bytes], frames: int = SHEET_FRAMES, height: int = SHEET_HEIGHT) -> bytes:
     """`frames` evenly spaced frames of `video`, `height` px tall, side by side in one JPEG."""
     with av.open(video) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         wanted = set(_evenly(stream.frames, frames)) if stream.frames else None  # None: frame count unknown
-        width = max(1, round(stream.codec_context.width * height / stream.codec_context.height))
-        images = [
-            frame.to_image(width=width, height=height)
-            for i, frame in enumerate(container.decode(stream))
-            if wanted is None or i in wanted
-        ]
+        images = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if wanted is None or i in wanted]
     if not images:
         raise ValueError("no frame decoded")
-    images = [images[i] for i in _evenly(len(images), frames)]
-    sheet = Image.new("RGB", (width * len(images), height))
-    for i, image in enumerate(images):
-        sheet.paste(image, (i * width, 0))
-    out = io.BytesIO()
-    sheet.save(out, "JPEG", quality=quality)
-    return out.getvalue()
+    return tile_sheet([images[i] for i in _evenly(len(images), frames)], height)
 
 
 def _evenly(total: int, count: int) -> list[int]:
@@ -70,6 +78,9 @@ def _clip_video(row: ClipRecord, layout: OutputLayout) -> Path | io.BytesIO | No
 
 
 def _sheet_or_none(row: ClipRecord, layout: OutputLayout) -> bytes | None:
+    staged = sheet_path(layout.staging / str(row.source_sha256), row.clip_id)
+    if staged.is_file():
+        return staged.read_bytes()
     try:
         video = _clip_video(row, layout)
         return contact_sheet(video) if video is not None else None
@@ -81,7 +92,8 @@ def _sheet_or_none(row: ClipRecord, layout: OutputLayout) -> bytes | None:
 def write_report(
     rows: list[ClipRecord], layout: OutputLayout, report: Callable[[int], None] = lambda done: None
 ) -> Path:
-    """Decode every clip's contact sheet (in threads: PyAV decodes without the GIL) and write `report.html`.
+    """Every clip's contact sheet (the staged one, else decoded from the clip, in threads: PyAV decodes without the
+    GIL), then `report.html`.
     `report(done)` is called as sheets finish (a progress artifact)."""
     clips = [r for r in rows if r.clip_id]
     sheets = {}

@@ -3,6 +3,7 @@ loaded in a real headless browser."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import io
@@ -54,6 +55,12 @@ def test_the_curate_run_writes_a_report_of_every_row_and_links_it(curated):
     for row in rows:  # clips by id, source rows (failed, filtered, duplicate) by their reason
         assert (row.clip_id or html.escape(row.reason)) in page
     assert len(SHEET.findall(page)) == sum(bool(r.clip_id) for r in rows)
+    # Curation staged each sheet from the frames its scores read: the page embeds those, no clip is decoded again.
+    staging = OutputLayout(output).staging
+    staged = {r.clip_id: staging / str(r.source_sha256) / f"{r.clip_id}.sheet.jpg" for r in rows}
+    staged = {clip_id: path.read_bytes() for clip_id, path in staged.items() if clip_id and path.is_file()}
+    assert len(staged) == sum(r.status == Status.KEPT for r in rows if r.clip_id) > 0
+    assert all(base64.b64encode(sheet).decode() in page for sheet in staged.values())
     # The CLI summary and the curate-summary artifact (the same markdown) link it.
     console = Console(file=io.StringIO(), width=400)
     print_curate_summary(summary, console)
@@ -75,7 +82,8 @@ def refiltered(curated, tmp_path_factory) -> tuple[Path, list[ClipRecord]]:
     rows = [dataclasses.replace(r, shard=None) if r.status != Status.KEPT else r for r in rows]
     for status in (Status.KEPT, Status.FILTERED):
         gone = next(r for r in rows if r.clip_id and r.status == status)
-        (layout.staging / gone.source_sha256 / f"{gone.clip_id}.mp4").unlink()
+        for staged in (f"{gone.clip_id}.mp4", f"{gone.clip_id}.sheet.jpg"):
+            (layout.staging / gone.source_sha256 / staged).unlink()
     return write_report(rows, layout), rows
 
 
