@@ -33,6 +33,8 @@ from vidtune.tasks.scoring import ScoreParams
 from vidtune.tasks.shards import ShardParams
 from vidtune.tasks.source import SourceSettings
 
+CLIP_SETTINGS = ("scenes", "clips", "captions", "scores")  # what shapes staged rows: fixed for an OUTPUT
+
 
 class CurateParams(BaseModel):
     """Everything `vidtune curate` takes: the Prefect UI form, the YAML `--config` schema and the `--set` target."""
@@ -72,7 +74,11 @@ class CurateParams(BaseModel):
 
     def clip_settings(self) -> dict:
         """Everything that shapes staged rows; filter thresholds are left out so they can change between runs."""
-        return {name: getattr(self, name).model_dump() for name in ("scenes", "clips", "captions", "scores")}
+        return {name: getattr(self, name).model_dump() for name in CLIP_SETTINGS}
+
+    @staticmethod
+    def default_clip_settings() -> dict:
+        return {name: CurateParams.model_fields[name].default_factory().model_dump() for name in CLIP_SETTINGS}
 
 
 def _run_per_source(task_, over: dict[str, list], label: str, runner: TaskRunner, **shared) -> list:
@@ -99,7 +105,9 @@ def curate(params: CurateParams) -> dict:
     paths = discover_task(params.input, params.clips.images)
     logger.info("found %d video and image files under %s", len(paths), params.input)
     check_models_task(params.captions, params.scores)  # before any video is decoded
-    layout = prepare_output_task(params.output, params.clip_settings(), params.overwrite)
+    layout = prepare_output_task(
+        params.output, params.clip_settings(), params.overwrite, CurateParams.default_clip_settings()
+    )
 
     states = _run_per_source(
         identify_source_task,

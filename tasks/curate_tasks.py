@@ -65,8 +65,8 @@ def check_models_task(captions: CaptionParams, scores: ScoreParams) -> None:
 
 
 @task(name="prepare-output", cache_policy=NO_CACHE)
-def prepare_output_task(output: str, clip_settings: dict, overwrite: bool) -> OutputLayout:
-    return prepare_output(Path(output), clip_settings, overwrite)
+def prepare_output_task(output: str, clip_settings: dict, overwrite: bool, defaults: dict) -> OutputLayout:
+    return prepare_output(Path(output), clip_settings, overwrite, defaults)
 
 
 @task(name="discover", cache_policy=NO_CACHE)

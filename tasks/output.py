@@ -36,14 +36,15 @@ class OutputLayout(DatasetLayout):
         return self.state / "clip_settings.json"
 
 
-def prepare_output(root: Path, clip_settings: dict, overwrite: bool) -> OutputLayout:
+def prepare_output(root: Path, clip_settings: dict, overwrite: bool, defaults: dict | None = None) -> OutputLayout:
     """Create OUTPUT, or reuse it when it was made with the same clip settings (resume / add sources).
 
-    Different settings would mix incompatible clips in one dataset, so that is refused unless `overwrite`.
+    Different settings would mix incompatible clips in one dataset, so that is refused unless `overwrite`. A setting
+    added to vidtune after OUTPUT was made counts as its value in `defaults` (what the older version did).
     """
     layout = OutputLayout(Path(root))
     if layout.settings_file.exists():
-        previous = json.loads(layout.settings_file.read_text())
+        previous = _with_defaults(json.loads(layout.settings_file.read_text()), defaults or {})
         if previous != clip_settings:
             if not overwrite:
                 changed = sorted(_changed_keys(previous, clip_settings))
@@ -65,6 +66,15 @@ def dataset_trigger(root: str | Path) -> str:
     if not settings.is_file():
         return ""
     return json.loads(settings.read_text()).get("captions", {}).get("trigger", "")
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with the keys it lacks taken from `defaults`, at every level."""
+    merged = {**defaults, **saved}
+    return {
+        k: _with_defaults(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+        for k, v in merged.items()
+    }
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -271,3 +271,25 @@ def test_outputs_are_readable_as_the_umask_allows(curated):
     files = [output / name for name in ("manifest.parquet", "stats.json", "report.html")]
     files += sorted((output / "shards").glob("*.tar"))
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~UMASK for p in files}
+
+
+def test_an_output_made_before_a_setting_existed_resumes_when_the_setting_keeps_its_default(tmp_path):
+    """Settings saved by an older vidtune lack the newer keys: those count as their defaults (what it did then), so
+    an upgrade does not force `overwrite=true`; a non-default value for the new key is still a change."""
+    import json
+
+    from vidtune.flows.curate import CurateParams
+    from vidtune.tasks.output import OutputLayout, OutputMismatchError, prepare_output
+
+    params = CurateParams(input="in", output=str(tmp_path))
+    older = params.clip_settings()
+    del older["scores"]["text_area"], older["clips"]["images"]
+    layout = OutputLayout(tmp_path)
+    layout.settings_file.parent.mkdir(parents=True)
+    layout.settings_file.write_text(json.dumps(older))
+    defaults = CurateParams.default_clip_settings()
+    prepare_output(tmp_path, params.clip_settings(), False, defaults)  # resumes
+    layout.settings_file.write_text(json.dumps(older))
+    changed = params.model_copy(update={"scores": params.scores.model_copy(update={"text_area": True})})
+    with pytest.raises(OutputMismatchError, match=r"\(scores\.text_area\)"):
+        prepare_output(tmp_path, changed.clip_settings(), False, defaults)
