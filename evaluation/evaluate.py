@@ -21,6 +21,7 @@ from vidtune.evaluation.metrics import (
 from vidtune.evaluation.report import metrics_markdown
 from vidtune.evaluation.samples import contact_sheet
 from vidtune.evaluation.validation import heldout_loss
+from vidtune.training.adapters import load_adapter
 from vidtune.training.data import read_clips
 from vidtune.training.devices import placement
 from vidtune.training.families import get_family
@@ -86,7 +87,7 @@ def evaluate_run(
     for label in ("base", "adapted"):
         if label == "adapted":
             if job.params.training_type == "lora":
-                pipe.load_lora_weights(str(layout.adapter))
+                load_adapter(pipe, layout.adapter)  # both files of a two-expert LoRA
             else:
                 del pipe
                 pipe = family.load_pipeline(str(layout.model), dtype=dtype).to(device)

@@ -79,6 +79,7 @@ def resolve_base_model(config: dict, override: str | None = None) -> str:
 
 def build_pipeline(config: dict, artifacts: dict[str, str], base_model: str | None = None, device=None, lora_scale=1.0):
     """The pipeline a version describes: the fine-tuned pipeline folder, or the base model plus the LoRA."""
+    from vidtune.training.adapters import load_adapter
     from vidtune.training.devices import placement
     from vidtune.training.families import detect_family, get_family
 
@@ -97,8 +98,7 @@ def build_pipeline(config: dict, artifacts: dict[str, str], base_model: str | No
             f"this version was trained on {config.get('base_model')}: pass that model's local folder or hub id "
             "(vidtune generate --base-model PATH_OR_HUB_ID)"
         ) from exc
-    pipe.load_lora_weights(artifacts["adapter"], adapter_name="vidtune")
-    pipe.set_adapters(["vidtune"], adapter_weights=[lora_scale])
+    load_adapter(pipe, artifacts["adapter"], adapter_name="vidtune", scale=lora_scale)  # both experts' files
     return pipe.to(device)
 
 

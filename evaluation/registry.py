@@ -134,7 +134,7 @@ def weights_digest(weights: Path) -> str:
 
     digest = hashlib.sha256()
     for path in sorted(weights.rglob("*.safetensors")):
-        if path.name == "comfyui_lora.safetensors":  # derived from the adapter
+        if path.name.startswith("comfyui_lora"):  # derived from the adapter (one file per expert)
             continue
         with safe_open(str(path), "pt") as tensors:
             for key in sorted(tensors.keys()):

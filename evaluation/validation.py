@@ -22,5 +22,6 @@ def heldout_loss(
         for index, batch in enumerate(batches):
             for draw in range(draws):
                 torch.manual_seed(seed + 1000 * index + draw)
-                losses.append(batch_loss(family, pipe, denoiser, batch, dtype, objective).item())
+                # No denoiser given: the model's own, for Wan 2.2 A14B the expert its pipeline uses at each timestep.
+                losses.append(batch_loss(family, pipe, None, batch, dtype, objective).item())
     return sum(losses) / len(losses)

@@ -349,7 +349,7 @@ def tiny_model(
         str,
         typer.Argument(
             metavar="FAMILY",
-            help="A model family (wan, ltx-video, ...) or a published variant (wan-14b); an unknown name lists them all.",
+            help="A model family (wan, ltx-video, ...) or a published variant (wan-14b, wan2.2-ti2v-5b, wan2.2-t2v-a14b); an unknown name lists them all.",
         ),
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the diffusers-format model to.")],

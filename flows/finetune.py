@@ -31,7 +31,8 @@ from vidtune.training.data import (
     still_repeats,
     validation_size,
 )
-from vidtune.training.families import get_family
+from vidtune.training.experts import check_experts
+from vidtune.training.families import get_family, model_index
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.params import RunTarget, TrainParams
@@ -193,6 +194,8 @@ def finetune(
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
     comfyui_export(family, params.export_comfyui)  # export_comfyui=true for a family ComfyUI cannot load: refused
     check_objective_params(family.objective_kind, params, family.name)
+    if params.experts is not None:  # refused for a one-denoiser model, before any data is read
+        check_experts(params.experts, model_index(params.model), params.model)
     curated = curate(params.curate) if params.curate is not None else None
     buckets = frame_buckets(family, params.precompute)
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded

@@ -85,7 +85,7 @@ def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dat
         "converter": imported.converter,
     }
     layout = RunLayout(out)
-    save_lora_adapter(family, pipe, denoiser, layout.adapter, info)
+    save_lora_adapter(family, pipe, {family.denoiser_name: denoiser}, layout.adapter, info)
     keys = comfyui_export(family, None)
     if keys is not None and all(keys.target(m) is not None for m in lora_modules_of(denoiser)):
         export_comfyui(family, denoiser, layout.adapter / COMFYUI_FILE)

@@ -58,8 +58,13 @@ def test_family_is_detected_from_model_index(family_model):
 
 
 def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeline(family_model, tmp_path):
+    """For a two-expert model (Wan 2.2 A14B) each expert trains its own LoRA on its own noise levels, the family's
+    prediction routes each batch to the expert WanPipeline would use, and each saved file changes the output."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    from vidtune.training.adapters import adapter_file
+    from vidtune.training.experts import model_experts
 
     family, folder = family_model
     torch.manual_seed(0)
@@ -67,21 +72,33 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     moments = family.encode_video(pipe, _video())
     text = family.encode_prompts(pipe, ["a red car in sks style"])
 
-    denoiser = getattr(pipe, family.denoiser_name)
-    denoiser.requires_grad_(False)
-    denoiser.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_lora_targets), init_lora_weights="gaussian")
-    )
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+    experts = model_experts(pipe, family.denoiser_name, None)
+    denoisers = {expert.module: getattr(pipe, expert.module) for expert in experts}
+    for denoiser in denoisers.values():
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(
+            LoraConfig(
+                r=4, lora_alpha=4, target_modules=list(family.default_lora_targets), init_lora_weights="gaussian"
+            )
+        )
+    params = [p for d in denoisers.values() for p in d.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-3)
     generator = torch.Generator().manual_seed(0)
     latents = family.sample_latents(pipe, moments, generator)
     assert moments.shape[1] == 2 * latents.shape[1]  # posterior moments (mean, logvar), not one sample
-    batch = family.objective(pipe).inputs(latents, generator)  # one fixed batch: the loss must go down on it
+    objective = family.objective(pipe)
+    batches = [  # fixed batches, one per expert in its own range: the loss must go down on them
+        objective.inputs(latents, generator, within=(e.low, e.high))
+        if len(experts) > 1
+        else objective.inputs(latents, generator)
+        for e in experts
+    ]
 
     def loss_fn():
-        pred = family.predict(pipe, batch, text)
-        return (batch.weighting * (pred.float() - batch.target.float()) ** 2).mean()
+        return sum(
+            (batch.weighting * (family.predict(pipe, batch, text).float() - batch.target.float()) ** 2).mean()
+            for batch in batches
+        )
 
     losses = []
     for _ in range(8):
@@ -92,15 +109,26 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
         optimizer.step()
         losses.append(loss.item())
     assert loss_fn().item() < losses[0]
+    for denoiser in denoisers.values():  # every expert's LoRA trained
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in denoiser.parameters() if p.requires_grad)
 
-    type(pipe).save_lora_weights(
-        tmp_path / "lora", **{f"{family.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)}
-    )
+    for module, denoiser in denoisers.items():
+        type(pipe).save_lora_weights(
+            tmp_path / "lora",
+            weight_name=adapter_file(module, family.denoiser_name),
+            **{f"{family.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)},
+        )
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
     trained = _render(pipe)
     fresh = family.load_pipeline(str(folder))
     base = _render(fresh)
     fresh.load_lora_weights(tmp_path / "lora")
+    if len(experts) > 1:  # the low-noise expert's file, loaded as diffusers loads a Wan 2.2 LoRA into transformer_2
+        high_only = _render(fresh)
+        assert np.abs(high_only - trained).max() > 1e-3 and np.abs(high_only - base).max() > 1e-3
+        fresh.load_lora_weights(
+            tmp_path / "lora", weight_name=adapter_file("transformer_2", "transformer"), load_into_transformer_2=True
+        )
     _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh), base)
 
 
@@ -160,7 +188,7 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
     def loss_fn():
-        return (batch.weighting * (family.predict(pipe, batch, text) - batch.target) ** 2).mean()
+        return (batch.weighting * (family.predict(pipe, batch, text, denoiser) - batch.target) ** 2).mean()
 
     first = loss_fn().item()
     for _ in range(8):

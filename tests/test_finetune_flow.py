@@ -215,6 +215,16 @@ def test_clips_larger_than_the_models_rope_table_are_refused_naming_the_setting(
     assert not (tmp_path / "cache").exists()  # refused before precompute
 
 
+def test_experts_for_a_model_with_one_denoiser_is_refused_naming_the_field(prefect_api, curated, wan_model, tmp_path):
+    from vidtune.flows.finetune import finetune
+
+    with pytest.raises(
+        ValueError, match=r"experts: .* has one denoiser; experts \(high, low, both\) is for two-expert"
+    ):
+        finetune(finetune_params(curated, wan_model, tmp_path, experts="high"))
+    assert not (tmp_path / "cache").exists()  # refused before precompute
+
+
 def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path, vidtune):
     from vidtune.flows.config import ParamError, build_params
     from vidtune.flows.finetune import FinetuneParams

@@ -41,7 +41,7 @@ def test_unknown_family_lists_the_supported_ones(tmp_path):
     result = CliRunner().invoke(app, ["tiny-model", "sora", str(tmp_path / "x")], env={"COLUMNS": "200"})
     assert (
         result.exit_code == 2
-        and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan, wan-14b"
+        and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan, wan-14b, wan2.2-t2v-a14b, wan2.2-ti2v-5b"
         in result.output
     )
 
@@ -147,3 +147,27 @@ def test_the_wan_14b_configs_differ_from_the_1_3b_only_in_size():
         "_name_or_path",
     }
     assert big["num_layers"] == 40 and big["num_attention_heads"] * big["attention_head_dim"] == 5120
+
+
+def test_stored_diffusers_configs_have_only_init_keys_besides_the_retired_ones():
+    """A key the installed diffusers does not take is ignored with a warning; only the published `clip_output` of
+    the Wan 2.2 VAEs (removed from diffusers later) may be, and building drops it."""
+    import inspect
+
+    import diffusers
+
+    from vidtune.training.published_configs import CONFIG_ROOT, RETIRED_KEYS
+
+    unknown = {}
+    for file in sorted(CONFIG_ROOT.glob("*/*/**/config.json")):
+        config = json.loads(file.read_text())
+        if "_class_name" in config and hasattr(diffusers, config["_class_name"]):
+            accepted = inspect.signature(getattr(diffusers, config["_class_name"]).__init__).parameters
+            extra = {k for k in config if not k.startswith("_") and k not in accepted} - RETIRED_KEYS
+            if extra:
+                unknown[str(file.relative_to(CONFIG_ROOT))] = extra
+    assert not unknown
+    vae = published_config("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "vae/config.json")
+    with torch.device("meta"):  # full size, no memory
+        built = build_from_config(vae)
+    assert "clip_output" in vae and "clip_output" not in built.config

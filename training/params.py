@@ -53,6 +53,12 @@ class TrainParams(ObjectiveParams):
         None,
         description="Module names to adapt (list) or one regex that must match a whole module path; default: the family's attention projections.",
     )
+    experts: Literal["high", "low", "both"] | None = Field(
+        None,
+        description="Two-expert models (Wan 2.2 A14B): high trains the high-noise expert (transformer, timesteps at or "
+        "above boundary_ratio x 1000), low the low-noise one (transformer_2), both a LoRA for each (each step trains "
+        "the expert its drawn timestep belongs to); default: both. Refused for a model with one denoiser.",
+    )
     full_modules: str | None = Field(
         None,
         description="Full fine-tuning of a subset: a family subset name (e.g. temporal) or a regex over parameter names; default: all.",

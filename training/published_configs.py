@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
+RETIRED_KEYS = frozenset({"clip_output"})  # published config keys the installed diffusers no longer takes
 
 
 def published_folder(repo: str) -> Path:
@@ -35,6 +36,8 @@ def build_from_config(config: dict):
     if "_class_name" in config:
         import diffusers
 
+        # Wan 2.2's published VAE key that diffusers later removed (it always clamps now): dropped, not warned about.
+        config = {key: value for key, value in config.items() if key not in RETIRED_KEYS}
         return getattr(diffusers, config["_class_name"]).from_config(config)
     import transformers
 
@@ -66,6 +69,15 @@ class TinySpec:
     parts: dict[str, Part]
     tokenizers: dict[str, Part]  # tokenizer component -> its published tokenizer folder
     max_length: int | None = None  # the pipeline's own prompt length when the tokenizer config sets none
+    index: str | None = None  # the repo whose model_index.json sets the pipeline's own arguments (Wan 2.2's)
+
+    def pipeline_arguments(self) -> dict:
+        """The published model_index.json's settings that are not components (`boundary_ratio`,
+        `expand_timesteps`), as the pipeline's `__init__` takes them."""
+        if self.index is None:
+            return {}
+        index = published_config(self.index, "model_index.json")
+        return {key: value for key, value in index.items() if not key.startswith("_") and not isinstance(value, list)}
 
 
 TEXT = 32  # every tiny text encoder's width

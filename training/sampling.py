@@ -94,7 +94,7 @@ def render_videos(
 
 def render_samples(
     pipe,
-    denoiser: torch.nn.Module,
+    denoisers: list[torch.nn.Module],
     params: ValidationParams,
     size: tuple[int, int, int],
     out_dir: Path,
@@ -113,11 +113,13 @@ def render_samples(
         params.fps,
     )
     devices = [pipe.device] if pipe.device.type == "cuda" else []
-    was_training = denoiser.training
-    denoiser.eval()
+    was_training = [denoiser.training for denoiser in denoisers]
+    for denoiser in denoisers:
+        denoiser.eval()
     try:
         with torch.random.fork_rng(devices=devices):
             render_videos(pipe, settings, out_dir, "sample", prompt_cache)
     finally:
-        denoiser.train(was_training)
+        for denoiser, mode in zip(denoisers, was_training):
+            denoiser.train(mode)
     write_json_atomic(out_dir / "prompts.json", {f"sample-{i:02d}": p for i, p in enumerate(params.prompts)})

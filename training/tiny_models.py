@@ -102,7 +102,7 @@ def _component(name: str, part: Part, tokenizer=None):
 
 
 def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
-    """`name` is a key of TINY_MODELS (a family, or a published variant such as wan-14b); its family's pipeline."""
+    """`name` is a key of TINY_MODELS (a family, or a published variant such as wan-14b or wan2.2-t2v-a14b); its family's pipeline."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(sorted(TINY_MODELS))}")
     import diffusers
@@ -116,7 +116,7 @@ def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
         if key.startswith("text_encoder")
     }
     components |= {key: _component(key, part, paired.get(key)) for key, part in spec.parts.items()}
-    pipe = getattr(diffusers, TINY_MODELS[name].pipeline_class_name)(**components)
+    pipe = getattr(diffusers, TINY_MODELS[name].pipeline_class_name)(**components, **spec.pipeline_arguments())
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)  # laid out like a hub checkpoint, for from_pretrained
     return folder

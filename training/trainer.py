@@ -23,8 +23,8 @@ import torch
 from pydantic import Field
 
 from vidtune.training.adapters import (
-    COMFYUI_FILE,
     comfyui_export,
+    comfyui_file,
     export_comfyui,
     lora_modules_of,
     save_full_model,
@@ -33,6 +33,14 @@ from vidtune.training.adapters import (
 from vidtune.training.cache import check_cached_prompts, load_prompt
 from vidtune.training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume, saved_step
 from vidtune.training.data import caption_dropped, drop_captions, make_stream
+from vidtune.training.experts import (
+    Expert,
+    boundary_ratio,
+    check_expert_timesteps,
+    idle_experts,
+    model_experts,
+    pick_expert,
+)
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.files import write_json_atomic
@@ -105,10 +113,14 @@ def _text_to(text: dict[str, torch.Tensor], device, dtype) -> TextEmbeddings:
     return TextEmbeddings(moved["embeds"], moved.get("mask"), moved.get("pooled"))
 
 
-def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dtype, objective=None) -> torch.Tensor:
+def batch_loss(
+    family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dtype, objective=None, expert: Expert | None = None
+) -> torch.Tensor:
     """Weighted denoising loss on one batch: cached moments (or video encoded now) -> noisy latents -> prediction.
-    `objective`: the family's, built once per run (default: from the model's config with default settings)."""
-    device = getattr(pipe, family.denoiser_name).device  # the VAE may wait on the CPU while training
+    `objective`: the family's, built once per run (default: from the model's config with default settings);
+    `expert`: a two-expert model's expert being trained (noise levels drawn in its range); `denoiser` None: the
+    model's own (for two experts, the one its pipeline uses at each timestep)."""
+    device = getattr(pipe, expert.module if expert else family.denoiser_name).device  # the VAE may wait on the CPU
     if "moments" in batch:
         moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
     else:  # on-the-fly: what precompute would have cached
@@ -118,7 +130,9 @@ def batch_loss(family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dt
         )
         moments = moments.to(dtype)
     objective = objective or family.objective(pipe)
-    inputs = objective.inputs(family.sample_latents(pipe, moments))
+    latents = family.sample_latents(pipe, moments)
+    ranged = expert is not None and (expert.low, expert.high) != (0.0, 1.0)
+    inputs = objective.inputs(latents, within=(expert.low, expert.high)) if ranged else objective.inputs(latents)
     pred = family.predict(pipe, inputs, text, denoiser=denoiser)
     return (inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2).mean()
 
@@ -159,7 +173,9 @@ class Trainer:
         set_seed(params.seed)
         self.dtype = WEIGHT_DTYPES[precision]
 
-        self.pipe, self.denoiser, self.trainable = _prepare_model(job, family, accelerator.device, self.dtype)
+        self.pipe, self.denoisers, self.trainable = _prepare_model(job, family, accelerator.device, self.dtype)
+        self.experts = model_experts(self.pipe, family.denoiser_name, params.experts)
+        check_expert_timesteps(self.experts, params.min_timestep, params.max_timestep)
         self.prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
         if self.prompt_cache is not None:
             check_cached_prompts(self.prompt_cache, params.validation.prompts)
@@ -172,7 +188,8 @@ class Trainer:
             self.pipe, params
         )  # from the model's config, before sampling touches the scheduler
         optimizer, scheduler, self.ema = _optimization(params, list(self.trainable.values()), accelerator)
-        self.wrapped, self.optimizer, self.scheduler = accelerator.prepare(self.denoiser, optimizer, scheduler)
+        *wrapped, self.optimizer, self.scheduler = accelerator.prepare(*self.denoisers.values(), optimizer, scheduler)
+        self.wrapped = dict(zip(self.denoisers, wrapped))
 
         self.checkpointer = Checkpointer(
             layout.checkpoints, accelerator, self.trainable, self.ema, params.keep_checkpoints
@@ -264,9 +281,12 @@ class Trainer:
                 for c in batch["clip_ids"]
             ]
             batch = drop_captions(batch, dropped, self.empty_prompt)
-        with accelerator.accumulate(self.wrapped):
+        # One expert per optimizer step (from seed and step): every micro-batch and rank trains the same one.
+        expert = pick_expert(self.experts, self.objective, self.params.seed, state.step)
+        with accelerator.accumulate(*self.wrapped.values()):
             with accelerator.autocast():
-                loss = batch_loss(self.family, self.pipe, self.wrapped, batch, self.dtype, self.objective)
+                denoiser = self.wrapped[expert.module]
+                loss = batch_loss(self.family, self.pipe, denoiser, batch, self.dtype, self.objective, expert)
             everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
             if not torch.isfinite(everyone).all():
                 raise TrainingDiverged(
@@ -316,9 +336,15 @@ class Trainer:
     def validate(self, step: int) -> None:
         if self.params.validation.prompts and self.accelerator.is_main_process:
             folder = self.layout.step_samples(step)
-            with self.accelerator.autocast(), on_device(self.pipe.vae, self.accelerator.device):
+            waiting = [self.pipe.vae, *(getattr(self.pipe, name) for name in idle_experts(self.pipe, self.experts))]
+            with self.accelerator.autocast(), on_device(waiting, self.accelerator.device):
                 render_samples(
-                    self.pipe, self.denoiser, self.params.validation, self.job.sample_size, folder, self.prompt_cache
+                    self.pipe,
+                    list(self.denoisers.values()),
+                    self.params.validation,
+                    self.job.sample_size,
+                    folder,
+                    self.prompt_cache,
                 )
             self.tracker.log_artifacts(folder, f"samples/{folder.name}")
 
@@ -344,7 +370,9 @@ class Trainer:
         if self.resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
             trained_clips = json.loads(clips_file.read_text())["clip_ids"] + trained_clips
         write_json_atomic(clips_file, {"clip_ids": trained_clips, "last_resumed_at_step": self.started_step})
-        weights = _export(self.job, self.family, self.pipe, accelerator, self.trainable, self.ema, state)
+        weights = _export(
+            self.job, self.family, self.pipe, self.denoisers, accelerator, self.trainable, self.ema, state
+        )
         self.tracker.log_metrics({"final_loss": state.losses[-1]}, state.step)
         self.tracker.finish()
         accelerator.wait_for_everyone()
@@ -385,32 +413,50 @@ def pipe_without_text_encoders(job: TrainJob) -> bool:
 
 
 @contextmanager
-def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """`module` on `device` for the block, then back where it was (the VAE decoder only while samples render)."""
-    home = next(module.parameters()).device
-    module.to(device)
+def on_device(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """`modules` on `device` for the block, then back where each was (the VAE decoder and an expert that does not
+    train: only while samples render)."""
+    homes = [next(module.parameters()).device for module in modules]
+    for module in modules:
+        module.to(device)
     try:
         yield
     finally:
-        module.to(home)
+        for module, home in zip(modules, homes):
+            module.to(home)
 
 
 def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dtype: torch.dtype):
-    """The pipeline in the weight dtype with the denoiser on `device`, encoders frozen, and the denoiser's trainable
-    parameters. From the cache the text encoders are not loaded and the VAE stays on the CPU between samples;
-    on the fly (data_source=shards) everything is on `device`."""
+    """The pipeline in the weight dtype with the denoiser(s) on `device`, encoders frozen; the denoisers that train
+    (pipeline attribute -> module: two for a two-expert model with experts=both) and their trainable parameters
+    (named `<attribute>.<parameter>` except for the family's one denoiser). From the cache the text encoders are not
+    loaded and the VAE stays on the CPU between samples; on the fly (data_source=shards) everything is on `device`."""
     params = job.params
     cached = pipe_without_text_encoders(job)
     pipe = family.load_pipeline(job.model, dtype=dtype, **(dict.fromkeys(family.text_encoders) if cached else {}))
+    experts = model_experts(pipe, family.denoiser_name, params.experts)
+    if boundary_ratio(pipe.config) is not None and params.training_type != "lora":
+        raise ValueError(
+            "training_type: full fine-tuning of a two-expert model (Wan 2.2 A14B) is not supported; use lora"
+        )
+    waiting = {"vae"} if cached else set()  # the VAE's decoder: only while samples render
+    waiting |= set(idle_experts(pipe, experts))  # an expert not trained: only while samples render
     for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module) and not (
-            cached and name == "vae"
-        ):  # its decoder: only while samples render
-            component.to(device)
-    for name in ("vae", *family.text_encoders):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).requires_grad_(False)
-    denoiser = getattr(pipe, family.denoiser_name)
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)  # what trains is chosen below
+            if name not in waiting:
+                component.to(device)
+    denoisers, trainable = {}, {}
+    for expert in experts:
+        denoiser = denoisers[expert.module] = getattr(pipe, expert.module)
+        prefix = "" if expert.module == family.denoiser_name and len(experts) == 1 else f"{expert.module}."
+        trainable |= {prefix + n: p for n, p in _make_denoiser_trainable(job, family, denoiser, dtype).items()}
+    return pipe, denoisers, trainable
+
+
+def _make_denoiser_trainable(job: TrainJob, family: ModelFamily, denoiser, dtype) -> dict[str, torch.nn.Parameter]:
+    """Float8 storage, the adapter or unfrozen weights, the ComfyUI name check and checkpointing of one denoiser."""
+    params = job.params
     if params.fp8_storage:  # before the adapter: the frozen base layers are stored in float8, LoRA stays fp32
         denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     trainable = make_trainable(family, denoiser, params)
@@ -420,7 +466,7 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     if params.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    return pipe, denoiser, trainable
+    return trainable
 
 
 def _with_text_encoders(family: ModelFamily, pipe, model: str):
@@ -463,10 +509,11 @@ def _apply(accelerator, loss: torch.Tensor, trainable: list, optimizer, schedule
     return grad_norm
 
 
-def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: dict, ema, state: TrainState) -> Path:
+def _export(
+    job: TrainJob, family: ModelFamily, pipe, denoisers: dict, accelerator, trainable: dict, ema, state
+) -> Path:
     """The final weights (the EMA when kept), written by the main process."""
     params = job.params
-    denoiser = getattr(pipe, family.denoiser_name)
     weights = RunLayout(Path(job.out)).weights(params.training_type)
     if accelerator.is_main_process:
         if ema is not None:
@@ -480,9 +527,10 @@ def _export(job: TrainJob, family: ModelFamily, pipe, accelerator, trainable: di
             "mlflow_run_id": state.mlflow_run_id,
         }
         if params.training_type == "lora":
-            save_lora_adapter(family, pipe, denoiser, weights, info)
+            save_lora_adapter(family, pipe, denoisers, weights, info)
             if comfyui_export(family, job.export_comfyui) is not None:
-                export_comfyui(family, denoiser, weights / COMFYUI_FILE)
+                for module, denoiser in denoisers.items():
+                    export_comfyui(family, denoiser, weights / comfyui_file(module, family.denoiser_name))
         else:
             save_full_model(_with_text_encoders(family, pipe, job.model), weights, info)
     accelerator.wait_for_everyone()

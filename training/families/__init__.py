@@ -25,7 +25,15 @@ FAMILIES: dict[str, ModelFamily] = {
     )
 }  # one line per family
 
-__all__ = ["FAMILIES", "ModelFamily", "TextEmbeddings", "TrainingInputs", "detect_family", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "TextEmbeddings",
+    "TrainingInputs",
+    "detect_family",
+    "get_family",
+    "model_index",
+]
 
 
 def get_family(name: str) -> ModelFamily:
@@ -49,6 +57,11 @@ def _model_index(model: str | Path) -> Path:
         raise ValueError(
             f"model: cannot read model_index.json of hub id {model} ({type(exc).__name__}); pass a local folder"
         ) from exc
+
+
+def model_index(model: str | Path) -> dict:
+    """A diffusers model's `model_index.json` (local folder or hub id): its pipeline class and settings."""
+    return json.loads(_model_index(model).read_text())
 
 
 def detect_family(model_folder: str | Path) -> ModelFamily:

@@ -168,7 +168,31 @@ class FlowMatching:
         )
         return cls(shift, params, patch, int(scheduler.config.get("num_train_timesteps", 1000)))
 
-    def sigmas(self, batch: int, tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sigmas(
+        self,
+        batch: int,
+        tokens: int,
+        generator: torch.Generator | None = None,
+        within: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """`batch` levels; with `within` = [low, high), only levels in it (a Wan 2.2 expert's range)."""
+        if within is None:
+            return self._draw(batch, tokens, generator)
+        # Redrawn until they fall in range (not rescaled into it): an expert sees the levels the whole model would.
+        kept = torch.empty(0)
+        for _ in range(10_000):
+            drawn = self._draw(max(batch, 64), tokens, generator)
+            below = drawn <= within[1] if within[1] >= 1.0 else drawn < within[1]  # [low, high), 1 included
+            inside = (drawn >= within[0]) & below
+            kept = torch.cat([kept.to(drawn.device), drawn[inside]])
+            if len(kept) >= batch:
+                return kept[:batch]
+        raise ValueError(
+            f"min_timestep/max_timestep: almost no draw falls in this expert's timesteps "
+            f"[{within[0] * 1000:g}, {within[1] * 1000:g}); widen them or choose the other expert"
+        )
+
+    def _draw(self, batch: int, tokens: int, generator: torch.Generator | None) -> torch.Tensor:
         levels, shifted = _draw_levels(self.params, batch, "logit_normal", generator)
         if shifted:
             k = self.shift.for_tokens(tokens)
@@ -176,10 +200,15 @@ class FlowMatching:
         low, high = self.params.min_timestep / 1000, self.params.max_timestep / 1000
         return low + (high - low) * levels
 
-    def inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+    def inputs(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        within: tuple[float, float] | None = None,
+    ) -> TrainingInputs:
         batch, shape = latents.shape[0], (latents.shape[0],) + (1,) * (latents.ndim - 1)
         tokens = math.prod(size // step for size, step in zip(latents.shape[2:], self.patch))
-        exact = self.sigmas(batch, tokens, generator).to(latents.device)  # float32: timesteps are not rounded to bf16
+        exact = self.sigmas(batch, tokens, generator, within).to(latents.device)  # float32: not rounded to bf16
         sigmas = exact.to(latents.dtype).view(shape)
         noise = _noise_like(latents, generator)
         return TrainingInputs(

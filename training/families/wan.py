@@ -1,43 +1,63 @@
-"""Wan 2.1 text-to-video (default family; real target `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`): flow matching."""
+"""Wan 2.1 and 2.2 text-to-video (default family; real target `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`): flow matching.
+Wan 2.2 is a configuration of the same classes: TI2V-5B has its own VAE (48 channels, 16x spatial) and per-token
+timesteps (`expand_timesteps`); A14B has two experts (`transformer` above the boundary timestep, `transformer_2`
+below it)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
 from vidtune.training.comfyui import ComfyUIKeys, Rule, renamed
+from vidtune.training.experts import boundary_ratio
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
 from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
 from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
 
 ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}  # diffusers -> Wan attention leaves
 WAN_13B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+WAN22_5B, WAN22_A14B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+TRANSFORMER_SHRINK = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "text_dim": TEXT,
+}
+VAE_SHRINK = {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+# Wan 2.2's residual VAE (patch 2, 48 channels): z_dim, dim_mult and latents_mean/std stay as published.
+VAE22_SHRINK = {"base_dim": 4, "decoder_base_dim": 8, "num_res_blocks": 1}
 
 
-def _tiny(repo: str) -> TinySpec:
+def _tiny(repo: str, vae_shrink: dict = VAE_SHRINK, experts: tuple[str, ...] = ("transformer",)) -> TinySpec:
     return TinySpec(
         {
-            "transformer": Part(
-                repo,
-                "transformer",
-                {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "text_dim": TEXT},
-            ),
-            "vae": Part(repo, "vae", {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}),
+            **{expert: Part(repo, expert, TRANSFORMER_SHRINK) for expert in experts},  # A14B: both shrunk alike
+            "vae": Part(repo, "vae", vae_shrink),
             "text_encoder": Part(repo, "text_encoder", T5_SHRINK),
             "scheduler": Part(repo, "scheduler"),
         },
         {"tokenizer": Part(repo, "tokenizer")},
-        max_length=512,
-    )  # WanPipeline's max_sequence_length
+        max_length=512,  # WanPipeline's max_sequence_length
+        index=repo,  # Wan 2.2: expand_timesteps, boundary_ratio
+    )
 
 
 class WanFamily(ModelFamily):
     name = "wan"
-    title = "Wan 2.1"
+    title = "Wan 2.1 / 2.2"
     pipeline_class_name = "WanPipeline"
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
     objective_kind = "flow"
     frame_buckets = (81, 49, 33, 17, 9)  # 81: the published clip length
-    tiny_models = {"wan": _tiny(WAN_13B), "wan-14b": _tiny(WAN_14B)}  # the 14B's configs through the same code path
+    tiny_models = {  # the 14B's configs through the same code path; Wan 2.2's as configurations of the same classes
+        "wan": _tiny(WAN_13B),
+        "wan-14b": _tiny(WAN_14B),
+        "wan2.2-ti2v-5b": _tiny(WAN22_5B, VAE22_SHRINK),
+        "wan2.2-t2v-a14b": _tiny(WAN22_A14B, experts=("transformer", "transformer_2")),
+    }
     comfyui_keys = ComfyUIKeys(
         renamed(r"blocks\.(\d+)\.attn1", r"blocks.\1.self_attn", ATTENTION)
         + renamed(
@@ -64,21 +84,29 @@ class WanFamily(ModelFamily):
     )
 
     def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
-        """Refuse, naming the setting, clips whose latent grid is longer than the transformer's RoPE table (which
-        would fail deep inside attention with a reshape error). Reads a local model's config; hub ids pass."""
-        import json
-        from pathlib import Path
-
-        config_file = Path(model).expanduser() / "transformer" / "config.json"
-        if not config_file.is_file():
+        """Refuse, naming the setting, clip sizes the VAE and patches do not divide (Wan 2.2 5B: 16x VAE, 2x2 patches:
+        multiples of 32) and latent grids longer than the transformer's RoPE table (which would fail deep inside
+        attention with a reshape error). Reads a local model's configs; hub ids pass."""
+        folder = Path(model).expanduser()
+        if not (folder / "transformer" / "config.json").is_file():
             return
-        config = json.loads(config_file.read_text())
-        (pt, ph, pw), limit = config["patch_size"], config["rope_max_seq_len"]
-        latent_frames = ((frames - 1) // 4 + 1) // pt
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        vae_file = folder / "vae" / "config.json"
+        vae = json.loads(vae_file.read_text()) if vae_file.is_file() else {}
+        spatial, temporal = vae.get("scale_factor_spatial") or 8, vae.get("scale_factor_temporal") or 4  # 2.1: absent
+        (pt, ph, pw), limit = transformer["patch_size"], transformer["rope_max_seq_len"]
+        for setting, size, step in (("clips.height", height, spatial * ph), ("clips.width", width, spatial * pw)):
+            if size % step:
+                raise ValueError(
+                    f"{setting}: {size} pixels is not a multiple of {step} (this model's VAE compresses {spatial}x and "
+                    f"its transformer patches {step // spatial}x); curate at multiples of {step} "
+                    f"(--set clips.buckets=[...] or {setting}=...)"
+                )
+        latent_frames = ((frames - 1) // temporal + 1) // pt
         grid = {
-            "precompute.frame_buckets": (frames, latent_frames, 4 * pt, "frames", "train on shorter buckets"),
-            "clips.height": (height, height // 8 // ph, 8 * ph, "pixels", "curate smaller clips"),
-            "clips.width": (width, width // 8 // pw, 8 * pw, "pixels", "curate smaller clips"),
+            "precompute.frame_buckets": (frames, latent_frames, temporal * pt, "frames", "train on shorter buckets"),
+            "clips.height": (height, height // spatial // ph, spatial * ph, "pixels", "curate smaller clips"),
+            "clips.width": (width, width // spatial // pw, spatial * pw, "pixels", "curate smaller clips"),
         }
         for setting, (size, patches, per_patch, unit, remedy) in grid.items():
             if patches > limit:
@@ -111,6 +139,25 @@ class WanFamily(ModelFamily):
         return FlowMatching.from_scheduler(pipe.scheduler, params)
 
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
-        return (pipe.transformer if denoiser is None else denoiser)(
-            hidden_states=inputs.noisy, timestep=inputs.timesteps, encoder_hidden_states=text.embeds, return_dict=False
+        """The denoiser's output; with none given, the expert WanPipeline would use at these timesteps (Wan 2.2
+        A14B: `transformer` at or above the boundary, `transformer_2` below)."""
+        if denoiser is not None:
+            return self._forward(pipe, denoiser, inputs, text)
+        ratio = boundary_ratio(pipe.config)
+        if ratio is None:
+            return self._forward(pipe, pipe.transformer, inputs, text)
+        high = inputs.timesteps >= ratio * pipe.scheduler.config.num_train_timesteps
+        if high.all() or not high.any():
+            return self._forward(pipe, pipe.transformer if high.all() else pipe.transformer_2, inputs, text)
+        both = [self._forward(pipe, expert, inputs, text) for expert in (pipe.transformer, pipe.transformer_2)]
+        return torch.where(high.view(-1, *[1] * (inputs.noisy.ndim - 1)), *both)
+
+    def _forward(self, pipe, denoiser, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+        timesteps = inputs.timesteps
+        if pipe.config.get("expand_timesteps"):  # Wan 2.2 5B: one timestep per token, as WanPipeline feeds it
+            batch, _, frames, height, width = inputs.noisy.shape
+            _, ph, pw = pipe.transformer.config.patch_size
+            timesteps = timesteps[:, None].expand(batch, frames * (height // ph) * (width // pw))
+        return denoiser(
+            hidden_states=inputs.noisy, timestep=timesteps, encoder_hidden_states=text.embeds, return_dict=False
         )[0]
