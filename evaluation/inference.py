@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from vidtune.evaluation.pyfunc import build_pipeline, render
 from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
+from vidtune.training.families import get_family
 from vidtune.training.media import write_gif, write_mp4
 from vidtune.training.tracking import default_tracking_uri, point_mlflow_at, vidtune_home
 
@@ -112,6 +113,17 @@ def load_registered_pipeline(
     return build_pipeline(config, artifacts, base_model=base_model, device=device, lora_scale=lora_scale), config
 
 
+def read_image(path: str | Path):
+    """A conditioning image as RGB (PIL), or a ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"image: {path} is not an image file this machine can read ({type(exc).__name__})") from exc
+
+
 def generate(
     model_uri: str,
     prompt: str,
@@ -129,14 +141,19 @@ def generate(
     cpu_offload: bool = False,
     vae_tiling: bool = False,
     base_model: str | None = None,
+    image: str | Path | None = None,
 ) -> Path:
-    """Render `prompt` with a registered model to `out` (.mp4 or .gif); returns the path."""
+    """Render `prompt` with a registered model to `out` (.mp4 or .gif); returns the path. `image`: the first frame,
+    for a model of an image-to-video family (required there, refused for text-to-video)."""
     out = Path(out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"out: {out} must end in .mp4 or .gif")
-    pipe, config = load_registered_pipeline(
-        model_uri, tracking_uri, lora_scale, device="cpu" if cpu_offload else None, base_model=base_model
-    )
+    tracking_uri = tracking_uri or default_tracking_uri()
+    config, artifacts = model_files(fetch(model_uri, resolve(model_uri, tracking_uri), tracking_uri))
+    # checked before any weights load: the image and the model's family must agree
+    conditioning = get_family(config["family"]).sampling_arguments(read_image(image) if image is not None else None)
+    device = "cpu" if cpu_offload else None
+    pipe = build_pipeline(config, artifacts, base_model=base_model, device=device, lora_scale=lora_scale)
     if cpu_offload and torch.cuda.is_available():
         pipe.enable_model_cpu_offload()
     if vae_tiling and hasattr(pipe.vae, "enable_tiling"):
@@ -151,5 +168,6 @@ def generate(
         steps=steps,
         guidance_scale=guidance_scale,
         seed=seed,
+        conditioning=conditioning,
     )
     return (write_mp4 if out.suffix.lower() == ".mp4" else write_gif)(video, out, fps)

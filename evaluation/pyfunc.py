@@ -102,8 +102,8 @@ def build_pipeline(config: dict, artifacts: dict[str, str], base_model: str | No
     return pipe.to(device)
 
 
-def render(pipe, prompt: str, *, num_frames, height, width, steps, guidance_scale, seed):
-    """One video as uint8 (frames, h, w, 3)."""
+def render(pipe, prompt: str, *, num_frames, height, width, steps, guidance_scale, seed, conditioning=None):
+    """One video as uint8 (frames, h, w, 3); `conditioning`: the family's `sampling_arguments` (an image)."""
     import torch
 
     from vidtune.training.media import to_uint8
@@ -117,6 +117,7 @@ def render(pipe, prompt: str, *, num_frames, height, width, steps, guidance_scal
         output_type="np",
         generator=torch.Generator().manual_seed(seed),
         **{k: int(v) for k, v in sizes.items() if v},
+        **(conditioning or {}),
     ).frames[0]
     return to_uint8(frames)
 

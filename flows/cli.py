@@ -295,6 +295,14 @@ def generate(
         str | None,
         typer.Option(help="The base model's folder or hub id here (default: the recorded one, else its hub id)."),
     ] = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image",
+            help="The video's first frame, for a model of an image-to-video family (ltx-video-i2v): required there, "
+            "refused for text-to-video models.",
+        ),
+    ] = None,
 ) -> None:
     """Render a prompt with a registered model (models:/NAME@ALIAS) to an MP4 or GIF.
 
@@ -321,6 +329,7 @@ def generate(
             cpu_offload=cpu_offload,
             vae_tiling=vae_tiling,
             base_model=base_model,
+            image=image,
         )
     except (ModelNotFound, ValueError) as exc:
         _fail(str(exc))

@@ -166,3 +166,16 @@ def test_generate_from_the_champion_at_the_training_size_and_reuses_the_download
         sorted((cli.root / "home" / "models").iterdir()) == cached and [p.stat().st_mtime_ns for p in cached] == stamps
     )
     assert missing.returncode == 2 and "does not exist" in missing.stdout
+
+
+def test_generate_refuses_a_conditioning_image_for_a_text_to_video_model(trained, cli):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(cli.root / "first.png")
+    refused = cli(
+        "generate", "--model", "models:/cli-style@champion", "--prompt", "a red car", "--out", "i.mp4",
+        "--image", cli.root / "first.png",
+    )  # fmt: skip
+    out = " ".join(refused.stdout.split())
+    assert refused.returncode == 2 and "image: Wan 2.1 / 2.2 (wan) generates from text only" in out, refused.stdout
+    assert "ltx-video-i2v" in out and not (cli.root / "i.mp4").exists()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vidtune.training.families import FAMILIES, ModelFamily, detect_family, get_family
+from vidtune.training.families.objectives import denoising_loss
 from vidtune.training.tiny_models import TINY_MODELS, build_tiny
 
 
@@ -28,8 +29,22 @@ def _video(frames=FRAMES, size=32, seed=0) -> torch.Tensor:
     return torch.from_numpy(rng.uniform(-1, 1, (1, 3, frames, size, size)).astype(np.float32))
 
 
-def _render(pipe) -> np.ndarray:
-    """Two denoising steps from fixed noise: equal weights give (nearly) equal videos."""
+def _image(seed=0, size=32):
+    """A conditioning image for image-to-video families: smooth colour ramps, which even a tiny VAE keeps apart."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)
+    low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    pixels = low + (high - low) * (ramp[:, None, None] + ramp[None, :, None]) / 2
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def _render(pipe, family: ModelFamily, image=None) -> np.ndarray:
+    """Two denoising steps from fixed noise: equal weights give (nearly) equal videos. An image-to-video family
+    renders from `_image()` unless given another image."""
+    if family.image_conditioned and image is None:
+        image = _image()
     return pipe(
         prompt="a red car in sks style",
         num_frames=FRAMES,
@@ -39,6 +54,7 @@ def _render(pipe) -> np.ndarray:
         guidance_scale=1.0,
         output_type="np",
         generator=torch.Generator().manual_seed(0),
+        **family.sampling_arguments(image),
     ).frames
 
 
@@ -95,10 +111,7 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     ]
 
     def loss_fn():
-        return sum(
-            (batch.weighting * (family.predict(pipe, batch, text).float() - batch.target.float()) ** 2).mean()
-            for batch in batches
-        )
+        return sum(denoising_loss(family.predict(pipe, batch, text), batch) for batch in batches)
 
     losses = []
     for _ in range(8):
@@ -119,17 +132,17 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
             **{f"{family.denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser)},
         )
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
-    trained = _render(pipe)
+    trained = _render(pipe, family)
     fresh = family.load_pipeline(str(folder))
-    base = _render(fresh)
+    base = _render(fresh, family)
     fresh.load_lora_weights(tmp_path / "lora")
     if len(experts) > 1:  # the low-noise expert's file, loaded as diffusers loads a Wan 2.2 LoRA into transformer_2
-        high_only = _render(fresh)
+        high_only = _render(fresh, family)
         assert np.abs(high_only - trained).max() > 1e-3 and np.abs(high_only - base).max() > 1e-3
         fresh.load_lora_weights(
             tmp_path / "lora", weight_name=adapter_file("transformer_2", "transformer"), load_into_transformer_2=True
         )
-    _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh), base)
+    _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh, family), base)
 
 
 def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
@@ -162,7 +175,7 @@ def test_valid_frame_counts(family_model):
 def test_unknown_family_and_non_diffusers_folder(tmp_path):
     with pytest.raises(
         ValueError,
-        match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, wan",
+        match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, ltx-video-i2v, wan",
     ):
         get_family("sora")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
@@ -188,7 +201,7 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
     def loss_fn():
-        return (batch.weighting * (family.predict(pipe, batch, text, denoiser) - batch.target) ** 2).mean()
+        return denoising_loss(family.predict(pipe, batch, text, denoiser), batch)
 
     first = loss_fn().item()
     for _ in range(8):
@@ -199,11 +212,11 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     assert all(torch.equal(p, frozen[n]) for n, p in denoiser.named_parameters() if n in frozen)
 
     denoiser.save_pretrained(tmp_path / "denoiser")
-    trained = _render(pipe)
+    trained = _render(pipe, family)
     fresh = family.load_pipeline(str(folder))
-    base = _render(fresh)
+    base = _render(fresh, family)
     setattr(fresh, family.denoiser_name, type(denoiser).from_pretrained(tmp_path / "denoiser"))
-    _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh), base)
+    _assert_loaded_weights_are_the_trained_ones(trained, _render(fresh, family), base)
 
 
 def test_select_trainable_names_an_example_when_nothing_matches():

@@ -234,3 +234,37 @@ def test_settings_that_do_not_apply_to_the_family_are_refused_by_name():
         get_family("cogvideox").objective(_pipe("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"))
     with pytest.raises(ValueError, match="flow_shift: .* declares no flow-matching shift"):
         wan.objective(_pipe("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+
+
+def test_first_frame_conditioning_keeps_frame_zero_clean_at_timestep_zero_and_out_of_the_loss():
+    """Image-to-video training inputs (LTX-Video I2V, Wan 2.2 TI2V): the noise level each latent frame got is
+    recovered from the tensors (noisy = x + s (n - x), target = n - x), not from the schedule."""
+    from vidtune.training.families.objectives import denoising_loss
+
+    objective = get_family("ltx-video-i2v").objective(_pipe("Lightricks/LTX-Video"))
+    latents = _latents()
+    inputs = objective.inputs(latents, torch.Generator().manual_seed(1))
+    per_frame = (1, 3, 4)  # least squares per (sample, frame) of noisy - x = s * target
+    levels = ((inputs.noisy - latents) * inputs.target).sum(per_frame) / (inputs.target**2).sum(per_frame)
+    assert torch.allclose(inputs.noisy[:, :, 0], latents[:, :, 0])  # frame 0: the clean latent
+    assert levels[:, 0].abs().max() < 1e-5 and (levels[:, 1:] > 0.01).all()
+    assert torch.allclose(levels[:, 1:], levels[:, 1:2].expand(-1, 2), atol=1e-4)  # one level for the later frames
+    assert torch.allclose(inputs.timesteps.double(), levels * 1000, atol=0.1)  # per-frame timesteps: 0, then t
+    assert inputs.timesteps.shape == (4, 3)
+
+    pred = torch.randn_like(latents)
+    moved = pred.clone()
+    moved[:, :, 0] += 100  # frame 0's prediction is not learned
+    assert denoising_loss(moved, inputs) == denoising_loss(pred, inputs)
+    expected = ((pred[:, :, 1:] - inputs.target[:, :, 1:]) ** 2).mean()
+    assert torch.allclose(denoising_loss(pred, inputs).double(), expected)
+    plain = objective.objective.inputs(latents, torch.Generator().manual_seed(1))  # no mask: the mean of all
+    assert torch.allclose(denoising_loss(pred, plain).double(), ((pred - plain.target) ** 2).mean())
+
+
+def test_per_frame_timesteps_become_per_token_frame_by_frame():
+    from vidtune.training.families.objectives import token_timesteps
+
+    per_frame = torch.tensor([[0.0, 500.0, 500.0]])
+    assert token_timesteps(per_frame, 2).tolist() == [[0, 0, 500, 500, 500, 500]]
+    assert token_timesteps(torch.tensor([300.0]), 2).tolist() == [300]

@@ -153,7 +153,11 @@ class RunTarget(BaseModel):
         description="Base model: a local diffusers folder or a hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
     )
     out: str = Field(description="Run folder: adapter/ (or model/), checkpoints/, samples/.")
-    family: str | None = Field(None, description="Model family; default: detected from the model's model_index.json.")
+    family: str | None = Field(
+        None,
+        description="Model family; default: detected from the model's model_index.json. Set ltx-video-i2v to train "
+        "LTX-Video's image-to-video (first-frame) conditioning on an LTX-Video checkpoint.",
+    )
     data_source: Literal["cache", "shards"] = Field(
         "cache", description="cache: train on precomputed latents; shards: encode clips every step."
     )

@@ -42,7 +42,7 @@ from vidtune.training.experts import (
     pick_expert,
 )
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
-from vidtune.training.families.objectives import check_objective_params
+from vidtune.training.families.objectives import check_objective_params, denoising_loss
 from vidtune.training.files import write_json_atomic
 from vidtune.training.layout import RunLayout
 from vidtune.training.params import RunTarget, TrainParams
@@ -133,8 +133,7 @@ def batch_loss(
     latents = family.sample_latents(pipe, moments)
     ranged = expert is not None and (expert.low, expert.high) != (0.0, 1.0)
     inputs = objective.inputs(latents, within=(expert.low, expert.high)) if ranged else objective.inputs(latents)
-    pred = family.predict(pipe, inputs, text, denoiser=denoiser)
-    return (inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2).mean()
+    return denoising_loss(family.predict(pipe, inputs, text, denoiser=denoiser), inputs)
 
 
 class Trainer:
@@ -154,6 +153,7 @@ class Trainer:
 
         job, params, family, layout = self.job, self.params, self.family, self.layout
         check_objective_params(family.objective_kind, params, family.name)
+        family.check_samples_possible(params.validation.prompts)
         if params.resume is None and find_latest(layout.checkpoints):
             raise ValueError(
                 f"out: {layout.root} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder"

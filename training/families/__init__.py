@@ -11,6 +11,7 @@ from vidtune.training.families.base import ModelFamily, TextEmbeddings, Training
 from vidtune.training.families.cogvideox import CogVideoXFamily
 from vidtune.training.families.hunyuan_video import HunyuanVideoFamily
 from vidtune.training.families.ltx import LtxFamily
+from vidtune.training.families.ltx_i2v import LtxImageToVideoFamily
 from vidtune.training.families.wan import WanFamily
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -18,6 +19,7 @@ FAMILIES: dict[str, ModelFamily] = {
     for family in (
         WanFamily(),
         LtxFamily(),
+        LtxImageToVideoFamily(),
         CogVideoXFamily(),
         HunyuanVideoFamily(),
         AnimateDiffFamily(),

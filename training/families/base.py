@@ -28,6 +28,7 @@ class TrainingInputs:
     timesteps: torch.Tensor
     target: torch.Tensor
     weighting: torch.Tensor  # per-sample loss weight, broadcastable to target
+    loss_mask: torch.Tensor | None = None  # 1 where the target is learned, broadcastable to target; None: everywhere
 
 
 class ModelFamily(ABC):
@@ -48,6 +49,7 @@ class ModelFamily(ABC):
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # left out of training when prompts are cached
     temporal_compression: ClassVar[int] = 4  # the VAE keeps the first frame and compresses the rest this much
     comfyui_keys: ClassVar[ComfyUIKeys | None] = None  # diffusers -> ComfyUI module names; None: ComfyUI has no loader
+    image_conditioned: ClassVar[bool] = False  # image-to-video: the pipeline takes `image=`, the video's first frame
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -78,6 +80,34 @@ class ModelFamily(ABC):
 
         return getattr(diffusers, self.pipeline_class_name).from_pretrained(model, dtype=dtype, **components)
 
+    def sampling_arguments(self, image=None) -> dict:
+        """The pipeline call's conditioning arguments besides the prompt: `image` (a PIL image) for an
+        image-to-video family, which needs one; refused for a text-to-video family."""
+        if image is not None and not self.image_conditioned:
+            raise ValueError(
+                f"image: {self.title} ({self.name}) generates from text only; leave out the image, or use a model "
+                f"trained with an image-to-video family ({', '.join(image_families())})"
+            )
+        if image is None and self.image_conditioned:
+            raise ValueError(
+                f"image: {self.title} ({self.name}) generates from a conditioning image, the video's first frame; "
+                "pass one (vidtune generate --image PATH)"
+            )
+        return {} if image is None else {"image": image}
+
+    def check_samples_possible(self, validation_prompts: list[str], run_evaluation: bool = False) -> None:
+        """Refuse, before any work, what an image-to-video run cannot do yet: render validation samples or evaluate
+        (both need a conditioning image per prompt; planned: the held-out clips' first frames)."""
+        if not self.image_conditioned:
+            return
+        for setting, on in (("validation.prompts", bool(validation_prompts)), ("run_evaluation", run_evaluation)):
+            if on:
+                raise ValueError(
+                    f"{setting}: {self.title} ({self.name}) renders from a conditioning image, which validation "
+                    "samples and evaluation cannot give it yet; leave validation.prompts empty and set "
+                    "run_evaluation=false (render with `vidtune generate --image PATH` instead)"
+                )
+
     def valid_num_frames(self, frames: int) -> bool:
         return frames >= 1 and (frames - 1) % self.temporal_compression == 0
 
@@ -104,3 +134,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         """The denoiser's output for `inputs`; `denoiser` overrides the pipeline's own (e.g. its DDP wrapper)."""
+
+
+def image_families() -> list[str]:
+    """The registered image-to-video families' names, for messages."""
+    from vidtune.training.families import FAMILIES
+
+    return sorted(name for name, family in FAMILIES.items() if family.image_conditioned)

@@ -6,7 +6,7 @@ import torch
 
 from vidtune.training.comfyui import ComfyUIKeys, Rule, same_names
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
-from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
+from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior, token_timesteps
 from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
 
 LTX = "Lightricks/LTX-Video"
@@ -99,7 +99,7 @@ class LtxFamily(ModelFamily):
         out = (pipe.transformer if denoiser is None else denoiser)(
             hidden_states=packed,
             encoder_hidden_states=text.embeds,
-            timestep=inputs.timesteps,
+            timestep=token_timesteps(inputs.timesteps, packed.shape[1] // frames),
             encoder_attention_mask=text.mask,
             num_frames=frames,
             height=height,

@@ -14,7 +14,7 @@ VP sigmas up to ~157 beside `use_flow_sigmas`, Euler-type schedulers add `x + si
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Literal
 
@@ -283,6 +283,49 @@ class VariancePreserving:
         if self.prediction_type == "v_prediction":
             return clipped / (snr + 1)
         return torch.where(snr > 0, clipped / snr.clamp(min=1e-12), torch.ones_like(snr))  # zero terminal SNR: weight 1
+
+
+def condition_on_first_frame(inputs: TrainingInputs, latents: torch.Tensor) -> TrainingInputs:
+    """First-frame (image-to-video) conditioning of `inputs` drawn for clean `latents` (batch, channels, frames, h,
+    w), as LTX-Video's and Wan 2.2 TI2V's image-to-video pipelines sample: latent frame 0 is the clean latent with
+    timestep 0, the other frames keep their noise level t; timesteps become per latent frame (batch, frames), and
+    the loss covers frames 1.. only (frame 0 is given, not predicted)."""
+    batch, frames = latents.shape[0], latents.shape[2]
+    noisy = torch.cat([latents[:, :, :1], inputs.noisy[:, :, 1:]], dim=2)
+    timesteps = inputs.timesteps.reshape(batch, 1).expand(batch, frames).clone()
+    timesteps[:, 0] = 0
+    mask = torch.ones(batch, 1, frames, 1, 1, dtype=latents.dtype, device=latents.device)
+    mask[:, :, 0] = 0
+    return replace(inputs, noisy=noisy, timesteps=timesteps, loss_mask=mask)
+
+
+def token_timesteps(timesteps: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Per-frame timesteps (batch, frames) -> per-token (batch, frames * tokens_per_frame), for a transformer whose
+    tokens are packed frame by frame; per-sample ones (batch,) pass through."""
+    return timesteps if timesteps.ndim == 1 else timesteps.repeat_interleave(tokens_per_frame, dim=1)
+
+
+@dataclass(frozen=True)
+class FirstFrameConditioned:
+    """An objective whose inputs are conditioned on the clip's first frame (`condition_on_first_frame`); the noise
+    levels are the wrapped objective's."""
+
+    objective: FlowMatching
+
+    def sigmas(self, *args, **kwargs) -> torch.Tensor:
+        return self.objective.sigmas(*args, **kwargs)
+
+    def inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None, within=None) -> TrainingInputs:
+        return condition_on_first_frame(self.objective.inputs(latents, generator, within), latents)
+
+
+def denoising_loss(pred: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
+    """Weighted squared error against the target: the mean over every element, or over those `loss_mask` keeps."""
+    error = inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2
+    if inputs.loss_mask is None:
+        return error.mean()
+    mask = inputs.loss_mask.float().expand_as(error)
+    return (error * mask).sum() / mask.sum().clamp(min=1)
 
 
 def sample_posterior(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
