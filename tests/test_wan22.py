@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_families import _render
+from tests.test_families import _render as _render_family
 from vidtune.evaluation.pyfunc import build_pipeline
 from vidtune.training.adapters import ADAPTER_FILE, comfyui_file, load_adapter
 from vidtune.training.cache import PrecomputeParams, precompute
@@ -76,6 +76,10 @@ class ObservedTrainer(Trainer):
                     timesteps.extend(kwargs["timestep"].flatten().tolist())
 
             module.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def _render(pipe) -> np.ndarray:
+    return _render_family(pipe, get_family("wan"))
 
 
 def test_the_5b_refuses_clip_sizes_its_vae_and_patches_do_not_divide_naming_the_setting(tiny):
