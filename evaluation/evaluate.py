@@ -1,5 +1,6 @@
 """Evaluate a finished run: base vs adapted samples from the same noise, held-out validation loss, CLIP
-alignment, frame consistency, flicker, motion, and FVD when an I3D TorchScript file is given. Writes
+alignment, frame consistency, flicker, motion, and FVD when an I3D TorchScript file is given; an image-to-video run
+renders from the same conditioning images as its validation samples and adds first-frame fidelity. Writes
 RUN/evaluation/{metrics.json, report.md, contact_sheet.png, samples/}."""
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import numpy as np
 import torch
 
 from vidtune.evaluation.metrics import (
+    IMAGE_METRICS,
     METRICS,
     clip_alignment,
+    first_frame_psnr,
     frame_consistency,
     frechet_distance,
     mean,
@@ -27,7 +30,7 @@ from vidtune.training.devices import placement
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
 from vidtune.training.layout import DatasetLayout, RunLayout
-from vidtune.training.sampling import SampleSettings, render_videos
+from vidtune.training.sampling import SampleSettings, conditioning_images, render_videos
 from vidtune.training.trainer import TrainJob
 
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
@@ -45,6 +48,15 @@ def _video_metrics(
     if motion is not None:
         out["motion"] = mean([motion(video, 1 / fps) for video in videos])
     return out
+
+
+def _first_frame_fidelity(videos: list[np.ndarray], images: list) -> float | None:
+    """Mean first-frame PSNR of `videos` against their conditioning `images` (PIL), each resized to its video's
+    size as the pipeline resizes it."""
+    from PIL import Image
+
+    fitted = [np.asarray(i.resize((v.shape[2], v.shape[1]), Image.Resampling.LANCZOS)) for v, i in zip(videos, images)]
+    return mean([first_frame_psnr(video, image) for video, image in zip(videos, fitted)])
 
 
 def _i3d_features(i3d_path: str, videos: list[np.ndarray]) -> np.ndarray:
@@ -80,6 +92,11 @@ def evaluate_run(
     family = get_family(job.family)
     heldout = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
     real = _real_videos(job) if i3d_path else []
+    validation = job.params.validation
+    images = conditioning_images(
+        family, len(settings.prompts), validation.images, job.curated_shards(), job.holdout_clip_ids
+    )  # image-to-video: base and adapted start from the same images as the run's validation samples
+    conditioning = None if images is None else [family.sampling_arguments(image) for image in images]
 
     results, videos = {}, {}
     device, dtype = placement()
@@ -95,12 +112,15 @@ def evaluate_run(
         loss = (
             heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None
         )  # before sampling sets inference timesteps
-        videos[label] = render_videos(pipe, settings, layout.evaluation_samples, label)
+        videos[label] = render_videos(pipe, settings, layout.evaluation_samples, label, conditioning=conditioning)
         results[label] = {
             **_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps),
             "val_loss": loss,
         }
-    results = {f"{name}_{label}": results[label].get(name) for name in METRICS[:-1] for label in ("base", "adapted")}
+        if images is not None:
+            results[label]["first_frame_psnr"] = _first_frame_fidelity(videos[label], images)
+    measured = [name for name in METRICS if name != "fvd"] + (list(IMAGE_METRICS) if images is not None else [])
+    results = {f"{name}_{label}": results[label].get(name) for name in measured for label in ("base", "adapted")}
     fvd_note = "not computed: pass evaluation.i3d_path (an I3D TorchScript file) to compute FVD"
     if i3d_path and len(real) >= 2 and len(settings.prompts) >= 2:
         for label in ("base", "adapted"):

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from vidtune.evaluation.pyfunc import build_pipeline, render
 from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
 from vidtune.training.families import get_family
-from vidtune.training.media import write_gif, write_mp4
+from vidtune.training.media import read_image, write_gif, write_mp4
 from vidtune.training.tracking import default_tracking_uri, point_mlflow_at, vidtune_home
 
 
@@ -111,17 +111,6 @@ def load_registered_pipeline(
     info = resolve(model_uri, tracking_uri)
     config, artifacts = model_files(fetch(model_uri, info, tracking_uri))
     return build_pipeline(config, artifacts, base_model=base_model, device=device, lora_scale=lora_scale), config
-
-
-def read_image(path: str | Path):
-    """A conditioning image as RGB (PIL), or a ValueError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(Path(path).expanduser()) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"image: {path} is not an image file this machine can read ({type(exc).__name__})") from exc
 
 
 def generate(

@@ -4,6 +4,8 @@
 - frame_consistency: mean cosine between CLIP image embeddings of consecutive frames (1 = no change).
 - temporal_flicker: mean absolute difference of consecutive frames in grey levels 0-255 (VBench's temporal
   flickering measure before its rescaling; lower = steadier).
+- first_frame_psnr: PSNR in dB of an image-to-video sample's first frame against its conditioning image (resized
+  to the sample's size); higher = the video starts closer to the given frame. Image-to-video runs only.
 - frechet_distance: the Fréchet distance between Gaussians fitted to two feature sets (FVD on I3D features).
 """
 
@@ -12,7 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
-LOWER_IS_BETTER, HIGHER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}, {"clip_alignment", "frame_consistency"}
+IMAGE_METRICS = ("first_frame_psnr",)  # measured, and reported, for image-to-video runs only
+LOWER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}
+HIGHER_IS_BETTER = {"clip_alignment", "frame_consistency", "first_frame_psnr"}
+PSNR_CAP = 100.0  # dB reported for identical frames (PSNR is infinite there)
 
 
 def clip_alignment(frame_embeddings: np.ndarray, text_embedding: np.ndarray) -> float:
@@ -31,6 +36,12 @@ def temporal_flicker(frames: np.ndarray) -> float:
     if len(frames) < 2:
         return 0.0
     return float(np.abs(np.diff(frames.astype(np.float32), axis=0)).mean())
+
+
+def first_frame_psnr(frames: np.ndarray, image: np.ndarray) -> float:
+    """uint8 (frames, h, w, 3) and the conditioning image as uint8 (h, w, 3), the same size."""
+    error = np.mean((frames[0].astype(np.float64) - image.astype(np.float64)) ** 2)
+    return float(min(PSNR_CAP, 10 * np.log10(255.0**2 / error))) if error > 0 else PSNR_CAP
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

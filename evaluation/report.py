@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from vidtune.evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRICS
+from vidtune.evaluation.metrics import HIGHER_IS_BETTER, IMAGE_METRICS, LOWER_IS_BETTER, METRICS
 from vidtune.training.layout import RunLayout
 
 
@@ -18,9 +18,10 @@ def _fmt(value) -> str:
 
 def metric_rows(results: dict) -> list[dict]:
     """One row per metric: base, adapted, delta (None where not computed) and whether adapted is better (the
-    Prefect table artifact `evaluation-metrics`, and the markdown report)."""
+    Prefect table artifact `evaluation-metrics`, and the markdown report); image-to-video metrics where measured."""
     rows = []
-    for name in METRICS:
+    measured = [name for name in IMAGE_METRICS if f"{name}_base" in results or f"{name}_adapted" in results]
+    for name in (*METRICS, *measured):
         base, adapted = results.get(f"{name}_base"), results.get(f"{name}_adapted")
         delta = adapted - base if base is not None and adapted is not None else None
         better = (

@@ -194,7 +194,9 @@ def finetune(
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
     comfyui_export(family, params.export_comfyui)  # export_comfyui=true for a family ComfyUI cannot load: refused
     check_objective_params(family.objective_kind, params, family.name)
-    family.check_samples_possible(params.validation.prompts, params.run_evaluation)
+    family.check_samples_possible(
+        params.validation.prompts, params.validation.images, params.run_evaluation, params.holdout_clips
+    )
     if params.experts is not None:  # refused for a one-denoiser model, before any data is read
         check_experts(params.experts, model_index(params.model), params.model)
     curated = curate(params.curate) if params.curate is not None else None

@@ -4,6 +4,7 @@ pipeline starts the video from the conditioning image."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,13 +137,111 @@ def test_an_image_file_conditions_what_generate_renders(ltx_folder, tmp_path):
         read_image(tmp_path / "notes.png")
 
 
-def test_validation_samples_and_evaluation_are_refused_up_front_naming_the_setting():
-    """Until validation and evaluation give an image-to-video run its conditioning images, asking for them fails
-    before any work, naming the setting, instead of deep inside the first sample render."""
-    i2v, t2v = get_family("ltx-video-i2v"), get_family("ltx-video")
-    with pytest.raises(ValueError, match=r"^validation\.prompts: .*leave validation\.prompts empty"):
-        i2v.check_samples_possible(["a red car"])
-    with pytest.raises(ValueError, match=r"^run_evaluation: .*run_evaluation=false"):
-        i2v.check_samples_possible([], run_evaluation=True)
-    i2v.check_samples_possible([])  # training alone is fine
-    t2v.check_samples_possible(["a red car"], run_evaluation=True)
+def test_samples_with_no_conditioning_image_and_bad_images_are_refused_up_front_naming_the_setting(tmp_path):
+    """Samples of an image-to-video run start from validation.images, else the held-out clips' first frames; with
+    neither, or with an image that is not one, the run fails before any work, naming the setting."""
+    for prompts, evaluate in ((["a red car"], False), ([], True)):
+        with pytest.raises(ValueError, match=r"^holdout_clips: .*first frames or validation\.images.*holdout_clips"):
+            I2V.check_samples_possible(prompts, [], run_evaluation=evaluate, holdout_clips=0)
+    I2V.check_samples_possible(["a red car"], [], run_evaluation=True, holdout_clips=1)
+    I2V.check_samples_possible([], [])  # training alone needs no image
+    _image().save(tmp_path / "first.png")
+    I2V.check_samples_possible(["a red car"], [str(tmp_path / "first.png")], run_evaluation=True)
+    with pytest.raises(ValueError, match=r"^validation\.images: .*missing\.png does not exist"):
+        I2V.check_samples_possible(["a red car"], [str(tmp_path / "missing.png")], holdout_clips=2)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"^validation\.images: .*notes\.png is not an image file"):
+        I2V.check_samples_possible(["a red car"], [str(tmp_path / "notes.png")], holdout_clips=2)
+    with pytest.raises(ValueError, match=r"^validation\.images: LTX-Video \(ltx-video\) generates from text only"):
+        T2V.check_samples_possible(["a red car"], [str(tmp_path / "first.png")])
+    T2V.check_samples_possible(["a red car"], [], run_evaluation=True)
+
+
+def test_first_frame_psnr_measures_the_first_frame_only():
+    from vidtune.evaluation.metrics import PSNR_CAP, first_frame_psnr
+
+    image = np.full((8, 8, 3), 100, dtype=np.uint8)
+    video = np.stack([image, np.zeros_like(image)])  # only frame 0 counts
+    assert first_frame_psnr(video, image) == PSNR_CAP
+    off_by_ten = np.stack([image + 10, image])
+    assert first_frame_psnr(off_by_ten, image) == pytest.approx(10 * np.log10(255**2 / 100))
+
+
+def _heldout_first_frames(shards: list[str], clip_ids: list[str]) -> list[np.ndarray]:
+    """Each clip's first frame, decoded here with PyAV from the curated shard's MP4 (not the code under test)."""
+    import io
+    import tarfile
+
+    import av
+
+    frames = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                clip_id, _, ext = member.name.rpartition(".")
+                if ext == "mp4" and clip_id in clip_ids:
+                    with av.open(io.BytesIO(tar.extractfile(member).read())) as container:
+                        frames[clip_id] = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    return [frames[clip_id] for clip_id in clip_ids]
+
+
+def test_validation_and_evaluation_start_from_the_held_out_clips_first_frames(
+    curated, ltx_folder, tmp_path, monkeypatch
+):
+    """Validation samples and evaluation of an image-to-video run: each prompt's video starts from a held-out clip's
+    first frame (cycling: three prompts, two clips), base and adapted from the same ones, and the metrics gain
+    first-frame fidelity for both."""
+    from diffusers import LTXImageToVideoPipeline
+
+    from vidtune.evaluation.evaluate import evaluate_run
+    from vidtune.training.data import summarize_dataset
+    from vidtune.training.layout import RunLayout
+    from vidtune.training.params import TrainParams
+    from vidtune.training.sampling import SampleSettings
+    from vidtune.training.trainer import TrainJob, train
+
+    given = []
+    render = LTXImageToVideoPipeline.__call__
+
+    def recording(self, *args, **kwargs):  # the image each sample is rendered from, as the pipeline receives it
+        given.append(kwargs.get("image"))
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(LTXImageToVideoPipeline, "__call__", recording)
+    output, _, _ = curated
+    dataset = summarize_dataset(output, [9], I2V.name)
+    heldout = dataset.holdout(2)
+    prompts = ["a red car", "a blue sky", "a green tree"]
+    validation = {"prompts": prompts, "every": 2, "inference_steps": 2}
+    params = TrainParams(rank=4, learning_rate=1e-3, mixed_precision="no", max_steps=2, validation=validation)
+    job = TrainJob(
+        model=str(ltx_folder),
+        family=I2V.name,
+        out=str(tmp_path / "run"),
+        data_source="shards",
+        shards=dataset.shards,
+        frame_buckets=[9],
+        sample_size=(9, 64, 64),
+        params=params,
+        holdout_clip_ids=heldout,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    )
+    RunLayout(tmp_path / "run").write_train_job(job)  # as the finetune flow does: evaluation reads it
+    train(job)
+    assert (tmp_path / "run" / "samples" / "step-000002" / "sample-02.mp4").stat().st_size > 0
+    first = _heldout_first_frames(dataset.shards, heldout)
+    assert np.abs(first[0].astype(float) - first[1]).mean() > 5  # the two clips' first frames tell apart
+
+    def assert_started_from_heldout_frames(images) -> None:
+        assert len(images) == len(prompts) and all(image is not None for image in images)
+        for index, image in enumerate(images):
+            assert np.abs(np.asarray(image, dtype=float) - first[index % 2]).mean() < 2, index
+
+    assert_started_from_heldout_frames(given)
+    given.clear()
+    settings = SampleSettings(prompts, 9, 64, 64, inference_steps=2, guidance_scale=1.0, seed=42, fps=8)
+    metrics = evaluate_run(tmp_path / "run", settings, draws=1)
+    assert_started_from_heldout_frames(given[:3])
+    assert_started_from_heldout_frames(given[3:])  # adapted: the same images as base
+    assert np.isfinite(metrics["first_frame_psnr_base"]) and np.isfinite(metrics["first_frame_psnr_adapted"])
+    assert "| first_frame_psnr |" in (tmp_path / "run" / "evaluation" / "report.md").read_text()

@@ -98,6 +98,7 @@ def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs, prefect_ap
             assert sum(1 for _ in container.decode(video=0)) == 9
     report = (evaluation / "report.md").read_text()
     assert "| val_loss |" in report and "contact_sheet.png" in report
+    assert "first_frame_psnr" not in report and not any("first_frame" in key for key in metrics)  # image-to-video only
     import httpx
 
     body = {"artifacts": {"key": {"any_": ["evaluation"]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"}

@@ -297,6 +297,20 @@ def read_clips(source: str, shards: list[str], buckets: list[int], clip_ids: set
             yield collate([to_item(sample, key)])
 
 
+def first_frames(shards: list[str], clip_ids: list[str]) -> list:
+    """The first frame (PIL, RGB) of each of `clip_ids` in the curated `shards`, in the order of `clip_ids` (those
+    not found left out): an image-to-video run's conditioning images. Only these clips' videos are decoded."""
+    from PIL import Image
+
+    from vidtune.training.media import FrameReader
+
+    wanted, found = set(clip_ids), {}
+    for sample in wds.tarfile_to_samples()(iter([{"url": url} for url in sorted(shards)])):
+        if sample["__key__"] in wanted and "mp4" in sample:
+            found[sample["__key__"]] = Image.fromarray(FrameReader(sample["mp4"]).get([0])[0])
+    return [found[clip_id] for clip_id in clip_ids if clip_id in found]
+
+
 def make_stream(source: str, shards: list[str], buckets: list[int], **kwargs) -> BucketedStream:
     """`source` "cache": shards of the latent cache; "shards": curated shards, decoded to video tensors."""
     if source == "cache":

@@ -49,6 +49,22 @@ class FrameReader:
         return np.stack([frames[i] for i in indices])
 
 
+def read_image(path: str | Path, setting: str = "image") -> Image.Image:
+    """A conditioning image as RGB, or a ValueError naming `setting` and the file."""
+    from PIL import UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{setting}: {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(
+            f"{setting}: {path} is not an image file this machine can read ({type(exc).__name__})"
+        ) from exc
+
+
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """(frames, h, w, 3) floats in [0, 1] -> uint8."""
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)

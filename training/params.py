@@ -34,6 +34,11 @@ class ValidationParams(SamplingParams):
         description="Prompts rendered every `every` steps ({trigger}: the dataset's trigger word; none: no samples).",
     )
     every: int = Field(250, ge=1, description="Render validation samples every N optimizer steps (and at the end).")
+    images: list[str] = Field(
+        default_factory=list,
+        description="Image-to-video families: image files the samples start from (first frames), one per prompt in "
+        "turn, cycling; evaluation uses them too. Default: the held-out clips' first frames.",
+    )
     fps: int = Field(FPS, ge=1, description="Frame rate of the written MP4/GIF.")
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from vidtune.training.cache import load_prompt
-from vidtune.training.families import TextEmbeddings
+from vidtune.training.data import first_frames
+from vidtune.training.families import ModelFamily, TextEmbeddings
 from vidtune.training.files import write_json_atomic
-from vidtune.training.media import to_uint8, write_gif, write_mp4
+from vidtune.training.media import read_image, to_uint8, write_gif, write_mp4
 from vidtune.training.params import ValidationParams
 
 
@@ -59,11 +60,35 @@ def prompt_arguments(text: TextEmbeddings, negative: TextEmbeddings, like: torch
     return args
 
 
+def conditioning_images(
+    family: ModelFamily, count: int, images: list[str], shards: list[str], holdout_clip_ids: list[str]
+) -> list | None:
+    """The conditioning image (PIL) of each of `count` samples of an image-to-video family: `images` (files) in
+    turn, else the held-out clips' first frames from the curated `shards`, cycling; None for text-to-video (and
+    when there is nothing to render)."""
+    if not family.image_conditioned or not count:
+        return None
+    pictures = [read_image(path, "validation.images") for path in images] or first_frames(shards, holdout_clip_ids)
+    if not pictures:
+        raise ValueError(
+            f"holdout_clips: {family.title} ({family.name}) renders samples from conditioning images, and none of "
+            f"the {len(holdout_clip_ids)} held-out clips is in the curated shards; hold clips out (holdout_clips) "
+            "or give validation.images"
+        )
+    return [pictures[index % len(pictures)] for index in range(count)]
+
+
 def render_videos(
-    pipe, settings: SampleSettings, out_dir: Path, label: str, prompt_cache: Path | None = None
+    pipe,
+    settings: SampleSettings,
+    out_dir: Path,
+    label: str,
+    prompt_cache: Path | None = None,
+    conditioning: list[dict] | None = None,
 ) -> list[np.ndarray]:
     """`out_dir/{label}-NN.mp4|gif`, one per prompt, each from `settings.seed` (the same noise every time). With
-    `prompt_cache` (see `vidtune.training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder."""
+    `prompt_cache` (see `vidtune.training.cache.cache_prompts`) the prompts' stored embeddings are used: no text encoder.
+    `conditioning`: per prompt, the family's `sampling_arguments` (an image-to-video family's image)."""
     pipe.set_progress_bar_config(disable=True)
     videos = []
     like = next(pipe.vae.parameters())
@@ -84,6 +109,7 @@ def render_videos(
                 guidance_scale=settings.guidance_scale,
                 generator=torch.Generator().manual_seed(settings.seed),
                 output_type="np",
+                **(conditioning[index] if conditioning else {}),
             ).frames[0]
             video = to_uint8(frames)
             write_mp4(video, out_dir / f"{label}-{index:02d}.mp4", settings.fps)
@@ -99,9 +125,10 @@ def render_samples(
     size: tuple[int, int, int],
     out_dir: Path,
     prompt_cache: Path | None = None,
+    conditioning: list[dict] | None = None,
 ) -> None:
-    """Validation samples `out_dir/sample-NN.mp4|gif`. Training's RNG streams are left exactly as they were, so a
-    run with validation trains like one without."""
+    """Validation samples `out_dir/sample-NN.mp4|gif` (`conditioning`: see `render_videos`). Training's RNG streams
+    are left exactly as they were, so a run with validation trains like one without."""
     settings = SampleSettings(
         params.prompts,
         params.num_frames or size[0],
@@ -118,7 +145,7 @@ def render_samples(
         denoiser.eval()
     try:
         with torch.random.fork_rng(devices=devices):
-            render_videos(pipe, settings, out_dir, "sample", prompt_cache)
+            render_videos(pipe, settings, out_dir, "sample", prompt_cache, conditioning)
     finally:
         for denoiser, mode in zip(denoisers, was_training):
             denoiser.train(mode)

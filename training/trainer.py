@@ -44,9 +44,9 @@ from vidtune.training.experts import (
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
 from vidtune.training.families.objectives import check_objective_params, denoising_loss
 from vidtune.training.files import write_json_atomic
-from vidtune.training.layout import RunLayout
+from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.params import RunTarget, TrainParams
-from vidtune.training.sampling import render_samples
+from vidtune.training.sampling import conditioning_images, render_samples
 from vidtune.training.tracking import RunTracker, flatten
 from vidtune.training.trainable import make_optimizer, make_trainable
 
@@ -73,6 +73,13 @@ class TrainJob(RunTarget):
         description="clip id -> times per epoch, from params.repeats and image_fraction (others: once; 0: left out)",
     )
     tags: dict[str, str] = Field(default_factory=dict)
+
+    def curated_shards(self) -> list[str]:
+        """The curated shards (video, not latents) the clips come from: the job's own when it encodes on the fly,
+        else the dataset's (`tags["data"]`); none when unknown."""
+        if self.data_source == "shards":
+            return self.shards
+        return DatasetLayout(Path(self.tags["data"])).shard_files() if "data" in self.tags else []
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,7 +160,8 @@ class Trainer:
 
         job, params, family, layout = self.job, self.params, self.family, self.layout
         check_objective_params(family.objective_kind, params, family.name)
-        family.check_samples_possible(params.validation.prompts)
+        validation = params.validation
+        family.check_samples_possible(validation.prompts, validation.images, holdout_clips=len(job.holdout_clip_ids))
         if params.resume is None and find_latest(layout.checkpoints):
             raise ValueError(
                 f"out: {layout.root} holds checkpoints of an earlier run; continue it with resume=latest, or choose a new out folder"
@@ -184,6 +192,10 @@ class Trainer:
             self.empty_prompt = (
                 load_prompt(self.prompt_cache, "") if self.prompt_cache else family.encode_prompts(self.pipe, [""])
             )
+        images = conditioning_images(
+            family, len(validation.prompts), validation.images, job.curated_shards(), job.holdout_clip_ids
+        )  # image-to-video: what each validation sample starts from
+        self.sample_conditioning = None if images is None else [family.sampling_arguments(i) for i in images]
         self.objective = family.objective(
             self.pipe, params
         )  # from the model's config, before sampling touches the scheduler
@@ -345,6 +357,7 @@ class Trainer:
                     self.job.sample_size,
                     folder,
                     self.prompt_cache,
+                    self.sample_conditioning,
                 )
             self.tracker.log_artifacts(folder, f"samples/{folder.name}")
 

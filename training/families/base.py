@@ -95,18 +95,32 @@ class ModelFamily(ABC):
             )
         return {} if image is None else {"image": image}
 
-    def check_samples_possible(self, validation_prompts: list[str], run_evaluation: bool = False) -> None:
-        """Refuse, before any work, what an image-to-video run cannot do yet: render validation samples or evaluate
-        (both need a conditioning image per prompt; planned: the held-out clips' first frames)."""
-        if not self.image_conditioned:
-            return
-        for setting, on in (("validation.prompts", bool(validation_prompts)), ("run_evaluation", run_evaluation)):
-            if on:
-                raise ValueError(
-                    f"{setting}: {self.title} ({self.name}) renders from a conditioning image, which validation "
-                    "samples and evaluation cannot give it yet; leave validation.prompts empty and set "
-                    "run_evaluation=false (render with `vidtune generate --image PATH` instead)"
-                )
+    def check_samples_possible(
+        self,
+        validation_prompts: list[str],
+        validation_images: list[str],
+        run_evaluation: bool = False,
+        holdout_clips: int = 0,
+    ) -> None:
+        """Refuse, before any work, samples (validation, evaluation) that cannot render: `validation.images` that are
+        not image files, or given to a text-to-video family; for an image-to-video one, samples with no image to start
+        from (`validation.images`, else the held-out clips' first frames)."""
+        from vidtune.training.media import read_image
+
+        if validation_images and not self.image_conditioned:
+            raise ValueError(
+                f"validation.images: {self.title} ({self.name}) generates from text only; leave validation.images empty"
+            )
+        for path in validation_images:
+            read_image(path, "validation.images")
+        wanted = bool(validation_prompts) or run_evaluation
+        if self.image_conditioned and wanted and not validation_images and not holdout_clips:
+            raise ValueError(
+                f"holdout_clips: {self.title} ({self.name}) renders validation samples and evaluation from "
+                "conditioning images, the held-out clips' first frames or validation.images, and this run has "
+                "neither; set holdout_clips to 1 or more or give validation.images (or leave validation.prompts "
+                "empty and set run_evaluation=false)"
+            )
 
     def valid_num_frames(self, frames: int) -> bool:
         return frames >= 1 and (frames - 1) % self.temporal_compression == 0
