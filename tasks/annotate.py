@@ -20,6 +20,7 @@ from vidtune.tasks.scoring import (
     FramesUnavailable,
     ScoreParams,
     cached_model,
+    evenly_spaced,
     local_version,
     motion_score,
     resolve_device,
@@ -74,7 +75,7 @@ def load_aesthetic_head(scores: ScoreParams, clip: ClipScorer | None) -> Aesthet
 
 
 def _evenly(frames: np.ndarray, count: int) -> np.ndarray:
-    return frames[np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)]
+    return frames[evenly_spaced(len(frames), count)]
 
 
 def embedding_path(clip_dir: Path, clip_id: str) -> Path:

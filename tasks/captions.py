@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vidtune.tasks.records import ClipRecord
+from vidtune.tasks.scoring import evenly_spaced
 
 log = logging.getLogger(__name__)
 TEMPLATE_FIELDS = ("trigger", "sidecar", "vlm", "source_name", "start_s", "end_s", "duration_s")
@@ -201,10 +202,6 @@ class ClipFrames:
         return {"total_num_frames": self.num_frames, "fps": fps, "frames_indices": indices, "duration": duration}
 
 
-def _evenly_spaced(frames: list[np.ndarray], count: int) -> list[np.ndarray]:
-    return [frames[i] for i in np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)]
-
-
 class VlmCaptioner:
     """A transformers image-text-to-text model, loaded once per worker. A chat VLM whose processor takes videos
     (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, ...) is given each clip's frames as a video; an image captioner
@@ -256,7 +253,10 @@ class VlmCaptioner:
     def _grid_inputs(self, clips: list[ClipFrames], prompt: str | None):
         from PIL import Image
 
-        images = [Image.fromarray(tile_frames(_evenly_spaced(c.frames, GRID_MAX_FRAMES))) for c in clips]
+        images = [
+            Image.fromarray(tile_frames([c.frames[i] for i in evenly_spaced(len(c.frames), GRID_MAX_FRAMES)]))
+            for c in clips
+        ]
         if self.chat:
             text = [self._chat_text("image", prompt)] * len(images)
             return self.processor(images=images, text=text, padding=True, return_tensors="pt")

@@ -17,13 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
-import numpy as np
 from PIL import Image
 
 from vidtune.tasks.files import atomic_path
 from vidtune.tasks.manifest import reason_kind
 from vidtune.tasks.output import OutputLayout
 from vidtune.tasks.records import ClipRecord, Status
+from vidtune.tasks.scoring import evenly_spaced
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,11 @@ def contact_sheet(video: Path | typing.IO[bytes], frames: int = SHEET_FRAMES, he
     with av.open(video) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        wanted = set(_evenly(stream.frames, frames)) if stream.frames else None  # None: frame count unknown
+        wanted = set(evenly_spaced(stream.frames, frames)) if stream.frames else None  # None: frame count unknown
         images = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if wanted is None or i in wanted]
     if not images:
         raise ValueError("no frame decoded")
-    return tile_sheet([images[i] for i in _evenly(len(images), frames)], height)
-
-
-def _evenly(total: int, count: int) -> list[int]:
-    return sorted({round(i) for i in np.linspace(0, total - 1, min(count, total))}) if total else []
+    return tile_sheet([images[i] for i in evenly_spaced(len(images), frames)], height)
 
 
 def _clip_video(row: ClipRecord, layout: OutputLayout) -> Path | io.BytesIO | None:

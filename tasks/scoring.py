@@ -63,6 +63,11 @@ class ScoreParams(ClipModelParams):
         return self
 
 
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """Indices of at most `count` evenly spaced items of `total`, first and last included."""
+    return np.linspace(0, total - 1, min(count, total)).round().astype(int).tolist() if total else []
+
+
 class FramesUnavailable(Exception):
     """A clip's frames could not be read back; the message is the manifest reason."""
 
