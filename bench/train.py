@@ -190,8 +190,10 @@ def load_cached_batches(work: Path, cache_shards: list[str]) -> list[tuple]:
     vae = AutoencoderKLWan.from_pretrained(work / "wan", subfolder="vae")  # only its latent normalisation is used
     family, clips = get_family("wan"), []
     for key in sorted(entries):
-        moments, text = load_cache_entry(entries[key]["latents.safetensors"], entries[key]["text.safetensors"])
-        clips.append((family.sample_latents(SimpleNamespace(vae=vae), moments.unsqueeze(0))[0], text["embeds"]))
+        entry = load_cache_entry(entries[key])
+        clips.append(
+            (family.sample_latents(SimpleNamespace(vae=vae), entry["moments"].unsqueeze(0))[0], entry["text"]["embeds"])
+        )
     pairs = [[clips[(i + j) % len(clips)] for j in range(BATCH)] for i in range(0, len(clips), BATCH)]
     return [(torch.stack([c[0] for c in pair]), torch.stack([c[1] for c in pair])) for pair in pairs]
 

@@ -192,6 +192,7 @@ def finetune(
         )
     params = resume_on_retry(params, flow_run.run_count)
     family = get_family(resolve_family_task(params.model, params.family))  # a wrong model fails before curation
+    family.check_model(params.model)
     comfyui_export(family, params.export_comfyui)  # export_comfyui=true for a family ComfyUI cannot load: refused
     check_objective_params(family.objective_kind, params, family.name)
     family.check_samples_possible(

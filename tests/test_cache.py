@@ -44,7 +44,8 @@ def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     sample = next(
         iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False))
     )
-    moments, text = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])
+    entry = load_cache_entry(sample)
+    moments, text = entry["moments"], entry["text"]
     latents = family.sample_latents(pipe, moments.unsqueeze(0))
     assert (
         moments.shape[0] == 2 * latents.shape[1]
@@ -68,7 +69,9 @@ def test_precompute_caches_moments_and_text_then_reuses_them(curated, tiny_wan, 
 
     entries = list(wds.WebDataset(sorted(str(p) for p in first.cache_dir.glob("*/cache-*.tar")), shardshuffle=False))
     assert len(entries) == first.encoded
-    moments, text = load_cache_entry(entries[0]["latents.safetensors"], entries[0]["text.safetensors"])
+    entry = load_cache_entry(entries[0])
+    moments, text = entry["moments"], entry["text"]
+    assert entry["condition"] == {}  # a text-to-video family caches no conditioning
     bucket = entries[0]["__url__"].split("/")[-2]
     frames = int(bucket.split("x")[0])
     assert moments.shape[0] == 2 * pipe.vae.config.z_dim and moments.shape[1] == (frames - 1) // 4 + 1
@@ -137,7 +140,7 @@ def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_momen
         sample = next(
             iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False))
         )
-        results[flags] = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])[0]
+        results[flags] = load_cache_entry(sample)["moments"]
     assert tiled_calls == [(True, True)]  # the tiling leg encoded in tiles, the other in one piece
     whole, tiles = results[(False, False)], results[(True, True)]
     assert whole.shape == tiles.shape

@@ -4,6 +4,8 @@ generates what the trained model generates (and not what the base does); the sam
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,12 @@ def _image(seed=0, size=32):
     low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     pixels = low + (high - low) * (ramp[:, None, None] + ramp[None, :, None]) / 2
     return Image.fromarray(pixels.astype(np.uint8))
+
+
+def _conditioned(family: ModelFamily, pipe, inputs, video: torch.Tensor):
+    """`inputs` with what the family conditions on besides the clip's latents (Wan image-to-video: the latents of
+    its first frame and grey frames, and CLIP image tokens), as precompute caches it."""
+    return replace(inputs, condition=family.encode_condition(pipe, video))
 
 
 def _render(pipe, family: ModelFamily, image=None) -> np.ndarray:
@@ -104,9 +112,14 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     assert moments.shape[1] == 2 * latents.shape[1]  # posterior moments (mean, logvar), not one sample
     objective = family.objective(pipe)
     batches = [  # fixed batches, one per expert in its own range: the loss must go down on them
-        objective.inputs(latents, generator, within=(e.low, e.high))
-        if len(experts) > 1
-        else objective.inputs(latents, generator)
+        _conditioned(
+            family,
+            pipe,
+            objective.inputs(latents, generator, within=(e.low, e.high))
+            if len(experts) > 1
+            else objective.inputs(latents, generator),
+            _video(),
+        )
         for e in experts
     ]
 
@@ -154,7 +167,8 @@ def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
     generator = torch.Generator().manual_seed(0)
     for frames in (FRAMES, 1) if family.valid_num_frames(1) else (FRAMES,):  # 1: a still (a curated image)
         latents = family.sample_latents(pipe, family.encode_video(pipe, _video(frames)), generator)
-        pred = family.predict(pipe, family.objective(pipe).inputs(latents, generator), text)
+        inputs = _conditioned(family, pipe, family.objective(pipe).inputs(latents, generator), _video(frames))
+        pred = family.predict(pipe, inputs, text)
         assert pred.shape == latents.shape and torch.isfinite(pred).all(), frames
 
 
@@ -175,7 +189,7 @@ def test_valid_frame_counts(family_model):
 def test_unknown_family_and_non_diffusers_folder(tmp_path):
     with pytest.raises(
         ValueError,
-        match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, ltx-video-i2v, wan",
+        match="unknown model family 'sora'; supported: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, ltx-video-i2v, wan, wan-i2v",
     ):
         get_family("sora")
     with pytest.raises(ValueError, match="not a diffusers model folder"):
@@ -190,9 +204,11 @@ def test_full_finetune_of_a_parameter_subset_lowers_the_loss_and_reloads(family_
     pipe = family.load_pipeline(str(folder))
     text = family.encode_prompts(pipe, ["a red car in sks style"])
     generator = torch.Generator().manual_seed(1)
+    video = _video(seed=1)
     batch = family.objective(pipe).inputs(
-        family.sample_latents(pipe, family.encode_video(pipe, _video(seed=1)), generator), generator
+        family.sample_latents(pipe, family.encode_video(pipe, video), generator), generator
     )
+    batch = _conditioned(family, pipe, batch, video)
     subset_name, pattern = next(iter(family.full_subsets.items()))
     denoiser = getattr(pipe, family.denoiser_name)
     params = select_trainable(denoiser, pattern)

@@ -41,7 +41,7 @@ def test_unknown_family_lists_the_supported_ones(tmp_path):
     result = CliRunner().invoke(app, ["tiny-model", "sora", str(tmp_path / "x")], env={"COLUMNS": "200"})
     assert (
         result.exit_code == 2
-        and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, ltx-video-i2v, wan, wan-14b, wan2.2-t2v-a14b, wan2.2-ti2v-5b"
+        and "unknown tiny model 'sora'; available: animatediff, animatediff-sdxl, cogvideox, hunyuan-video, ltx-video, ltx-video-i2v, wan, wan-14b, wan-i2v, wan2.2-i2v-a14b, wan2.2-t2v-a14b, wan2.2-ti2v-5b"
         in result.output
     )
 

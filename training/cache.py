@@ -2,8 +2,10 @@
 prompt embeddings out. Training reads these instead of decoding and encoding video every step.
 
 Layout: `CACHE/<fingerprint>/<frames>x<height>x<width>/cache-000000.tar`, members
-`{clip_id}.latents.safetensors` (posterior moments: a fresh sample is drawn each step) and
-`{clip_id}.text.safetensors` (prompt embeddings, and the attention mask when the family has one); and
+`{clip_id}.latents.safetensors` (posterior moments: a fresh sample is drawn each step),
+`{clip_id}.text.safetensors` (prompt embeddings, and the attention mask when the family has one) and, for a family
+that conditions on more than these (Wan image-to-video: the first frame's latents and CLIP image tokens),
+`{clip_id}.condition.safetensors`; and
 `CACHE/<fingerprint>/prompts/<sha>.safetensors`, the validation prompts' embeddings and the empty negative
 prompt's, so training never loads the text encoder. The fingerprint
 covers the model's VAE and text-encoder configs, the family and the preprocessing, so a cache made for another
@@ -30,7 +32,7 @@ from safetensors.torch import save as save_tensors
 from vidtune.training.families import ModelFamily, TextEmbeddings
 from vidtune.training.files import atomic_path
 
-CACHE_VERSION = 1  # bump when what is stored changes
+CACHE_VERSION = 2  # bump when what is stored changes (2: Wan prompts padded to 512 tokens, as its pipelines pad)
 
 
 class PrecomputeParams(BaseModel):
@@ -67,7 +69,7 @@ def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
     """Hash of what determines the cached tensors: the encoders' configs and weight files, the family and the
     cache version. Weight files count by name, size and modification time (hashing gigabytes would cost minutes)."""
     weights = []
-    for part in ("vae", "text_encoder"):
+    for part in ("vae", "text_encoder", "image_encoder"):
         folder = Path(model) / part
         if folder.is_dir():
             weights += [(f"{part}/{f.name}", f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())]
@@ -80,6 +82,8 @@ def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
         "text_encoder": pipe.text_encoder.config.to_dict(),
         "weights": weights,
     }
+    if getattr(pipe, "image_encoder", None) is not None:  # only then: other families' caches keep their fingerprint
+        parts["image_encoder"] = pipe.image_encoder.config.to_dict()
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -235,17 +239,20 @@ def precompute(
         if meta["clip_id"] in cached[key]:
             result.reused += 1
             continue
-        moments = family.encode_video(pipe, decode_clip(sample["mp4"], frames))
+        video = decode_clip(sample["mp4"], frames)
+        moments = family.encode_video(pipe, video)
         text_tensors = _text_tensors(family.encode_prompts(pipe, [meta["caption"]]))
-        appenders[key].add(
-            {
-                "__key__": meta["clip_id"],
-                "latents.safetensors": save_tensors(
-                    {"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}
-                ),
-                "text.safetensors": save_tensors(text_tensors, metadata={"caption": meta["caption"]}),
-            }
-        )
+        entry = {
+            "__key__": meta["clip_id"],
+            "latents.safetensors": save_tensors(
+                {"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}
+            ),
+            "text.safetensors": save_tensors(text_tensors, metadata={"caption": meta["caption"]}),
+        }
+        condition = family.encode_condition(pipe, video)
+        if condition:
+            entry["condition.safetensors"] = save_tensors({k: v[0].contiguous().cpu() for k, v in condition.items()})
+        appenders[key].add(entry)
         result.encoded += 1
     for appender in appenders.values():
         appender.flush()
@@ -253,7 +260,14 @@ def precompute(
     return result
 
 
-def load_cache_entry(latents_bytes: bytes, text_bytes: bytes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def load_cache_entry(sample: dict) -> dict:
+    """A cache sample's tensors: `moments`, `text` (name -> tensor) and `condition` (name -> tensor; empty for
+    families that cache none)."""
     from safetensors.torch import load
 
-    return load(latents_bytes)["moments"], load(text_bytes)
+    condition = sample.get("condition.safetensors")
+    return {
+        "moments": load(sample["latents.safetensors"])["moments"],
+        "text": load(sample["text.safetensors"]),
+        "condition": load(condition) if condition is not None else {},
+    }

@@ -157,8 +157,7 @@ def _cache_bucket(sample: dict) -> str:
 
 
 def _cache_item(sample: dict, bucket: str) -> dict:
-    moments, text = load_cache_entry(sample["latents.safetensors"], sample["text.safetensors"])
-    return {"clip_id": sample["__key__"], "moments": moments, "text": text}
+    return {"clip_id": sample["__key__"], **load_cache_entry(sample)}
 
 
 class _ShardBucket:
@@ -204,6 +203,7 @@ def collate(items: list[dict]) -> dict:
     if "moments" in items[0]:
         batch["moments"] = torch.stack([item["moments"] for item in items])
         batch["text"] = {key: torch.stack([item["text"][key] for item in items]) for key in items[0]["text"]}
+        batch["condition"] = {k: torch.stack([item["condition"][k] for item in items]) for k in items[0]["condition"]}
     else:
         batch["video"] = torch.stack([item["video"] for item in items])
         batch["captions"] = [item["caption"] for item in items]

@@ -70,6 +70,7 @@ class TinySpec:
     tokenizers: dict[str, Part]  # tokenizer component -> its published tokenizer folder
     max_length: int | None = None  # the pipeline's own prompt length when the tokenizer config sets none
     index: str | None = None  # the repo whose model_index.json sets the pipeline's own arguments (Wan 2.2's)
+    processors: dict[str, Part] = field(default_factory=dict)  # image processors: component -> its published folder
 
     def pipeline_arguments(self) -> dict:
         """The published model_index.json's settings that are not components (`boundary_ratio`,

@@ -93,12 +93,20 @@ def _component(name: str, part: Part, tokenizer=None):
     if name == "scheduler":
         return published_scheduler(part.repo)
     config = {**published_config(part.repo, f"{part.path}/config.json"), **part.shrink}
-    if "_class_name" not in config:
+    if "_class_name" not in config and tokenizer is not None:
         config["vocab_size"] = len(tokenizer)
         for role in ("bos", "eos", "pad"):
             if isinstance(config.get(f"{role}_token_id"), int) and config[f"{role}_token_id"] >= len(tokenizer):
                 config[f"{role}_token_id"] = getattr(tokenizer, f"{role}_token_id")
     return build_from_config(config)
+
+
+def _image_processor(part: Part):
+    """An image processor as shipped (`preprocessor_config.json`): nothing in it is a size to shrink."""
+    import transformers
+
+    config = published_config(part.repo, f"{part.path}/preprocessor_config.json")
+    return getattr(transformers, config["image_processor_type"]).from_dict(config)
 
 
 def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
@@ -116,6 +124,7 @@ def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
         if key.startswith("text_encoder")
     }
     components |= {key: _component(key, part, paired.get(key)) for key, part in spec.parts.items()}
+    components |= {key: _image_processor(part) for key, part in spec.processors.items()}
     pipe = getattr(diffusers, TINY_MODELS[name].pipeline_class_name)(**components, **spec.pipeline_arguments())
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)  # laid out like a hub checkpoint, for from_pretrained

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -130,16 +130,16 @@ def batch_loss(
     device = getattr(pipe, expert.module if expert else family.denoiser_name).device  # the VAE may wait on the CPU
     if "moments" in batch:
         moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
+        condition = batch.get("condition", {})
     else:  # on-the-fly: what precompute would have cached
-        moments, text = (
-            family.encode_video(pipe, batch["video"].to(device)),
-            family.encode_prompts(pipe, batch["captions"]),
-        )
-        moments = moments.to(dtype)
+        video = batch["video"].to(device)
+        moments, text = family.encode_video(pipe, video), family.encode_prompts(pipe, batch["captions"])
+        moments, condition = moments.to(dtype), family.encode_condition(pipe, video)
     objective = objective or family.objective(pipe)
     latents = family.sample_latents(pipe, moments)
     ranged = expert is not None and (expert.low, expert.high) != (0.0, 1.0)
     inputs = objective.inputs(latents, within=(expert.low, expert.high)) if ranged else objective.inputs(latents)
+    inputs = replace(inputs, condition={name: c.to(device, dtype) for name, c in condition.items()})
     return denoising_loss(family.predict(pipe, inputs, text, denoiser=denoiser), inputs)
 
 
@@ -349,6 +349,7 @@ class Trainer:
         if self.params.validation.prompts and self.accelerator.is_main_process:
             folder = self.layout.step_samples(step)
             waiting = [self.pipe.vae, *(getattr(self.pipe, name) for name in idle_experts(self.pipe, self.experts))]
+            waiting += [encoder] if (encoder := getattr(self.pipe, "image_encoder", None)) is not None else []
             with self.accelerator.autocast(), on_device(waiting, self.accelerator.device):
                 render_samples(
                     self.pipe,
@@ -452,7 +453,7 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
         raise ValueError(
             "training_type: full fine-tuning of a two-expert model (Wan 2.2 A14B) is not supported; use lora"
         )
-    waiting = {"vae"} if cached else set()  # the VAE's decoder: only while samples render
+    waiting = {"vae", "image_encoder"} if cached else set()  # the VAE's decoder, Wan 2.1 I2V's CLIP: for samples
     waiting |= set(idle_experts(pipe, experts))  # an expert not trained: only while samples render
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):

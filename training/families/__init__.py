@@ -13,11 +13,13 @@ from vidtune.training.families.hunyuan_video import HunyuanVideoFamily
 from vidtune.training.families.ltx import LtxFamily
 from vidtune.training.families.ltx_i2v import LtxImageToVideoFamily
 from vidtune.training.families.wan import WanFamily
+from vidtune.training.families.wan_i2v import WanImageToVideoFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
         WanFamily(),
+        WanImageToVideoFamily(),
         LtxFamily(),
         LtxImageToVideoFamily(),
         CogVideoXFamily(),

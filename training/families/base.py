@@ -4,7 +4,7 @@ passes around."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,6 +29,7 @@ class TrainingInputs:
     target: torch.Tensor
     weighting: torch.Tensor  # per-sample loss weight, broadcastable to target
     loss_mask: torch.Tensor | None = None  # 1 where the target is learned, broadcastable to target; None: everywhere
+    condition: dict[str, torch.Tensor] = field(default_factory=dict)  # the family's `encode_condition`, batched
 
 
 class ModelFamily(ABC):
@@ -127,6 +128,17 @@ class ModelFamily(ABC):
 
     def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
         """Refuse, naming the setting, clip sizes the model cannot take (before any work); default: all pass."""
+
+    def check_model(self, model: str) -> None:
+        """Refuse, before any work, a model this family cannot train (read from a local folder's configs); default:
+        all pass."""
+
+    def encode_condition(self, pipe, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the denoiser is conditioned on besides the text and the clip's own latents, from the clip's pixels
+        (batch, 3, frames, h, w) in [-1, 1]: cached beside the latents, batched into `TrainingInputs.condition`.
+        Default: nothing (an image-to-video family whose conditioning frame is in the clip's latents needs nothing
+        either)."""
+        return {}
 
     def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
         """(batch, 3, frames, h, w) in [-1, 1] -> VAE posterior moments (mean and logvar stacked on dim 1)."""

@@ -26,21 +26,27 @@ TRANSFORMER_SHRINK = {
     "num_layers": 2,
     "text_dim": TEXT,
 }
+PROMPT_TOKENS = 512  # WanPipeline's and WanImageToVideoPipeline's max_sequence_length, as original Wan's text_len
 VAE_SHRINK = {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
 # Wan 2.2's residual VAE (patch 2, 48 channels): z_dim, dim_mult and latents_mean/std stay as published.
 VAE22_SHRINK = {"base_dim": 4, "decoder_base_dim": 8, "num_res_blocks": 1}
 
 
-def _tiny(repo: str, vae_shrink: dict = VAE_SHRINK, experts: tuple[str, ...] = ("transformer",)) -> TinySpec:
+def _tiny(
+    repo: str,
+    vae_shrink: dict = VAE_SHRINK,
+    experts: tuple[str, ...] = ("transformer",),
+    transformer_shrink: dict = TRANSFORMER_SHRINK,
+) -> TinySpec:
     return TinySpec(
         {
-            **{expert: Part(repo, expert, TRANSFORMER_SHRINK) for expert in experts},  # A14B: both shrunk alike
+            **{expert: Part(repo, expert, transformer_shrink) for expert in experts},  # A14B: both shrunk alike
             "vae": Part(repo, "vae", vae_shrink),
             "text_encoder": Part(repo, "text_encoder", T5_SHRINK),
             "scheduler": Part(repo, "scheduler"),
         },
         {"tokenizer": Part(repo, "tokenizer")},
-        max_length=512,  # WanPipeline's max_sequence_length
+        max_length=PROMPT_TOKENS,
         index=repo,  # Wan 2.2: expand_timesteps, boundary_ratio
     )
 
@@ -117,8 +123,13 @@ class WanFamily(ModelFamily):
                 )
 
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings:
+        """512 tokens, as the pipelines' `__call__` pads them (their `encode_prompt` alone defaults to 226): the
+        padding is attended to, so training sees what sampling does, and Wan 2.1 I2V splits its image tokens off
+        at 512 from the end."""
         with torch.no_grad():
-            embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.device)
+            embeds, _ = pipe.encode_prompt(
+                prompts, do_classifier_free_guidance=False, max_sequence_length=PROMPT_TOKENS, device=pipe.device
+            )
         return TextEmbeddings(embeds)
 
     def _normalisation(self, pipe, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,137 @@
+"""Wan image-to-video (`WanImageToVideoPipeline`): the video continues a given first frame. The checkpoints condition
+in one of two ways, read from the loaded model (as the pipeline reads them):
+
+- channel concat (Wan 2.1 I2V 14B, Wan 2.2 I2V-A14B): the transformer takes 36 channels, the 16 noisy ones, a
+  4-channel mask (1 on latent frame 0) and the 16-channel latents of the video [first frame, grey frames...]
+  encoded by the VAE (its mode); Wan 2.1 also attends to CLIP image tokens (the image encoder's penultimate layer,
+  put before the 512 text tokens). That video is not the clip, so precompute encodes it once more, beside the
+  clip, and caches it with the CLIP tokens (`encode_condition`). Every latent frame is denoised and scored, as the
+  pipeline steps every frame.
+- first-frame replacement (Wan 2.2 TI2V-5B, `expand_timesteps`): latent frame 0 is the clean latent of the first
+  frame, its tokens get timestep 0, and the loss covers the later frames (the pipeline puts frame 0 back after
+  sampling). The Wan VAE is causal, so that latent is frame 0 of the clip's cached latents: nothing more is cached.
+  The 5B's model_index.json names WanPipeline: name this family to train it from images.
+
+Wan 2.2 I2V-A14B has two experts, switched at its `boundary_ratio` 0.9; `experts` works as for text-to-video."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vidtune.training.families.base import TextEmbeddings, TrainingInputs
+from vidtune.training.families.objectives import FirstFrameConditioned, ObjectiveParams, token_timesteps
+from vidtune.training.families.wan import TRANSFORMER_SHRINK, WanFamily, _tiny
+from vidtune.training.published_configs import Part
+
+WAN21_I2V, WAN22_I2V = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+IMAGE = 32  # the tiny image encoder's width (ViT-H/14's 1280); its 224 px input and 14 px patches stay as published
+CLIP_VISION_SHRINK = {
+    "hidden_size": IMAGE,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": IMAGE,
+}
+# image tokens -> the attention's added key/value projections (published: 1280 -> 5120, the attention width)
+IMAGE_BRANCH_SHRINK = {
+    "image_dim": IMAGE,
+    "added_kv_proj_dim": TRANSFORMER_SHRINK["num_attention_heads"] * TRANSFORMER_SHRINK["attention_head_dim"],
+}
+
+
+def _tiny_wan21_i2v():
+    spec = _tiny(WAN21_I2V, transformer_shrink={**TRANSFORMER_SHRINK, **IMAGE_BRANCH_SHRINK})
+    return replace(
+        spec,
+        parts={**spec.parts, "image_encoder": Part(WAN21_I2V, "image_encoder", CLIP_VISION_SHRINK)},
+        processors={"image_processor": Part(WAN21_I2V, "image_processor")},
+    )
+
+
+class WanImageToVideoFamily(WanFamily):
+    name = "wan-i2v"
+    title = "Wan image-to-video"
+    pipeline_class_name = "WanImageToVideoPipeline"
+    image_conditioned = True
+    tiny_models = {
+        "wan-i2v": _tiny_wan21_i2v(),  # Wan 2.1 I2V 14B-480P's configs: CLIP image tokens and the channel concat
+        "wan2.2-i2v-a14b": _tiny(WAN22_I2V, experts=("transformer", "transformer_2")),  # concat, no CLIP, 2 experts
+    }
+
+    def valid_num_frames(self, frames: int) -> bool:
+        """Not a still: a one-frame clip is its own conditioning image, so nothing would be learned."""
+        return frames > 1 and WanFamily.valid_num_frames(self, frames)  # also called on the class, when defined
+
+    def check_model(self, model: str) -> None:
+        """Refuse a text-to-video Wan (16 input channels and no `expand_timesteps`): it has no way to take the image."""
+        folder = Path(model).expanduser()
+        if not (folder / "transformer" / "config.json").is_file() or not (folder / "model_index.json").is_file():
+            return  # a hub id: the pipeline's own checks apply when it loads
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        index = json.loads((folder / "model_index.json").read_text())
+        if not index.get("expand_timesteps") and transformer["in_channels"] == transformer["out_channels"]:
+            raise ValueError(
+                f"model: {model} is a text-to-video Wan (its transformer takes {transformer['in_channels']} channels, "
+                "no image latents); the wan-i2v family needs an image-to-video checkpoint (Wan2.1-I2V-14B-480P, "
+                "Wan2.2-I2V-A14B) or Wan2.2-TI2V-5B; or train it with family wan"
+            )
+
+    def encode_condition(self, pipe, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Channel concat: `latent_condition`, the normalised VAE mode of [first frame, grey (0) frames...] as the
+        pipeline builds it, and, when the transformer has an image branch, `image_embeds`, the image encoder's
+        penultimate hidden states of the first frame. First-frame replacement: nothing (it is in the clip latents)."""
+        if pipe.config.get("expand_timesteps"):
+            return {}
+        with torch.no_grad():
+            padded = torch.cat([video[:, :, :1], torch.zeros_like(video[:, :, 1:])], dim=2)
+            mode = pipe.vae.encode(padded.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
+            shift, scale = self._normalisation(pipe, mode)
+            condition = {"latent_condition": (mode - shift) / scale}
+            if pipe.transformer.config.image_dim is not None:
+                pixels = ((video[:, :, 0].permute(0, 2, 3, 1).float().cpu() + 1) * 127.5).round().clamp(0, 255)
+                frames = [frame.numpy().astype(np.uint8) for frame in pixels]
+                condition["image_embeds"] = pipe.encode_image(frames, device=pipe.image_encoder.device)
+        return condition
+
+    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """First-frame replacement: frame 0 is the posterior mean, as the pipeline encodes the image (its mode)."""
+        latents = super().sample_latents(pipe, moments, generator)
+        if not pipe.config.get("expand_timesteps"):
+            return latents
+        mean = moments.chunk(2, dim=1)[0][:, :, :1]
+        shift, scale = self._normalisation(pipe, mean)
+        return torch.cat([(mean - shift) / scale, latents[:, :, 1:]], dim=2)
+
+    def objective(self, pipe, params: ObjectiveParams | None = None):
+        base = super().objective(pipe, params)
+        return FirstFrameConditioned(base) if pipe.config.get("expand_timesteps") else base
+
+    def _forward(self, pipe, denoiser, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
+        if pipe.config.get("expand_timesteps"):  # per-frame timesteps (0 on frame 0) -> per token, frame by frame
+            _, _, _, height, width = inputs.noisy.shape
+            _, ph, pw = pipe.transformer.config.patch_size
+            timesteps = token_timesteps(inputs.timesteps, (height // ph) * (width // pw))
+            return denoiser(
+                hidden_states=inputs.noisy, timestep=timesteps, encoder_hidden_states=text.embeds, return_dict=False
+            )[0]
+        if "latent_condition" not in inputs.condition:
+            raise ValueError(
+                f"{self.name}: this batch has no conditioning latents; precompute the cache again "
+                "(a cache made before image-to-video conditioning, or for another family)"
+            )
+        latent_condition = inputs.condition["latent_condition"]
+        mask = torch.zeros_like(latent_condition[:, :4])  # the pipeline's mask: 1 on latent frame 0 (4 pixel slots)
+        mask[:, :, 0] = 1
+        hidden = torch.cat([inputs.noisy, mask, latent_condition], dim=1)
+        return denoiser(
+            hidden_states=hidden.to(inputs.noisy.dtype),
+            timestep=inputs.timesteps,
+            encoder_hidden_states=text.embeds,
+            encoder_hidden_states_image=inputs.condition.get("image_embeds"),
+            return_dict=False,
+        )[0]
