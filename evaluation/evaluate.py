@@ -15,6 +15,7 @@ from vidtune.evaluation.metrics import (
     IMAGE_METRICS,
     METRICS,
     clip_alignment,
+    first_frame_clip,
     first_frame_psnr,
     frame_consistency,
     frechet_distance,
@@ -30,7 +31,7 @@ from vidtune.training.devices import placement
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
 from vidtune.training.layout import DatasetLayout, RunLayout
-from vidtune.training.sampling import SampleSettings, conditioning_images, render_videos
+from vidtune.training.sampling import SampleSettings, conditioning_images, render_videos, write_conditioning_images
 from vidtune.training.trainer import TrainJob
 
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
@@ -38,25 +39,36 @@ MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frame
 
 
 def _video_metrics(
-    videos: list[np.ndarray], prompts: list[str], embed: Embedder | None, motion: MotionFn | None, fps: int
+    videos: list[np.ndarray],
+    prompts: list[str],
+    embed: Embedder | None,
+    motion: MotionFn | None,
+    fps: int,
+    images: list[np.ndarray] | None = None,
 ) -> dict:
+    """`images`: an image-to-video run's conditioning images (uint8, each its video's size) for first-frame fidelity."""
     out: dict = {"temporal_flicker": mean([temporal_flicker(v) for v in videos])}
+    if images is not None:
+        out["first_frame_psnr"] = mean([first_frame_psnr(video, image) for video, image in zip(videos, images)])
     if embed is not None:
         pairs = [embed(video, [prompt]) for video, prompt in zip(videos, prompts)]
-        out["clip_alignment"] = mean([clip_alignment(images, texts[0]) for images, texts in pairs])
-        out["frame_consistency"] = mean([frame_consistency(images) for images, _ in pairs])
+        out["clip_alignment"] = mean([clip_alignment(frames, texts[0]) for frames, texts in pairs])
+        out["frame_consistency"] = mean([frame_consistency(frames) for frames, _ in pairs])
+        if images is not None:
+            given, _ = embed(np.stack(images), prompts)
+            out["first_frame_clip"] = mean(
+                [first_frame_clip(frames, image) for (frames, _), image in zip(pairs, given)]
+            )
     if motion is not None:
         out["motion"] = mean([motion(video, 1 / fps) for video in videos])
     return out
 
 
-def _first_frame_fidelity(videos: list[np.ndarray], images: list) -> float | None:
-    """Mean first-frame PSNR of `videos` against their conditioning `images` (PIL), each resized to its video's
-    size as the pipeline resizes it."""
+def _fitted(videos: list[np.ndarray], images: list) -> list[np.ndarray]:
+    """The conditioning `images` (PIL), each resized to its video's size as the pipeline resizes it."""
     from PIL import Image
 
-    fitted = [np.asarray(i.resize((v.shape[2], v.shape[1]), Image.Resampling.LANCZOS)) for v, i in zip(videos, images)]
-    return mean([first_frame_psnr(video, image) for video, image in zip(videos, fitted)])
+    return [np.asarray(i.resize((v.shape[2], v.shape[1]), Image.Resampling.LANCZOS)) for v, i in zip(videos, images)]
 
 
 def _i3d_features(i3d_path: str, videos: list[np.ndarray]) -> np.ndarray:
@@ -97,6 +109,7 @@ def evaluate_run(
         family, len(settings.prompts), validation.images, job.curated_shards(), job.holdout_clip_ids
     )  # image-to-video: base and adapted start from the same images as the run's validation samples
     conditioning = None if images is None else [family.sampling_arguments(image) for image in images]
+    write_conditioning_images(conditioning, layout.evaluation_samples)  # image-NN.png: base-NN's and adapted-NN's
 
     results, videos = {}, {}
     device, dtype = placement()
@@ -113,12 +126,11 @@ def evaluate_run(
             heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None
         )  # before sampling sets inference timesteps
         videos[label] = render_videos(pipe, settings, layout.evaluation_samples, label, conditioning=conditioning)
+        fitted = None if images is None else _fitted(videos[label], images)
         results[label] = {
-            **_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps),
+            **_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps, fitted),
             "val_loss": loss,
         }
-        if images is not None:
-            results[label]["first_frame_psnr"] = _first_frame_fidelity(videos[label], images)
     measured = [name for name in METRICS if name != "fvd"] + (list(IMAGE_METRICS) if images is not None else [])
     results = {f"{name}_{label}": results[label].get(name) for name in measured for label in ("base", "adapted")}
     fvd_note = "not computed: pass evaluation.i3d_path (an I3D TorchScript file) to compute FVD"

@@ -6,6 +6,8 @@
   flickering measure before its rescaling; lower = steadier).
 - first_frame_psnr: PSNR in dB of an image-to-video sample's first frame against its conditioning image (resized
   to the sample's size); higher = the video starts closer to the given frame. Image-to-video runs only.
+- first_frame_clip: cosine between the CLIP image embeddings of an image-to-video sample's first frame and of its
+  conditioning image; higher = closer in content (where PSNR also counts small shifts and noise). Needs the CLIP model.
 - frechet_distance: the Fréchet distance between Gaussians fitted to two feature sets (FVD on I3D features).
 """
 
@@ -14,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd")
-IMAGE_METRICS = ("first_frame_psnr",)  # measured, and reported, for image-to-video runs only
+IMAGE_METRICS = ("first_frame_psnr", "first_frame_clip")  # measured, and reported, for image-to-video runs only
 LOWER_IS_BETTER = {"val_loss", "temporal_flicker", "fvd"}
-HIGHER_IS_BETTER = {"clip_alignment", "frame_consistency", "first_frame_psnr"}
+HIGHER_IS_BETTER = {"clip_alignment", "frame_consistency", "first_frame_psnr", "first_frame_clip"}
 PSNR_CAP = 100.0  # dB reported for identical frames (PSNR is infinite there)
 
 
@@ -42,6 +44,11 @@ def first_frame_psnr(frames: np.ndarray, image: np.ndarray) -> float:
     """uint8 (frames, h, w, 3) and the conditioning image as uint8 (h, w, 3), the same size."""
     error = np.mean((frames[0].astype(np.float64) - image.astype(np.float64)) ** 2)
     return float(min(PSNR_CAP, 10 * np.log10(255.0**2 / error))) if error > 0 else PSNR_CAP
+
+
+def first_frame_clip(frame_embeddings: np.ndarray, image_embedding: np.ndarray) -> float:
+    """Both L2-normalised: the sample's frames (frames, dim) and its conditioning image's (dim,)."""
+    return float(frame_embeddings[0] @ image_embedding)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

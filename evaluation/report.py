@@ -44,9 +44,11 @@ def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) 
         arrow = " (better)" if row["better"] else ""
         lines.append(f"| {name} | {_fmt(base)} | {_fmt(adapted)} | {_fmt(delta)}{arrow} |")
     layout = RunLayout(Path(run_dir))
+    image_to_video = any(f"{name}_base" in results for name in IMAGE_METRICS)
+    started = ", each pair started from image-NN.png" if image_to_video else ""  # the conditioning images
     lines += [
         "",
-        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {layout.evaluation_samples}/ (base-NN / adapted-NN .mp4 and .gif); "
+        f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {layout.evaluation_samples}/ (base-NN / adapted-NN .mp4 and .gif{started}); "
         f"contact sheet: {layout.contact_sheet}",
     ]
     if decision:

@@ -167,6 +167,55 @@ def test_first_frame_psnr_measures_the_first_frame_only():
     assert first_frame_psnr(off_by_ten, image) == pytest.approx(10 * np.log10(255**2 / 100))
 
 
+def test_first_frame_clip_compares_the_first_frame_with_the_image_in_clip_space(tiny_clip):
+    """The cosine of CLIP image embeddings (the tiny random CLIP evaluation tests use): the image itself as frame 0
+    scores 1, another image less; later frames do not count."""
+    from vidtune.evaluation.metrics import first_frame_clip
+    from vidtune.tasks.evaluate_tasks import clip_embedder
+    from vidtune.training.tiny_models import TINY_CLIP
+
+    embed = clip_embedder(TINY_CLIP, str(tiny_clip), "cpu")
+    image, other = np.asarray(_image(0, size=64)), np.asarray(_image(1, size=64))
+    given = embed(image[None], ["a red car"])[0][0]
+
+    def score(video: np.ndarray) -> float:
+        return first_frame_clip(embed(video, ["a red car"])[0], given)
+
+    assert score(np.stack([image, other])) == pytest.approx(1.0, abs=1e-5)
+    assert score(np.stack([other, image])) < score(np.stack([image, other])) - 1e-3
+
+
+def test_relative_validation_images_are_stored_absolute(tmp_path, monkeypatch):
+    """A relative (or ~) validation.images path is resolved where it is given, so train_job.json names the file for
+    evaluation run from any other folder."""
+    from vidtune.training.layout import RunLayout
+    from vidtune.training.params import TrainParams
+    from vidtune.training.sampling import conditioning_images
+    from vidtune.training.trainer import TrainJob
+
+    (tmp_path / "images").mkdir()
+    _image(0).save(tmp_path / "images" / "first.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "images")
+    params = TrainParams(validation={"prompts": ["a", "b"], "images": ["first.png", "~/images/first.png"]})
+    assert params.validation.images == [str(tmp_path.resolve() / "images" / "first.png")] * 2
+    job = TrainJob(
+        model="unused",
+        family=I2V.name,
+        out=str(tmp_path / "run"),
+        shards=[],
+        frame_buckets=[9],
+        sample_size=(9, 32, 32),
+        params=params,
+    )
+    RunLayout(tmp_path / "run").write_train_job(job)
+    monkeypatch.chdir(tmp_path / "run")  # evaluation from another folder reads the job and finds the image
+    stored = RunLayout(tmp_path / "run").read_train_job().params.validation.images
+    assert stored == params.validation.images
+    pictures = conditioning_images(I2V, 2, stored, [], [])
+    assert all(np.array_equal(np.asarray(picture), np.asarray(_image(0))) for picture in pictures)
+
+
 def _heldout_first_frames(shards: list[str], clip_ids: list[str]) -> list[np.ndarray]:
     """Each clip's first frame, decoded here with PyAV from the curated shard's MP4 (not the code under test)."""
     import io
@@ -185,19 +234,30 @@ def _heldout_first_frames(shards: list[str], clip_ids: list[str]) -> list[np.nda
     return [frames[clip_id] for clip_id in clip_ids]
 
 
+def _assert_images_written(folder, images) -> None:
+    """`folder/image-NN.png` holds exactly the image sample NN was rendered from."""
+    from PIL import Image
+
+    for index, image in enumerate(images):
+        with Image.open(folder / f"image-{index:02d}.png") as written:
+            assert np.array_equal(np.asarray(written), np.asarray(image)), index
+
+
 def test_validation_and_evaluation_start_from_the_held_out_clips_first_frames(
-    curated, ltx_folder, tmp_path, monkeypatch
+    curated, ltx_folder, tiny_clip, tmp_path, monkeypatch
 ):
     """Validation samples and evaluation of an image-to-video run: each prompt's video starts from a held-out clip's
-    first frame (cycling: three prompts, two clips), base and adapted from the same ones, and the metrics gain
-    first-frame fidelity for both."""
+    first frame (cycling: three prompts, two clips), base and adapted from the same ones, saved beside the samples,
+    and the metrics gain first-frame fidelity (PSNR and CLIP) for both."""
     from diffusers import LTXImageToVideoPipeline
 
     from vidtune.evaluation.evaluate import evaluate_run
+    from vidtune.tasks.evaluate_tasks import clip_embedder
     from vidtune.training.data import summarize_dataset
     from vidtune.training.layout import RunLayout
     from vidtune.training.params import TrainParams
     from vidtune.training.sampling import SampleSettings
+    from vidtune.training.tiny_models import TINY_CLIP
     from vidtune.training.trainer import TrainJob, train
 
     given = []
@@ -238,10 +298,15 @@ def test_validation_and_evaluation_start_from_the_held_out_clips_first_frames(
             assert np.abs(np.asarray(image, dtype=float) - first[index % 2]).mean() < 2, index
 
     assert_started_from_heldout_frames(given)
+    _assert_images_written(tmp_path / "run" / "samples" / "step-000002", given[-3:])  # the last step's samples
     given.clear()
     settings = SampleSettings(prompts, 9, 64, 64, inference_steps=2, guidance_scale=1.0, seed=42, fps=8)
-    metrics = evaluate_run(tmp_path / "run", settings, draws=1)
+    embed = clip_embedder(TINY_CLIP, str(tiny_clip), "cpu")
+    metrics = evaluate_run(tmp_path / "run", settings, embed, draws=1)
     assert_started_from_heldout_frames(given[:3])
     assert_started_from_heldout_frames(given[3:])  # adapted: the same images as base
-    assert np.isfinite(metrics["first_frame_psnr_base"]) and np.isfinite(metrics["first_frame_psnr_adapted"])
-    assert "| first_frame_psnr |" in (tmp_path / "run" / "evaluation" / "report.md").read_text()
+    _assert_images_written(tmp_path / "run" / "evaluation" / "samples", given[:3])
+    for name in ("first_frame_psnr", "first_frame_clip"):
+        assert np.isfinite(metrics[f"{name}_base"]) and np.isfinite(metrics[f"{name}_adapted"]), name
+    report = (tmp_path / "run" / "evaluation" / "report.md").read_text()
+    assert "| first_frame_psnr |" in report and "| first_frame_clip |" in report and "image-NN.png" in report

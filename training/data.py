@@ -203,7 +203,8 @@ def collate(items: list[dict]) -> dict:
     if "moments" in items[0]:
         batch["moments"] = torch.stack([item["moments"] for item in items])
         batch["text"] = {key: torch.stack([item["text"][key] for item in items]) for key in items[0]["text"]}
-        batch["condition"] = {k: torch.stack([item["condition"][k] for item in items]) for k in items[0]["condition"]}
+        condition = items[0].get("condition", {})  # Wan image-to-video's first-frame latents and image tokens
+        batch["condition"] = {k: torch.stack([item["condition"][k] for item in items]) for k in condition}
     else:
         batch["video"] = torch.stack([item["video"] for item in items])
         batch["captions"] = [item["caption"] for item in items]

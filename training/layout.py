@@ -50,8 +50,9 @@ class DatasetLayout:
 @dataclass(frozen=True)
 class RunLayout:
     """RUN/: `train_job.json` (what the trainer ran), `adapter/` (LoRA) or `model/` (full), `checkpoints/`,
-    `samples/step-N/`, `trained_clips/`, the launcher's `train_{result,error,progress}.json`, and `evaluation/`
-    (`metrics.json`, `report.md`, `contact_sheet.png`, `samples/`, and the registry's `gate.json`)."""
+    `samples/step-N/` (`sample-NN` .mp4 and .gif; image-to-video: `image-NN.png`, what sample NN starts from),
+    `trained_clips/`, the launcher's `train_{result,error,progress}.json`, and `evaluation/` (`metrics.json`,
+    `report.md`, `contact_sheet.png`, `samples/`, and the registry's `gate.json`)."""
 
     root: Path
 
@@ -103,7 +104,7 @@ class RunLayout:
 
     @property
     def evaluation_samples(self) -> Path:
-        return self.evaluation / "samples"  # base-NN / adapted-NN .mp4 and .gif
+        return self.evaluation / "samples"  # base-NN / adapted-NN .mp4 and .gif; image-to-video: image-NN.png
 
     @property
     def contact_sheet(self) -> Path:

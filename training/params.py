@@ -3,10 +3,11 @@ extends it with the data and model, so these names are also the `--set` keys and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from vidtune.training.defaults import FPS, GUIDANCE_SCALE, INFERENCE_STEPS
 from vidtune.training.devices import bf16_supported
@@ -40,6 +41,12 @@ class ValidationParams(SamplingParams):
         "turn, cycling; evaluation uses them too. Default: the held-out clips' first frames.",
     )
     fps: int = Field(FPS, ge=1, description="Frame rate of the written MP4/GIF.")
+
+    @field_validator("images")
+    @classmethod
+    def _absolute(cls, images: list[str]) -> list[str]:
+        """Absolute from where they were given: the run's train_job.json is read by evaluation from any folder."""
+        return [str(Path(image).expanduser().resolve()) for image in images]
 
 
 class TrainParams(ObjectiveParams):

@@ -15,7 +15,7 @@ import torch
 from vidtune.training.cache import load_prompt
 from vidtune.training.data import first_frames
 from vidtune.training.families import ModelFamily, TextEmbeddings
-from vidtune.training.files import write_json_atomic
+from vidtune.training.files import atomic_path, write_json_atomic
 from vidtune.training.media import read_image, to_uint8, write_gif, write_mp4
 from vidtune.training.params import ValidationParams
 
@@ -78,6 +78,15 @@ def conditioning_images(
     return [pictures[index % len(pictures)] for index in range(count)]
 
 
+def write_conditioning_images(conditioning: list[dict] | None, out_dir: Path) -> None:
+    """`out_dir/image-NN.png`: the image sample NN starts from (an image-to-video family's `image` argument, as the
+    pipeline receives it), beside the samples; nothing for text-to-video."""
+    for index, arguments in enumerate(conditioning or []):
+        if arguments.get("image") is not None:
+            with atomic_path(out_dir / f"image-{index:02d}.png") as tmp:
+                arguments["image"].save(tmp, format="PNG")
+
+
 def render_videos(
     pipe,
     settings: SampleSettings,
@@ -127,8 +136,9 @@ def render_samples(
     prompt_cache: Path | None = None,
     conditioning: list[dict] | None = None,
 ) -> None:
-    """Validation samples `out_dir/sample-NN.mp4|gif` (`conditioning`: see `render_videos`). Training's RNG streams
-    are left exactly as they were, so a run with validation trains like one without."""
+    """Validation samples `out_dir/sample-NN.mp4|gif`, and `image-NN.png` (see `write_conditioning_images`) for
+    `conditioning` (see `render_videos`). Training's RNG streams are left exactly as they were, so a run with
+    validation trains like one without."""
     settings = SampleSettings(
         params.prompts,
         params.num_frames or size[0],
@@ -149,4 +159,5 @@ def render_samples(
     finally:
         for denoiser, mode in zip(denoisers, was_training):
             denoiser.train(mode)
+    write_conditioning_images(conditioning, out_dir)
     write_json_atomic(out_dir / "prompts.json", {f"sample-{i:02d}": p for i, p in enumerate(params.prompts)})
