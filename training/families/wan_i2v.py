@@ -58,6 +58,9 @@ class WanImageToVideoFamily(WanFamily):
     title = "Wan image-to-video"
     pipeline_class_name = "WanImageToVideoPipeline"
     image_conditioned = True
+    # Wan 2.1's image-token keys and values too (absent in Wan 2.2's experts; ComfyUI names them k_img, v_img): what
+    # an image-to-video LoRA adapts, and what diffusers otherwise fills with zeros when it loads one.
+    default_lora_targets = (*WanFamily.default_lora_targets, "add_k_proj", "add_v_proj")
     tiny_models = {
         "wan-i2v": _tiny_wan21_i2v(),  # Wan 2.1 I2V 14B-480P's configs: CLIP image tokens and the channel concat
         "wan2.2-i2v-a14b": _tiny(WAN22_I2V, experts=("transformer", "transformer_2")),  # concat, no CLIP, 2 experts
