@@ -13,6 +13,7 @@ from vidtune.flows.evaluate import EvaluateParams, EvaluationParams, RegisterPar
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.flows.names import run_name
 from vidtune.tasks.captions import prompt_with_trigger
+from vidtune.tasks.evaluate_tasks import load_clip
 from vidtune.tasks.finetune_tasks import (
     check_dataset_task,
     precompute_task,
@@ -198,6 +199,8 @@ def finetune(
     family.check_samples_possible(
         params.validation.prompts, params.validation.images, params.run_evaluation, params.holdout_clips
     )
+    if params.run_evaluation and params.evaluation.clip_model:  # loaded now: a download that fails stops no training
+        load_clip(params.evaluation.clip_model, params.evaluation.clip_pretrained, prefix="evaluation.")  # on the CPU
     if params.experts is not None:  # refused for a one-denoiser model, before any data is read
         check_experts(params.experts, model_index(params.model), params.model)
     curated = curate(params.curate) if params.curate is not None else None

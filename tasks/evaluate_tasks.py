@@ -23,15 +23,31 @@ from vidtune.training.sampling import SampleSettings
 
 
 def clip_embedder(model_name: str, pretrained: str | None, device: str = "auto"):
+    """Evaluation's CLIP, loaded once per process."""
     register_model_configs()
     device = resolve_device(device)
-    scorer = cached_model(("clip", model_name, pretrained, device), lambda: ClipScorer(model_name, pretrained, device))
+    scorer = cached_model(("clip", model_name, pretrained, device), lambda: load_clip(model_name, pretrained, device))
 
     def embed(frames, texts):
         images, text = scorer.embed(frames, texts)
         return images.cpu().numpy(), text.cpu().numpy()
 
     return embed
+
+
+def load_clip(model_name: str, pretrained: str | None, device: str = "cpu", prefix: str = "") -> ClipScorer:
+    """The CLIP model, or a ValueError naming the settings (`prefix`: "evaluation." inside finetune) and what to do
+    when it cannot load (offline, unknown tag), instead of a download traceback. The finetune flow calls it before
+    training, so a missing download stops no run after hours of training."""
+    register_model_configs()
+    try:
+        return ClipScorer(model_name, pretrained, device)
+    except Exception as exc:
+        raise ValueError(
+            f"{prefix}clip_model/{prefix}clip_pretrained: cannot load open_clip {model_name!r} with {pretrained!r} "
+            f"for evaluation's CLIP metrics: {exc}. Without network access, pass a local weights file "
+            f"(--set {prefix}clip_pretrained=PATH) or leave those metrics out (--set {prefix}clip_model=null)."
+        ) from exc
 
 
 @task(name="evaluate-run", cache_policy=NO_CACHE)

@@ -225,6 +225,22 @@ def test_experts_for_a_model_with_one_denoiser_is_refused_naming_the_field(prefe
     assert not (tmp_path / "cache").exists()  # refused before precompute
 
 
+def test_an_evaluation_clip_that_cannot_load_is_refused_before_training(prefect_api, curated, wan_model, tmp_path):
+    """Offline, the default CLIP weights cannot download: said before precompute, naming the settings and the fix,
+    not as a download traceback after training."""
+    from vidtune.flows.finetune import finetune
+
+    missing = str(tmp_path / "clip.safetensors")
+    params = finetune_params(curated, wan_model, tmp_path, run_evaluation=True, evaluation={"clip_pretrained": missing})
+    with pytest.raises(
+        ValueError,
+        match=r"evaluation.clip_model/evaluation.clip_pretrained: cannot load open_clip 'ViT-B-32' with .*clip.safetensors.*"
+        r"--set evaluation.clip_pretrained=PATH.*--set evaluation.clip_model=null",
+    ):
+        finetune(params)
+    assert not (tmp_path / "cache").exists()  # refused before precompute
+
+
 def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path, vidtune):
     from vidtune.flows.config import ParamError, build_params
     from vidtune.flows.finetune import FinetuneParams
