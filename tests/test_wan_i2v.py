@@ -16,7 +16,7 @@ from PIL import Image
 from tests.test_families import _image
 from tests.test_wan22 import _job, tiny  # noqa: F401 (the module's tiny-model fixture)
 from vidtune.training.adapters import load_adapter
-from vidtune.training.cache import PrecomputeParams, load_cache_entry, precompute
+from vidtune.training.cache import PrecomputeParams, _skip_reason, frame_buckets, load_cache_entry, precompute
 from vidtune.training.data import cache_shards, make_stream
 from vidtune.training.families import get_family
 from vidtune.training.trainer import Trainer, batch_loss
@@ -133,6 +133,10 @@ def test_a_text_to_video_wan_is_refused_naming_the_model(tiny):  # noqa: F811
     I2V.check_model(tiny("wan2.2-ti2v-5b"))
     I2V.check_model(tiny("wan-i2v"))
     assert not I2V.valid_num_frames(1) and I2V.valid_num_frames(9)  # a still would be its own condition
+    buckets = frame_buckets(I2V, PrecomputeParams())
+    assert 1 not in buckets and _skip_reason(1, buckets, I2V) == (
+        "stills: Wan image-to-video trains on no single frame (a still is its own conditioning image)"
+    )
 
 
 def test_conditioning_is_cached_beside_the_latents_and_a_lora_trains_from_it(curated, tiny, tmp_path):  # noqa: F811

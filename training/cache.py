@@ -97,7 +97,8 @@ def choose_bucket(num_frames: int, buckets: list[int]) -> int | None:
 
 def _skip_reason(num_frames: int, buckets: list[int], family: ModelFamily) -> str:
     if num_frames == STILL_FRAMES:
-        return f"stills: the {family.title} VAE takes no single frame"
+        why = "its VAE takes none" if not family.image_conditioned else "a still is its own conditioning image"
+        return f"stills: {family.title} trains on no single frame ({why})"
     shortest = min(b for b in buckets if b != STILL_FRAMES)
     return f"shorter than every bucket ({num_frames} < {shortest} frames)"
 
