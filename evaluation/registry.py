@@ -185,7 +185,7 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
             artifacts={"adapter": str(layout.adapter)} if lora else {"pipeline": str(layout.model)},
             model_config=config,
             signature=SIGNATURE,
-            input_example=input_example(tuple(sample_size)) if sample_size else None,
+            input_example=input_example(tuple(sample_size), info["family"]) if sample_size else None,
             pip_requirements=pip_requirements(),
         )
         return logged.model_uri, run.info.run_id

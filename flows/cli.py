@@ -217,8 +217,20 @@ def register(
 
 @app.command("import-lora")
 def import_lora(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="The LoRA .safetensors file.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="The LoRA .safetensors file (of a two-expert model: the high-noise expert's)."
+        ),
+    ],
     model: Annotated[str, typer.Option("--model", help="Its base model: a local diffusers folder or a hub id.")],
+    file_2: Annotated[
+        Path | None,
+        typer.Option(
+            "--file-2",
+            help="The low-noise expert's LoRA (transformer_2) of a two-expert model (Wan 2.2 A14B's low_noise file).",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registered model name (default: vidtune-style).")] = None,
     data: Annotated[
         Path | None, typer.Option("--data", help="A curated dataset for the held-out loss (else: sample metrics only).")
@@ -236,6 +248,9 @@ def import_lora(
     Reads diffusers keys (transformer.<module>.lora_A.weight), original-model keys (diffusion_model.<module>.lora_A
     or lora_down, optional .alpha) and kohya keys (lora_unet_<module>.lora_down.weight + .alpha); converts them
     with diffusers' converters where they fit the model, else by the family's ComfyUI module names.
+
+    A two-expert model (Wan 2.2 A14B) takes the high-noise expert's file as FILE and the low-noise expert's as
+    --file-2; FILE alone adapts the high-noise expert only.
     """
     from vidtune.evaluation.registry import RegistryError
     from vidtune.flows.import_lora import ImportLoraParams
@@ -244,6 +259,7 @@ def import_lora(
     base = {"file": str(file), "model": model, "registry": {"name": name} if name else {}}
     base |= {"data": str(data)} if data else {}
     base |= {"out": str(out)} if out else {}
+    base |= {"file_2": str(file_2)} if file_2 else {}
     try:
         params = build_params(ImportLoraParams, base=base, config=config, overrides=set_ or [])
         result = import_flow(params)

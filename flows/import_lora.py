@@ -1,8 +1,10 @@
-"""The `import-lora` flow: a LoRA file from another trainer -> a vidtune run folder (diffusers adapter, its ComfyUI
-file, train_job.json) -> the same evaluation and registry gate as a trained run."""
+"""The `import-lora` flow: a LoRA file from another trainer (for a two-expert model such as Wan 2.2 A14B, one per
+expert) -> a vidtune run folder laid out as a trained run's (diffusers adapter files, their ComfyUI files,
+train_job.json) -> the same evaluation and registry gate as a trained run."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -14,8 +16,9 @@ from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.flows.names import run_name
 from vidtune.tasks.files import sha256_of
 from vidtune.tasks.finetune_tasks import check_dataset_task, resolve_family_task
-from vidtune.training.families import get_family
+from vidtune.training.families import get_family, model_index
 from vidtune.training.layout import RunLayout
+from vidtune.training.lora_import import check_expert_files
 from vidtune.training.tracking import default_tracking_uri, vidtune_home
 
 
@@ -23,7 +26,15 @@ class ImportLoraParams(GpuSlotParams):
     model_config = ConfigDict(extra="forbid")
 
     file: str = Field(
-        description="The LoRA file: .safetensors (diffusers, diffusion_model.* or kohya lora_unet_* keys)."
+        description="The LoRA file: .safetensors (diffusers, diffusion_model.* or kohya lora_unet_* keys). For a "
+        "two-expert model (Wan 2.2 A14B) the high-noise expert's (transformer); alone, it adapts that expert only "
+        "and the low-noise one stays the base model's (a low-noise LoRA imports as file_2, beside its high-noise file)."
+    )
+    file_2: str | None = Field(
+        None,
+        description="The low-noise expert's LoRA (transformer_2) of a two-expert model (Wan 2.2 A14B: the "
+        "low_noise file of musubi-tuner, ai-toolkit or ComfyUI), in any format file takes; imported into the same "
+        "run as a trained two-expert run's second file. Refused for a model with one denoiser.",
     )
     model: str = Field(description="Its base model: a local diffusers folder or a hub id.")
     family: str | None = Field(None, description="Model family; default: detected from the model's model_index.json.")
@@ -46,49 +57,39 @@ class ImportLoraParams(GpuSlotParams):
 
 class ImportedRun(BaseModel):
     out: str
-    source_format: str
+    source_format: str  # per file, joined with " + " when two experts' files differ
     converter: str
     rank: int
-    modules: int
+    modules: int  # all experts' together
+    experts: list[str]  # the pipeline attributes that received a LoRA
 
 
 @task(name="convert-lora", cache_policy=NO_CACHE)
-def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dataset, digest: str) -> ImportedRun:
-    """Read the file, convert it to the base model's diffusers keys, load it, and write the run folder."""
+def convert_lora_task(
+    params: ImportLoraParams, family_name: str, out: Path, dataset, digests: list[str]
+) -> ImportedRun:
+    """Read the file(s), convert them to the base model's diffusers keys, load them, and write the run folder."""
     import torch
 
-    from vidtune.training.adapters import (
-        COMFYUI_FILE,
-        comfyui_export,
-        export_comfyui,
-        lora_modules_of,
-        save_lora_adapter,
-    )
     from vidtune.training.data import parse_bucket_key
-    from vidtune.training.lora_import import import_lora, read_lora_file
+    from vidtune.training.lora_import import (
+        expert_files,
+        import_expert_loras,
+        imported_experts,
+        save_imported_adapter,
+        source_record,
+    )
     from vidtune.training.params import TrainParams
     from vidtune.training.trainer import TrainJob
 
     family = get_family(family_name)
     pipe = family.load_pipeline(params.model, dtype=torch.float32, **dict.fromkeys(family.text_encoders))
-    imported = import_lora(family, pipe, read_lora_file(params.file))
-    pipe.load_lora_weights(imported.state, adapter_name="default")
-    denoiser = getattr(pipe, family.denoiser_name)
-    source = str(Path(params.file).expanduser().resolve())
-    info = {
-        "base_model": params.model,
-        "family": family.name,
-        "training_type": "lora",
-        "imported_from": source,
-        "source_sha256": digest,
-        "source_format": imported.source_format,
-        "converter": imported.converter,
-    }
+    files = expert_files(family.denoiser_name, params.file, params.file_2)
+    imported = import_expert_loras(family, pipe, files)
+    info = {"base_model": params.model, "family": family.name, "training_type": "lora"}
     layout = RunLayout(out)
-    save_lora_adapter(family, pipe, {family.denoiser_name: denoiser}, layout.adapter, info)
-    keys = comfyui_export(family, None)
-    if keys is not None and all(keys.target(m) is not None for m in lora_modules_of(denoiser)):
-        export_comfyui(family, denoiser, layout.adapter / COMFYUI_FILE)
+    save_imported_adapter(family, pipe, imported, layout.adapter, info | source_record(files, imported, digests))
+    rank = max(lora.rank for lora in imported.values())
     sizes = [parse_bucket_key(key) for key in (dataset.buckets if dataset else {})]
     job = TrainJob(
         model=params.model,
@@ -99,21 +100,26 @@ def convert_lora_task(params: ImportLoraParams, family_name: str, out: Path, dat
         shards=dataset.shards if dataset else [],
         frame_buckets=params.frame_buckets or list(family.frame_buckets),
         sample_size=min(sizes) if sizes else (family.frame_buckets[-1], 480, 832),
-        params=TrainParams(training_type="lora", rank=imported.rank, max_steps=1),
+        params=TrainParams(training_type="lora", rank=rank, max_steps=1, experts=imported_experts(pipe, imported)),
         holdout_clip_ids=dataset.fitting_ids[: params.holdout_clips] if dataset else [],
-        tags={"imported_from": source, **({"data": str(Path(params.data).resolve())} if params.data else {})},
+        tags={
+            "imported_from": str(Path(params.file).expanduser().resolve()),
+            **({"data": str(Path(params.data).resolve())} if params.data else {}),
+        },
     )
     layout.write_train_job(job)
     return ImportedRun(
         out=str(out),
-        source_format=imported.source_format,
-        converter=imported.converter,
-        rank=imported.rank,
-        modules=imported.modules,
+        source_format=" + ".join(dict.fromkeys(lora.source_format for lora in imported.values())),
+        converter=" + ".join(dict.fromkeys(lora.converter for lora in imported.values())),
+        rank=rank,
+        modules=sum(lora.modules for lora in imported.values()),
+        experts=list(imported),
     )
 
 
-def default_out(params: ImportLoraParams, digest: str) -> Path:
+def default_out(params: ImportLoraParams, digests: list[str]) -> Path:
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
     return vidtune_home() / "imports" / f"{params.registry.name}-{digest[:12]}"
 
 
@@ -124,24 +130,31 @@ def default_out(params: ImportLoraParams, digest: str) -> Path:
     validate_parameters=True,
 )
 def import_lora(params: ImportLoraParams) -> dict:
-    """Another trainer's LoRA file in; an evaluated (base vs adapted) and registered version out."""
+    """Another trainer's LoRA file (or a two-expert model's two) in; an evaluated (base vs adapted) and registered
+    version out."""
     logger = get_run_logger()
-    if not Path(params.file).expanduser().is_file():
-        raise FileNotFoundError(f"file: {params.file} does not exist")
+    sources = [path for path in (params.file, params.file_2) if path is not None]
+    for setting, path in zip(("file", "file_2"), sources):
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"{setting}: {path} does not exist")
     family = resolve_family_task(params.model, params.family)
+    check_expert_files(params.file, params.file_2, model_index(params.model), params.model)
 
     buckets = params.frame_buckets or list(get_family(family).frame_buckets)
     dataset = check_dataset_task(params.data, buckets, family) if params.data else None
-    with open(Path(params.file).expanduser(), "rb") as handle:  # once: the run folder's name and the source's record
-        digest = sha256_of(handle)
-    out = Path(params.out).expanduser().resolve() if params.out else default_out(params, digest)
+    digests = []
+    for path in sources:  # once: the run folder's name and the sources' record
+        with open(Path(path).expanduser(), "rb") as handle:
+            digests.append(sha256_of(handle))
+    out = Path(params.out).expanduser().resolve() if params.out else default_out(params, digests)
     with gpu_slot(params.gpu_limit):
-        imported = convert_lora_task(params, family, out, dataset, digest)
+        imported = convert_lora_task(params, family, out, dataset, digests)
         logger.info(
-            "%s-format LoRA (rank %d, %d modules) converted by %s' converter into %s",
+            "%s-format LoRA (rank %d, %d modules of %s) converted by %s' converter into %s",
             imported.source_format,
             imported.rank,
             imported.modules,
+            " and ".join(imported.experts),
             imported.converter,
             out,
         )

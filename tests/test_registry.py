@@ -425,7 +425,7 @@ def test_every_model_uri_form_resolves_through_mlflow_and_pyfunc_predict_returns
     ]
     assert {get_model_info(form).model_uuid for form in forms} == {info.model_uuid}
     assert registration.model_uri == "models:/style-uri/1"
-    assert [c.name for c in info.signature.inputs.inputs] == ["prompt"]
+    assert [(c.name, c.required) for c in info.signature.inputs.inputs] == [("prompt", True), ("image", False)]
     assert {"num_frames", "height", "width", "steps", "guidance_scale", "seed"} <= {
         p["name"] for p in info.signature.params.to_dict()
     }

@@ -13,16 +13,23 @@ the result fits the base model: every module exists and each pair's shapes match
 converter for the family and format, or its converter does not fit this model (its HunyuanVideo converter splits
 fused single-block weights at the published width only), the family's ComfyUI module names
 (`vidtune.training.comfyui`) are read backwards instead; fused modules are split row-wise into their parts, each
-keeping the shared lora_A. A file neither fits is refused, naming the keys that fit no module."""
+keeping the shared lora_A. A file neither fits is refused, naming the keys that fit no module.
+
+A two-expert model (Wan 2.2 A14B) takes a file per expert, as musubi-tuner, ai-toolkit and ComfyUI users have them (a
+"high_noise" and a "low_noise" file): the first for `transformer`, the second for `transformer_2`; both convert to
+`transformer.*` keys, diffusers' prefix for either expert (see `vidtune.training.experts`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vidtune.training.adapters import comfyui_export, comfyui_file, export_comfyui, lora_modules_of, save_lora_adapter
 from vidtune.training.comfyui import ComfyUIKeys, base_weight, lora_modules
+from vidtune.training.experts import LOW, boundary_ratio
 
 
 @dataclass
@@ -34,11 +41,11 @@ class ImportedLora:
     modules: int
 
 
-def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
+def read_lora_file(path: str | Path, setting: str = "file") -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file (or a .pt/.bin/.ckpt, through `torch.load(weights_only=True)`)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"file: {path} does not exist")
+        raise FileNotFoundError(f"{setting}: {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -46,11 +53,11 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"file: {path} holds no flat tensor dict (a LoRA state dict)")
+        raise ValueError(f"{setting}: {path} holds no flat tensor dict (a LoRA state dict)")
     return state
 
 
-def detect_format(state: dict[str, torch.Tensor]) -> str:
+def detect_format(state: dict[str, torch.Tensor], setting: str = "file") -> str:
     keys = [k for k in state if not k.endswith(".alpha")]
     if keys and all(k.startswith("lora_unet_") for k in keys):
         return "kohya"
@@ -60,16 +67,19 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
         return "diffusers"
     shown = ", ".join(sorted(state)[:3])
     raise ValueError(
-        f"file: not a LoRA in a format vidtune reads (keys like {shown}); it reads diffusers "
+        f"{setting}: not a LoRA in a format vidtune reads (keys like {shown}); it reads diffusers "
         "(`transformer.<module>.lora_A.weight`), original (`diffusion_model.<module>.lora_A.weight`) and kohya "
         "(`lora_unet_<module>.lora_down.weight` + `.alpha`) files"
     )
 
 
-def import_lora(family, pipe, state: dict[str, torch.Tensor]) -> ImportedLora:
-    """`state` (diffusers, original or kohya keys) as a diffusers-keyed LoRA of `pipe`'s denoiser; see the module docstring."""
-    source_format = detect_format(state)
-    denoiser = getattr(pipe, family.denoiser_name)
+def import_lora(
+    family, pipe, state: dict[str, torch.Tensor], module: str | None = None, setting: str = "file"
+) -> ImportedLora:
+    """`state` (diffusers, original or kohya keys) as a diffusers-keyed LoRA of `pipe`'s denoiser, or of the
+    two-expert pipeline's `module` (its keys `transformer.*` either way); see the module docstring."""
+    source_format = detect_format(state, setting)
+    denoiser = getattr(pipe, module or family.denoiser_name)
     prefix = f"{family.denoiser_name}."
     errors = []
     try:
@@ -90,9 +100,87 @@ def import_lora(family, pipe, state: dict[str, torch.Tensor]) -> ImportedLora:
             return _imported(converted, source_format, "vidtune")
         errors.append(f"vidtune's {family.title} names: {problems}")
     raise ValueError(
-        f"file: a {source_format}-format LoRA that does not fit this {family.title} model ({'; '.join(errors)}); "
+        f"{setting}: a {source_format}-format LoRA that does not fit this {family.title} model ({'; '.join(errors)}); "
         "is it a LoRA of this base model?"
     )
+
+
+def expert_files(denoiser_name: str, file: str, file_2: str | None) -> dict[str, tuple[str, str]]:
+    """Pipeline attribute -> (the setting naming its file, the file): `file` for the denoiser (a two-expert model's
+    high-noise one), `file_2` for a two-expert model's low-noise expert."""
+    return {denoiser_name: ("file", file)} | ({LOW: ("file_2", file_2)} if file_2 else {})
+
+
+def check_expert_files(file: str, file_2: str | None, config: dict, model: str) -> None:
+    """Before any weights load, refuse naming the field: `file_2` for a model with one denoiser (`config`: its
+    model_index.json); and for a two-expert one a file whose name says it is the other expert's ("low_noise" as
+    `file`, "high_noise" as `file_2`, as other trainers name them), which would adapt the wrong expert silently."""
+    if boundary_ratio(config) is None:
+        if file_2 is not None:
+            raise ValueError(
+                f"file_2: {model} has one denoiser; file_2 is the low-noise expert's LoRA (transformer_2) of a "
+                "two-expert model such as Wan 2.2 A14B: leave file_2 unset"
+            )
+        return
+    for setting, path, named, other in (("file", file, "low", "file_2"), ("file_2", file_2, "high", "file")):
+        if path is not None and _noise_level(Path(path).name) == named:
+            alone = " (a low-noise LoRA imports with its high-noise file as file, not alone)" if not file_2 else ""
+            raise ValueError(
+                f"{setting}: {Path(path).name} is named as the {named}-noise expert's LoRA, but {setting} is the "
+                f"{'high' if named == 'low' else 'low'}-noise expert's; give it as {other}{alone}"
+            )
+
+
+def _noise_level(name: str) -> str | None:
+    """The expert a file name says it is for: "high" for `..._high_noise.safetensors`, "low", or None."""
+    found = re.search(r"(high|low)[_\-. ]?noise", name.lower())
+    return found.group(1) if found else None
+
+
+def import_expert_loras(family, pipe, files: dict[str, tuple[str, str]]) -> dict[str, ImportedLora]:
+    """Each file (`expert_files`) read, converted, and loaded into its denoiser of `pipe` as adapter "default"."""
+    imported = {}
+    for module, (setting, path) in files.items():
+        imported[module] = import_lora(family, pipe, read_lora_file(path, setting), module, setting)
+        into_second = {"load_into_transformer_2": True} if module == LOW else {}
+        pipe.load_lora_weights(imported[module].state, adapter_name="default", **into_second)
+    return imported
+
+
+def imported_experts(pipe, imported: dict[str, ImportedLora]) -> str | None:
+    """The `experts` a training run with these adapters would have had: none for a one-denoiser model."""
+    if boundary_ratio(pipe.config) is None:
+        return None
+    return "both" if LOW in imported else "high"
+
+
+def source_record(
+    files: dict[str, tuple[str, str]], imported: dict[str, ImportedLora], digests: list[str]
+) -> dict[str, str]:
+    """Where each expert's LoRA came from, for vidtune.json: `imported_from`, `source_sha256`, `source_format`,
+    `converter`, and the same with `_2` for `file_2`."""
+    record = {}
+    for (module, (setting, path)), digest in zip(files.items(), digests, strict=True):
+        suffix = setting.removeprefix("file")
+        record |= {
+            f"imported_from{suffix}": str(Path(path).expanduser().resolve()),
+            f"source_sha256{suffix}": digest,
+            f"source_format{suffix}": imported[module].source_format,
+            f"converter{suffix}": imported[module].converter,
+        }
+    return record
+
+
+def save_imported_adapter(family, pipe, imported: dict[str, ImportedLora], folder: Path, info: dict) -> Path:
+    """`folder` (RUN/adapter) as training leaves it: each expert's diffusers file and vidtune.json, and each
+    expert's ComfyUI file where ComfyUI has a name for every module its LoRA adapts."""
+    denoisers = {module: getattr(pipe, module) for module in imported}
+    save_lora_adapter(family, pipe, denoisers, folder, info)
+    keys = comfyui_export(family, None)
+    for module, denoiser in denoisers.items():
+        if keys is not None and all(keys.target(m) is not None for m in lora_modules_of(denoiser)):
+            export_comfyui(family, denoiser, folder / comfyui_file(module, family.denoiser_name))
+    return folder
 
 
 def _imported(state: dict[str, torch.Tensor], source_format: str, converter: str) -> ImportedLora:
