@@ -199,8 +199,6 @@ def finetune(
     family.check_samples_possible(
         params.validation.prompts, params.validation.images, params.run_evaluation, params.holdout_clips
     )
-    if params.run_evaluation and params.evaluation.clip_model:  # loaded now: a download that fails stops no training
-        load_clip(params.evaluation.clip_model, params.evaluation.clip_pretrained, prefix="evaluation.")  # on the CPU
     if params.experts is not None:  # refused for a one-denoiser model, before any data is read
         check_experts(params.experts, model_index(params.model), params.model)
     curated = curate(params.curate) if params.curate is not None else None
@@ -208,6 +206,8 @@ def finetune(
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
     for key in dataset.buckets:  # sizes the model cannot take fail here, naming the setting
         family.check_clip_size(params.model, *parse_bucket_key(key))
+    if params.run_evaluation and params.evaluation.clip_model:  # loaded now: a download that fails stops no training
+        load_clip(params.evaluation.clip_model, params.evaluation.clip_pretrained, prefix="evaluation.")  # on the CPU
 
     with gpu_slot(params.gpu_limit):  # one slot from precompute to evaluation: a queued run cannot cut in between
         shards, prompt_cache, train_params = dataset.shards, None, _train_params(params)
