@@ -9,6 +9,8 @@ original weight splits, is diffusers' own single-file converter; what diffusers'
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +20,7 @@ from vidtune.training.adapters import comfyui_export, export_comfyui, lora_modul
 from vidtune.training.families import get_family
 from vidtune.training.tiny_models import build_tiny
 
-COMFYUI_FAMILIES = ["wan", "ltx-video", "hunyuan-video"]
+COMFYUI_FAMILIES = ["wan", "wan-i2v", "ltx-video", "hunyuan-video"]  # wan-i2v: Wan 2.1 I2V's image branch too
 
 
 @pytest.fixture(scope="module", params=COMFYUI_FAMILIES)
@@ -29,6 +31,7 @@ def comfy_family(request, tmp_path_factory):
     torch.manual_seed(0)
     latents = family.sample_latents(pipe, family.encode_video(pipe, _video()), torch.Generator().manual_seed(0))
     batch = family.objective(pipe).inputs(latents, torch.Generator().manual_seed(1))
+    batch = replace(batch, condition=family.encode_condition(pipe, _video()))  # wan-i2v: first-frame conditioning
     return family, folder, pipe, batch, family.encode_prompts(pipe, ["a red car in sks style"])
 
 
@@ -64,6 +67,7 @@ def _to_diffusers_names(family, deltas: dict[str, torch.Tensor], hidden: int) ->
 
     convert = {
         "wan": sf.convert_wan_transformer_to_diffusers,
+        "wan-i2v": sf.convert_wan_transformer_to_diffusers,
         "ltx-video": sf.convert_ltx_transformer_checkpoint_to_diffusers,
         "hunyuan-video": sf.convert_hunyuan_video_transformer_to_diffusers,
     }[family.name]
