@@ -138,6 +138,7 @@ def import_lora(params: ImportLoraParams) -> dict:
         if not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"{setting}: {path} does not exist")
     family = resolve_family_task(params.model, params.family)
+    get_family(family).check_model(params.model)  # e.g. wan-i2v named on a text-to-video Wan: said before loading
     check_expert_files(params.file, params.file_2, model_index(params.model), params.model)
 
     buckets = params.frame_buckets or list(get_family(family).frame_buckets)

@@ -5,6 +5,8 @@ LoRA that loads back, and a text-to-video checkpoint is refused."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -125,13 +127,24 @@ def test_the_5b_conditions_on_the_clean_first_latent_frame_at_timestep_zero(tiny
     assert I2V.encode_condition(pipe, video) == {}  # the cached clip latents hold the image's
 
 
-def test_a_text_to_video_wan_is_refused_naming_the_model(tiny):  # noqa: F811
+def test_a_wan_the_family_cannot_train_is_refused_naming_the_model(tiny, tmp_path):  # noqa: F811
+    """A text-to-video Wan named as wan-i2v, an image-to-video one named as wan, and a first-last-frame one (FLF2V,
+    which the I2V pipeline class loads too) by either: said before any weights load, not as a shape error."""
     with pytest.raises(
         ValueError, match=r"model: .* is a text-to-video Wan .*16 channels.*or train it with family wan"
     ):
         I2V.check_model(tiny("wan"))
+    with pytest.raises(ValueError, match=r"model: .* is an image-to-video Wan .*36 channels.*family wan-i2v"):
+        get_family("wan").check_model(tiny("wan-i2v"))
     I2V.check_model(tiny("wan2.2-ti2v-5b"))
     I2V.check_model(tiny("wan-i2v"))
+    get_family("wan").check_model(tiny("wan2.2-ti2v-5b"))
+    flf2v = shutil.copytree(tiny("wan-i2v"), tmp_path / "flf2v")
+    config = json.loads((flf2v / "transformer" / "config.json").read_text())
+    (flf2v / "transformer" / "config.json").write_text(json.dumps({**config, "pos_embed_seq_len": 514}))
+    for family in (I2V, get_family("wan")):
+        with pytest.raises(ValueError, match=r"model: .* is a first-last-frame Wan \(FLF2V.*first frame only"):
+            family.check_model(str(flf2v))
     assert not I2V.valid_num_frames(1) and I2V.valid_num_frames(9)  # a still would be its own condition
     buckets = frame_buckets(I2V, PrecomputeParams())
     assert 1 not in buckets and _skip_reason(1, buckets, I2V) == (
@@ -139,20 +152,24 @@ def test_a_text_to_video_wan_is_refused_naming_the_model(tiny):  # noqa: F811
     )
 
 
-def test_conditioning_is_cached_beside_the_latents_and_a_lora_trains_from_it(curated, tiny, tmp_path):  # noqa: F811
-    """precompute stores the first frame's latents and CLIP tokens; the cached batch's loss equals the loss on the
-    fly from the same clip; a LoRA trained from the cache renders validation samples from an image and loads back
-    into a fresh pipeline."""
+@pytest.mark.parametrize("variant", ["wan-i2v", "wan2.2-ti2v-5b"])
+def test_conditioning_is_cached_beside_the_latents_and_a_lora_trains_from_it(curated, tiny, tmp_path, variant):  # noqa: F811
+    """precompute stores Wan 2.1 I2V's first-frame latents and CLIP tokens (nothing for the 5B, whose conditioning
+    frame is in the clip latents); the cached batch's loss equals the loss on the fly from the same clip; a LoRA
+    trained from the cache renders validation samples from an image and loads back into a fresh pipeline."""
     output, _, _ = curated
-    model = tiny("wan-i2v")
+    model = tiny(variant)
     pipe = I2V.load_pipeline(model)
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
     result = precompute(shards, I2V, pipe, model, tmp_path / "cache", PrecomputeParams(frame_buckets=[9]))
     cached = cache_shards(result.cache_dir)
     entry = load_cache_entry(next(iter(wds.WebDataset(cached, shardshuffle=False))))
     latent_frames, height, width = entry["moments"].shape[1:]
-    assert entry["condition"]["latent_condition"].shape == (16, latent_frames, height, width)
-    assert entry["condition"]["image_embeds"].shape == (257, 32)
+    if variant == "wan-i2v":
+        assert entry["condition"]["latent_condition"].shape == (16, latent_frames, height, width)
+        assert entry["condition"]["image_embeds"].shape == (257, 32)
+    else:
+        assert entry["condition"] == {}
 
     from_cache = next(iter(make_stream("cache", cached, [9], batch_size=1, seed=0)))
     on_the_fly = next(

@@ -32,7 +32,7 @@ from safetensors.torch import save as save_tensors
 from vidtune.training.families import ModelFamily, TextEmbeddings
 from vidtune.training.files import atomic_path
 
-CACHE_VERSION = 2  # bump when what is stored changes (2: Wan prompts padded to 512 tokens, as its pipelines pad)
+CACHE_VERSION = 1  # bump when what is stored changes for every family (one family's change: its cache_revision)
 
 
 class PrecomputeParams(BaseModel):
@@ -82,8 +82,11 @@ def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
         "text_encoder": pipe.text_encoder.config.to_dict(),
         "weights": weights,
     }
-    if getattr(pipe, "image_encoder", None) is not None:  # only then: other families' caches keep their fingerprint
+    # Only when set, so that the caches of families without them keep their fingerprint:
+    if getattr(pipe, "image_encoder", None) is not None:
         parts["image_encoder"] = pipe.image_encoder.config.to_dict()
+    if family.cache_revision:
+        parts["family_revision"] = family.cache_revision
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

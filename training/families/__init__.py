@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from vidtune.training.families.animatediff import AnimateDiffFamily, AnimateDiffSDXLFamily
-from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs, model_file
 from vidtune.training.families.cogvideox import CogVideoXFamily
 from vidtune.training.families.hunyuan_video import HunyuanVideoFamily
 from vidtune.training.families.ltx import LtxFamily
@@ -48,19 +48,10 @@ def get_family(name: str) -> ModelFamily:
 
 def _model_index(model: str | Path) -> Path:
     """`model_index.json` of a local diffusers folder, or of a hub id (fetched then: only that small file)."""
-    folder = Path(model).expanduser()
-    if folder.is_dir() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
-        if not (folder / "model_index.json").is_file():
-            raise ValueError(f"model: {model} is not a diffusers model folder (no model_index.json)")
-        return folder / "model_index.json"
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(str(model), "model_index.json"))
-    except Exception as exc:  # offline, unknown repo, gated: say which and what to do
-        raise ValueError(
-            f"model: cannot read model_index.json of hub id {model} ({type(exc).__name__}); pass a local folder"
-        ) from exc
+    index = model_file(model, "model_index.json")
+    if index is None:
+        raise ValueError(f"model: {model} is not a diffusers model folder (no model_index.json)")
+    return index
 
 
 def model_index(model: str | Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -51,6 +52,7 @@ class ModelFamily(ABC):
     temporal_compression: ClassVar[int] = 4  # the VAE keeps the first frame and compresses the rest this much
     comfyui_keys: ClassVar[ComfyUIKeys | None] = None  # diffusers -> ComfyUI module names; None: ComfyUI has no loader
     image_conditioned: ClassVar[bool] = False  # image-to-video: the pipeline takes `image=`, the video's first frame
+    cache_revision: ClassVar[int] = 0  # raised when what the family caches changes: its latent caches are made anew
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -160,6 +162,26 @@ class ModelFamily(ABC):
     @abstractmethod
     def predict(self, pipe, inputs: TrainingInputs, text: TextEmbeddings, denoiser=None) -> torch.Tensor:
         """The denoiser's output for `inputs`; `denoiser` overrides the pipeline's own (e.g. its DDP wrapper)."""
+
+
+def model_file(model: str | Path, name: str) -> Path | None:
+    """A file of a diffusers model (`model_index.json`, `transformer/config.json`): in a local folder, or fetched
+    from the hub for a hub id (that small file only; a cached copy when offline). None when there is no such file;
+    a hub id that cannot be read is a ValueError saying to pass a local folder."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        return folder / name if (folder / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(model), name))
+    except EntryNotFoundError:
+        return None
+    except Exception as exc:  # offline, unknown repo, gated: say which and what to do
+        raise ValueError(
+            f"model: cannot read {name} of hub id {model} ({type(exc).__name__}); pass a local folder"
+        ) from exc
 
 
 def image_families() -> list[str]:

@@ -12,8 +12,8 @@ import torch
 
 from vidtune.training.comfyui import ComfyUIKeys, Rule, renamed
 from vidtune.training.experts import boundary_ratio
-from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs
-from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior
+from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs, model_file
+from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior, token_timesteps
 from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
 
 ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}  # diffusers -> Wan attention leaves
@@ -58,6 +58,7 @@ class WanFamily(ModelFamily):
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
     objective_kind = "flow"
     frame_buckets = (81, 49, 33, 17, 9)  # 81: the published clip length
+    cache_revision = 1  # 1: prompts embedded at 512 tokens (226 before)
     tiny_models = {  # the 14B's configs through the same code path; Wan 2.2's as configurations of the same classes
         "wan": _tiny(WAN_13B),
         "wan-14b": _tiny(WAN_14B),
@@ -88,6 +89,26 @@ class WanFamily(ModelFamily):
         + (Rule("proj_out", "head.head"),),
         source="Wan's original module names, as ComfyUI's comfy/ldm/wan/model.py keeps them",
     )
+
+    def check_model(self, model: str) -> None:
+        """Refuse, before any work, a Wan this family cannot train: a first-last-frame one (FLF2V), and an
+        image-to-video one (its transformer takes image latents beside the noisy ones) named as text-to-video."""
+        file = model_file(model, "transformer/config.json")
+        if file is None:
+            return
+        transformer = json.loads(file.read_text())
+        if transformer.get("pos_embed_seq_len"):
+            raise ValueError(
+                f"model: {model} is a first-last-frame Wan (FLF2V: its image embedding takes the tokens of two frames, "
+                f"pos_embed_seq_len {transformer['pos_embed_seq_len']}); vidtune trains image-to-video from the first "
+                "frame only: use Wan2.1-I2V-14B-480P, Wan2.2-I2V-A14B or Wan2.2-TI2V-5B with family wan-i2v"
+            )
+        if not self.image_conditioned and transformer["in_channels"] != transformer["out_channels"]:
+            raise ValueError(
+                f"model: {model} is an image-to-video Wan (its transformer takes {transformer['in_channels']} "
+                f"channels: image latents beside the {transformer['out_channels']} noisy ones); train it with "
+                "family wan-i2v"
+            )
 
     def check_clip_size(self, model: str, frames: int, height: int, width: int) -> None:
         """Refuse, naming the setting, clip sizes the VAE and patches do not divide (Wan 2.2 5B: 16x VAE, 2x2 patches:
@@ -165,10 +186,13 @@ class WanFamily(ModelFamily):
 
     def _forward(self, pipe, denoiser, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
         timesteps = inputs.timesteps
-        if pipe.config.get("expand_timesteps"):  # Wan 2.2 5B: one timestep per token, as WanPipeline feeds it
+        if pipe.config.get(
+            "expand_timesteps"
+        ):  # Wan 2.2 5B: one timestep per token, frame by frame, as fed at sampling
             batch, _, frames, height, width = inputs.noisy.shape
             _, ph, pw = pipe.transformer.config.patch_size
-            timesteps = timesteps[:, None].expand(batch, frames * (height // ph) * (width // pw))
+            per_frame = timesteps if timesteps.ndim == 2 else timesteps[:, None].expand(batch, frames)
+            timesteps = token_timesteps(per_frame, (height // ph) * (width // pw))
         return denoiser(
             hidden_states=inputs.noisy, timestep=timesteps, encoder_hidden_states=text.embeds, return_dict=False
         )[0]

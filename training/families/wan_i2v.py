@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from vidtune.training.families.base import TextEmbeddings, TrainingInputs
-from vidtune.training.families.objectives import FirstFrameConditioned, ObjectiveParams, token_timesteps
+from vidtune.training.families.base import TextEmbeddings, TrainingInputs, model_file
+from vidtune.training.families.objectives import FirstFrameConditioned, ObjectiveParams
 from vidtune.training.families.wan import TRANSFORMER_SHRINK, WanFamily, _tiny
 from vidtune.training.published_configs import Part
 
@@ -71,13 +70,16 @@ class WanImageToVideoFamily(WanFamily):
         return frames > 1 and WanFamily.valid_num_frames(self, frames)  # also called on the class, when defined
 
     def check_model(self, model: str) -> None:
-        """Refuse a text-to-video Wan (16 input channels and no `expand_timesteps`): it has no way to take the image."""
-        folder = Path(model).expanduser()
-        if not (folder / "transformer" / "config.json").is_file() or not (folder / "model_index.json").is_file():
-            return  # a hub id: the pipeline's own checks apply when it loads
-        transformer = json.loads((folder / "transformer" / "config.json").read_text())
-        index = json.loads((folder / "model_index.json").read_text())
-        if not index.get("expand_timesteps") and transformer["in_channels"] == transformer["out_channels"]:
+        """Also refuse a text-to-video Wan (as many input channels as output ones, and no `expand_timesteps`): it has
+        no way to take the image. Local folders and hub ids alike (their two small config files)."""
+        super().check_model(model)
+        file, index = model_file(model, "transformer/config.json"), model_file(model, "model_index.json")
+        if file is None or index is None:
+            return
+        transformer = json.loads(file.read_text())
+        if not json.loads(index.read_text()).get("expand_timesteps") and (
+            transformer["in_channels"] == transformer["out_channels"]
+        ):
             raise ValueError(
                 f"model: {model} is a text-to-video Wan (its transformer takes {transformer['in_channels']} channels, "
                 "no image latents); the wan-i2v family needs an image-to-video checkpoint (Wan2.1-I2V-14B-480P, "
@@ -92,9 +94,9 @@ class WanImageToVideoFamily(WanFamily):
             return {}
         with torch.no_grad():
             padded = torch.cat([video[:, :, :1], torch.zeros_like(video[:, :, 1:])], dim=2)
-            mode = pipe.vae.encode(padded.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
+            mode = pipe.vae.encode(padded.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode().float()
             shift, scale = self._normalisation(pipe, mode)
-            condition = {"latent_condition": (mode - shift) / scale}
+            condition = {"latent_condition": (mode - shift) / scale}  # in float32, as the pipeline normalises it
             if pipe.transformer.config.image_dim is not None:
                 pixels = ((video[:, :, 0].permute(0, 2, 3, 1).float().cpu() + 1) * 127.5).round().clamp(0, 255)
                 frames = [frame.numpy().astype(np.uint8) for frame in pixels]
@@ -115,13 +117,8 @@ class WanImageToVideoFamily(WanFamily):
         return FirstFrameConditioned(base) if pipe.config.get("expand_timesteps") else base
 
     def _forward(self, pipe, denoiser, inputs: TrainingInputs, text: TextEmbeddings) -> torch.Tensor:
-        if pipe.config.get("expand_timesteps"):  # per-frame timesteps (0 on frame 0) -> per token, frame by frame
-            _, _, _, height, width = inputs.noisy.shape
-            _, ph, pw = pipe.transformer.config.patch_size
-            timesteps = token_timesteps(inputs.timesteps, (height // ph) * (width // pw))
-            return denoiser(
-                hidden_states=inputs.noisy, timestep=timesteps, encoder_hidden_states=text.embeds, return_dict=False
-            )[0]
+        if pipe.config.get("expand_timesteps"):  # per-frame timesteps, 0 on the clean frame 0: WanFamily's path
+            return super()._forward(pipe, denoiser, inputs, text)
         if "latent_condition" not in inputs.condition:
             raise ValueError(
                 f"{self.name}: this batch has no conditioning latents; precompute the cache again "
