@@ -48,19 +48,19 @@ def _conditioned(family: ModelFamily, pipe, inputs, video: torch.Tensor):
     return replace(inputs, condition=family.encode_condition(pipe, video))
 
 
-def _render(pipe, family: ModelFamily, image=None) -> np.ndarray:
-    """Two denoising steps from fixed noise: equal weights give (nearly) equal videos. An image-to-video family
+def _render(pipe, family: ModelFamily, image=None, size=32, steps=2, output_type="np"):
+    """`steps` denoising steps from fixed noise: equal weights give (nearly) equal videos. An image-to-video family
     renders from `_image()` unless given another image."""
     if family.image_conditioned and image is None:
         image = _image()
     return pipe(
         prompt="a red car in sks style",
         num_frames=FRAMES,
-        height=32,
-        width=32,
-        num_inference_steps=2,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
         guidance_scale=1.0,
-        output_type="np",
+        output_type=output_type,
         generator=torch.Generator().manual_seed(0),
         **family.sampling_arguments(image),
     ).frames

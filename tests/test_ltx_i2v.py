@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_families import FRAMES, _image, _video
+from tests.test_families import FRAMES, _image, _render, _video
 from vidtune.training.families import detect_family, get_family
 from vidtune.training.tiny_models import build_tiny
 
@@ -42,17 +42,7 @@ def test_the_first_latent_frame_of_a_clip_is_its_first_frame_encoded_alone(ltx_f
 
 def _first_latent_frame(pipe, family, image=None) -> torch.Tensor:
     """The generated video's first latent frame (normalised, as the transformer sees it)."""
-    packed = pipe(
-        prompt="a red car in sks style",
-        num_frames=FRAMES,
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-        **family.sampling_arguments(image),
-    ).frames
+    packed = _render(pipe, family, image, size=64, output_type="latent")
     per_frame = (64 // pipe.vae_spatial_compression_ratio) ** 2
     return packed[:, :per_frame]
 

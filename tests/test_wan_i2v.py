@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from tests.test_families import _image
+from tests.test_families import _image, _render
 from tests.test_wan22 import _job, tiny  # noqa: F401 (the module's tiny-model fixture)
 from vidtune.training.adapters import load_adapter
 from vidtune.training.cache import PrecomputeParams, _skip_reason, frame_buckets, load_cache_entry, precompute
@@ -47,17 +47,8 @@ def _record_transformer_inputs(pipe) -> list[dict]:
 
 
 def _sample(pipe, image: Image.Image, output_type="np"):
-    return pipe(
-        image=image,
-        prompt=PROMPT,
-        num_frames=9,
-        height=image.height,
-        width=image.width,
-        num_inference_steps=1,
-        guidance_scale=1.0,
-        output_type=output_type,
-        generator=torch.Generator().manual_seed(0),
-    ).frames
+    """One denoising step from fixed noise, at the image's (square) size."""
+    return _render(pipe, I2V, image, size=image.width, steps=1, output_type=output_type)
 
 
 @pytest.mark.parametrize("variant", ["wan-i2v", "wan2.2-i2v-a14b"])
