@@ -132,8 +132,9 @@ def run_leg(work: Path, name: str, steps: int, warmup: int) -> dict:
     from diffusers import WanPipeline  # noqa: F401
     from mlflow.tracking import MlflowClient
 
+    from vidtune.training.job import TrainJob
     from vidtune.training.params import TrainParams
-    from vidtune.training.trainer import TrainJob, train
+    from vidtune.training.trainer import train
 
     data = json.loads((work / "prepared.json").read_text())
     source, overrides = LEGS[name]

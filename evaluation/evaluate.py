@@ -30,9 +30,9 @@ from vidtune.training.data import read_clips
 from vidtune.training.devices import placement
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
+from vidtune.training.job import TrainJob
 from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.sampling import SampleSettings, conditioning_images, render_videos, write_conditioning_images
-from vidtune.training.trainer import TrainJob
 
 Embedder = Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]  # frames, texts -> normalised embeddings
 MotionFn = Callable[[np.ndarray, float], float]  # frames, seconds between frames -> magnitude
@@ -100,7 +100,7 @@ def evaluate_run(
 ) -> dict:
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    job = layout.read_train_job()
+    job = TrainJob.read(run_dir)
     family = get_family(job.family)
     heldout = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
     real = _real_videos(job) if i3d_path else []

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from vidtune.evaluation.pyfunc import MODEL_CODE, SIGNATURE, input_example
 from vidtune.training.adapters import read_info
 from vidtune.training.files import write_json_atomic
+from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.tracking import experiment_id, log_dataset, point_mlflow_at, vidtune_home
 
@@ -154,7 +155,7 @@ def _log_weights(run_dir: Path, info: dict, run_id: str | None, tracking_uri: st
             run_id = None
     point_mlflow_at(tracking_uri)
     layout = RunLayout(run_dir)
-    job = layout.find_train_job()
+    job = TrainJob.find(run_dir)
     new_run = {}
     if run_id is None:  # in the run's experiment, whose artifacts go where vidtune says (not ./mlruns)
         new_run = {
@@ -269,7 +270,7 @@ def _register(
                 "log the weights",
                 tracking_uri,
             )
-            job = RunLayout(run_dir).find_train_job()
+            job = TrainJob.find(run_dir)
             tags = {
                 "vidtune.run_dir": str(run_dir),
                 "vidtune.weights_sha256": weights_sha,

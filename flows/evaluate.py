@@ -14,6 +14,7 @@ from vidtune.tasks.captions import prompt_with_trigger
 from vidtune.tasks.evaluate_tasks import evaluate_task, register_task
 from vidtune.tasks.output import dataset_trigger
 from vidtune.tasks.scoring import ClipModelParams
+from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.params import SamplingParams
 from vidtune.training.sampling import SampleSettings
@@ -60,7 +61,7 @@ class RegisterParams(RegistryParams):
 
 
 def sample_settings(run: str, params: EvaluationParams) -> SampleSettings:
-    job = RunLayout(Path(run)).read_train_job()
+    job = TrainJob.read(run)
     frames, height, width = job.sample_size
     validation = job.params.validation
     trigger = dataset_trigger(job.tags["data"]) if "data" in job.tags else ""
@@ -108,7 +109,7 @@ def emit_promoted(registration, run: Path, metrics: dict, tracking_uri: str) -> 
 
 def _run_tracking_uri(run: Path) -> str | None:
     """The MLflow the run was trained against (its train_job.json), so its version joins that run."""
-    job = RunLayout(run).find_train_job()
+    job = TrainJob.find(run)
     return job.tracking_uri if job is not None else None
 
 

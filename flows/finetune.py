@@ -35,10 +35,10 @@ from vidtune.training.data import (
 from vidtune.training.experts import check_experts
 from vidtune.training.families import get_family, model_index
 from vidtune.training.families.objectives import check_objective_params
-from vidtune.training.layout import DatasetLayout, RunLayout
+from vidtune.training.job import TrainJob
+from vidtune.training.layout import DatasetLayout
 from vidtune.training.params import RunTarget, TrainParams
 from vidtune.training.tracking import default_tracking_uri
-from vidtune.training.trainer import TrainJob
 
 
 class FinetuneParams(RunTarget, TrainParams, GpuSlotParams):
@@ -106,7 +106,7 @@ class FinetuneParams(RunTarget, TrainParams, GpuSlotParams):
 
 def _holdout(params: FinetuneParams, dataset) -> list[str]:
     """The held-out clips: chosen once per run; a resumed run keeps the ones it started with (the data may have grown)."""
-    previous = RunLayout(Path(params.out).expanduser()).find_train_job() if params.resume is not None else None
+    previous = TrainJob.find(Path(params.out).expanduser()) if params.resume is not None else None
     if previous is not None:
         return previous.holdout_clip_ids
     return dataset.holdout(params.holdout_clips)
@@ -288,5 +288,5 @@ def _train_job(
         ),
         tags={"data": str(Path(params.data).resolve())},
     )
-    RunLayout(Path(job.out)).write_train_job(job)
+    job.write()
     return job

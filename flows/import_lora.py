@@ -72,6 +72,7 @@ def convert_lora_task(
     import torch
 
     from vidtune.training.data import parse_bucket_key
+    from vidtune.training.job import TrainJob
     from vidtune.training.lora_import import (
         expert_files,
         import_expert_loras,
@@ -80,7 +81,6 @@ def convert_lora_task(
         source_record,
     )
     from vidtune.training.params import TrainParams
-    from vidtune.training.trainer import TrainJob
 
     family = get_family(family_name)
     pipe = family.load_pipeline(params.model, dtype=torch.float32, **dict.fromkeys(family.text_encoders))
@@ -107,7 +107,7 @@ def convert_lora_task(
             **({"data": str(Path(params.data).resolve())} if params.data else {}),
         },
     )
-    layout.write_train_job(job)
+    job.write()
     return ImportedRun(
         out=str(out),
         source_format=" + ".join(dict.fromkeys(lora.source_format for lora in imported.values())),

@@ -15,8 +15,9 @@ from vidtune.training.cache import PrecomputeParams, PrecomputeResult, precomput
 from vidtune.training.data import DatasetSummary, summarize_dataset
 from vidtune.training.devices import placement
 from vidtune.training.families import detect_family, get_family
+from vidtune.training.job import TrainJob
 from vidtune.training.launch import launch_accelerate
-from vidtune.training.trainer import TrainJob, TrainResult, train
+from vidtune.training.trainer import TrainResult, train
 
 
 @task(name="resolve-family", cache_policy=NO_CACHE)

@@ -20,10 +20,10 @@ from vidtune.evaluation.pyfunc import decode_image, row_conditioning
 from vidtune.evaluation.registry import register_run
 from vidtune.training.adapters import save_lora_adapter
 from vidtune.training.families import get_family
+from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.params import TrainParams
 from vidtune.training.tiny_models import build_tiny
-from vidtune.training.trainer import TrainJob
 
 I2V = get_family("ltx-video-i2v")
 
@@ -48,7 +48,7 @@ def registered(tmp_path_factory) -> tuple[str, str]:
         sample_size=(9, 32, 32),
         params=TrainParams(rank=4),
     )
-    layout.write_train_job(job)
+    job.write()
     return register_run(root, "i2v-style", uri).model_uri, uri
 
 

@@ -178,10 +178,9 @@ def test_first_frame_clip_compares_the_first_frame_with_the_image_in_clip_space(
 def test_relative_validation_images_are_stored_absolute(tmp_path, monkeypatch):
     """A relative (or ~) validation.images path is resolved where it is given, so train_job.json names the file for
     evaluation run from any other folder."""
-    from vidtune.training.layout import RunLayout
+    from vidtune.training.job import TrainJob
     from vidtune.training.params import TrainParams
     from vidtune.training.sampling import conditioning_images
-    from vidtune.training.trainer import TrainJob
 
     (tmp_path / "images").mkdir()
     _image(0).save(tmp_path / "images" / "first.png")
@@ -198,9 +197,9 @@ def test_relative_validation_images_are_stored_absolute(tmp_path, monkeypatch):
         sample_size=(9, 32, 32),
         params=params,
     )
-    RunLayout(tmp_path / "run").write_train_job(job)
+    job.write()
     monkeypatch.chdir(tmp_path / "run")  # evaluation from another folder reads the job and finds the image
-    stored = RunLayout(tmp_path / "run").read_train_job().params.validation.images
+    stored = TrainJob.read(tmp_path / "run").params.validation.images
     assert stored == params.validation.images
     pictures = conditioning_images(I2V, 2, stored, [], [])
     assert all(np.array_equal(np.asarray(picture), np.asarray(_image(0))) for picture in pictures)
@@ -244,11 +243,11 @@ def test_validation_and_evaluation_start_from_the_held_out_clips_first_frames(
     from vidtune.evaluation.evaluate import evaluate_run
     from vidtune.tasks.evaluate_tasks import clip_embedder
     from vidtune.training.data import summarize_dataset
-    from vidtune.training.layout import RunLayout
+    from vidtune.training.job import TrainJob
     from vidtune.training.params import TrainParams
     from vidtune.training.sampling import SampleSettings
     from vidtune.training.tiny_models import TINY_CLIP
-    from vidtune.training.trainer import TrainJob, train
+    from vidtune.training.trainer import train
 
     given = []
     render = LTXImageToVideoPipeline.__call__
@@ -276,7 +275,7 @@ def test_validation_and_evaluation_start_from_the_held_out_clips_first_frames(
         holdout_clip_ids=heldout,
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
     )
-    RunLayout(tmp_path / "run").write_train_job(job)  # as the finetune flow does: evaluation reads it
+    job.write()  # as the finetune flow does: evaluation reads it
     train(job)
     assert (tmp_path / "run" / "samples" / "step-000002" / "sample-02.mp4").stat().st_size > 0
     first = _heldout_first_frames(dataset.shards, heldout)

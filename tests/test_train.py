@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from vidtune.training.cache import PrecomputeParams, precompute
 from vidtune.training.data import BucketedStream, cache_shards, make_stream
 from vidtune.training.families import get_family
+from vidtune.training.job import TrainJob
 from vidtune.training.params import TrainParams
-from vidtune.training.trainer import TrainingDiverged, TrainJob, batch_loss, train
+from vidtune.training.trainer import TrainingDiverged, batch_loss, train
 
 BUCKETS = [9, 17]
 

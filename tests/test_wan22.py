@@ -18,9 +18,10 @@ from vidtune.training.cache import PrecomputeParams, precompute
 from vidtune.training.data import cache_shards, make_stream
 from vidtune.training.experts import ADAPTER_FILES, check_experts
 from vidtune.training.families import get_family, model_index
+from vidtune.training.job import TrainJob
 from vidtune.training.params import TrainParams
 from vidtune.training.tiny_models import build_tiny
-from vidtune.training.trainer import Trainer, TrainJob
+from vidtune.training.trainer import Trainer
 
 SECOND_FILE = ADAPTER_FILES["transformer_2"]
 BOUNDARY = 875  # the published T2V-A14B boundary_ratio 0.875 x 1000 timesteps

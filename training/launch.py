@@ -17,8 +17,9 @@ from pathlib import Path
 
 from vidtune.training.data import DatasetError
 from vidtune.training.files import write_json_atomic
+from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
-from vidtune.training.trainer import TrainingDiverged, TrainJob, TrainResult, train
+from vidtune.training.trainer import TrainingDiverged, TrainResult, train
 
 # Errors that explain themselves (bad data, diverged loss, bad settings): carried to the launching process.
 EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, DatasetError, ValueError)}

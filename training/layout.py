@@ -1,18 +1,13 @@
 """The two folders that cross stages, each spelled once here: a curated dataset (curate writes it; finetune,
 precompute and evaluation read it) and a training run (finetune writes it; evaluate, register, generate and
-`accelerate launch` read it). Every stage takes paths and typed readers from these, not its own spelling."""
+`accelerate launch` read it). Every stage takes paths from these, not its own spelling; what a run is (its
+train_job.json) is `vidtune.training.job.TrainJob`, which reads and writes that file."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from vidtune.training.files import write_json_atomic
-
-if TYPE_CHECKING:
-    from vidtune.training.trainer import TrainJob
 
 
 def _read_json(path: Path) -> dict | None:
@@ -123,22 +118,6 @@ class RunLayout:
         if training_type is not None:
             return self.adapter if training_type == "lora" else self.model
         return self.adapter if self.adapter.is_dir() else self.model
-
-    def write_train_job(self, job: TrainJob) -> None:
-        write_json_atomic(self.train_job, job.model_dump(mode="json"))
-
-    def read_train_job(self) -> TrainJob:
-        from vidtune.training.trainer import TrainJob
-
-        if not self.train_job.is_file():
-            raise FileNotFoundError(
-                f"run: {self.root} has no train_job.json; is it the --out folder of `vidtune finetune`?"
-            )
-        return TrainJob.model_validate_json(self.train_job.read_text())
-
-    def find_train_job(self) -> TrainJob | None:
-        """The run's job when it has one (a run folder from elsewhere may not)."""
-        return self.read_train_job() if self.train_job.is_file() else None
 
     def read_metrics(self) -> dict | None:
         return _read_json(self.metrics)

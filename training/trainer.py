@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
 from vidtune.training.adapters import (
     comfyui_export,
@@ -44,42 +43,14 @@ from vidtune.training.experts import (
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
 from vidtune.training.families.objectives import check_objective_params, denoising_loss
 from vidtune.training.files import write_json_atomic
-from vidtune.training.layout import DatasetLayout, RunLayout
-from vidtune.training.params import RunTarget, TrainParams
+from vidtune.training.job import TrainJob
+from vidtune.training.layout import RunLayout
+from vidtune.training.params import TrainParams
 from vidtune.training.sampling import conditioning_images, render_samples
 from vidtune.training.tracking import RunTracker, flatten
 from vidtune.training.trainable import make_optimizer, make_trainable
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainJob(RunTarget):
-    """Everything one training run needs, resolved by the `finetune` flow (and written as JSON for accelerate):
-    the run target with its family and tracking URI set, plus the data, the trainer's parameters and the held-out
-    clips."""
-
-    shards: list[str]
-    prompt_cache: str | None = Field(
-        None, description="validation prompts' embeddings (data_source=cache): no text encoder is loaded"
-    )
-    frame_buckets: list[int]
-    sample_size: tuple[int, int, int] = Field(description="(frames, height, width) of validation samples by default")
-    params: TrainParams
-    holdout_clip_ids: list[str] = Field(
-        default_factory=list, description="clips never trained on: evaluation's held-out set"
-    )
-    clip_repeats: dict[str, int] = Field(
-        default_factory=dict,
-        description="clip id -> times per epoch, from params.repeats and image_fraction (others: once; 0: left out)",
-    )
-    tags: dict[str, str] = Field(default_factory=dict)
-
-    def curated_shards(self) -> list[str]:
-        """The curated shards (video, not latents) the clips come from: the job's own when it encodes on the fly,
-        else the dataset's (`tags["data"]`); none when unknown."""
-        if self.data_source == "shards":
-            return self.shards
-        return DatasetLayout(Path(self.tags["data"])).shard_files() if "data" in self.tags else []
 
 
 class TrainingDiverged(RuntimeError):
