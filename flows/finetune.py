@@ -25,6 +25,7 @@ from vidtune.tasks.output import dataset_trigger
 from vidtune.training.adapters import comfyui_export
 from vidtune.training.cache import PrecomputeParams, frame_buckets
 from vidtune.training.data import (
+    Holdout,
     cache_shards,
     clip_repeats,
     combined_repeats,
@@ -55,7 +56,12 @@ class FinetuneParams(RunTarget, TrainParams, GpuSlotParams):
     cache_dir: str | None = Field(None, description="Latent cache root; default: DATA/latent_cache.")
     precompute: PrecomputeParams = Field(default_factory=PrecomputeParams)
     num_processes: int = Field(1, ge=1, le=1024, description="Training processes (accelerate launch; one per GPU).")
-    holdout_clips: int = Field(2, ge=0, description="Clips kept out of training for the held-out validation loss.")
+    holdout_clips: int = Field(
+        8,
+        ge=0,
+        description="Clips kept out of training for the held-out loss: whole sources until at least this many "
+        "(training keeps at least half of the clips); with one source, its last clips in time.",
+    )
     run_evaluation: bool = Field(True, description="Evaluate base vs adapted after training (the evaluate flow).")
     run_registration: bool = Field(
         True, description="Register the result in MLflow after evaluation (the register flow)."
@@ -104,11 +110,11 @@ class FinetuneParams(RunTarget, TrainParams, GpuSlotParams):
         return TrainParams.model_validate(self.model_dump(include=set(TrainParams.model_fields)))
 
 
-def _holdout(params: FinetuneParams, dataset) -> list[str]:
+def _holdout(params: FinetuneParams, dataset) -> Holdout:
     """The held-out clips: chosen once per run; a resumed run keeps the ones it started with (the data may have grown)."""
     previous = TrainJob.find(Path(params.out).expanduser()) if params.resume is not None else None
     if previous is not None:
-        return previous.holdout_clip_ids
+        return Holdout(previous.holdout_clip_ids, previous.holdout_note)
     return dataset.holdout(params.holdout_clips)
 
 
@@ -267,7 +273,7 @@ def _train_job(
     prompt_cache: str | None,
 ) -> TrainJob:
     """What the trainer runs, also written to RUN/train_job.json (evaluate, register and accelerate read it)."""
-    sample_size = validation_size(dataset.buckets)
+    sample_size, holdout = validation_size(dataset.buckets), _holdout(params, dataset)
     resolved = {
         "family": family,
         "out": str(Path(params.out).expanduser().resolve()),
@@ -281,7 +287,9 @@ def _train_job(
         sample_size=sample_size,
         params=train_params,
         prompt_cache=prompt_cache,
-        holdout_clip_ids=_holdout(params, dataset),
+        holdout_clip_ids=holdout.clip_ids,
+        holdout_note=holdout.note,
+        train_clip_ids=[c for c in dataset.fitting_ids if c not in set(holdout.clip_ids)],
         clip_repeats=combined_repeats(
             clip_repeats(train_params.repeats, dataset.source_of),
             still_repeats(train_params.image_fraction, dataset.stills, dataset.fitting_ids),

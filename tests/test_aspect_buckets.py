@@ -150,4 +150,4 @@ def test_image_fraction_weights_stills_against_videos(mixed_dataset):
     both = combined_repeats(dict.fromkeys(phone, 3), video_weight)
     assert phone and all(both[i] == 3 * video_weight[i] > 3 for i in phone)
     # Evaluation holds out videos while there are enough.
-    assert not set(summary.holdout(2)) & stills
+    assert not set(summary.holdout(2).clip_ids) & stills

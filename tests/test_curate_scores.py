@@ -113,14 +113,38 @@ def _shard_keys(output) -> list[str]:
     ]
 
 
+def _prepare_training(data, model, out) -> dict:
+    """The finetune flow up to train_job.json (precompute included), as `prepare_only` runs it."""
+    from vidtune.flows.finetune import FinetuneParams, finetune
+
+    values = {"data": str(data), "model": model, "out": str(out), "prepare_only": True, "holdout_clips": 0}
+    values |= {"run_evaluation": False, "run_registration": False}
+    finetune(FinetuneParams.model_validate(values | {"precompute": {"frame_buckets": [9]}, "validation": {}}))
+    return json.loads((out / "train_job.json").read_text())
+
+
+def _trained(job: dict, batches: int) -> set[str]:
+    from vidtune.training.data import make_stream
+
+    stream = make_stream(
+        "cache", job["shards"], job["frame_buckets"], batch_size=1, seed=0, clip_ids=set(job["train_clip_ids"])
+    )
+    return {c for batch, _ in zip(stream, range(batches)) for c in batch["clip_ids"]}
+
+
 def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored, scored_inputs, make_params, tmp_path):
+    """... and out of training: the latent cache still holds it (nothing is re-encoded), but no new run trains it."""
     import shutil
 
     from vidtune.flows.curate import curate
+    from vidtune.training.tiny_models import build_tiny_wan
 
     output, _, _ = scored
     copy = tmp_path / "copy"
     shutil.copytree(output, copy)
+    model = str(build_tiny_wan(tmp_path / "wan"))
+    before = _prepare_training(copy, model, tmp_path / "run-before")
+    cached = {p: p.stat().st_mtime_ns for p in (copy / "latent_cache").rglob("cache-*.tar")}
     kept = sorted(
         (r for r in read_manifest(copy / "manifest.parquet") if r.status.value == "kept"), key=lambda r: r.motion_score
     )
@@ -142,6 +166,12 @@ def test_a_tighter_filter_takes_an_already_packed_clip_out_of_the_shards(scored,
     for clip_id in keys:
         assert (copy / "shards" / rows[clip_id].shard).is_file()
     assert not [p.name for p in (copy / "shards").iterdir() if not p.name.endswith(".tar")]  # no temporary files
+
+    after = _prepare_training(copy, model, tmp_path / "run-after")
+    assert {p: p.stat().st_mtime_ns for p in (copy / "latent_cache").rglob("cache-*.tar")} == cached  # not re-encoded
+    assert dropped.clip_id in before["train_clip_ids"] and dropped.clip_id in _trained(before, 20)  # still cached
+    assert sorted(after["train_clip_ids"]) == sorted(r.clip_id for r in survivors)
+    assert _trained(after, 20) == set(after["train_clip_ids"])
 
 
 def test_overwrite_replaces_an_output_made_with_other_settings(scored, scored_inputs, make_params, tmp_path):

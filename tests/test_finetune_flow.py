@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import islice
 
 import av
 import pytest
@@ -123,12 +124,40 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
 ):
     from vidtune.flows.finetune import finetune
 
-    summary = finetune(
-        finetune_params(curated, wan_model, tmp_path, num_processes=2, max_steps=6, checkpoint_every=3, validation={})
-    )
+    settings = {"num_processes": 2, "max_steps": 6, "checkpoint_every": 3, "validation": {}}
+    finetune(finetune_params(curated, wan_model, tmp_path, prepare_only=True, **settings))
     run = tmp_path / "run"
-    seen = [set(json.loads((run / "trained_clips" / f"rank-{r:02d}.json").read_text())["clip_ids"]) for r in (0, 1)]
+    job = json.loads((run / "train_job.json").read_text())
+
+    def order(seed: int) -> list:
+        return list(
+            islice(
+                make_stream(
+                    "cache",
+                    job["shards"],
+                    BUCKETS,
+                    batch_size=1,
+                    seed=seed,
+                    exclude=frozenset(job["holdout_clip_ids"]),
+                    clip_ids=set(job["train_clip_ids"]),
+                ).order.batches(),
+                12,
+            )
+        )
+
+    # A seed whose first batch is of one bucket on both ranks: with one RNG for every rank, both would draw the
+    # same first noise level (the posterior sample before it has the same shape).
+    seed = next(s for s in range(50) if order(s)[0].bucket == order(s)[1].bucket)
+    summary = finetune(finetune_params(curated, wan_model, tmp_path, seed=seed, **settings))
+    records = [json.loads((run / "trained_clips" / f"rank-{r:02d}.json").read_text()) for r in (0, 1)]
+    seen = [set(record["clip_ids"]) for record in records]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+    # Each rank trained its share of the one global order (batch g to rank g % 2), at noise levels of its own.
+    batches = order(seed)
+    for rank, record in enumerate(records):
+        assert record["clip_ids"] == [c for b in batches[rank::2] for c in b.clip_ids]
+        assert record["buckets"] == [b.bucket for b in batches[rank::2]]
+    assert len(records[0]["timesteps"]) == 6 and records[0]["timesteps"][0] != records[1]["timesteps"][0]
     assert summary["steps"] == 6 and (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-000006").glob("random_states_*")) == [
         "random_states_0.pkl",

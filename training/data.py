@@ -1,32 +1,44 @@
 """Training data: curated shards checked before any model loads, and an endless stream of single-bucket batches
 from the latent cache (default) or from the curated shards themselves (decoded and encoded on the fly).
 
-Every rank and DataLoader worker reads a disjoint part of the data: whole shards when there are enough of them,
-else every n-th sample. The stream is a pure function of (seed, epoch, rank, worker), so a resumed run skips
-the batches it already trained on and sees exactly what an uninterrupted run would have.
+The order is the run's global one (`vidtune.training.sampler`: a seeded permutation per epoch, batches within
+buckets, dealt to ranks and workers); each reader finds its samples through the shards' tar headers
+(`vidtune.training.shard_index`) and reads only those. A resumed run starts at its batch by arithmetic and sees
+exactly what an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import tarfile
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
 from vidtune.training.cache import STILL_FRAMES, choose_bucket, decode_clip, load_cache_entry
 from vidtune.training.families.base import TextEmbeddings
 from vidtune.training.layout import DatasetLayout
+from vidtune.training.sampler import GlobalOrder, Reader, reader_batches
+from vidtune.training.shard_index import IndexedSample, SampleReader, index_shards
 
 
 class DatasetError(ValueError):
     """The data cannot train this model: said before any model is loaded."""
+
+
+EVALUATION_CLIPS = 8  # held-out clips below which the evaluation's intervals are too wide to say much
+
+
+@dataclass(frozen=True)
+class Holdout:
+    clip_ids: list[str]
+    note: str | None = None  # how they were chosen when not by whole sources, or that they are few
 
 
 @dataclass(frozen=True)
@@ -35,18 +47,60 @@ class DatasetSummary:
     clips: int
     buckets: Counter  # "FxHxW" -> clips that train in it
     too_short: list[int]  # frame counts of clips shorter than every bucket
-    fitting_ids: list[str]  # clips that fit a bucket, sorted
+    fitting_ids: list[str]  # kept clips that fit a bucket, sorted
     source_of: dict[str, str] = field(default_factory=dict)  # clip id -> the source it was cut from
     stills: set[str] = field(default_factory=set)  # ids of the clips that are images (single frames)
+    start_of: dict[str, float] = field(default_factory=dict)  # clip id -> where it starts in its source (s)
+    not_kept: int = 0  # clips still in the shards that the manifest now marks filtered or failed
 
-    def holdout(self, count: int) -> list[str]:
-        """`count` clips kept out of training for evaluation: the same ones for the same data (ids are hashes)."""
-        if count and len(self.fitting_ids) <= count:
+    def holdout(self, count: int) -> Holdout:
+        """About `count` clips kept out of training for evaluation, as whole sources (in an order fixed by their
+        names), so the held-out loss does not reward memorising the videos training saw; training keeps at least
+        half of the clips. With one source (or none small enough), its last clips in time instead, said in the
+        note. Videos are preferred: evaluation compares videos when it can."""
+        if count == 0:
+            return Holdout([])
+        if len(self.fitting_ids) <= count:
             raise DatasetError(
                 f"holdout_clips: {count} held out of {len(self.fitting_ids)} usable clips leaves none to train on; lower holdout_clips"
             )
-        videos = [i for i in self.fitting_ids if i not in self.stills]  # evaluation compares videos when it can
-        return (videos if len(videos) > count else self.fitting_ids)[:count]
+        videos = [i for i in self.fitting_ids if i not in self.stills]
+        pool = videos if len(videos) > count else self.fitting_ids
+        by_source: dict[str, list[str]] = {}
+        for clip_id in pool:
+            by_source.setdefault(self.source_of.get(clip_id, ""), []).append(clip_id)
+        budget = len(self.fitting_ids) // 2
+        chosen: list[str] = []
+        for source in sorted(by_source, key=lambda s: hashlib.sha256(s.encode()).hexdigest()):
+            if len(chosen) >= count:
+                break
+            if len(chosen) + len(by_source[source]) <= budget:
+                chosen += by_source[source]
+        note = None
+        if not chosen:
+            source = max(by_source, key=lambda s: (len(by_source[s]), s))
+            latest = sorted(by_source[source], key=lambda c: (self.start_of.get(c, 0.0), c))
+            chosen = latest[-min(count, budget) :]
+            note = (
+                f"held out the last {len(chosen)} clips in time of {Path(source).name or 'the only source'}: no "
+                f"whole source could be held out ({len(by_source)} source(s)), so training saw other scenes of "
+                "the same video and the held-out loss may reward memorising it"
+            )
+        if len(chosen) < EVALUATION_CLIPS:
+            few = f"only {len(chosen)} held-out clips (fewer than {EVALUATION_CLIPS}): the evaluation's intervals are wide"
+            note = f"{note}; {few}" if note else few
+        return Holdout(sorted(chosen), note)
+
+
+def kept_clip_ids(manifest: Path) -> set[str] | None:
+    """The clips the manifest marks kept (None without a manifest): a rerun of curate with a tighter filter marks
+    clips filtered that append-only shards still hold."""
+    if not manifest.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest, columns=["clip_id", "status"]).to_pydict()
+    return {c for c, status in zip(table["clip_id"], table["status"]) if c and status == "kept"}
 
 
 def bucket_key(frames: int, height: int, width: int) -> str:
@@ -75,10 +129,14 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
     shards = layout.shard_files()
     if not shards:
         raise DatasetError(f"data: no shards in {layout.shards}; is {data} the OUTPUT of `vidtune curate`?")
-    fitting, too_short, ids, source_of, stills = Counter(), [], [], {}, set()
+    kept = kept_clip_ids(layout.manifest)
+    fitting, too_short, ids, source_of, stills, start_of, not_kept = Counter(), [], [], {}, set(), {}, 0
     for shard in shards:
         for row in _clip_rows(Path(shard)):
-            source_of[row["clip_id"]] = row["source"]
+            if kept is not None and row["clip_id"] not in kept:
+                not_kept += 1
+                continue
+            source_of[row["clip_id"]], start_of[row["clip_id"]] = row["source"], row.get("start_s") or 0.0
             if row.get("media") == "image":
                 stills.add(row["clip_id"])
             frames = choose_bucket(row["num_frames"], buckets)
@@ -97,7 +155,7 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
             f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
             "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
         )
-    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids), source_of, stills)
+    return DatasetSummary(shards, clips, fitting, too_short, sorted(ids), source_of, stills, start_of, not_kept)
 
 
 def clip_repeats(repeats: dict[str, int], source_of: dict[str, str]) -> dict[str, int]:
@@ -152,29 +210,46 @@ def cache_shards(cache_dir: Path, buckets: set[str] | None = None) -> list[str]:
     return sorted(str(p) for p in cache_dir.glob("*x*x*/cache-*.tar") if buckets is None or p.parent.name in buckets)
 
 
-def _cache_bucket(sample: dict) -> str:
-    return Path(sample["__url__"]).parent.name
+CACHE_MEMBER = "latents.safetensors"  # what makes a cache sample (text and condition sit beside it)
+
+
+def _cache_buckets(index: dict[str, IndexedSample], reader: SampleReader, buckets: list[int]) -> dict[str, str]:
+    """clip id -> bucket of a latent cache sample: the folder its shard is in."""
+    return {key: Path(s.shard).parent.name for key, s in index.items() if CACHE_MEMBER in s.extensions}
+
+
+def _shard_buckets(index: dict[str, IndexedSample], reader: SampleReader, buckets: list[int]) -> dict[str, str]:
+    """clip id -> bucket of a curated clip, from its manifest row (the `.json` member: the video is not read)."""
+    out = {}
+    for key, sample in index.items():
+        if "json" in sample.extensions and "mp4" in sample.extensions:
+            row = json.loads(reader.read(sample, {"json"})["json"])
+            frames = choose_bucket(row["num_frames"], buckets)
+            if frames is not None:
+                out[key] = bucket_key(frames, row["height"], row["width"])
+    return out
 
 
 def _cache_item(sample: dict, bucket: str) -> dict:
     return {"clip_id": sample["__key__"], **load_cache_entry(sample)}
 
 
-class _ShardBucket:
-    """Bucket of a curated clip (picklable for DataLoader workers)."""
-
-    def __init__(self, buckets: list[int]):
-        self.buckets = buckets
-
-    def __call__(self, sample: dict) -> str | None:
-        row = json.loads(sample["json"])
-        frames = choose_bucket(row["num_frames"], self.buckets)
-        return None if frames is None else bucket_key(frames, row["height"], row["width"])
-
-
 def _shard_item(sample: dict, bucket: str) -> dict:
     video = decode_clip(sample["mp4"], parse_bucket_key(bucket)[0])[0]  # the frames precompute would have encoded
     return {"clip_id": sample["__key__"], "video": video, "caption": sample["txt"].decode()}
+
+
+@dataclass(frozen=True)
+class _Source:
+    buckets_of: Callable[[dict[str, IndexedSample], SampleReader, list[int]], dict[str, str]]
+    to_item: Callable[[dict, str], dict]
+    members: set[str] | None  # what an item needs (None: every member)
+
+
+SOURCES = {
+    "cache": _Source(_cache_buckets, _cache_item, None),
+    "shards": _Source(_shard_buckets, _shard_item, {"mp4", "txt"}),
+}
 
 
 def caption_dropped(seed: int, batch_index: int, clip_id: str, probability: float) -> bool:
@@ -210,110 +285,81 @@ def collate(items: list[dict]) -> dict:
         batch["captions"] = [item["caption"] for item in items]
     return batch
 
-
 class BucketedStream(torch.utils.data.IterableDataset):
-    """An endless stream of batches, each from one bucket, disjoint across ranks and workers."""
+    """An endless stream of single-bucket batches in the run's global order (`vidtune.training.sampler`): this
+    rank's and DataLoader worker's share of it, each sample read by seeking to it (nothing else is read)."""
 
     def __init__(
         self,
-        shards: list[str],
-        bucket_of: Callable[[dict], str | None],
+        samples: dict[str, IndexedSample],
+        buckets: dict[str, str],
         to_item: Callable[[dict, str], dict],
         *,
         batch_size: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        shuffle_buffer: int = 64,
         skip_batches: int = 0,
-        exclude: frozenset[str] = frozenset(),
         repeats: dict[str, int] | None = None,
+        members: set[str] | None = None,
     ):
         super().__init__()
-        self.exclude = exclude  # clip ids held out of training
-        self.repeats = repeats or {}  # clip id -> times per epoch (others: once)
-        self.shards, self.bucket_of, self.to_item = sorted(shards), bucket_of, to_item
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
-
-    def _my_samples(self, part: int, parts: int, rng: random.Random) -> Iterator[dict]:
-        for sample in self._my_shard_samples(part, parts, rng):
-            for _ in range(self.repeats.get(sample["__key__"], 1)):  # the shuffle buffer spreads the copies apart
-                yield sample
-
-    def _my_shard_samples(self, part: int, parts: int, rng: random.Random) -> Iterator[dict]:
-        if len(self.shards) >= parts:  # whole shards per reader: nobody reads what it does not train on
-            mine = self.shards[part::parts]
-            rng.shuffle(mine)
-            yield from wds.tarfile_to_samples()(iter([{"url": url} for url in mine]))
-            return
-        samples = wds.tarfile_to_samples()(iter([{"url": url} for url in self.shards]))
-        for index, sample in enumerate(samples):  # few shards: every reader takes every parts-th sample
-            if index % parts == part:
-                yield sample
+        self.samples, self.to_item, self.members = samples, to_item, members
+        self.order = GlobalOrder(buckets, batch_size, seed, repeats)
+        self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
+        self.files = SampleReader()
+        if not len(self.order):
+            raise DatasetError(
+                "no trainable clips (after held-out, filtered, too-short and repeat-0 ones); curate more clips or "
+                "lower holdout_clips"
+            )
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader takes batches from its workers in turn, always starting with worker 0. After skipping
-        # k batches the next one was worker k % workers's, so each worker plays the role that keeps that order.
-        worker = (worker + self.skip_batches) % workers
-        part, parts = self.rank * workers + worker, self.world_size * workers
-        skip = len(range(worker, self.skip_batches, workers))
-        pending: dict[str, list[dict]] = defaultdict(list)
-        epoch = 0
-        while True:
-            rng = random.Random(f"{self.seed}/{epoch}/{part}")
-            seen = 0
-            for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
-                self._my_samples(part, parts, rng)
-            ):
-                if sample["__key__"] in self.exclude:
-                    continue
-                key = self.bucket_of(sample)
-                if key is None:
-                    continue
-                seen += 1
-                pending[key].append(sample)
-                if len(pending[key]) < self.batch_size:
-                    continue
-                raw = pending.pop(key)
-                if skip:  # already trained on before a resume: not decoded
-                    skip -= 1
-                    continue
-                yield collate([self.to_item(s, key) for s in raw])
-            if not seen:
-                raise DatasetError(
-                    f"rank {self.rank} worker {worker} has no trainable clips (after held-out and too-short ones): "
-                    f"fewer usable clips or shards than readers ({parts}); lower num_processes or data_workers"
-                )
-            epoch += 1
+        reader = Reader(self.rank, self.world_size, worker, workers)
+        for batch in reader_batches(self.order, reader, self.skip_batches):
+            items = [self.to_item(self.files.read(self.samples[c], self.members), batch.bucket) for c in batch.clip_ids]
+            yield {**collate(items), "bucket": batch.bucket, "epoch": batch.epoch}
 
 
 def read_clips(source: str, shards: list[str], buckets: list[int], clip_ids: set[str]) -> Iterator[dict]:
-    """One pass over the shards of `source` ("cache" or "shards"), yielding one-clip batches of `clip_ids`."""
-    bucket_of, to_item = (_cache_bucket, _cache_item) if source == "cache" else (_ShardBucket(buckets), _shard_item)
-    for sample in wds.tarfile_to_samples()(iter([{"url": url} for url in sorted(shards)])):
-        if sample["__key__"] in clip_ids and (key := bucket_of(sample)) is not None:
-            yield collate([to_item(sample, key)])
+    """One-clip batches of `clip_ids` in `shards` of `source` ("cache" or "shards"), in clip id order; only those
+    clips are read."""
+    kind, files = SOURCES[source], SampleReader()
+    index = {key: s for key, s in index_shards(shards).items() if key in clip_ids}
+    for key, bucket in sorted(kind.buckets_of(index, files, buckets).items()):
+        yield {**collate([kind.to_item(files.read(index[key], kind.members), bucket)]), "bucket": bucket}
+    files.close()
 
 
 def first_frames(shards: list[str], clip_ids: list[str]) -> list:
     """The first frame (PIL, RGB) of each of `clip_ids` in the curated `shards`, in the order of `clip_ids` (those
-    not found left out): an image-to-video run's conditioning images. Only these clips' videos are decoded."""
+    not found left out): an image-to-video run's conditioning images. Only these clips' videos are read."""
     from PIL import Image
 
     from vidtune.training.media import FrameReader
 
-    wanted, found = set(clip_ids), {}
-    for sample in wds.tarfile_to_samples()(iter([{"url": url} for url in sorted(shards)])):
-        if sample["__key__"] in wanted and "mp4" in sample:
-            found[sample["__key__"]] = Image.fromarray(FrameReader(sample["mp4"]).get([0])[0])
-    return [found[clip_id] for clip_id in clip_ids if clip_id in found]
+    index, files = index_shards(shards), SampleReader()
+    found = [index[c] for c in clip_ids if c in index and "mp4" in index[c].extensions]
+    frames = [Image.fromarray(FrameReader(files.read(s, {"mp4"})["mp4"]).get([0])[0]) for s in found]
+    files.close()
+    return frames
 
 
-def make_stream(source: str, shards: list[str], buckets: list[int], **kwargs) -> BucketedStream:
-    """`source` "cache": shards of the latent cache; "shards": curated shards, decoded to video tensors."""
-    if source == "cache":
-        return BucketedStream(shards, _cache_bucket, _cache_item, **kwargs)
-    return BucketedStream(shards, _ShardBucket(buckets), _shard_item, **kwargs)
+def make_stream(
+    source: str,
+    shards: list[str],
+    buckets: list[int],
+    *,
+    exclude: frozenset[str] = frozenset(),
+    clip_ids: set[str] | None = None,
+    **kwargs,
+) -> BucketedStream:
+    """`source` "cache": shards of the latent cache; "shards": curated shards, decoded to video tensors. Trains
+    the indexed clips in `clip_ids` (None: all) that are not in `exclude`; `kwargs` go to `BucketedStream`."""
+    kind = SOURCES[source]
+    index = index_shards(shards)
+    index = {k: s for k, s in index.items() if k not in exclude and (clip_ids is None or k in clip_ids)}
+    with_buckets = kind.buckets_of(index, SampleReader(), buckets)
+    return BucketedStream(index, with_buckets, kind.to_item, members=kind.members, **kwargs)

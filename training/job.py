@@ -28,6 +28,16 @@ class TrainJob(RunTarget):
     holdout_clip_ids: list[str] = Field(
         default_factory=list, description="clips never trained on: evaluation's held-out set"
     )
+    holdout_note: str | None = Field(
+        None,
+        description="how the held-out clips were chosen when not by whole sources (one source: its last scenes in "
+        "time), or that they are fewer than evaluation wants; shown in the evaluation report",
+    )
+    train_clip_ids: list[str] | None = Field(
+        None,
+        description="the clips that may train: the manifest's kept clips that fit a bucket, held-out ones excluded "
+        "(whatever else the cache holds); null: every clip of the shards (jobs written before this field)",
+    )
     clip_repeats: dict[str, int] = Field(
         default_factory=dict,
         description="clip id -> times per epoch, from params.repeats and image_fraction (others: once; 0: left out)",

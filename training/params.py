@@ -128,8 +128,16 @@ class TrainParams(ObjectiveParams):
         "the images or of the videos; 0 leaves images out; null: as curated.",
     )
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
-    shuffle_buffer: int = Field(64, ge=1, description="Samples held for shuffling.")
     validation: ValidationParams = Field(default_factory=ValidationParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, values):
+        """Settings of earlier versions that no longer mean anything, dropped so their train_job.json files still
+        read: shuffle_buffer (the sampler permutes every epoch globally; vidtune.training.sampler)."""
+        if isinstance(values, dict) and "shuffle_buffer" in values:
+            values = {k: v for k, v in values.items() if k != "shuffle_buffer"}
+        return values
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> TrainParams:

@@ -41,6 +41,7 @@ from vidtune.training.experts import (
     pick_expert,
 )
 from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
+from vidtune.training.families.base import TrainingInputs
 from vidtune.training.families.objectives import check_objective_params, denoising_loss
 from vidtune.training.files import write_json_atomic
 from vidtune.training.job import TrainJob
@@ -92,12 +93,19 @@ def _text_to(text: dict[str, torch.Tensor], device, dtype) -> TextEmbeddings:
 
 
 def batch_loss(
-    family: ModelFamily, pipe, denoiser, batch: dict, dtype: torch.dtype, objective=None, expert: Expert | None = None
+    family: ModelFamily,
+    pipe,
+    denoiser,
+    batch: dict,
+    dtype: torch.dtype,
+    objective=None,
+    expert: Expert | None = None,
+    on_inputs: Callable[[TrainingInputs], None] | None = None,
 ) -> torch.Tensor:
     """Weighted denoising loss on one batch: cached moments (or video encoded now) -> noisy latents -> prediction.
     `objective`: the family's, built once per run (default: from the model's config with default settings);
     `expert`: a two-expert model's expert being trained (noise levels drawn in its range); `denoiser` None: the
-    model's own (for two experts, the one its pipeline uses at each timestep)."""
+    model's own (for two experts, the one its pipeline uses at each timestep); `on_inputs`: told the drawn inputs."""
     device = getattr(pipe, expert.module if expert else family.denoiser_name).device  # the VAE may wait on the CPU
     if "moments" in batch:
         moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
@@ -111,6 +119,8 @@ def batch_loss(
     ranged = expert is not None and (expert.low, expert.high) != (0.0, 1.0)
     inputs = objective.inputs(latents, within=(expert.low, expert.high)) if ranged else objective.inputs(latents)
     inputs = replace(inputs, condition={name: c.to(device, dtype) for name, c in condition.items()})
+    if on_inputs is not None:
+        on_inputs(inputs)
     return denoising_loss(family.predict(pipe, inputs, text, denoiser=denoiser), inputs)
 
 
@@ -173,6 +183,9 @@ class Trainer:
         optimizer, scheduler, self.ema = _optimization(params, list(self.trainable.values()), accelerator)
         *wrapped, self.optimizer, self.scheduler = accelerator.prepare(*self.denoisers.values(), optimizer, scheduler)
         self.wrapped = dict(zip(self.denoisers, wrapped))
+        # Every rank started from one seed, so the weights it made agree; from here each rank draws its own noise
+        # levels and noise (seed + rank; a resume restores each rank's own RNG state from the checkpoint).
+        set_seed(params.seed, device_specific=True)
 
         self.checkpointer = Checkpointer(
             layout.checkpoints, accelerator, self.trainable, self.ema, params.keep_checkpoints
@@ -209,9 +222,9 @@ class Trainer:
             seed=params.seed,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-            shuffle_buffer=params.shuffle_buffer,
             skip_batches=state.batches,
             exclude=frozenset(job.holdout_clip_ids),
+            clip_ids=None if job.train_clip_ids is None else set(job.train_clip_ids),
             repeats=job.clip_repeats,
         )
         # Its own generator: creating an iterator would otherwise draw from the global RNG a resume has just restored.
@@ -224,6 +237,8 @@ class Trainer:
         self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
         self.micro_losses: list[float] = []
         self.trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
+        self.trained_buckets: list[str | None] = []  # per micro-batch
+        self.trained_timesteps: list[list[float]] = []  # per micro-batch, the drawn timestep of each clip
         self.started, self.started_step, self.rate = time.perf_counter(), state.step, 0.0
 
     def run(self) -> TrainResult:
@@ -269,7 +284,9 @@ class Trainer:
         with accelerator.accumulate(*self.wrapped.values()):
             with accelerator.autocast():
                 denoiser = self.wrapped[expert.module]
-                loss = batch_loss(self.family, self.pipe, denoiser, batch, self.dtype, self.objective, expert)
+                loss = batch_loss(
+                    self.family, self.pipe, denoiser, batch, self.dtype, self.objective, expert, self._record_levels
+                )
             everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
             if not torch.isfinite(everyone).all():
                 raise TrainingDiverged(
@@ -286,8 +303,16 @@ class Trainer:
             )
         state.batches += 1
         self.trained_clips += batch["clip_ids"]
+        self.trained_buckets.append(batch.get("bucket"))
         self.micro_losses.append(everyone.mean().item())
         return accelerator.sync_gradients
+
+    def _record_levels(self, inputs: TrainingInputs) -> None:
+        """The noise level each clip of the batch trains at (per-token timesteps: the last frame's), for
+        RUN/trained_clips/: how users and tests see that every rank draws its own."""
+        timesteps = inputs.timesteps.detach().float().cpu()
+        per_clip = timesteps if timesteps.ndim == 1 else timesteps[:, -1]
+        self.trained_timesteps.append([round(float(t), 4) for t in per_clip])
 
     def after_step(self) -> None:
         """At an optimizer-step boundary: count it, update the EMA, log, checkpoint and validate when due."""
@@ -351,10 +376,11 @@ class Trainer:
         """What this rank saw (added to a resumed run's), the final weights, and the MLflow run closed."""
         accelerator, state, layout = self.accelerator, self.state, self.layout
         clips_file = layout.trained_clips(accelerator.process_index)
-        trained_clips = self.trained_clips
+        record = {"clip_ids": self.trained_clips, "buckets": self.trained_buckets, "timesteps": self.trained_timesteps}
         if self.resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
-            trained_clips = json.loads(clips_file.read_text())["clip_ids"] + trained_clips
-        write_json_atomic(clips_file, {"clip_ids": trained_clips, "last_resumed_at_step": self.started_step})
+            before = json.loads(clips_file.read_text())
+            record = {key: before.get(key, []) + values for key, values in record.items()}
+        write_json_atomic(clips_file, {**record, "last_resumed_at_step": self.started_step})
         weights = _export(
             self.job, self.family, self.pipe, self.denoisers, accelerator, self.trainable, self.ema, state
         )
