@@ -285,6 +285,7 @@ def collate(items: list[dict]) -> dict:
         batch["captions"] = [item["caption"] for item in items]
     return batch
 
+
 class BucketedStream(torch.utils.data.IterableDataset):
     """An endless stream of single-bucket batches in the run's global order (`vidtune.training.sampler`): this
     rank's and DataLoader worker's share of it, each sample read by seeking to it (nothing else is read)."""
