@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/real_size.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/sampler.py
 
 clean:
 	rm -rf demo-run .pytest_cache

@@ -198,3 +198,38 @@ def test_held_out_and_not_kept_clips_never_train_whatever_the_cache_holds(cache)
 def test_no_trainable_clip_is_said_up_front(cache):
     with pytest.raises(DatasetError, match="no trainable clips"):
         make_stream("cache", cache, [], batch_size=BATCH, seed=0, clip_ids=set())
+
+
+def _summary(clips: dict[str, tuple[str, float]], stills: set[str] = frozenset()):
+    """A dataset of `clips` (id -> (source, start s)), every clip fitting one bucket."""
+    from vidtune.training.data import DatasetSummary
+
+    ids = sorted(clips)
+    source_of = {c: source for c, (source, _) in clips.items()}
+    start_of = {c: start for c, (_, start) in clips.items()}
+    return DatasetSummary([], len(ids), Counter({"9x32x32": len(ids)}), [], ids, source_of, set(stills), start_of)
+
+
+def test_held_out_clips_are_whole_sources_and_training_keeps_at_least_half():
+    clips = {f"{s:02d}-{i}": (f"/raw/video-{s:02d}.mp4", i * 2.0) for s in range(12) for i in range(s % 4 + 1)}
+    summary = _summary(clips)
+    held = summary.holdout(8)
+    sources = {clips[c][0] for c in held.clip_ids}
+    assert len(held.clip_ids) >= 8 and held.note is None
+    assert all(clips[c][0] not in sources for c in set(clips) - set(held.clip_ids))  # no source on both sides
+    assert len(held.clip_ids) <= len(clips) // 2
+    assert summary.holdout(8) == held  # the same data: the same sources
+    assert _summary(dict(reversed(list(clips.items())))).holdout(8) == held  # whatever order the shards list them
+
+
+def test_one_source_holds_out_its_last_scenes_in_time_and_says_so():
+    clips = {f"c{i:02d}": ("/raw/only.mp4", float(30 - i)) for i in range(20)}  # ids in reverse time order
+    held = _summary(clips).holdout(4)
+    assert sorted(held.clip_ids) == ["c00", "c01", "c02", "c03"]  # the four latest scenes
+    assert "last 4 clips in time of only.mp4" in held.note and "fewer than 8" in held.note
+
+
+def test_videos_are_held_out_before_stills():
+    clips = {f"v{i}": (f"/raw/v{i}.mp4", 0.0) for i in range(6)} | {f"p{i}": (f"/raw/p{i}.jpg", 0.0) for i in range(20)}
+    held = _summary(clips, stills={f"p{i}" for i in range(20)}).holdout(3)
+    assert len(held.clip_ids) == 3 and all(c.startswith("v") for c in held.clip_ids)
