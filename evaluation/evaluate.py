@@ -1,7 +1,7 @@
 """Evaluate a finished run: base vs adapted samples from the same noise, held-out validation loss, CLIP
 alignment, frame consistency, flicker, motion, and FVD when an I3D TorchScript file is given; an image-to-video run
 renders from the same conditioning images as its validation samples and adds first-frame fidelity. Writes
-RUN/evaluation/{metrics.json, report.md, contact_sheet.png, samples/}."""
+RUN/evaluation/{metrics.json, heldout_losses.json, report.md, contact_sheet.png, samples/}."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidtune.evaluation.gate import band_gains, paired_gain
 from vidtune.evaluation.metrics import (
     IMAGE_METRICS,
     METRICS,
@@ -24,12 +25,12 @@ from vidtune.evaluation.metrics import (
 )
 from vidtune.evaluation.report import metrics_markdown
 from vidtune.evaluation.samples import contact_sheet
-from vidtune.evaluation.validation import heldout_loss
 from vidtune.training.adapters import load_adapter
 from vidtune.training.data import read_clips
 from vidtune.training.devices import placement
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
+from vidtune.training.heldout import HeldoutLosses, heldout_losses
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.sampling import SampleSettings, conditioning_images, render_videos, write_conditioning_images
@@ -72,15 +73,19 @@ def _fitted(videos: list[np.ndarray], images: list) -> list[np.ndarray]:
 
 
 def _i3d_features(i3d_path: str, videos: list[np.ndarray]) -> np.ndarray:
-    """Features of a user-supplied I3D TorchScript: input (n, 3, frames, h, w) in [-1, 1], output (n, features)."""
+    """Features of a user-supplied I3D TorchScript: input (1, 3, frames, h, w) in [-1, 1], output (1, features).
+    One video at a time: held-out clips come from several buckets (lengths and sizes differ)."""
     model = torch.jit.load(i3d_path, map_location="cpu").eval()
-    batch = torch.stack([torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1 for v in videos])
-    with torch.no_grad():
-        try:  # the common FVD export (StyleGAN-V's i3d_torchscript.pt) takes these switches
-            features = model(batch, rescale=False, resize=True, return_features=True)
-        except (RuntimeError, TypeError):
-            features = model(batch)
-    return features.reshape(len(videos), -1).numpy()
+    rows = []
+    for video in videos:
+        batch = (torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1)[None]
+        with torch.no_grad():
+            try:  # the common FVD export (StyleGAN-V's i3d_torchscript.pt) takes these switches
+                features = model(batch, rescale=False, resize=True, return_features=True)
+            except (RuntimeError, TypeError):
+                features = model(batch)
+        rows.append(features.reshape(-1).numpy())
+    return np.stack(rows)
 
 
 def _real_videos(job: TrainJob) -> list[np.ndarray]:
@@ -90,13 +95,31 @@ def _real_videos(job: TrainJob) -> list[np.ndarray]:
     return [((b["video"][0].permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for b in batches]
 
 
+def heldout_comparison(base: HeldoutLosses, adapted: HeldoutLosses, draws: int, note: str | None) -> dict:
+    """The adapted model's paired gain over the base (overall and per band) with its interval, and the evidence."""
+    gain = paired_gain(base.as_dict(), adapted.as_dict())
+    out = {
+        "val_loss_gain": gain.estimate,
+        "val_loss_gain_low": gain.low,
+        "val_loss_gain_high": gain.high,
+        "heldout_draws": gain.draws,
+        "heldout_draws_per_clip": draws,
+        "val_loss_se_base": base.standard_error(),
+        "val_loss_se_adapted": adapted.standard_error(),
+    }
+    for band, value in band_gains(base.as_dict(), adapted.as_dict()).items():
+        out |= {f"val_loss_gain_{band}": value.estimate, f"val_loss_gain_{band}_low": value.low}
+        out[f"val_loss_gain_{band}_high"] = value.high
+    return out | ({"holdout_note": note} if note else {})
+
+
 def evaluate_run(
     run_dir: str | Path,
     settings: SampleSettings,
     embed: Embedder | None = None,
     motion: MotionFn | None = None,
     i3d_path: str | None = None,
-    draws: int = 4,
+    draws: int = 16,
 ) -> dict:
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -111,7 +134,7 @@ def evaluate_run(
     conditioning = None if images is None else [family.sampling_arguments(image) for image in images]
     write_conditioning_images(conditioning, layout.evaluation_samples)  # image-NN.png: base-NN's and adapted-NN's
 
-    results, videos = {}, {}
+    results, videos, losses = {}, {}, {}
     device, dtype = placement()
     pipe = family.load_pipeline(job.model, dtype=dtype).to(device)
     for label in ("base", "adapted"):
@@ -121,15 +144,16 @@ def evaluate_run(
             else:
                 del pipe
                 pipe = family.load_pipeline(str(layout.model), dtype=dtype).to(device)
-        objective = family.objective(pipe, job.params)
-        loss = (
-            heldout_loss(family, pipe, heldout, draws=draws, objective=objective) if heldout else None
-        )  # before sampling sets inference timesteps
+        # One fixed objective for every run (not the run's own timestep settings), the same draws for both
+        # models: per-draw losses that pair. Before sampling sets inference timesteps.
+        losses[label] = heldout_losses(family, pipe, heldout, draws=draws) if heldout else None
+        loss = losses[label].mean() if losses[label] else None
         videos[label] = render_videos(pipe, settings, layout.evaluation_samples, label, conditioning=conditioning)
         fitted = None if images is None else _fitted(videos[label], images)
         results[label] = {
             **_video_metrics(videos[label], settings.prompts, embed, motion, settings.fps, fitted),
             "val_loss": loss,
+            **{f"val_loss_{band}": v for band, v in (losses[label].band_means() if losses[label] else {}).items()},
         }
     measured = [name for name in METRICS if name != "fvd"] + (list(IMAGE_METRICS) if images is not None else [])
     results = {f"{name}_{label}": results[label].get(name) for name in measured for label in ("base", "adapted")}
@@ -143,6 +167,11 @@ def evaluate_run(
     elif i3d_path:
         fvd_note = "not computed: needs at least 2 prompts and 2 held-out clips (holdout_clips)"
     results.update(heldout_clips=len(heldout), fvd_note=fvd_note, prompts=settings.prompts)
+    if heldout:
+        results.update(heldout_comparison(losses["base"], losses["adapted"], draws, job.holdout_note))
+        write_json_atomic(
+            layout.heldout_losses, {label: value.as_dict() for label, value in losses.items()} | {"draws": draws}
+        )
     rows = [
         (f"{label} {i}: {prompt}", videos[label][i])
         for i, prompt in enumerate(settings.prompts)

@@ -2,15 +2,20 @@
 (`vidtune.evaluation.pyfunc`: loads with `mlflow.pyfunc.load_model`, serves with `mlflow models serve`), register it
 as a new version aliased `challenger`, and move `champion` only through the promotion gate. Registration is idempotent: a retried call finds the version it made and does not add another.
 
-Gate (all must hold to promote):
-- the adapted model beats the base on held-out validation loss;
+Gate (all must hold to promote), every comparison paired draw by draw on the same held-out clips, with a seeded
+bootstrap interval over clips (`vidtune.evaluation.gate`):
+- the adapted model beats the base: the interval's lower bound of its held-out loss gain is above `min_gain`;
 - CLIP alignment does not drop more than `clip_tolerance` below the base's;
-- it beats the current champion built on the same base model: its relative validation-loss gain over the base
-  (each measured against the base on its own held-out clips) is larger.
+- it beats the current champion built on the same base model: the champion's adapter is loaded from the registry
+  and scored now on this run's held-out clips with the same draws, and the lower bound of the challenger's gain
+  over it is above `min_gain`. Where the champion cannot be scored so (it has no loadable weights here, or this run
+  has no held-out clips), their gains over the base on their own data are compared, and the record says so.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +24,13 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vidtune.evaluation.gate import PairedGain, paired_gain
 from vidtune.evaluation.pyfunc import MODEL_CODE, SIGNATURE, input_example
 from vidtune.training.adapters import read_info
+from vidtune.training.data import read_clips
+from vidtune.training.families import get_family
 from vidtune.training.files import write_json_atomic
+from vidtune.training.heldout import heldout_losses
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.tracking import experiment_id, log_dataset, point_mlflow_at, vidtune_home
@@ -51,20 +60,54 @@ def relative_gain(metrics: dict) -> float | None:
     return (base - adapted) / base
 
 
-def decide(metrics: dict | None, champion: dict | None, clip_tolerance: float) -> GateDecision:
-    """Pure: the gate's checks from this run's metrics and the champion's version tags (same base model)."""
+def _interval_check(check: str, gain: PairedGain, min_gain: float, data: str) -> dict:
+    return {
+        "check": check,
+        "passed": gain.low > min_gain,
+        "value": gain.estimate,
+        "threshold": min_gain,
+        "interval": [gain.low, gain.high],
+        "confidence": gain.confidence,
+        "draws": gain.draws,
+        "clips": gain.clips,
+        "data": data,
+    }
+
+
+def decide(
+    metrics: dict | None,
+    champion: dict | None,
+    clip_tolerance: float,
+    min_gain: float = 0.0,
+    against_champion: PairedGain | None = None,
+    champion_note: str = "",
+) -> GateDecision:
+    """Pure: the gate's checks from this run's metrics, the champion's version tags (same base model) and, when the
+    champion was scored on this run's held-out draws, the paired gain over it."""
     if not metrics:
         return GateDecision(False, [{"check": "evaluated", "passed": False, "value": None, "threshold": None}])
     checks = []
-    gain = relative_gain(metrics)
-    checks.append(
-        {
-            "check": "beats base on val_loss",
-            "passed": gain is not None and gain > 0,
-            "value": metrics.get("val_loss_adapted"),
-            "threshold": metrics.get("val_loss_base"),
-        }
-    )
+    heldout = f"this run's {metrics.get('heldout_clips', 0)} held-out clips"
+    if metrics.get("val_loss_gain_low") is not None:
+        over_base = PairedGain(
+            metrics["val_loss_gain"],
+            metrics["val_loss_gain_low"],
+            metrics["val_loss_gain_high"],
+            int(metrics["heldout_draws"]),
+            int(metrics["heldout_clips"]),
+        )
+        checks.append(_interval_check("beats base on val_loss", over_base, min_gain, heldout))
+    else:  # no paired draws (an evaluation by an older vidtune, or no held-out clips): the point estimate
+        gain = relative_gain(metrics)
+        checks.append(
+            {
+                "check": "beats base on val_loss",
+                "passed": gain is not None and gain > min_gain,
+                "value": metrics.get("val_loss_adapted"),
+                "threshold": metrics.get("val_loss_base"),
+                "data": f"{heldout}, no interval (evaluate the run again for one)",
+            }
+        )
     base_clip, clip = metrics.get("clip_alignment_base"), metrics.get("clip_alignment_adapted")
     if base_clip is not None and clip is not None:
         checks.append(
@@ -75,17 +118,41 @@ def decide(metrics: dict | None, champion: dict | None, clip_tolerance: float) -
                 "threshold": base_clip - clip_tolerance,
             }
         )
-    if champion is not None and champion.get("vidtune.val_loss_gain") not in (None, "None"):
-        best = float(champion["vidtune.val_loss_gain"])
+    if champion is not None and against_champion is not None:
+        data = f"{heldout}, the champion scored now with the same draws"
+        checks.append(_interval_check(f"beats champion v{champion['version']}", against_champion, min_gain, data))
+    elif champion is not None and champion.get("vidtune.val_loss_gain") not in (None, "None"):
+        best, gain = float(champion["vidtune.val_loss_gain"]), relative_gain(metrics)
         checks.append(
             {
                 "check": f"beats champion v{champion['version']}",
                 "passed": gain is not None and gain > best,
                 "value": gain,
                 "threshold": best,
+                "data": "each model's gain over the base on its own held-out clips"
+                + (f" ({champion_note})" if champion_note else ""),
             }
         )
     return GateDecision(all(c["passed"] for c in checks), checks)
+
+
+def score_champion(model_uri: str, run_dir: Path, tracking_uri: str) -> tuple[PairedGain | None, str]:
+    """The challenger's paired gain over `model_uri`, scored now on the challenger's held-out clips with the draws
+    its evaluation used; (None, why) when that cannot be done here."""
+    from vidtune.evaluation.inference import load_registered_pipeline
+
+    layout = RunLayout(run_dir)
+    job = TrainJob.find(run_dir)
+    if job is None or not job.holdout_clip_ids or not layout.heldout_losses.is_file():
+        return None, "this run has no held-out draws to score the champion on"
+    saved = json.loads(layout.heldout_losses.read_text())
+    batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
+    try:
+        pipe, _ = load_registered_pipeline(model_uri, tracking_uri, base_model=job.model)
+    except Exception as exc:  # noqa: BLE001 - any failure to load falls back to the tag comparison, said in the record
+        return None, f"the champion could not be loaded here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    champion = heldout_losses(get_family(job.family), pipe, batches, draws=saved["draws"])
+    return paired_gain(champion.as_dict(), saved["adapted"]), ""
 
 
 @dataclass
@@ -220,7 +287,12 @@ def pip_requirements() -> list[str]:
 
 
 def register_run(
-    run_dir: str | Path, name: str, tracking_uri: str, clip_tolerance: float = 0.02, attempts: int = 3
+    run_dir: str | Path,
+    name: str,
+    tracking_uri: str,
+    clip_tolerance: float = 0.02,
+    attempts: int = 3,
+    min_gain: float = 0.0,
 ) -> Registration:
     """Register a finished run's weights (idempotently) and apply the promotion gate; see the module docstring."""
     run_dir = Path(run_dir).resolve()
@@ -232,7 +304,7 @@ def register_run(
     metrics = layout.read_metrics()
     try:
         point_mlflow_at(tracking_uri)  # MLflow resolves the logged model's URI through it
-        return _register(run_dir, weights, info, metrics, name, tracking_uri, clip_tolerance, attempts)
+        return _register(run_dir, weights, info, metrics, name, tracking_uri, clip_tolerance, attempts, min_gain)
     except RegistryError as exc:
         raise RegistryError(
             f"{exc}. The trained weights are kept in {weights}; register them later with: "
@@ -249,6 +321,7 @@ def _register(
     tracking_uri: str,
     clip_tolerance: float,
     attempts: int,
+    min_gain: float = 0.0,
 ) -> Registration:
     from filelock import FileLock
 
@@ -292,7 +365,9 @@ def _register(
             )
         version = existing
         decision = _retrying(
-            lambda: _apply_gate(client, name, version, info["base_model"], metrics, clip_tolerance),
+            lambda: _apply_gate(
+                client, name, version, info["base_model"], metrics, clip_tolerance, min_gain, run_dir, tracking_uri
+            ),
             attempts,
             "move aliases",
             tracking_uri,
@@ -311,17 +386,36 @@ def _register(
 
 
 def _apply_gate(
-    client: MlflowClient, name: str, version, base_model: str, metrics: dict | None, clip_tolerance: float
+    client: MlflowClient,
+    name: str,
+    version,
+    base_model: str,
+    metrics: dict | None,
+    clip_tolerance: float,
+    min_gain: float,
+    run_dir: Path,
+    tracking_uri: str,
 ) -> GateDecision:
     """Decide, then move aliases: `challenger` to the newest version, `champion` to this one if it passed."""
     champion = _champion_of_base(client, name, base_model, exclude=str(version.version))
-    decision = decide(metrics, champion, clip_tolerance)
+    against, note = (None, "")
+    if champion is not None and metrics:
+        against, note = score_champion(f"models:/{name}/{champion['version']}", run_dir, tracking_uri)
+    decision = decide(metrics, champion, clip_tolerance, min_gain, against, note)
     newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     if int(version.version) == newest:  # a repeated call for an older version must not move it back
         client.set_registered_model_alias(name, CHALLENGER, str(version.version))
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, str(version.version))
     client.set_model_version_tag(name, str(version.version), "vidtune.gate", decision.summary())
+    for check in decision.checks:  # the evidence: each interval and how many draws it rests on
+        if "interval" in check:
+            key = "vidtune.gate." + re.sub(r" v\d+$", "", check["check"]).replace(" ", "_")
+            low, high = check["interval"]
+            evidence = (
+                f"{check['value']:+.4f} [{low:+.4f}, {high:+.4f}] over {check['draws']} draws of {check['clips']} clips"
+            )
+            client.set_model_version_tag(name, str(version.version), key, evidence)
     if version.run_id:
         client.set_tag(version.run_id, "vidtune.gate", decision.summary())
         client.log_dict(version.run_id, asdict(decision), "evaluation/gate.json")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from rich.console import Console
@@ -51,9 +52,58 @@ def metrics_markdown(results: dict, run_dir: Path, decision: str | None = None) 
         f"Held-out clips: {results.get('heldout_clips', 0)}. Samples: {layout.evaluation_samples}/ (base-NN / adapted-NN .mp4 and .gif{started}); "
         f"contact sheet: {layout.contact_sheet}",
     ]
+    lines += heldout_markdown(results)
     if decision:
         lines += ["", f"Promotion gate: {decision}"]
     return "\n".join(lines) + "\n"
+
+
+def _evidence(check: dict) -> str:
+    if "interval" not in check:
+        return check.get("data", "")
+    low, high = check["interval"]
+    return (
+        f"{check['value']:+.4f} [{low:+.4f}, {high:+.4f}] ({check['confidence']:.0%}), {check['draws']} draws of "
+        f"{check['clips']} clips; {check['data']}"
+    )
+
+
+def gate_markdown(name: str, version: str, decision) -> str:
+    """The promotion gate's checks with the evidence each rests on (the Prefect artifact `promotion-gate`)."""
+    lines = [
+        f"**{name} v{version}**: {decision.summary()}",
+        "",
+        "| check | passed | value | threshold | gain [interval], draws; data |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['check']} | {c['passed']} | {c['value']} | {c['threshold']} | {_evidence(c)} |" for c in decision.checks
+    ]
+    return "\n".join(lines)
+
+
+def heldout_markdown(results: dict) -> list[str]:
+    """The held-out loss gain with its interval, per noise band, and what it rests on."""
+    if results.get("val_loss_gain_low") is None:
+        return []
+    lines = [
+        "",
+        "| held-out loss gain (adapted over base) | estimate | 95% interval |",
+        "|---|---|---|",
+    ]
+    for label, suffix in (("all levels", ""), ("low noise", "_low"), ("mid noise", "_mid"), ("high noise", "_high")):
+        if results.get(f"val_loss_gain{suffix}") is not None:
+            value, low, high = (results[f"val_loss_gain{suffix}{end}"] for end in ("", "_low", "_high"))
+            lines.append(f"| {label} | {value:+.2%} | [{low:+.2%}, {high:+.2%}] |")
+    lines += [
+        "",
+        f"{results['heldout_draws']} paired draws ({results.get('heldout_draws_per_clip')} noise levels per clip) of "
+        f"{results['heldout_clips']} held-out clips; standard error of the mean loss: base "
+        f"{results.get('val_loss_se_base', float('nan')):.4f}, adapted {results.get('val_loss_se_adapted', float('nan')):.4f}.",
+    ]
+    if results.get("holdout_note"):
+        lines += ["", f"Note: {results['holdout_note']}."]
+    return lines
 
 
 def curate_summary_markdown(stats: dict, output: Path) -> str:
@@ -95,6 +145,12 @@ def finetune_summary_markdown(summary: dict) -> str:
         f"| speed | {summary['samples_per_s']:.2f} samples/s, peak memory {summary['peak_memory_mb']:.0f} MB |",
         f"| MLflow run | `{summary['mlflow_run_id']}` at `{summary['tracking_uri']}` |",
     ]
+    if summary.get("checkpoint"):  # which weights were exported, and why
+        checkpoint = summary["checkpoint"]
+        lines.append(f"| exported | step {checkpoint['step']} ({checkpoint['rule']}): {checkpoint['reason']} |")
+    if summary.get("heldout_curve") and Path(summary["heldout_curve"]).is_file():
+        encoded = base64.b64encode(Path(summary["heldout_curve"]).read_bytes()).decode()
+        lines += ["", f"![held-out loss by checkpoint](data:image/png;base64,{encoded})"]
     if summary.get("curate"):  # --raw: the curate subflow ran first
         lines = [curate_summary_markdown(summary["curate"], Path(summary["curate"]["output"])), "", *lines]
     if summary.get("metrics"):

@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:  # the `vidtune` console script
         and os.environ.get("VIDTUNE_LOCAL_SERVER", "1") != "0"
     ):
         server = use_local_server(say=say)
-    worker = ensure_worker() if wants_worker(argv) else None
+    worker = ensure_worker("vidtune.flows.cli:app") if wants_worker(argv) else None
     if server:
         try:
             wait_for_server(server[0])

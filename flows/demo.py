@@ -104,10 +104,17 @@ def run_demo(workdir: Path, console: Console) -> dict:
     console.rule("[bold]what training, evaluation and registration did")
     print_finetune_summary(trained, console)
 
-    console.rule(f"[bold]3. generate from models:/{DEMO_MODEL}@champion")
+    # The gate promotes only on a confident gain; a demo whose tiny LoRA did not earn it shows the challenger.
+    alias = "champion" if "champion" in (trained.get("registration") or {}).get("aliases", []) else "challenger"
+    if alias == "challenger":
+        console.print(
+            "the gate kept this version a challenger (see the promotion gate above); generating from it instead",
+            highlight=False,
+        )
+    console.rule(f"[bold]3. generate from models:/{DEMO_MODEL}@{alias}")
     prompt = prompt_with_trigger(DEMO_PROMPTS[0], DEMO_CAPTIONS.trigger)
     video = generate(
-        f"models:/{DEMO_MODEL}@champion", prompt, workdir / "generated.gif", tracking_uri=tracking_uri, steps=8, fps=8
+        f"models:/{DEMO_MODEL}@{alias}", prompt, workdir / "generated.gif", tracking_uri=tracking_uri, steps=8, fps=8
     )
     console.print(f"wrote {video} ({prompt!r})", highlight=False)
     print_next_steps(workdir, dataset, tracking_uri, console)

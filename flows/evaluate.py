@@ -30,7 +30,12 @@ class EvaluationParams(SamplingParams, ClipModelParams):
         default_factory=list,
         description="Sample prompts ({trigger}: the dataset's trigger word); default: the run's validation prompts, else two generic ones.",
     )
-    draws: int = Field(4, ge=1, description="Noise/timestep draws per held-out clip for the validation loss.")
+    draws: int = Field(
+        16,
+        ge=1,
+        description="Noise levels per held-out clip for the held-out loss: a stratified grid over the whole range "
+        "with fixed noise, the same for every run and model, so base, adapted and champion pair draw by draw.",
+    )
     i3d_path: str | None = Field(
         None, description="I3D TorchScript file for FVD; without it FVD is reported as not computed."
     )
@@ -47,6 +52,13 @@ class RegistryParams(BaseModel):
     name: str = Field("vidtune-style", min_length=1, description="Registered model name.")
     clip_tolerance: float = Field(
         0.02, ge=0, description="Largest CLIP-alignment drop below the base that still promotes."
+    )
+    min_gain: float = Field(
+        0.0,
+        ge=-1,
+        lt=1,
+        description="Promote only when the lower bound of the 95% interval of the held-out loss gain (relative: "
+        "0.01 = 1% lower loss) over the base, and over the champion, is above this.",
     )
 
 
@@ -141,7 +153,9 @@ def register(run: str, params: RegisterParams | None = None) -> dict:
     """Register RUN's weights as a new version (alias challenger); the gate decides whether it becomes champion."""
     params = params or RegisterParams()
     tracking_uri = params.tracking_uri or _run_tracking_uri(Path(run)) or default_tracking_uri()
-    registration = register_task(str(Path(run).resolve()), params.name, tracking_uri, params.clip_tolerance)
+    registration = register_task(
+        str(Path(run).resolve()), params.name, tracking_uri, params.clip_tolerance, params.min_gain
+    )
     get_run_logger().info("%s v%s: %s", registration.name, registration.version, registration.decision.summary())
     if registration.decision.promote:
         emit_promoted(registration, Path(run), RunLayout(Path(run)).read_metrics() or {}, tracking_uri)

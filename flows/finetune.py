@@ -258,6 +258,8 @@ def finetune(
         "tracking_uri": job.tracking_uri,
         "samples_per_s": result.samples_per_s,
         "peak_memory_mb": result.peak_memory_mb,
+        "checkpoint": result.checkpoint,
+        "heldout_curve": str(result.heldout_curve) if result.heldout_curve else None,
     }
     publish_summary_task(summary)
     return summary

@@ -16,6 +16,7 @@ from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.flows.names import run_name
 from vidtune.tasks.files import sha256_of
 from vidtune.tasks.finetune_tasks import check_dataset_task, resolve_family_task
+from vidtune.training.data import Holdout
 from vidtune.training.families import get_family, model_index
 from vidtune.training.layout import RunLayout
 from vidtune.training.lora_import import check_expert_files
@@ -42,7 +43,12 @@ class ImportLoraParams(GpuSlotParams):
         None,
         description="A curated dataset (vidtune curate OUTPUT) for the held-out loss; without it: sample metrics only.",
     )
-    holdout_clips: int = Field(8, ge=1, description="How many of the dataset's clips the held-out loss averages over.")
+    holdout_clips: int = Field(
+        8,
+        ge=1,
+        description="About how many of the dataset's clips the held-out loss averages over: whole sources, picked "
+        "as finetune picks them, so a run's LoRA and its import are measured on the same clips.",
+    )
     frame_buckets: list[int] | None = Field(
         None, description="Clip lengths the held-out loss reads the clips at; default: the family's."
     )
@@ -91,6 +97,7 @@ def convert_lora_task(
     save_imported_adapter(family, pipe, imported, layout.adapter, info | source_record(files, imported, digests))
     rank = max(lora.rank for lora in imported.values())
     sizes = [parse_bucket_key(key) for key in (dataset.buckets if dataset else {})]
+    holdout = dataset.holdout(params.holdout_clips) if dataset else Holdout([])  # as a finetune run holds out
     job = TrainJob(
         model=params.model,
         out=str(out),
@@ -101,7 +108,8 @@ def convert_lora_task(
         frame_buckets=params.frame_buckets or list(family.frame_buckets),
         sample_size=min(sizes) if sizes else (family.frame_buckets[-1], 480, 832),
         params=TrainParams(training_type="lora", rank=rank, max_steps=1, experts=imported_experts(pipe, imported)),
-        holdout_clip_ids=dataset.fitting_ids[: params.holdout_clips] if dataset else [],
+        holdout_clip_ids=holdout.clip_ids,
+        holdout_note=holdout.note,
         tags={
             "imported_from": str(Path(params.file).expanduser().resolve()),
             **({"data": str(Path(params.data).resolve())} if params.data else {}),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib
 import json
 import os
 import selectors
@@ -138,8 +139,9 @@ def _connect(path: Path) -> socket.socket | None:
     return sock
 
 
-def spawn_worker(fp: str) -> subprocess.Popen | None:
-    """Start the worker for this environment in the background unless one is running (or starting)."""
+def spawn_worker(fp: str, entry: str) -> subprocess.Popen | None:
+    """Start the worker for this environment in the background unless one is running (or starting); it runs the
+    typer app `entry` (module:attribute) for each command."""
     path = socket_path(fp)
     with file_lock(run_dir() / f"worker-{fp}.lock"):
         if (sock := _connect(path)) is not None:
@@ -151,7 +153,7 @@ def spawn_worker(fp: str) -> subprocess.Popen | None:
         log = run_dir() / f"worker-{fp}.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "vidtune.flows.worker", str(path), fp],
+                [sys.executable, "-m", "vidtune.flows.worker", str(path), fp, entry],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -184,13 +186,14 @@ def wants_worker(argv: list[str]) -> bool:
     )
 
 
-def ensure_worker() -> tuple[str, subprocess.Popen | None]:
-    """This environment's fingerprint, and the worker process if it had to be started now (not waited for)."""
+def ensure_worker(entry: str) -> tuple[str, subprocess.Popen | None]:
+    """This environment's fingerprint, and the worker process (serving the typer app `entry`, module:attribute) if it
+    had to be started now (not waited for)."""
     fp = fingerprint()
     if (sock := _connect(socket_path(fp))) is not None:
         sock.close()
         return fp, None
-    return fp, spawn_worker(fp)
+    return fp, spawn_worker(fp, entry)
 
 
 def hand_off(argv: list[str], fp: str, started: subprocess.Popen | None, say=print) -> int | None:
@@ -261,7 +264,13 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def _warm_up() -> int:
+def _entry_point(entry: str):
+    """The typer app `module:attribute` names (the caller's CLI: the worker does not import it by name)."""
+    module, _, attribute = entry.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _warm_up(entry: str) -> int:
     """Import what the commands import (single-threaded torch: see the module note). Returns torch's default
     thread count, which each child restores."""
     os.environ.setdefault(
@@ -272,7 +281,8 @@ def _warm_up() -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     import vidtune.evaluation.inference  # noqa: F401
-    import vidtune.flows.cli  # noqa: F401
+
+    _entry_point(entry)  # the CLI and what its commands import at module level
     import vidtune.flows.curate  # noqa: F401
     import vidtune.flows.evaluate  # noqa: F401
     import vidtune.flows.finetune  # noqa: F401
@@ -306,7 +316,13 @@ def _loaded_models() -> list[list]:
 
 
 def _child(
-    listener: socket.socket, conn: socket.socket, request: dict, fds: list[int], threads: int, report: int
+    listener: socket.socket,
+    conn: socket.socket,
+    request: dict,
+    fds: list[int],
+    threads: int,
+    report: int,
+    entry: str,
 ) -> None:
     """In the forked child: become the caller's process, run the command, exit with its code."""
     code = 1
@@ -330,7 +346,7 @@ def _child(
 
         torch.set_num_threads(int(request["env"].get("OMP_NUM_THREADS") or threads))
         sys.argv = ["vidtune", *request["argv"]]
-        from vidtune.flows.cli import app
+        app = _entry_point(entry)
 
         try:
             app(args=request["argv"], prog_name="vidtune")
@@ -362,10 +378,10 @@ class _Run:
     interrupted_at: float | None = None
 
 
-def serve(path: Path, fp: str) -> None:
+def serve(path: Path, fp: str, entry: str) -> None:
     """The worker's loop: accept commands, fork a child for each, relay signals and exit codes."""
     started = time.time()
-    threads = _warm_up()
+    threads = _warm_up(entry)
     state = WorkerState(os.getpid(), str(path), fp, started, log=str(run_dir() / f"worker-{fp}.log"))
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -406,7 +422,7 @@ def serve(path: Path, fp: str) -> None:
                     pid = os.fork()
                     if pid == 0:
                         os.close(read_end)
-                        _child(listener, conn, request, fds, threads, write_end)
+                        _child(listener, conn, request, fds, threads, write_end, entry)
                     os.close(write_end)
                     for fd in fds:
                         os.close(fd)
@@ -496,5 +512,5 @@ def _reap(pid: int, runs: dict[int, _Run], selector: selectors.BaseSelector, sta
     return True
 
 
-if __name__ == "__main__":  # python -m vidtune.flows.worker SOCKET FINGERPRINT (started by hand_off)
-    serve(Path(sys.argv[1]), sys.argv[2])
+if __name__ == "__main__":  # python -m vidtune.flows.worker SOCKET FINGERPRINT MODULE:APP (started by hand_off)
+    serve(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -11,14 +11,14 @@ from prefect.cache_policies import NO_CACHE
 
 from vidtune.evaluation.evaluate import evaluate_run
 from vidtune.evaluation.registry import Registration, RegistryError, register_run
-from vidtune.evaluation.report import metric_rows, metrics_markdown
+from vidtune.evaluation.report import gate_markdown, metric_rows, metrics_markdown
 from vidtune.tasks.scoring import (
     ClipScorer,
     cached_model,
     motion_score,
-    register_model_configs,
     resolve_device,
 )
+from vidtune.training.clip_configs import register_model_configs
 from vidtune.training.sampling import SampleSettings
 
 
@@ -82,18 +82,13 @@ def evaluate_task(
     retry_delay_seconds=[5, 20],
     retry_condition_fn=lambda task, run, state: isinstance(state.result(raise_on_failure=False), RegistryError),
 )
-def register_task(run: str, name: str, tracking_uri: str, clip_tolerance: float) -> Registration:
-    registration = register_run(run, name, tracking_uri, clip_tolerance)
-    lines = [
-        f"**{name} v{registration.version}**: {registration.decision.summary()}",
-        "",
-        "| check | passed | value | threshold |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {c['check']} | {c['passed']} | {c['value']} | {c['threshold']} |" for c in registration.decision.checks
-    ]
-    create_markdown_artifact("\n".join(lines), key="promotion-gate", description="the promotion gate's decision")
+def register_task(run: str, name: str, tracking_uri: str, clip_tolerance: float, min_gain: float = 0.0) -> Registration:
+    registration = register_run(run, name, tracking_uri, clip_tolerance, min_gain=min_gain)
+    create_markdown_artifact(
+        gate_markdown(name, registration.version, registration.decision),
+        key="promotion-gate",
+        description="the promotion gate's decision",
+    )
     for key, (link, text) in mlflow_links(tracking_uri, registration).items():
         create_link_artifact(link, link_text=text, key=key, description=f"{name} v{registration.version} in MLflow")
     return registration

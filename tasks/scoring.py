@@ -14,7 +14,8 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+from vidtune.training.clip_configs import register_model_configs
+
 T = TypeVar("T")
 
 
@@ -101,14 +102,6 @@ def resolve_device(device: str) -> str:
     from vidtune.training.devices import placement
 
     return placement()[0]
-
-
-def register_model_configs() -> None:
-    """Make vidtune's bundled open_clip configs (the tiny test model) known to open_clip in this process."""
-    import open_clip
-
-    if "vidtune-tiny-clip" not in open_clip.list_models():
-        open_clip.add_model_config(MODEL_CONFIGS)
 
 
 # --------------------------------------------------------------------------------------------- frames

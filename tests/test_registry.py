@@ -87,7 +87,7 @@ def test_evaluation_compares_base_and_adapted_on_held_out_clips(runs, prefect_ap
     metrics = made["strong"]["metrics"]
     for name in ("val_loss", "clip_alignment", "frame_consistency", "temporal_flicker", "motion", "fvd"):
         assert np.isfinite(metrics[f"{name}_base"]) and np.isfinite(metrics[f"{name}_adapted"]), name
-    assert metrics["heldout_clips"] == 3 and metrics["val_loss_adapted"] < metrics["val_loss_base"]
+    assert metrics["heldout_clips"] >= 3 and metrics["val_loss_adapted"] < metrics["val_loss_base"]
     evaluation = root / "strong" / "evaluation"
     from PIL import Image
 
@@ -132,6 +132,9 @@ def test_a_better_adapter_is_promoted_a_worse_one_never_and_registering_twice_ad
     assert weak.decision.promote and set(weak.aliases) == {CHALLENGER, CHAMPION}
     strong = register_run(root / "strong", "style-a", uri)
     assert strong.decision.promote and set(strong.aliases) == {CHALLENGER, CHAMPION}
+    over_weak = strong.decision.checks[-1]  # the weak champion, loaded from the registry, scored on strong's draws
+    assert over_weak["check"] == f"beats champion v{weak.version}" and over_weak["interval"][0] > 0
+    assert "champion scored now with the same draws" in over_weak["data"]
     again = register_run(root / "weak", "style-a", uri)  # a retried task, or a rerun: no new version
     assert not again.created and again.version == weak.version and not again.decision.promote
     assert set(again.aliases) == set()  # challenger stays on the newest version
@@ -169,6 +172,43 @@ def test_a_weaker_adapter_after_a_stronger_champion_is_a_new_version_and_stays_c
     assert client.get_model_version("style-g", weak.version).tags["vidtune.gate"].startswith("kept as challenger")
 
 
+def test_a_challenger_within_noise_of_the_champion_is_not_promoted_both_scored_on_its_draws(runs, tmp_path):
+    """The strong run's weights perturbed far below the interval (a rerun that changed nothing): it beats the base,
+    but the champion, loaded from the registry and scored now on the challenger's held-out draws, is as good."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, made = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    copy = tmp_path / "rerun"
+    shutil.copytree(root / "strong", copy)
+    weights = copy / "adapter" / "pytorch_lora_weights.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        k: v + 1e-6 * v.abs().mean() * torch.randn(v.shape, generator=generator) for k, v in load_file(weights).items()
+    }
+    save_file(state, str(weights))
+    champion = register_run(root / "strong", "style-n", uri)
+    rerun = register_run(copy, "style-n", uri)
+    assert rerun.created and not rerun.decision.promote and champion.decision.promote
+    over_base, clip, over_champion = rerun.decision.checks
+    assert over_base["passed"] and over_base["interval"][0] > 0 and over_base["draws"] == 16 * over_base["clips"]
+    assert over_champion["check"] == f"beats champion v{champion.version}" and not over_champion["passed"]
+    low, high = over_champion["interval"]
+    assert (
+        low <= 0 <= high + 1e-9
+        and high - low < 1e-3
+        and "champion scored now with the same draws" in over_champion["data"]
+    )
+    tags = MlflowClient(uri).get_model_version("style-n", rerun.version).tags
+    assert (
+        "draws of" in tags["vidtune.gate.beats_champion"] and "draws of" in tags["vidtune.gate.beats_base_on_val_loss"]
+    )
+    gate = json.loads((copy / "evaluation" / "gate.json").read_text())
+    assert gate["checks"][2]["interval"] == [low, high]
+
+
 def test_concurrent_registration_serialises_the_gate(runs, monkeypatch):
     """The weak run's registrar pauses between reading the champion and moving the aliases while the strong run
     registers. Without the lock, the weak one would then overwrite `champion` with a decision made before the
@@ -182,8 +222,8 @@ def test_concurrent_registration_serialises_the_gate(runs, monkeypatch):
     weak_decided, strong_entered, strong_past_lock, strong_done = (threading.Event() for _ in range(4))
     decide, ensure = registry.decide, registry._ensure_model
 
-    def pausing_decide(metrics, champion, tolerance):
-        decision = decide(metrics, champion, tolerance)
+    def pausing_decide(metrics, champion, tolerance, *evidence):
+        decision = decide(metrics, champion, tolerance, *evidence)
         if threading.current_thread().name == "weak":
             weak_decided.set()
             strong_entered.wait(60)
@@ -369,7 +409,7 @@ def test_a_lora_from_another_trainer_is_evaluated_like_the_run_it_came_from_and_
     assert code == 0, printed
     assert "kohya-format LoRA (rank 4" in printed and "models:/imported-style/1 [challenger" in printed
     metrics = json.loads((tmp_path / "imported" / "evaluation" / "metrics.json").read_text())
-    assert metrics["heldout_clips"] == strong["metrics"]["heldout_clips"] == 3
+    assert metrics["heldout_clips"] == strong["metrics"]["heldout_clips"] >= 3
     assert metrics["val_loss_adapted"] == pytest.approx(strong["metrics"]["val_loss_adapted"], rel=1e-4)
     assert metrics["val_loss_base"] == pytest.approx(strong["metrics"]["val_loss_base"], rel=1e-6)
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")

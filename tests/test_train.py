@@ -14,10 +14,11 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from vidtune.training.cache import PrecomputeParams, precompute
-from vidtune.training.data import cache_shards, make_stream
+from vidtune.training.data import cache_shards, make_stream, read_clips
 from vidtune.training.families import get_family
 from vidtune.training.job import TrainJob
 from vidtune.training.params import TrainParams
+from vidtune.training.shard_index import index_shards
 from vidtune.training.trainer import TrainingDiverged, batch_loss, train
 
 BUCKETS = [9, 17]
@@ -399,3 +400,99 @@ def test_dropped_captions_train_on_the_empty_prompt(wan_model, wan_cache, tmp_pa
 def test_repeats_must_be_at_least_one():
     with pytest.raises(ValueError, match="repeats: each count must be at least 1"):
         TrainParams(repeats={"a*": 0})
+
+
+def _heldout_job(model: str, shards: list[str], out, **params) -> TrainJob:
+    """A job that holds three clips out (training the rest), measured with 4 draws each."""
+    ids = sorted(index_shards(shards))
+    job = make_job(model, shards, out, validation={"heldout_draws": 4}, **params)
+    return job.model_copy(update={"holdout_clip_ids": ids[:3], "train_clip_ids": ids[3:]})
+
+
+def test_the_fixed_heldout_loss_pairs_draw_by_draw_whatever_the_order_and_leaves_the_rng_alone(wan_model, wan_cache):
+    from vidtune.training.heldout import BANDS, grid_levels, heldout_losses
+
+    family = get_family("wan")
+    pipe = family.load_pipeline(wan_model)
+    ids = sorted(index_shards(wan_cache))[:3]
+    batches = list(read_clips("cache", wan_cache, BUCKETS, set(ids)))
+    seen: list[float] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.extend(kwargs["timestep"].tolist()), with_kwargs=True
+    )
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    forward = heldout_losses(family, pipe, batches, draws=6)
+    assert torch.equal(torch.get_rng_state(), state)  # the training run's own randomness goes on untouched
+    hook.remove()
+    backward = heldout_losses(family, pipe, batches[::-1], draws=6)
+    pairs = lambda h: {(c, round(lv, 9)): loss for c, lv, loss in zip(h.clip_ids, h.levels, h.losses)}  # noqa: E731
+    assert pairs(forward) == pairs(backward) and len(forward.losses) == 18  # the same draws in any order
+    for clip in ids:  # one level in each sixth of the range per clip, at a per-clip offset
+        levels = sorted(lv for c, lv in zip(forward.clip_ids, forward.levels) if c == clip)
+        assert [int(lv * 6) for lv in levels] == list(range(6)) and levels == pytest.approx(grid_levels(clip, 6))
+    assert sorted(seen) == pytest.approx(sorted(lv * 1000 for lv in forward.levels))  # no shift, no range applied
+    assert set(forward.band_means()) == set(BANDS) and forward.standard_error() > 0
+
+
+def test_the_heldout_loss_is_measured_at_each_checkpoint_and_the_lowest_exported(wan_model, wan_cache, tmp_path):
+    result = train(_heldout_job(wan_model, wan_cache, tmp_path / "run", max_steps=4, checkpoint_every=2))
+    curve = json.loads((result.out / "best" / "curve.json").read_text())
+    assert sorted(curve, key=int) == ["2", "4"] and {"loss_low", "loss_mid", "loss_high"} <= set(curve["2"])
+    best = min(curve, key=lambda s: (curve[s]["loss"], int(s)))
+    assert result.checkpoint["step"] == int(best) and result.checkpoint["rule"] == "best"
+    info = json.loads((result.weights / "vidtune.json").read_text())
+    assert info["checkpoint"] == result.checkpoint and result.heldout_curve.is_file()
+    history = MlflowClient(f"sqlite:///{tmp_path}/run.mlflow.db").get_metric_history(
+        result.mlflow_run_id, "heldout_loss"
+    )
+    assert [(m.step, m.value) for m in history] == [(int(s), curve[s]["loss"]) for s in ("2", "4")]
+    kept = load_file(result.out / "best" / "trainable.safetensors")
+    exported = load_file(result.weights / "pytorch_lora_weights.safetensors")
+    for name, tensor in kept.items():  # peft's names in the trainer, the adapter file's with the module prefix
+        assert torch.equal(exported[f"transformer.{name.replace('.default', '')}"], tensor), name
+
+
+def test_best_picks_an_earlier_checkpoint_when_the_heldout_loss_rises_and_last_keeps_the_last(tmp_path):
+    from vidtune.training.selection import BestCheckpoint
+
+    best = BestCheckpoint(tmp_path / "best")
+    weights = {"a": torch.nn.Parameter(torch.zeros(3))}
+    for step, loss in ((2, 1.5), (4, 1.2), (6, 1.3), (8, 1.4)):  # overfitting after step 4
+        with torch.no_grad():
+            weights["a"].fill_(step)
+        best.record(step, loss, {"low": loss}, weights)
+    chosen = best.select("best", 8)
+    assert (chosen.step, chosen.heldout_loss) == (4, 1.2) and "step 4: 1.20000; last step 8: 1.40000" in chosen.reason
+    best.load_best(weights)
+    assert weights["a"].tolist() == [4.0, 4.0, 4.0]
+    assert best.select("last", 8).step == 8 and best.plot(tmp_path / "curve.png", chosen).stat().st_size > 0
+    resumed = BestCheckpoint(tmp_path / "best", resumed_at=6)  # a resume at step 6 forgets what came after it
+    assert sorted(resumed.curve) == [2, 4, 6]
+    assert BestCheckpoint(tmp_path / "none").select("best", 8).reason.startswith("no held-out clips")
+
+
+def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_memory(
+    wan_model, wan_cache, tmp_path, monkeypatch
+):
+    from vidtune.training.trainer import StepFailed
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+
+    def out_of_memory_at_step_3(done: int, loss: float) -> None:
+        if done == 3:  # what a too large bucket raises on a GPU
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=6, checkpoint_every=100)
+    with pytest.raises(StepFailed, match=r"failed on bucket \d+x64x64 .*gradient_checkpointing=true.*resume=latest"):
+        train(job, on_step=out_of_memory_at_step_3)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-000003"]
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest"})}))
+    assert resumed.steps == 6
+    logged = MlflowClient(job.tracking_uri).get_run(resumed.mlflow_run_id).data.params
+    assert logged["optimizer_used"] == "torch.optim.adamw.AdamW" and logged["optimizer"] == "adamw"
+
+    changed = job.params.model_copy(update={"resume": "latest", "batch_size": 2, "max_steps": 8})
+    with pytest.raises(ValueError, match=r"batch_size 1 -> 2\).*Resume with the checkpoint's settings"):
+        train(job.model_copy(update={"params": changed}))

@@ -25,6 +25,32 @@ class TrainState:
     samples: int = 0  # clips trained on, all ranks
     mlflow_run_id: str | None = None
     losses: list[float] = field(default_factory=list)  # per optimizer step, mean over ranks and accumulation
+    # What the data position and the learning-rate schedule depend on (None in checkpoints of older runs).
+    data_layout: dict | None = None
+
+
+def data_layout(world_size: int, params) -> dict:
+    """The settings a resume must keep: the global order deals batches to world_size x data_workers readers, and a
+    step is batch_size x gradient_accumulation_steps x world_size clips."""
+    return {
+        "world_size": world_size,
+        "batch_size": params.batch_size,
+        "gradient_accumulation_steps": params.gradient_accumulation_steps,
+        "data_workers": params.data_workers,
+    }
+
+
+def check_resumable(saved: dict | None, now: dict, checkpoint: Path) -> None:
+    """Refuse, naming each setting, a resume whose data layout differs from the checkpoint's."""
+    if saved is None:
+        return
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
+    if changed:
+        raise ValueError(
+            f"resume: {checkpoint} was trained with other settings ({', '.join(changed)}); the data position and the "
+            "learning-rate schedule would not continue where they stopped. Resume with the checkpoint's settings "
+            "(num_processes, batch_size, gradient_accumulation_steps, data_workers), or start a new run folder"
+        )
 
 
 def find_latest(root: Path) -> Path | None:

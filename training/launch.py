@@ -19,10 +19,10 @@ from vidtune.training.data import DatasetError
 from vidtune.training.files import write_json_atomic
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
-from vidtune.training.trainer import TrainingDiverged, TrainResult, train
+from vidtune.training.trainer import CUDA_ALLOC_CONF, StepFailed, TrainingDiverged, TrainResult, train
 
 # Errors that explain themselves (bad data, diverged loss, bad settings): carried to the launching process.
-EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, DatasetError, ValueError)}
+EXPLAINED = {cls.__name__: cls for cls in (TrainingDiverged, StepFailed, DatasetError, ValueError)}
 
 
 def raise_launch_error(out: Path, fallback: str) -> None:
@@ -77,7 +77,8 @@ def launch_accelerate(job: TrainJob, num_processes: int, report) -> TrainResult:
     for stale in (layout.result, layout.error, layout.progress):
         stale.unlink(missing_ok=True)
     with subprocess.Popen(
-        accelerate_command(layout.train_job, num_processes), env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        accelerate_command(layout.train_job, num_processes),
+        env={"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF, **os.environ, "PYTHONUNBUFFERED": "1"},
     ) as process:
         try:
             while process.poll() is None:

@@ -68,6 +68,14 @@ class RunLayout:
         return self.root / "checkpoints"
 
     @property
+    def best(self) -> Path:
+        return self.root / "best"  # the held-out curve by checkpoint and the weights of its lowest point
+
+    @property
+    def heldout_curve(self) -> Path:
+        return self.root / "heldout_loss.png"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 
@@ -112,6 +120,12 @@ class RunLayout:
     @property
     def gate(self) -> Path:
         return self.evaluation / "gate.json"
+
+    @property
+    def heldout_losses(self) -> Path:
+        return (
+            self.evaluation / "heldout_losses.json"
+        )  # every draw's loss, base and adapted (evaluation.gate pairs them)
 
     def weights(self, training_type: str | None = None) -> Path:
         """`adapter/` for LoRA, `model/` for full fine-tuning; without a type, whichever the run has."""

@@ -41,6 +41,12 @@ class ValidationParams(SamplingParams):
         "turn, cycling; evaluation uses them too. Default: the held-out clips' first frames.",
     )
     fps: int = Field(FPS, ge=1, description="Frame rate of the written MP4/GIF.")
+    heldout_draws: int = Field(
+        16,
+        ge=1,
+        description="Noise levels per held-out clip (a stratified grid over the whole range, fixed noise) of the "
+        "held-out loss measured at every checkpoint.",
+    )
 
     @field_validator("images")
     @classmethod
@@ -79,7 +85,9 @@ class TrainParams(ObjectiveParams):
     lr_scheduler: Literal[LR_SCHEDULES] = Field("constant_with_warmup", description="diffusers learning-rate schedule.")  # type: ignore[valid-type]
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field(
-        "auto", description="auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW."
+        "adamw",
+        description="adamw (torch), or adamw8bit (bitsandbytes, GPU; less optimizer memory). auto: adamw, the name "
+        "older configs used. The optimizer used is logged to MLflow as optimizer_used.",
     )
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
@@ -103,7 +111,16 @@ class TrainParams(ObjectiveParams):
         False,
         description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).",
     )
-    checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    checkpoint_every: int = Field(
+        500,
+        ge=1,
+        description="Save a resumable checkpoint every N optimizer steps, and measure the fixed held-out loss there.",
+    )
+    select_checkpoint: Literal["best", "last"] = Field(
+        "best",
+        description="Which weights evaluation, registration and the ComfyUI export get: best (the checkpoint with "
+        "the lowest fixed held-out loss) or last (the final step).",
+    )
     keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
     resume: str | None = Field(
         None, description="latest (newest checkpoint of this run's output), a checkpoint folder, or null."

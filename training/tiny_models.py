@@ -135,7 +135,7 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     return build_tiny("wan", folder, seed)
 
 
-TINY_CLIP = "vidtune-tiny-clip"  # registered from tasks/model_configs/ by vidtune.tasks.scoring
+TINY_CLIP = "vidtune-tiny-clip"  # registered from model_configs/open_clip/ by vidtune.training.clip_configs
 CAPTION_WORDS = [*"a the video of shot scene with".split(), *SCENE_WORDS]
 
 
@@ -143,7 +143,7 @@ def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     """Random weights for the `vidtune-tiny-clip` open_clip config, saved as safetensors at `path`."""
     import open_clip
 
-    from vidtune.tasks.scoring import register_model_configs
+    from vidtune.training.clip_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(seed)

@@ -3,7 +3,6 @@ optimizer that trains it."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import torch
@@ -51,10 +50,9 @@ def make_trainable(family, denoiser: torch.nn.Module, params) -> dict[str, torch
 
 
 def make_optimizer(params_list: list[torch.nn.Parameter], params, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; 8-bit AdamW (bitsandbytes) when asked, or by default when it is installed and a GPU is present."""
-    kind = params.optimizer
-    if kind == "auto":
-        kind = "adamw8bit" if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") else "adamw"
+    """AdamW (also for "auto", which older configs name), or 8-bit AdamW (bitsandbytes) when asked for: what trains
+    never depends on what happens to be installed."""
+    kind = "adamw" if params.optimizer == "auto" else params.optimizer
     if kind == "adamw8bit":
         try:
             import bitsandbytes as bnb

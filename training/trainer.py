@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -29,9 +30,18 @@ from vidtune.training.adapters import (
     save_full_model,
     save_lora_adapter,
 )
+from vidtune.training.batches import encode_batch
 from vidtune.training.cache import check_cached_prompts, load_prompt
-from vidtune.training.checkpoints import Checkpointer, TrainState, find_latest, resolve_resume, saved_step
-from vidtune.training.data import caption_dropped, drop_captions, make_stream
+from vidtune.training.checkpoints import (
+    Checkpointer,
+    TrainState,
+    check_resumable,
+    data_layout,
+    find_latest,
+    resolve_resume,
+    saved_step,
+)
+from vidtune.training.data import caption_dropped, drop_captions, make_stream, read_clips
 from vidtune.training.experts import (
     Expert,
     boundary_ratio,
@@ -40,7 +50,7 @@ from vidtune.training.experts import (
     model_experts,
     pick_expert,
 )
-from vidtune.training.families import ModelFamily, TextEmbeddings, get_family
+from vidtune.training.families import ModelFamily, get_family
 from vidtune.training.families.base import TrainingInputs
 from vidtune.training.families.objectives import check_objective_params, denoising_loss
 from vidtune.training.files import write_json_atomic
@@ -48,6 +58,7 @@ from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.params import TrainParams
 from vidtune.training.sampling import conditioning_images, render_samples
+from vidtune.training.selection import BestCheckpoint
 from vidtune.training.tracking import RunTracker, flatten
 from vidtune.training.trainable import make_optimizer, make_trainable
 
@@ -56,6 +67,15 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number; the last good checkpoint is kept."""
+
+
+# Fewer out-of-memory errors from fragmentation with many bucket shapes; a user's own setting wins.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+class StepFailed(RuntimeError):
+    """A training step raised (out of memory, a bad sample...): the message names the step, the batch's bucket, the
+    checkpoint to resume from, and for out of memory the settings that lower it."""
 
 
 @dataclass
@@ -68,6 +88,8 @@ class TrainResult:
     samples_per_s: float
     peak_memory_mb: float
     checkpoints: list[Path] = field(default_factory=list)
+    checkpoint: dict = field(default_factory=dict)  # which weights were exported and why (Selection.as_dict)
+    heldout_curve: Path | None = None  # RUN/heldout_loss.png, when held-out clips were measured
 
     @classmethod
     def from_json(cls, path: Path) -> TrainResult:
@@ -77,6 +99,7 @@ class TrainResult:
             out=Path(values["out"]),
             weights=Path(values["weights"]),
             checkpoints=[Path(p) for p in values["checkpoints"]],
+            heldout_curve=Path(values["heldout_curve"]) if values.get("heldout_curve") else None,
         )
         return cls(**values)
 
@@ -85,11 +108,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _text_to(text: dict[str, torch.Tensor], device, dtype) -> TextEmbeddings:
-    moved = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in text.items()}
-    return TextEmbeddings(moved["embeds"], moved.get("mask"), moved.get("pooled"))
 
 
 def batch_loss(
@@ -107,18 +125,12 @@ def batch_loss(
     `expert`: a two-expert model's expert being trained (noise levels drawn in its range); `denoiser` None: the
     model's own (for two experts, the one its pipeline uses at each timestep); `on_inputs`: told the drawn inputs."""
     device = getattr(pipe, expert.module if expert else family.denoiser_name).device  # the VAE may wait on the CPU
-    if "moments" in batch:
-        moments, text = batch["moments"].to(device, dtype), _text_to(batch["text"], device, dtype)
-        condition = batch.get("condition", {})
-    else:  # on-the-fly: what precompute would have cached
-        video = batch["video"].to(device)
-        moments, text = family.encode_video(pipe, video), family.encode_prompts(pipe, batch["captions"])
-        moments, condition = moments.to(dtype), family.encode_condition(pipe, video)
+    moments, text, condition = encode_batch(family, pipe, batch, dtype, device)
     objective = objective or family.objective(pipe)
     latents = family.sample_latents(pipe, moments)
     ranged = expert is not None and (expert.low, expert.high) != (0.0, 1.0)
     inputs = objective.inputs(latents, within=(expert.low, expert.high)) if ranged else objective.inputs(latents)
-    inputs = replace(inputs, condition={name: c.to(device, dtype) for name, c in condition.items()})
+    inputs = replace(inputs, condition=condition)
     if on_inputs is not None:
         on_inputs(inputs)
     return denoising_loss(family.predict(pipe, inputs, text, denoiser=denoiser), inputs)
@@ -192,9 +204,14 @@ class Trainer:
         )
         self.resume_from = resolve_resume(params.resume, layout.checkpoints)
         self.state = state = self.checkpointer.load(self.resume_from) if self.resume_from else TrainState()
+        layout_now = data_layout(accelerator.num_processes, params)
+        if self.resume_from:
+            check_resumable(state.data_layout, layout_now, self.resume_from)
+        state.data_layout = layout_now
         if self.resume_from and accelerator.is_main_process:
             print(f"resumed from {self.resume_from} at step {state.step}")
 
+        self.best = BestCheckpoint(layout.best, resumed_at=state.step if self.resume_from else 0)
         self.tracker = RunTracker(
             job.tracking_uri, job.experiment, job.run_name, state.mlflow_run_id, active=accelerator.is_main_process
         )
@@ -208,6 +225,7 @@ class Trainer:
                     "data_source": job.data_source,
                     "num_processes": accelerator.num_processes,
                     "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
+                    "optimizer_used": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
                     **job.tags,
                 }
             )
@@ -236,6 +254,7 @@ class Trainer:
         )
         self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
         self.micro_losses: list[float] = []
+        self.bucket: str | None = None  # of the batch in progress, named when a step fails
         self.trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
         self.trained_buckets: list[str | None] = []  # per micro-batch
         self.trained_timesteps: list[list[float]] = []  # per micro-batch, the drawn timestep of each clip
@@ -257,12 +276,21 @@ class Trainer:
             for batch in self.loader:
                 if state.step >= params.max_steps:
                     break
+                self.bucket = batch.get("bucket")
                 if self.step(batch):
                     self.after_step()
         except KeyboardInterrupt:
             self.bar.close()
             self._interrupted()
             raise
+        except TrainingDiverged:
+            self.bar.close()
+            self.tracker.finish("FAILED")
+            raise
+        except Exception as exc:  # out of memory, a bad sample, a lost device: keep the steps done, say what to try
+            self.bar.close()
+            self.tracker.finish("FAILED")
+            raise StepFailed(self._failed(exc)) from exc
         except BaseException:
             self.bar.close()
             self.tracker.finish("FAILED")
@@ -337,9 +365,33 @@ class Trainer:
         if self.on_step is not None:
             self.on_step(state.step, state.losses[-1])
         if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:
+            self.measure_heldout(state.step)
             self.checkpointer.save(state)
         if state.step % params.validation.every == 0 or state.step == params.max_steps:
             self.validate(state.step)
+
+    def measure_heldout(self, step: int) -> None:
+        """The fixed held-out loss of the weights that would be exported now (the EMA when kept), logged by step;
+        the lowest so far is kept in RUN/best/ (main process; the others wait at the checkpoint)."""
+        if not self.job.holdout_clip_ids or not self.accelerator.is_main_process:
+            return
+        from vidtune.training.heldout import heldout_losses
+
+        job, trainable = self.job, list(self.trainable.values())
+        batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
+        idle = [getattr(self.pipe, name) for name in idle_experts(self.pipe, self.experts)]  # every level is measured
+        with (
+            _exported_weights(self.ema, trainable),
+            _evaluating(list(self.denoisers.values())),
+            self.accelerator.autocast(),
+            on_device(idle, self.accelerator.device),
+        ):
+            losses = heldout_losses(self.family, self.pipe, batches, draws=self.params.validation.heldout_draws)
+            bands = losses.band_means()
+            self.best.record(step, losses.mean(), bands, self.trainable)  # the exported (EMA) weights, when best
+        self.tracker.log_metrics(
+            {"heldout_loss": losses.mean(), **{f"heldout_loss_{b}": v for b, v in bands.items()}}, step
+        )
 
     def validate(self, step: int) -> None:
         if self.params.validation.prompts and self.accelerator.is_main_process:
@@ -357,6 +409,30 @@ class Trainer:
                     self.sample_conditioning,
                 )
             self.tracker.log_artifacts(folder, f"samples/{folder.name}")
+
+    def _failed(self, exc: Exception) -> str:
+        """Checkpoint the last completed step (one process: the micro-batches of the step that failed are given
+        back to the data position), and the message: what failed, on which bucket, and what lowers memory."""
+        state, accelerator = self.state, self.accelerator
+        saved = self.checkpointer.latest()
+        if accelerator.num_processes == 1 and state.step > (saved_step(saved) if saved else 0):
+            self.optimizer.zero_grad(set_to_none=True)
+            state.batches -= len(self.micro_losses)
+            self.micro_losses = []
+            saved = self.checkpointer.save(state)
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        params = self.params
+        advice = (
+            "to lower memory: gradient_checkpointing=true"
+            + ("" if params.gradient_checkpointing else " (now false)")
+            + f", batch_size=1 (now {params.batch_size}) with gradient_accumulation_steps for the same step, "
+            "mixed_precision=bf16, fp8_storage=true, optimizer=adamw8bit, or smaller frame_buckets / sizes"
+        )
+        return (
+            f"step {state.step + 1} failed on bucket {self.bucket} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            f"){'; ' + advice if oom else ''}. Resume from {saved or 'the start (no checkpoint yet)'} with "
+            "resume=latest and the same out."
+        )
 
     def _interrupted(self) -> None:
         """Ctrl-C: checkpoint what is safe to, close the MLflow run as KILLED, and say how to resume."""
@@ -381,8 +457,16 @@ class Trainer:
             before = json.loads(clips_file.read_text())
             record = {key: before.get(key, []) + values for key, values in record.items()}
         write_json_atomic(clips_file, {**record, "last_resumed_at_step": self.started_step})
+        self.selection = self.best.select(self.params.select_checkpoint, state.step)
+        ema = self.ema
+        if accelerator.is_main_process and self.selection.step != state.step:
+            self.best.load_best(self.trainable)  # already the EMA's, when kept
+            ema = None
+        if accelerator.is_main_process and self.best.plot(layout.heldout_curve, self.selection):
+            self.tracker.log_artifacts(layout.best, "heldout")
+            self.tracker.log_metrics({"selected_step": self.selection.step}, state.step)
         weights = _export(
-            self.job, self.family, self.pipe, self.denoisers, accelerator, self.trainable, self.ema, state
+            self.job, self.family, self.pipe, self.denoisers, accelerator, self.trainable, ema, state, self.selection
         )
         self.tracker.log_metrics({"final_loss": state.losses[-1]}, state.step)
         self.tracker.finish()
@@ -397,11 +481,14 @@ class Trainer:
             self.rate,
             peak_memory_mb(accelerator.device),
             sorted(layout.checkpoints.glob("checkpoint-*")),
+            self.selection.as_dict(),
+            layout.heldout_curve if layout.heldout_curve.is_file() else None,
         )
 
 
 def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run `job` to its last step (resuming when it says so); see `Trainer` for the phases."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # before the first CUDA allocation
     return Trainer(job, on_step).run()
 
 
@@ -421,6 +508,32 @@ def _checkpoint_on_interrupt(checkpointer: Checkpointer, state: TrainState, at_b
 def pipe_without_text_encoders(job: TrainJob) -> bool:
     """Training from the cache with the validation prompts embedded too needs no text encoder at all."""
     return job.data_source == "cache" and job.prompt_cache is not None
+
+
+@contextmanager
+def _exported_weights(ema, trainable: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The EMA's weights in the trained parameters for the block, when an EMA is kept (what export would write)."""
+    if ema is None:
+        yield
+        return
+    ema.store(trainable)
+    ema.copy_to(trainable)
+    try:
+        yield
+    finally:
+        ema.restore(trainable)
+
+
+@contextmanager
+def _evaluating(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """`modules` in eval mode (no LoRA dropout) for the block, then training again."""
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.train()
 
 
 @contextmanager
@@ -521,9 +634,9 @@ def _apply(accelerator, loss: torch.Tensor, trainable: list, optimizer, schedule
 
 
 def _export(
-    job: TrainJob, family: ModelFamily, pipe, denoisers: dict, accelerator, trainable: dict, ema, state
+    job: TrainJob, family: ModelFamily, pipe, denoisers: dict, accelerator, trainable: dict, ema, state, selection
 ) -> Path:
-    """The final weights (the EMA when kept), written by the main process."""
+    """The selected weights (the EMA when kept), written by the main process; `selection` says which and why."""
     params = job.params
     weights = RunLayout(Path(job.out)).weights(params.training_type)
     if accelerator.is_main_process:
@@ -536,6 +649,7 @@ def _export(
             "steps": state.step,
             "final_loss": state.losses[-1],
             "mlflow_run_id": state.mlflow_run_id,
+            "checkpoint": selection.as_dict(),
         }
         if params.training_type == "lora":
             save_lora_adapter(family, pipe, denoisers, weights, info)

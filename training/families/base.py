@@ -185,7 +185,11 @@ def model_file(model: str | Path, name: str) -> Path | None:
 
 
 def image_families() -> list[str]:
-    """The registered image-to-video families' names, for messages."""
-    from vidtune.training.families import FAMILIES
-
-    return sorted(name for name, family in FAMILIES.items() if family.image_conditioned)
+    """The defined image-to-video families' names, for messages (every subclass of ModelFamily that sets one)."""
+    found, pending = set(), list(ModelFamily.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if getattr(cls, "image_conditioned", False) and isinstance(getattr(cls, "name", None), str):
+            found.add(cls.name)
+    return sorted(found)

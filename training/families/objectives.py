@@ -218,6 +218,19 @@ class FlowMatching:
             weighting=compute_loss_weighting_for_sd3(self.params.loss_weighting, sigmas),
         )
 
+    def inputs_at(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> TrainingInputs:
+        """Inputs at given sigmas `levels` (batch,) in [0, 1] and `noise`, unweighted: the fixed evaluation's, where
+        no training setting (sampling, shift, timestep range, weighting) applies."""
+        shape = (latents.shape[0],) + (1,) * (latents.ndim - 1)
+        sigmas = levels.to(latents.device, latents.dtype).view(shape)
+        noise = noise.to(latents.device, latents.dtype)
+        return TrainingInputs(
+            noisy=(1 - sigmas) * latents + sigmas * noise,
+            timesteps=levels.to(latents.device, torch.float32) * self.num_train_timesteps,
+            target=noise - latents,
+            weighting=torch.ones(shape, dtype=latents.dtype, device=latents.device),
+        )
+
 
 @dataclass(frozen=True)
 class VariancePreserving:
@@ -274,6 +287,23 @@ class VariancePreserving:
             weighting=self.min_snr_weights(timesteps).to(latents.device, latents.dtype).view(shape),
         )
 
+    def inputs_at(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> TrainingInputs:
+        """Inputs at the timesteps `levels` (batch,) in [0, 1) of the checkpoint's schedule point to, with `noise`,
+        unweighted (the fixed evaluation's)."""
+        shape, steps = (latents.shape[0],) + (1,) * (latents.ndim - 1), len(self.alphas_cumprod)
+        timesteps = (levels.double() * steps).long().clamp(0, steps - 1)
+        alpha_bar = self.alphas_cumprod[timesteps.cpu()].view(shape)
+        signal = alpha_bar.sqrt().to(latents.device, latents.dtype)
+        noise_level = (1 - alpha_bar).sqrt().to(latents.device, latents.dtype)
+        noise = noise.to(latents.device, latents.dtype)
+        target = noise if self.prediction_type == "epsilon" else signal * noise - noise_level * latents
+        return TrainingInputs(
+            noisy=signal * latents + noise_level * noise,
+            timesteps=timesteps.to(latents.device),
+            target=target,
+            weighting=torch.ones(shape, dtype=latents.dtype, device=latents.device),
+        )
+
     def min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v; ones when off."""
         if self.params.snr_gamma is None:
@@ -317,6 +347,9 @@ class FirstFrameConditioned:
 
     def inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None, within=None) -> TrainingInputs:
         return condition_on_first_frame(self.objective.inputs(latents, generator, within), latents)
+
+    def inputs_at(self, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> TrainingInputs:
+        return condition_on_first_frame(self.objective.inputs_at(latents, levels, noise), latents)
 
 
 def denoising_loss(pred: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
