@@ -108,8 +108,8 @@ def heldout_comparison(base: HeldoutLosses, adapted: HeldoutLosses, draws: int, 
         "val_loss_se_adapted": adapted.standard_error(),
     }
     for band, value in band_gains(base.as_dict(), adapted.as_dict()).items():
-        out |= {f"val_loss_gain_{band}": value.estimate, f"val_loss_gain_{band}_low": value.low}
-        out[f"val_loss_gain_{band}_high"] = value.high
+        key = f"val_loss_gain_{band}_noise"  # not val_loss_gain_low: that is the overall interval's bound
+        out |= {key: value.estimate, f"{key}_low": value.low, f"{key}_high": value.high}
     return out | ({"holdout_note": note} if note else {})
 
 

@@ -91,7 +91,7 @@ def heldout_markdown(results: dict) -> list[str]:
         "| held-out loss gain (adapted over base) | estimate | 95% interval |",
         "|---|---|---|",
     ]
-    for label, suffix in (("all levels", ""), ("low noise", "_low"), ("mid noise", "_mid"), ("high noise", "_high")):
+    for label, suffix in (("all levels", ""), *((f"{b} noise", f"_{b}_noise") for b in ("low", "mid", "high"))):
         if results.get(f"val_loss_gain{suffix}") is not None:
             value, low, high = (results[f"val_loss_gain{suffix}{end}"] for end in ("", "_low", "_high"))
             lines.append(f"| {label} | {value:+.2%} | [{low:+.2%}, {high:+.2%}] |")

@@ -85,7 +85,7 @@ def heldout_losses(family: ModelFamily, pipe, batches: list[dict], draws: int = 
             for draw, level in enumerate(grid_levels(clip_id, draws, seed)):
                 torch.manual_seed(_draw_seed(seed, clip_id, draw))  # the posterior sample, then the noise
                 latents = family.sample_latents(pipe, moments)
-                noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
+                noise = torch.randn(latents.shape).to(latents.device, latents.dtype)  # fp32 on the CPU: any device
                 inputs = objective.inputs_at(latents, torch.tensor([level]), noise)
                 inputs = replace(inputs, condition=condition)
                 # No denoiser given: the model's own, for Wan 2.2 A14B the expert its pipeline uses at this level.

@@ -74,7 +74,8 @@ class BestCheckpoint:
             best,
             self.curve[best]["loss"],
             f"lowest fixed held-out loss of {len(self.curve)} checkpoints measured (step {best}: "
-            f"{self.curve[best]['loss']:.5f}; last step {last_step}: {last_loss:.5f})",
+            f"{self.curve[best]['loss']:.5f}; last step {last_step}: "
+            + (f"{last_loss:.5f})" if last_loss is not None else "not measured)"),
         )
 
     def load_best(self, trainable: dict[str, torch.nn.Parameter]) -> None:
