@@ -255,6 +255,7 @@ class Trainer:
         self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
         self.micro_losses: list[float] = []
         self.bucket: str | None = None  # of the batch in progress, named when a step fails
+        self.heldout_batches: list[dict] | None = None  # the held-out clips, read at the first measurement
         self.trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
         self.trained_buckets: list[str | None] = []  # per micro-batch
         self.trained_timesteps: list[list[float]] = []  # per micro-batch, the drawn timestep of each clip
@@ -378,7 +379,10 @@ class Trainer:
         from vidtune.training.heldout import heldout_losses
 
         job, trainable = self.job, list(self.trainable.values())
-        batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
+        if self.heldout_batches is None:  # read once: the same clips are measured at every checkpoint
+            ids = set(job.holdout_clip_ids)
+            self.heldout_batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, ids))
+        batches = self.heldout_batches
         idle = [getattr(self.pipe, name) for name in idle_experts(self.pipe, self.experts)]  # every level is measured
         with (
             _exported_weights(self.ema, trainable),
