@@ -109,12 +109,13 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(wan_model, wan_cache, 
     assert resumed.losses[3:6] == pytest.approx(full.losses[3:6], abs=1e-5)
     got, want = (load_file(r.weights / "pytorch_lora_weights.safetensors") for r in (resumed, full))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
-    # What trained after the resume (3 steps x 2 micro-batches) is what the uninterrupted run trained then: the
-    # same clips in the same order at the same noise levels.
+    # The record written at step 3's checkpoint survived the kill; with what trained after the resume (3 steps x 2
+    # micro-batches) it is what the uninterrupted run trained: the same clips in the same order at the same levels.
     after, whole = (json.loads((r.out / "trained_clips" / "rank-00.json").read_text()) for r in (resumed, full))
-    assert len(after["timesteps"]) == 6 and after["last_resumed_at_step"] == 3
-    assert after["clip_ids"] == whole["clip_ids"][-len(after["clip_ids"]) :]
-    assert after["timesteps"] == whole["timesteps"][-6:] and after["buckets"] == whole["buckets"][-6:]
+    assert len(after["timesteps"]) == after["micro_batches"] == 12 and after["last_resumed_at_step"] == 3
+    assert {key: after[key] for key in ("clip_ids", "timesteps", "buckets")} == {
+        key: whole[key] for key in ("clip_ids", "timesteps", "buckets")
+    }
 
 
 def _interrupt_self_at(job_json: str, step: int) -> None:
@@ -470,6 +471,12 @@ def test_best_picks_an_earlier_checkpoint_when_the_heldout_loss_rises_and_last_k
     resumed = BestCheckpoint(tmp_path / "best", resumed_at=6)  # a resume at step 6 forgets what came after it
     assert sorted(resumed.curve) == [2, 4, 6]
     assert BestCheckpoint(tmp_path / "none").select("best", 8).reason.startswith("no held-out clips")
+    # RUN/best/ records its step: weights kept at another step than the curve's best are never exported as it
+    resumed.record(7, 1.25, {"low": 1.25}, weights)  # not the lowest: the kept weights stay step 4's
+    assert resumed.kept_step() == 4 and resumed.select("best", 7).step == 4
+    (tmp_path / "best" / "trainable.safetensors").unlink()
+    fallback = resumed.select("best", 7)
+    assert fallback.step == 7 and "no weights of it" in fallback.reason
 
 
 def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_memory(
@@ -477,19 +484,33 @@ def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_me
 ):
     from vidtune.training.trainer import StepFailed
 
+    import vidtune.training.trainer as trainer
+
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    calls, real_loss = [], trainer.batch_loss
 
-    def out_of_memory_at_step_3(done: int, loss: float) -> None:
-        if done == 3:  # what a too large bucket raises on a GPU
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def out_of_memory_in_step_4(*args, **kwargs):  # its second micro-batch: mid-accumulation
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)  # the levels are drawn (and recorded), then the backward runs out
+        if len(calls) == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # a too large bucket
+        return loss
 
-    job = make_job(wan_model, wan_cache, tmp_path / "run", max_steps=6, checkpoint_every=100)
+    monkeypatch.setattr(trainer, "batch_loss", out_of_memory_in_step_4)
+    job = make_job(
+        wan_model, wan_cache, tmp_path / "run", max_steps=6, checkpoint_every=100, gradient_accumulation_steps=2
+    )
     with pytest.raises(StepFailed, match=r"failed on bucket \d+x64x64 .*gradient_checkpointing=true.*resume=latest"):
-        train(job, on_step=out_of_memory_at_step_3)
+        train(job)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-000003"]
+    failed = json.loads((tmp_path / "run" / "trained_clips" / "rank-00.json").read_text())
+    assert failed["micro_batches"] == len(failed["buckets"]) == len(failed["timesteps"]) == len(failed["clip_ids"]) == 6
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     resumed = train(job.model_copy(update={"params": job.params.model_copy(update={"resume": "latest"})}))
-    assert resumed.steps == 6
+    # Two micro-batches per step after the resume too: accelerate's count was given back to the step boundary.
+    record = json.loads((tmp_path / "run" / "trained_clips" / "rank-00.json").read_text())
+    assert resumed.steps == 6 and record["micro_batches"] == len(record["clip_ids"]) == 12
+    assert record["clip_ids"][:6] == failed["clip_ids"]
     logged = MlflowClient(job.tracking_uri).get_run(resumed.mlflow_run_id).data.params
     assert logged["optimizer_used"] == "torch.optim.adamw.AdamW" and logged["optimizer"] == "adamw"
 

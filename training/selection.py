@@ -56,12 +56,24 @@ class BestCheckpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         if best:
             with atomic_path(self.weights_file) as tmp:
-                save_file({name: t.detach().contiguous().cpu() for name, t in trainable.items()}, tmp)
+                weights = {name: t.detach().contiguous().cpu() for name, t in trainable.items()}
+                save_file(weights, tmp, metadata={"step": str(step)})
         write_json_atomic(self.curve_file, {str(s): point for s, point in sorted(self.curve.items())})
         return best
 
+    def kept_step(self) -> int | None:
+        """The step whose weights RUN/best/ holds (None when none are kept, or by a vidtune that did not say)."""
+        if not self.weights_file.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.weights_file), "pt") as kept:
+            step = (kept.metadata() or {}).get("step")
+        return int(step) if step is not None else None
+
     def select(self, rule: str, last_step: int) -> Selection:
-        """The checkpoint `rule` picks, saying why (best falls back to last when nothing was measured)."""
+        """The checkpoint `rule` picks, saying why (best falls back to last when nothing was measured, or when the
+        kept weights are not the best step's)."""
         best = self.best_step()
         if not self.curve:
             return Selection("last", last_step, None, "no held-out clips, so no held-out loss to choose by")
@@ -69,6 +81,15 @@ class BestCheckpoint:
         if rule == "last" or best == last_step:
             why = "select_checkpoint=last" if rule == "last" else "the last step has the lowest held-out loss"
             return Selection(rule, last_step, last_loss, f"{why} ({len(self.curve)} measured)")
+        if (kept := self.kept_step()) != best:
+            return Selection(
+                "last",
+                last_step,
+                last_loss,
+                f"the best step is {best}, but {self.weights_file} holds "
+                + (f"step {kept}'s weights" if kept is not None else "no weights of it")
+                + " (a resume past it?), so the last step's are exported",
+            )
         return Selection(
             "best",
             best,

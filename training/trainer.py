@@ -256,10 +256,33 @@ class Trainer:
         self.micro_losses: list[float] = []
         self.bucket: str | None = None  # of the batch in progress, named when a step fails
         self.heldout_batches: list[dict] | None = None  # the held-out clips, read at the first measurement
-        self.trained_clips: list[str] = []  # this process's, for RUN/trained_clips/: what each rank saw
-        self.trained_buckets: list[str | None] = []  # per micro-batch
-        self.trained_timesteps: list[list[float]] = []  # per micro-batch, the drawn timestep of each clip
+        # This process's record for RUN/trained_clips/ (what each rank saw), from the resume point on: a resumed
+        # run starts from the record up to its checkpoint; it is written at every checkpoint and when a run stops.
+        self.trained_clips, self.trained_buckets, self.trained_timesteps = self._trained_before(state.batches)
         self.started, self.started_step, self.rate = time.perf_counter(), state.step, 0.0
+
+    def _trained_before(self, batches: int) -> tuple[list[str], list[str | None], list[list[float]]]:
+        """This rank's record of the first `batches` micro-batches (a resume's; empty for a new run): a record
+        written past the checkpoint resumed from (an interrupt, a failure) is cut back to it."""
+        clips_file = self.layout.trained_clips(self.accelerator.process_index)
+        if not self.resume_from or not clips_file.is_file():
+            return [], [], []
+        before = json.loads(clips_file.read_text())
+        return _cut(before.get("clip_ids", []), before.get("buckets", []), before.get("timesteps", []), batches)
+
+    def _cut_record(self, batches: int) -> None:
+        self.trained_clips, self.trained_buckets, self.trained_timesteps = _cut(
+            self.trained_clips, self.trained_buckets, self.trained_timesteps, batches
+        )
+
+    def write_trained_clips(self) -> None:
+        """RUN/trained_clips/rank-NN.json: the clips, buckets and noise levels this rank trained, in order."""
+        self._cut_record(len(self.trained_buckets))  # a micro-batch that drew its levels and then failed
+        record = {"clip_ids": self.trained_clips, "buckets": self.trained_buckets, "timesteps": self.trained_timesteps}
+        write_json_atomic(
+            self.layout.trained_clips(self.accelerator.process_index),
+            {**record, "micro_batches": self.state.batches, "last_resumed_at_step": self.started_step},
+        )
 
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
@@ -366,8 +389,10 @@ class Trainer:
         if self.on_step is not None:
             self.on_step(state.step, state.losses[-1])
         if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:
-            self.measure_heldout(state.step)
+            # Saved before measuring: RUN/best/ never holds a step later than the checkpoint a resume starts from.
             self.checkpointer.save(state)
+            self.write_trained_clips()
+            self.measure_heldout(state.step)
         if state.step % params.validation.every == 0 or state.step == params.max_steps:
             self.validate(state.step)
 
@@ -416,14 +441,26 @@ class Trainer:
 
     def _failed(self, exc: Exception) -> str:
         """Checkpoint the last completed step (one process: the micro-batches of the step that failed are given
-        back to the data position), and the message: what failed, on which bucket, and what lowers memory."""
+        back to the data position and to accelerate's accumulation count), and the message: what failed, on which
+        bucket, what lowers memory, and the checkpoint to resume from."""
         state, accelerator = self.state, self.accelerator
-        saved = self.checkpointer.latest()
+        saved, unsaved = self.checkpointer.latest(), ""
         if accelerator.num_processes == 1 and state.step > (saved_step(saved) if saved else 0):
             self.optimizer.zero_grad(set_to_none=True)
             state.batches -= len(self.micro_losses)
             self.micro_losses = []
-            saved = self.checkpointer.save(state)
+            self._cut_record(state.batches)
+            # accelerate counts every micro-batch begun (the failed one too) and syncs gradients when the count is a
+            # multiple of the accumulation; the checkpoint must hold the count at the step boundary.
+            accelerator.step = state.batches
+            try:
+                saved = self.checkpointer.save(state)
+            except Exception as error:  # noqa: BLE001 - the step's own failure is what the message must say
+                unsaved = f" (saving step {state.step} failed too: {type(error).__name__}: {str(error)[:200]})"
+        try:
+            self.write_trained_clips()
+        except OSError:
+            pass
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
         params = self.params
         advice = (
@@ -434,14 +471,15 @@ class Trainer:
         )
         return (
             f"step {state.step + 1} failed on bucket {self.bucket} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            f"){'; ' + advice if oom else ''}. Resume from {saved or 'the start (no checkpoint yet)'} with "
-            "resume=latest and the same out."
+            f"){'; ' + advice if oom else ''}{unsaved}. Resume from {saved or 'the start (no checkpoint yet)'} "
+            "with resume=latest and the same out."
         )
 
     def _interrupted(self) -> None:
         """Ctrl-C: checkpoint what is safe to, close the MLflow run as KILLED, and say how to resume."""
         state = self.state
         resumable = _checkpoint_on_interrupt(self.checkpointer, state, at_boundary=not self.micro_losses)
+        self.write_trained_clips()  # a resume cuts it back to its checkpoint
         self.tracker.finish("KILLED")
         if self.accelerator.is_main_process:
             where = f"{resumable} (step {saved_step(resumable)})" if resumable else "none (it starts over)"
@@ -455,12 +493,7 @@ class Trainer:
     def finish(self) -> TrainResult:
         """What this rank saw (added to a resumed run's), the final weights, and the MLflow run closed."""
         accelerator, state, layout = self.accelerator, self.state, self.layout
-        clips_file = layout.trained_clips(accelerator.process_index)
-        record = {"clip_ids": self.trained_clips, "buckets": self.trained_buckets, "timesteps": self.trained_timesteps}
-        if self.resume_from and clips_file.is_file():  # a resumed run adds to what this rank saw before
-            before = json.loads(clips_file.read_text())
-            record = {key: before.get(key, []) + values for key, values in record.items()}
-        write_json_atomic(clips_file, {**record, "last_resumed_at_step": self.started_step})
+        self.write_trained_clips()
         self.selection = self.best.select(self.params.select_checkpoint, state.step)
         ema = self.ema
         if accelerator.is_main_process and self.selection.step != state.step:
@@ -488,6 +521,13 @@ class Trainer:
             self.selection.as_dict(),
             layout.heldout_curve if layout.heldout_curve.is_file() else None,
         )
+
+
+def _cut(clip_ids: list, buckets: list, timesteps: list, batches: int) -> tuple[list, list, list]:
+    """A trained_clips record (clip ids flat; buckets and levels per micro-batch) up to micro-batch `batches`."""
+    timesteps = timesteps[: min(batches, len(buckets))]
+    clips = sum(len(levels) for levels in timesteps)  # one level per clip of each micro-batch
+    return clip_ids[:clips], buckets[:batches], timesteps
 
 
 def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
