@@ -30,7 +30,7 @@ from vidtune.training.data import read_clips
 from vidtune.training.devices import placement
 from vidtune.training.families import get_family
 from vidtune.training.files import atomic_path, write_json_atomic
-from vidtune.training.heldout import HeldoutLosses, heldout_losses
+from vidtune.training.heldout import HeldoutLosses, heldout_losses, measured_on
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import DatasetLayout, RunLayout
 from vidtune.training.sampling import SampleSettings, conditioning_images, render_videos, write_conditioning_images
@@ -170,7 +170,9 @@ def evaluate_run(
     if heldout:
         results.update(heldout_comparison(losses["base"], losses["adapted"], draws, job.holdout_note))
         write_json_atomic(
-            layout.heldout_losses, {label: value.as_dict() for label, value in losses.items()} | {"draws": draws}
+            layout.heldout_losses,
+            {label: value.as_dict() for label, value in losses.items()}
+            | {"draws": draws, "measured_on": measured_on(device, dtype)},
         )
     rows = [
         (f"{label} {i}: {prompt}", videos[label][i])

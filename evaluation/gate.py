@@ -7,6 +7,7 @@ The improvement is relative: 1 - (candidate's mean loss / reference's mean loss)
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,7 +47,8 @@ def paired_gain(
     reference: dict, candidate: dict, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0
 ) -> PairedGain:
     """`reference` and `candidate`: `HeldoutLosses.as_dict()` of the same clips and draws (any order). The interval
-    is a percentile bootstrap over clips; with one clip it is the point itself (no spread to resample)."""
+    is a percentile bootstrap over clips; one clip gives no interval (-inf, inf): its draws share one content, so
+    they say nothing of how the gain varies between clips, and a gate on it does not pass."""
     ref, cand = _by_draw(reference), _by_draw(candidate)
     if set(ref) != set(cand):
         missing = len(set(ref) ^ set(cand))
@@ -62,7 +64,7 @@ def paired_gain(
     cand_sum = np.array([sum(v for (c, _), v in cand.items() if c == clip) for clip in clips])
     estimate = 1 - cand_sum.sum() / ref_sum.sum()
     if len(clips) < 2:
-        return PairedGain(float(estimate), float(estimate), float(estimate), len(ref), len(clips), confidence)
+        return PairedGain(float(estimate), -math.inf, math.inf, len(ref), len(clips), confidence)
     picks = np.random.default_rng(seed).integers(0, len(clips), size=(resamples, len(clips)))
     gains = 1 - cand_sum[picks].sum(axis=1) / ref_sum[picks].sum(axis=1)
     tail = (1 - confidence) / 2

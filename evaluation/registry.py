@@ -30,7 +30,7 @@ from vidtune.training.adapters import read_info
 from vidtune.training.data import read_clips
 from vidtune.training.families import get_family
 from vidtune.training.files import write_json_atomic
-from vidtune.training.heldout import heldout_losses
+from vidtune.training.heldout import heldout_losses, measured_on
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.tracking import experiment_id, log_dataset, point_mlflow_at, vidtune_home
@@ -119,16 +119,18 @@ def decide(
             }
         )
     if champion is not None and against_champion is not None:
-        data = f"{heldout}, the champion scored now with the same draws"
+        data = f"{heldout}, the champion scored now with the same draws" + (
+            f" ({champion_note})" if champion_note else ""
+        )
         checks.append(_interval_check(f"beats champion v{champion['version']}", against_champion, min_gain, data))
     elif champion is not None and champion.get("vidtune.val_loss_gain") not in (None, "None"):
         best, gain = float(champion["vidtune.val_loss_gain"]), relative_gain(metrics)
         checks.append(
             {
                 "check": f"beats champion v{champion['version']}",
-                "passed": gain is not None and gain > best,
+                "passed": gain is not None and gain > best + min_gain,
                 "value": gain,
-                "threshold": best,
+                "threshold": best + min_gain,
                 "data": "each model's gain over the base on its own held-out clips"
                 + (f" ({champion_note})" if champion_note else ""),
             }
@@ -136,9 +138,12 @@ def decide(
     return GateDecision(all(c["passed"] for c in checks), checks)
 
 
-def score_champion(model_uri: str, run_dir: Path, tracking_uri: str) -> tuple[PairedGain | None, str]:
-    """The challenger's paired gain over `model_uri`, scored now on the challenger's held-out clips with the draws
-    its evaluation used; (None, why) when that cannot be done here."""
+def score_champion(
+    model_uri: str, run_dir: Path, tracking_uri: str, champion_run_dir: str | None = None
+) -> tuple[PairedGain | None, str]:
+    """The challenger's paired gain over `model_uri`, scored now on the challenger's held-out clips that the champion
+    did not train on, with the draws the challenger's evaluation used; and what the record should say about it.
+    (None, why) when that cannot be done here: the gate then falls back to the tag comparison, and says why."""
     from vidtune.evaluation.inference import load_registered_pipeline
 
     layout = RunLayout(run_dir)
@@ -146,13 +151,44 @@ def score_champion(model_uri: str, run_dir: Path, tracking_uri: str) -> tuple[Pa
     if job is None or not job.holdout_clip_ids or not layout.heldout_losses.is_file():
         return None, "this run has no held-out draws to score the champion on"
     saved = json.loads(layout.heldout_losses.read_text())
-    batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(job.holdout_clip_ids)))
+    clips, notes = set(job.holdout_clip_ids), []
+    seen = trained_clip_ids(champion_run_dir)
+    if seen is None:
+        notes.append("the champion's training clips are not readable here, so overlap with these was not checked")
+    elif overlap := clips & seen:
+        clips -= overlap
+        if not clips:
+            return None, "the champion trained on every one of this run's held-out clips"
+        notes.append(f"{len(overlap)} held-out clips the champion trained on were left out")
     try:
+        batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, clips))
         pipe, _ = load_registered_pipeline(model_uri, tracking_uri, base_model=job.model)
-    except Exception as exc:  # noqa: BLE001 - any failure to load falls back to the tag comparison, said in the record
-        return None, f"the champion could not be loaded here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    champion = heldout_losses(get_family(job.family), pipe, batches, draws=saved["draws"])
-    return paired_gain(champion.as_dict(), saved["adapted"]), ""
+        family = get_family(job.family)
+        champion = heldout_losses(family, pipe, batches, draws=saved["draws"])
+        weights = next(getattr(pipe, family.denoiser_name).parameters())
+    except Exception as exc:  # noqa: BLE001 - out of memory, missing weights...: the tag comparison decides, and says why
+        return None, f"the champion could not be scored here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        pipe = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    now = measured_on(weights.device, weights.dtype)
+    if saved.get("measured_on", now) != now:
+        notes.append(f"this run was measured on {saved['measured_on']}, the champion on {now}")
+    adapted = saved["adapted"]
+    keep = [i for i, clip in enumerate(adapted["clip_ids"]) if clip in clips]
+    challenger = {key: [adapted[key][i] for i in keep] for key in ("clip_ids", "levels", "losses")}
+    return paired_gain(champion.as_dict(), challenger), "; ".join(notes)
+
+
+def trained_clip_ids(run_dir: str | Path | None) -> set[str] | None:
+    """Every clip a run trained on, from its RUN/trained_clips/ records (None when they are not readable here)."""
+    if not run_dir:
+        return None
+    records = sorted((Path(run_dir) / "trained_clips").glob("rank-*.json"))
+    if not records:
+        return None
+    return {clip for record in records for clip in json.loads(record.read_text()).get("clip_ids", [])}
 
 
 @dataclass
@@ -364,14 +400,18 @@ def _register(
                 tracking_uri,
             )
         version = existing
-        decision = _retrying(
-            lambda: _apply_gate(
-                client, name, version, info["base_model"], metrics, clip_tolerance, min_gain, run_dir, tracking_uri
-            ),
+        champion = _retrying(
+            lambda: _champion_of_base(client, name, info["base_model"], exclude=str(version.version)),
             attempts,
-            "move aliases",
+            "look up the champion",
             tracking_uri,
         )
+        against, note = (None, "")
+        if champion is not None and metrics:  # once, outside the retries: it loads and scores a model
+            champion_uri = f"models:/{name}/{champion['version']}"
+            against, note = score_champion(champion_uri, run_dir, tracking_uri, champion.get("vidtune.run_dir"))
+        decision = decide(metrics, champion, clip_tolerance, min_gain, against, note)
+        _retrying(lambda: _apply_gate(client, name, version, decision), attempts, "move aliases", tracking_uri)
     write_json_atomic(RunLayout(run_dir).gate, {"name": name, "version": str(version.version), **asdict(decision)})
     aliases = client.get_model_version(name, version.version).aliases
     return Registration(
@@ -385,23 +425,9 @@ def _register(
     )
 
 
-def _apply_gate(
-    client: MlflowClient,
-    name: str,
-    version,
-    base_model: str,
-    metrics: dict | None,
-    clip_tolerance: float,
-    min_gain: float,
-    run_dir: Path,
-    tracking_uri: str,
-) -> GateDecision:
-    """Decide, then move aliases: `challenger` to the newest version, `champion` to this one if it passed."""
-    champion = _champion_of_base(client, name, base_model, exclude=str(version.version))
-    against, note = (None, "")
-    if champion is not None and metrics:
-        against, note = score_champion(f"models:/{name}/{champion['version']}", run_dir, tracking_uri)
-    decision = decide(metrics, champion, clip_tolerance, min_gain, against, note)
+def _apply_gate(client: MlflowClient, name: str, version, decision: GateDecision) -> GateDecision:
+    """Move aliases by the decision: `challenger` to the newest version, `champion` to this one if it passed; and
+    record the evidence on the version and its run."""
     newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     if int(version.version) == newest:  # a repeated call for an older version must not move it back
         client.set_registered_model_alias(name, CHALLENGER, str(version.version))

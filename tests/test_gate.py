@@ -76,3 +76,19 @@ def test_the_gate_promotes_on_the_lower_bound_and_records_the_evidence():
         (check,) = decision.checks
         assert check["interval"] == [gain.low, gain.high] and check["draws"] == 128 and check["clips"] == 8
     assert not decide({**metrics, **values, "heldout_draws": 128}, None, 0.02, min_gain=0.5).promote
+
+
+def test_one_clip_gives_no_interval_and_the_gate_does_not_pass_on_it():
+    reference = _losses(clips=1)
+    one = paired_gain(reference, _scaled(reference, lambda c, lv: 0.5))  # halved, but on one clip's content
+    assert one.estimate == pytest.approx(0.5) and (one.low, one.high) == (-np.inf, np.inf) and one.clips == 1
+    values = {"val_loss_gain": one.estimate, "val_loss_gain_low": one.low, "val_loss_gain_high": one.high}
+    metrics = {"val_loss_base": 2.0, "val_loss_adapted": 1.0, "heldout_clips": 1, "heldout_draws": 16}
+    assert not decide({**metrics, **values}, None, 0.02).promote
+
+
+def test_the_fallback_against_a_champion_needs_min_gain_too():
+    metrics = {"val_loss_base": 2.0, "val_loss_adapted": 1.5}  # a gain of 0.25, no interval
+    champion = {"vidtune.val_loss_gain": "0.2", "version": "3"}
+    assert decide(metrics, champion, 0.02).promote
+    assert not decide(metrics, champion, 0.02, min_gain=0.1).promote  # 0.25 is not 0.1 above the champion's 0.2

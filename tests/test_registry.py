@@ -209,6 +209,27 @@ def test_a_challenger_within_noise_of_the_champion_is_not_promoted_both_scored_o
     assert gate["checks"][2]["interval"] == [low, high]
 
 
+def test_the_champion_is_scored_only_on_held_out_clips_it_did_not_train_on(runs, tmp_path):
+    """A champion trained on other data that included one of the challenger's held-out clips: that clip is left out
+    of the comparison (it would favour the champion), and the record says so."""
+    import shutil
+
+    root, _ = runs
+    uri = f"sqlite:///{root}/mlflow.db"
+    champion_run = tmp_path / "other-data"
+    shutil.copytree(root / "weak", champion_run)
+    held_out = json.loads((root / "strong" / "train_job.json").read_text())["holdout_clip_ids"]
+    record = champion_run / "trained_clips" / "rank-00.json"
+    trained = json.loads(record.read_text())
+    record.write_text(json.dumps({**trained, "clip_ids": trained["clip_ids"] + [held_out[0]]}))
+    champion = register_run(champion_run, "style-o", uri)
+    challenger = register_run(root / "strong", "style-o", uri)
+    over_champion = challenger.decision.checks[-1]
+    assert over_champion["check"] == f"beats champion v{champion.version}"
+    assert over_champion["clips"] == len(held_out) - 1 and over_champion["draws"] == 16 * (len(held_out) - 1)
+    assert "1 held-out clips the champion trained on were left out" in over_champion["data"]
+
+
 def test_concurrent_registration_serialises_the_gate(runs, monkeypatch):
     """The weak run's registrar pauses between reading the champion and moving the aliases while the strong run
     registers. Without the lock, the weak one would then overwrite `champion` with a decision made before the

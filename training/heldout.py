@@ -72,20 +72,32 @@ def grid_levels(clip_id: str, draws: int, seed: int = 0) -> list[float]:
     return [(draw + offset) / draws for draw in range(draws)]
 
 
+def measured_on(device, dtype) -> str:
+    """Where a held-out measurement ran ("cuda/bfloat16"): the draws are the same anywhere, the model's arithmetic
+    is not, so two models pair exactly only when measured alike."""
+    return f"{torch.device(device).type}/{str(dtype).removeprefix('torch.')}"
+
+
 def heldout_losses(family: ModelFamily, pipe, batches: list[dict], draws: int = 16, seed: int = 0) -> HeldoutLosses:
-    """Every draw's unweighted denoising loss over one-clip `batches` (from `read_clips`); global RNG untouched."""
+    """Every draw's unweighted denoising loss over one-clip `batches` (from `read_clips`); the global RNG is not
+    used."""
     denoiser = getattr(pipe, family.denoiser_name)
     dtype, device = next(denoiser.parameters()).dtype, denoiser.device
     objective = family.objective(pipe)  # the model's own parameterisation; no training settings apply
     clip_ids, levels, losses = [], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+    with torch.no_grad():
         for batch in batches:
             (clip_id,) = batch["clip_ids"]
             moments, text, condition = encode_batch(family, pipe, batch, dtype, device)
+            # The draws from the moments as cached (or encoded), in fp32 on the CPU: the same numbers on any device
+            # and in any weight dtype, so measurements made on two machines pair.
+            exact = batch["moments"] if "moments" in batch else moments
+            exact = exact.detach().to("cpu", torch.float32)
             for draw, level in enumerate(grid_levels(clip_id, draws, seed)):
-                torch.manual_seed(_draw_seed(seed, clip_id, draw))  # the posterior sample, then the noise
-                latents = family.sample_latents(pipe, moments)
-                noise = torch.randn(latents.shape).to(latents.device, latents.dtype)  # fp32 on the CPU: any device
+                generator = torch.Generator().manual_seed(_draw_seed(seed, clip_id, draw))
+                clean = family.sample_latents(pipe, exact, generator)  # the posterior sample, then the noise
+                noise = torch.randn(clean.shape, generator=generator)
+                latents, noise = clean.to(device, dtype), noise.to(device, dtype)
                 inputs = objective.inputs_at(latents, torch.tensor([level]), noise)
                 inputs = replace(inputs, condition=condition)
                 # No denoiser given: the model's own, for Wan 2.2 A14B the expert its pipeline uses at this level.

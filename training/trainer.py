@@ -398,24 +398,33 @@ class Trainer:
 
     def measure_heldout(self, step: int) -> None:
         """The fixed held-out loss of the weights that would be exported now (the EMA when kept), logged by step;
-        the lowest so far is kept in RUN/best/ (main process; the others wait at the checkpoint)."""
-        if not self.job.holdout_clip_ids or not self.accelerator.is_main_process:
+        the lowest so far is kept in RUN/best/. Each rank measures its share of the held-out clips (read once, at
+        the first measurement) and the main process gathers the draws."""
+        if not self.job.holdout_clip_ids:
             return
-        from vidtune.training.heldout import heldout_losses
+        from accelerate.utils import gather_object
 
-        job, trainable = self.job, list(self.trainable.values())
-        if self.heldout_batches is None:  # read once: the same clips are measured at every checkpoint
-            ids = set(job.holdout_clip_ids)
-            self.heldout_batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, ids))
-        batches = self.heldout_batches
+        from vidtune.training.heldout import HeldoutLosses, heldout_losses
+
+        job, accelerator, trainable = self.job, self.accelerator, list(self.trainable.values())
+        if self.heldout_batches is None:  # the same clips at every checkpoint
+            mine = sorted(job.holdout_clip_ids)[accelerator.process_index :: accelerator.num_processes]
+            self.heldout_batches = list(read_clips(job.data_source, job.shards, job.frame_buckets, set(mine)))
         idle = [getattr(self.pipe, name) for name in idle_experts(self.pipe, self.experts)]  # every level is measured
         with (
             _exported_weights(self.ema, trainable),
             _evaluating(list(self.denoisers.values())),
-            self.accelerator.autocast(),
-            on_device(idle, self.accelerator.device),
+            accelerator.autocast(),
+            on_device(idle, accelerator.device),
         ):
-            losses = heldout_losses(self.family, self.pipe, batches, draws=self.params.validation.heldout_draws)
+            draws = self.params.validation.heldout_draws
+            measured = heldout_losses(self.family, self.pipe, self.heldout_batches, draws=draws).as_dict()
+            if accelerator.num_processes > 1:
+                shares = gather_object([measured])
+                measured = {key: [v for share in shares for v in share[key]] for key in measured}
+            if not accelerator.is_main_process:
+                return
+            losses = HeldoutLosses(**measured)
             bands = losses.band_means()
             self.best.record(step, losses.mean(), bands, self.trainable)  # the exported (EMA) weights, when best
         self.tracker.log_metrics(
