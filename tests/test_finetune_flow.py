@@ -164,6 +164,10 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
         "random_states_1.pkl",
     ]
     assert json.loads((run / "adapter" / "vidtune.json").read_text())["steps"] == 6
+    # Both ranks measured their share of the held-out clips at each checkpoint; rank 0 gathered every draw.
+    curve = json.loads((run / "best" / "curve.json").read_text())
+    draws = job["params"]["validation"]["heldout_draws"] * len(job["holdout_clip_ids"])
+    assert len(job["holdout_clip_ids"]) >= 2 and {s: p["draws"] for s, p in curve.items()} == {"3": draws, "6": draws}
 
 
 def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, curated, wan_model, tmp_path):

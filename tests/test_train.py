@@ -524,3 +524,26 @@ def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_me
     changed = job.params.model_copy(update={"resume": "latest", "batch_size": 2, "max_steps": 8})
     with pytest.raises(ValueError, match=r"batch_size 1 -> 2\).*Resume with the checkpoint's settings"):
         train(job.model_copy(update={"params": changed}))
+
+
+def test_a_run_made_to_overfit_exports_an_earlier_step_than_its_last(wan_model, wan_cache, tmp_path):
+    """All weights trained hard at high noise on one clip, the one whose latents are farthest from the held-out
+    clips': its training loss keeps falling while the fixed held-out loss turns back up, so `best` exports an
+    earlier step, and says why."""
+    ids = sorted(index_shards(wan_cache))
+    means = {
+        b["clip_ids"][0]: b["moments"].float().chunk(2, dim=1)[0].mean(dim=(0, 2, 3, 4))
+        for b in read_clips("cache", wan_cache, BUCKETS, set(ids))
+    }
+    centre = torch.stack([means[c] for c in ids[:3]]).mean(0)  # _heldout_job holds out ids[:3]
+    far = max(ids[3:], key=lambda c: (means[c] - centre).norm().item())
+    settings = {"training_type": "full", "learning_rate": 3e-3, "min_timestep": 700, "lr_scheduler": "constant"}
+    job = _heldout_job(wan_model, wan_cache, tmp_path / "run", max_steps=120, checkpoint_every=15, **settings)
+    result = train(job.model_copy(update={"train_clip_ids": [far]}))
+    curve = {int(s): p["loss"] for s, p in json.loads((result.out / "best" / "curve.json").read_text()).items()}
+    chosen = result.checkpoint
+    assert sum(result.losses[-15:]) < sum(result.losses[45:60])  # training goes on improving...
+    assert chosen["rule"] == "best" and chosen["step"] < 120 and curve[120] > curve[chosen["step"]]  # ...held-out not
+    assert chosen["heldout_loss"] == min(curve.values()) and f"last step 120: {curve[120]:.5f}" in chosen["reason"]
+    info = json.loads((result.weights / "vidtune.json").read_text())
+    assert info["checkpoint"]["step"] == chosen["step"] and info["steps"] == 120

@@ -49,9 +49,12 @@ class BestCheckpoint:
     def best_step(self) -> int | None:
         return min(self.curve, key=lambda step: (self.curve[step]["loss"], step)) if self.curve else None
 
-    def record(self, step: int, loss: float, bands: dict[str, float], trainable: dict[str, torch.Tensor]) -> bool:
-        """Add a measurement; keep `trainable` (what would be exported now) when it is the lowest. True if it is."""
-        self.curve[step] = {"loss": loss, **{f"loss_{band}": value for band, value in bands.items()}}
+    def record(
+        self, step: int, loss: float, bands: dict[str, float], trainable: dict[str, torch.Tensor], draws: int = 0
+    ) -> bool:
+        """Add a measurement (of `draws` draws); keep `trainable` (what would be exported now) when it is the lowest.
+        True if it is."""
+        self.curve[step] = {"loss": loss, **{f"loss_{band}": value for band, value in bands.items()}, "draws": draws}
         best = self.best_step() == step
         self.folder.mkdir(parents=True, exist_ok=True)
         if best:
