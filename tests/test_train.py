@@ -489,9 +489,8 @@ def test_best_picks_an_earlier_checkpoint_when_the_heldout_loss_rises_and_last_k
 def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_memory(
     wan_model, wan_cache, tmp_path, monkeypatch
 ):
-    from vidtune.training.trainer import StepFailed
-
     import vidtune.training.trainer as trainer
+    from vidtune.training.trainer import StepFailed
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     calls, real_loss = [], trainer.batch_loss

@@ -426,7 +426,9 @@ class Trainer:
                 return
             losses = HeldoutLosses(**measured)
             bands = losses.band_means()
-            self.best.record(step, losses.mean(), bands, self.trainable, len(losses.losses))  # the exported (EMA) weights, when best
+            self.best.record(
+                step, losses.mean(), bands, self.trainable, len(losses.losses)
+            )  # the exported (EMA) weights, when best
         self.tracker.log_metrics(
             {"heldout_loss": losses.mean(), **{f"heldout_loss_{b}": v for b, v in bands.items()}}, step
         )
