@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from itertools import islice
+from pathlib import Path
 
 import av
 import pytest
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from vidtune.training.data import cache_shards, make_stream
 from vidtune.training.families import get_family
+from vidtune.training.shard_index import index_shards
 from vidtune.training.trainer import batch_loss
 
 BUCKETS = [9, 17]
@@ -122,7 +124,11 @@ def test_lora_finetune_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
 def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
     prefect_api, curated, wan_model, tmp_path
 ):
+    """Also: a bad sample on rank 1 stops both ranks at the step it is in, with a checkpoint of the step before
+    (both ranks' RNG states) and a message naming the rank, its bucket and the error; the resumed run trains the
+    rest of the one global order as an uninterrupted run would."""
     from vidtune.flows.finetune import finetune
+    from vidtune.training.trainer import StepFailed
 
     settings = {"num_processes": 2, "max_steps": 6, "checkpoint_every": 3, "validation": {}}
     finetune(finetune_params(curated, wan_model, tmp_path, prepare_only=True, **settings))
@@ -145,15 +151,38 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
             )
         )
 
+    def unread_until_9(batches: list) -> bool:
+        """Batch 9 (rank 1's in step 5, not a checkpoint's) is of a clip no earlier batch trains: the one made
+        unreadable, so that step 5 fails and step 4's checkpoint is the failure's own."""
+        return not {c for b in batches[:9] for c in b.clip_ids} & set(batches[9].clip_ids)
+
     # A seed whose first batch is of one bucket on both ranks: with one RNG for every rank, both would draw the
     # same first noise level (the posterior sample before it has the same shape).
-    seed = next(s for s in range(50) if order(s)[0].bucket == order(s)[1].bucket)
-    summary = finetune(finetune_params(curated, wan_model, tmp_path, seed=seed, **settings))
+    orders = {s: order(s) for s in range(100)}
+    seed = next(s for s, o in orders.items() if o[0].bucket == o[1].bucket and unread_until_9(o))
+    batches, clip = orders[seed], orders[seed][9].clip_ids[0]
+    shard = next(Path(s) for s in job["shards"] if clip in index_shards([s]))
+    original = shard.read_bytes()
+    _rewrite_member(shard, f"{clip}.latents.safetensors", _fewer_latent_channels)  # a sample the model cannot take
+    try:
+        with pytest.raises(StepFailed) as failed:
+            finetune(finetune_params(curated, wan_model, tmp_path, seed=seed, **settings))
+    finally:
+        shard.write_bytes(original)
+    message = str(failed.value)
+    assert f"step 5 failed on rank 1 (rank 1: bucket {batches[9].bucket}, RuntimeError" in message
+    kept = run / "checkpoints" / "checkpoint-000004"
+    assert f"Resume from {kept} with resume=latest" in message
+    assert sorted(p.name for p in kept.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    for rank in (0, 1):  # both ranks' records end at the checkpoint
+        record = json.loads((run / "trained_clips" / f"rank-{rank:02d}.json").read_text())
+        assert record["micro_batches"] == len(record["buckets"]) == 4
+    summary = finetune(finetune_params(curated, wan_model, tmp_path, seed=seed, resume="latest", **settings))
     records = [json.loads((run / "trained_clips" / f"rank-{r:02d}.json").read_text()) for r in (0, 1)]
+    assert records[0]["last_resumed_at_step"] == 4
     seen = [set(record["clip_ids"]) for record in records]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     # Each rank trained its share of the one global order (batch g to rank g % 2), at noise levels of its own.
-    batches = order(seed)
     for rank, record in enumerate(records):
         assert record["clip_ids"] == [c for b in batches[rank::2] for c in b.clip_ids]
         assert record["buckets"] == [b.bucket for b in batches[rank::2]]
@@ -168,6 +197,29 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
     curve = json.loads((run / "best" / "curve.json").read_text())
     draws = job["params"]["validation"]["heldout_draws"] * len(job["holdout_clip_ids"])
     assert len(job["holdout_clip_ids"]) >= 2 and {s: p["draws"] for s, p in curve.items()} == {"3": draws, "6": draws}
+
+
+def _rewrite_member(shard: Path, name: str, change) -> None:
+    """`shard` with member `name`'s bytes replaced by `change(bytes)` (the other members as they were)."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            members.append((info, change(data) if info.name == name else data))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _fewer_latent_channels(data: bytes) -> bytes:
+    from safetensors.torch import load, save
+
+    moments = load(data)["moments"]
+    return save({"moments": moments[:-2].contiguous()})  # two channels short: the patch embedding refuses it
 
 
 def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, curated, wan_model, tmp_path):

@@ -489,24 +489,35 @@ def test_best_picks_an_earlier_checkpoint_when_the_heldout_loss_rises_and_last_k
 def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_memory(
     wan_model, wan_cache, tmp_path, monkeypatch
 ):
+    from accelerate import Accelerator
+
     import vidtune.training.trainer as trainer
     from vidtune.training.trainer import StepFailed
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    calls, real_loss = [], trainer.batch_loss
+    calls, backwards, real_loss, real_backward = [], [], trainer.batch_loss, Accelerator.backward
 
-    def out_of_memory_in_step_4(*args, **kwargs):  # its second micro-batch: mid-accumulation
-        calls.append(1)
-        loss = real_loss(*args, **kwargs)  # the levels are drawn (and recorded), then the backward runs out
-        if len(calls) == 8:
+    def recording_levels(*args, **kwargs):  # each forward's noise levels, as drawn
+        levels = []
+        calls.append(levels)
+        *args, record = args
+        return real_loss(*args, lambda inputs: (levels.append(inputs.timesteps.tolist()), record(inputs)))
+
+    def out_of_memory_in_step_4(self, loss, **kwargs):  # its second micro-batch's backward: mid-accumulation
+        backwards.append(1)
+        if len(backwards) == 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # a too large bucket
-        return loss
+        return real_backward(self, loss, **kwargs)
 
-    monkeypatch.setattr(trainer, "batch_loss", out_of_memory_in_step_4)
+    monkeypatch.setattr(trainer, "batch_loss", recording_levels)
+    monkeypatch.setattr(Accelerator, "backward", out_of_memory_in_step_4)
     job = make_job(
         wan_model, wan_cache, tmp_path / "run", max_steps=6, checkpoint_every=100, gradient_accumulation_steps=2
     )
-    with pytest.raises(StepFailed, match=r"failed on bucket \d+x64x64 .*gradient_checkpointing=true.*resume=latest"):
+    with pytest.raises(
+        StepFailed,
+        match=r"step 4 failed \(bucket \d+x64x64, OutOfMemoryError: CUDA out .*gradient_checkpointing=true.*resume=latest",
+    ):
         train(job)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-000003"]
     failed = json.loads((tmp_path / "run" / "trained_clips" / "rank-00.json").read_text())
@@ -517,6 +528,8 @@ def test_a_failing_step_keeps_the_steps_done_names_the_bucket_and_what_lowers_me
     record = json.loads((tmp_path / "run" / "trained_clips" / "rank-00.json").read_text())
     assert resumed.steps == 6 and record["micro_batches"] == len(record["clip_ids"]) == 12
     assert record["clip_ids"][:6] == failed["clip_ids"]
+    # The failed step's draws were given back: the resume trains step 4 at the levels it first drew.
+    assert calls[8][0] == calls[6][0] and calls[9][0] == calls[7][0]
     logged = MlflowClient(job.tracking_uri).get_run(resumed.mlflow_run_id).data.params
     assert logged["optimizer_used"] == "torch.optim.adamw.AdamW" and logged["optimizer"] == "adamw"
 
@@ -546,3 +559,55 @@ def test_a_run_made_to_overfit_exports_an_earlier_step_than_its_last(wan_model, 
     assert chosen["heldout_loss"] == min(curve.values()) and f"last step 120: {curve[120]:.5f}" in chosen["reason"]
     info = json.loads((result.weights / "vidtune.json").read_text())
     assert info["checkpoint"]["step"] == chosen["step"] and info["steps"] == 120
+
+
+GRADIENT_CHECK = """
+import socket, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from vidtune.training import trainer
+
+
+def worker(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    ours = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    ours.load_state_dict(reference.state_dict())
+    ddp = torch.nn.parallel.DistributedDataParallel(reference)
+    data = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(rank))  # each rank its own micro-batches
+    trainer.GRADIENT_BUCKET = 7  # several buckets, one gradient larger than a bucket
+    for micro, x in enumerate(data):  # two micro-batches accumulated, as accelerate scales them
+        with ddp.no_sync() if micro == 0 else torch.enable_grad():
+            (ddp(x).square().mean() / 2).backward()
+        (ours(x).square().mean() / 2).backward()
+    trainer.average_gradients([p.grad for p in ours.parameters()], 2)
+    worst = max((a.grad - b.grad).abs().max().item() for a, b in zip(reference.parameters(), ours.parameters()))
+    spread = max(p.grad.abs().max().item() for p in reference.parameters())
+    with open(f"{out}/rank-{rank}.txt", "w") as f:
+        f.write(f"{worst} {spread}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, sys.argv[1]), nprocs=2)
+"""
+
+
+def test_our_gradient_all_reduce_gives_what_ddp_gives(tmp_path):
+    """Two gloo ranks, two accumulated micro-batches each: `average_gradients` (what the trainer runs after every
+    rank said its backward completed) equals DDP's all-reduced gradients."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "gradient_check.py"
+    script.write_text(GRADIENT_CHECK)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        worst, spread = map(float, (tmp_path / f"rank-{rank}.txt").read_text().split())
+        assert spread > 1e-3 and worst <= 1e-6 * spread

@@ -78,6 +78,7 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
 class Checkpointer:
     def __init__(self, root: Path, accelerator, trainable: dict[str, torch.nn.Parameter], ema=None, keep: int = 3):
         self.root, self.accelerator, self.trainable, self.ema, self.keep = root, accelerator, trainable, ema, keep
+        self.saved_at = 0  # the step of the last checkpoint saved or loaded (known alike on every rank)
         # accelerate would save and load the whole denoiser; the trained tensors are saved here instead.
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
@@ -113,6 +114,7 @@ class Checkpointer:
             for old in sorted(self.root.glob("checkpoint-*"))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self.saved_at = state.step
         return final
 
     def load(self, path: Path) -> TrainState:
@@ -130,4 +132,6 @@ class Checkpointer:
             shadow = load_file(path / "ema.safetensors")
             self.ema.shadow_params = [shadow[f"shadow.{i}"].to(p.device) for i, p in enumerate(self.ema.shadow_params)]
             self.ema.optimization_step = json.loads((path / "ema.json").read_text())["optimization_step"]
-        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+        state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+        self.saved_at = state.step
+        return state

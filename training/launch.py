@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = train(job, on_step=write_progress(Path(job.out)) if main_process else None)
     except tuple(EXPLAINED.values()) as exc:
-        if main_process:
+        if main_process or (isinstance(exc, StepFailed) and not exc.together):  # a rank that failed alone says so
             write_json_atomic(RunLayout(Path(job.out)).error, {"type": type(exc).__name__, "message": str(exc)})
         raise SystemExit(1) from exc
     if main_process:

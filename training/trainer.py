@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -74,8 +75,25 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
 class StepFailed(RuntimeError):
-    """A training step raised (out of memory, a bad sample...): the message names the step, the batch's bucket, the
-    checkpoint to resume from, and for out of memory the settings that lower it."""
+    """A training step raised (out of memory, a bad sample...): the message names the step, the rank(s) and the
+    batch's bucket, the checkpoint to resume from, and for out of memory the settings that lower it. `together`:
+    every rank raised it (and says the same); otherwise only this rank failed."""
+
+    together = True
+
+
+class FailedTogether(Exception):
+    """A micro-batch failed on at least one rank (`ranks`), raised on every rank at the same point (before any
+    collective of the step), so that all of them checkpoint the last completed step together. `error` is this
+    rank's own exception, None on the ranks that were well."""
+
+    def __init__(self, error: Exception | None, ranks: list[int]):
+        super().__init__(f"micro-batch failed on rank(s) {ranks}")
+        self.error, self.ranks = error, ranks
+
+
+# Gradients are all-reduced by the trainer (see `Trainer.step`) in buckets of at most this many elements.
+GRADIENT_BUCKET = 2**26
 
 
 @dataclass
@@ -149,7 +167,7 @@ class Trainer:
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
-        from accelerate.utils import InitProcessGroupKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
         job, params, family, layout = self.job, self.params, self.family, self.layout
         check_objective_params(family.objective_kind, params, family.name)
@@ -169,7 +187,12 @@ class Trainer:
             mixed_precision=precision,
             gradient_accumulation_steps=params.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),  # so a torchrun-launched CPU job forms a gloo group
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+            kwargs_handlers=[
+                InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+                # The models' buffers are constants (RoPE tables): no broadcast, so a DDP forward has no collective
+                # and a rank whose batch failed before its forward meets the others at the step's outcome gather.
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+            ],
         )
         set_seed(params.seed)
         self.dtype = WEIGHT_DTYPES[precision]
@@ -195,6 +218,10 @@ class Trainer:
         optimizer, scheduler, self.ema = _optimization(params, list(self.trainable.values()), accelerator)
         *wrapped, self.optimizer, self.scheduler = accelerator.prepare(*self.denoisers.values(), optimizer, scheduler)
         self.wrapped = dict(zip(self.denoisers, wrapped))
+        # Several DDP processes: gradients are all-reduced by `step` (see there); FSDP/DeepSpeed keep their own.
+        self.own_gradient_sync = accelerator.num_processes > 1 and all(
+            isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in wrapped
+        )
         # Every rank started from one seed, so the weights it made agree; from here each rank draws its own noise
         # levels and noise (seed + rank; a resume restores each rank's own RNG state from the checkpoint).
         set_seed(params.seed, device_specific=True)
@@ -254,6 +281,8 @@ class Trainer:
         )
         self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
         self.micro_losses: list[float] = []
+        self.step_rng: dict | None = None  # the generators at the start of the step in progress (None between steps)
+        self.nan = torch.full((), math.nan, device=accelerator.device)  # a failed rank's loss (made before any failure)
         self.bucket: str | None = None  # of the batch in progress, named when a step fails
         self.heldout_batches: list[dict] | None = None  # the held-out clips, read at the first measurement
         # This process's record for RUN/trained_clips/ (what each rank saw), from the resume point on: a resumed
@@ -296,11 +325,16 @@ class Trainer:
             unit="step",
             disable=not self.accelerator.is_main_process,
         )
+        batches = iter(self.loader)
         try:
-            for batch in self.loader:
-                if state.step >= params.max_steps:
+            while state.step < params.max_steps:
+                try:
+                    batch = next(batches)
+                except StopIteration:
                     break
-                self.bucket = batch.get("bucket")
+                except Exception as exc:  # noqa: BLE001 - an unreadable sample: `step` fails it on every rank at once
+                    batch = exc
+                self.bucket = None if isinstance(batch, Exception) else batch.get("bucket")
                 if self.step(batch):
                     self.after_step()
         except KeyboardInterrupt:
@@ -314,7 +348,11 @@ class Trainer:
         except Exception as exc:  # out of memory, a bad sample, a lost device: keep the steps done, say what to try
             self.bar.close()
             self.tracker.finish("FAILED")
-            raise StepFailed(self._failed(exc)) from exc
+            if isinstance(exc, FailedTogether):
+                exc.with_traceback(None)  # its frames hold the step's loss and batch; the cause keeps its own
+            failed = StepFailed(self._failed(exc))
+            failed.together = isinstance(exc, FailedTogether) or self.accelerator.num_processes == 1
+            raise failed from exc
         except BaseException:
             self.bar.close()
             self.tracker.finish("FAILED")
@@ -322,32 +360,60 @@ class Trainer:
         self.bar.close()
         return self.finish()
 
-    def step(self, batch: dict) -> bool:
-        """One micro-batch forward and backward; True when it completed an optimizer step."""
+    def step(self, batch: dict | Exception) -> bool:
+        """One micro-batch forward and backward; True when it completed an optimizer step.
+
+        A failure (out of memory, a bad sample, the loader's exception passed in as `batch`) must stop every rank at
+        the same micro-batch, so that all can checkpoint the last completed step: each rank's outcome is gathered
+        after its forward and again after its backward (`_outcome`), and with several DDP processes gradients are
+        all-reduced only after the second gather (`average_gradients`, instead of DDP's all-reduce inside the
+        backward, where a rank that failed would leave the others waiting)."""
         accelerator, state = self.accelerator, self.state
-        if self.params.caption_dropout:
-            dropped = [
-                caption_dropped(self.params.seed, state.batches, c, self.params.caption_dropout)
-                for c in batch["clip_ids"]
-            ]
-            batch = drop_captions(batch, dropped, self.empty_prompt)
+        if not self.micro_losses:  # a step begins: what a failure's checkpoint restores, so a resume redraws it
+            self.step_rng = _rng_states()
         # One expert per optimizer step (from seed and step): every micro-batch and rank trains the same one.
         expert = pick_expert(self.experts, self.objective, self.params.seed, state.step)
-        with accelerator.accumulate(*self.wrapped.values()):
-            with accelerator.autocast():
-                denoiser = self.wrapped[expert.module]
-                loss = batch_loss(
-                    self.family, self.pipe, denoiser, batch, self.dtype, self.objective, expert, self._record_levels
-                )
-            everyone = accelerator.gather(loss.detach().reshape(1))  # every rank stops together
+        with accelerator.accumulate(*self.wrapped.values()), self._local_gradients():
+            loss, failure = None, None
+            try:
+                if isinstance(batch, Exception):
+                    raise batch
+                batch = self._drop_captions(batch)
+                with accelerator.autocast():
+                    loss = batch_loss(
+                        self.family,
+                        self.pipe,
+                        self.wrapped[expert.module],
+                        batch,
+                        self.dtype,
+                        self.objective,
+                        expert,
+                        self._record_levels,
+                    )
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it below, then all raise together
+                failure = _without_frames(exc)
+            everyone = self._outcome(self.nan if loss is None else loss.detach(), failure)
             if not torch.isfinite(everyone).all():
                 raise TrainingDiverged(
                     f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
                     f"Last good checkpoint: {self.checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
                 )
+            try:
+                accelerator.backward(loss)
+            except Exception as exc:  # noqa: BLE001 - as above
+                failure = _without_frames(exc)
+            if failure is not None or self.own_gradient_sync:
+                grads = self._gradients()
+                sizes = self._outcome(float(sum(g.numel() for g in grads)), failure)
+                if (sizes != sizes[0]).any():  # the all-reduce below would pair unequal buffers: a hang
+                    raise FailedTogether(
+                        RuntimeError(f"the ranks hold gradients of different sizes {sizes.tolist()}"),
+                        list(range(accelerator.num_processes)),
+                    )
+                if accelerator.sync_gradients:
+                    average_gradients(grads, accelerator.num_processes)
             self.grad_norm = _apply(
                 accelerator,
-                loss,
                 list(self.trainable.values()),
                 self.optimizer,
                 self.scheduler,
@@ -358,6 +424,45 @@ class Trainer:
         self.trained_buckets.append(batch.get("bucket"))
         self.micro_losses.append(everyone.mean().item())
         return accelerator.sync_gradients
+
+    def _drop_captions(self, batch: dict) -> dict:
+        if not self.params.caption_dropout:
+            return batch
+        seed, dropout = self.params.seed, self.params.caption_dropout
+        dropped = [caption_dropped(seed, self.state.batches, c, dropout) for c in batch["clip_ids"]]
+        return drop_captions(batch, dropped, self.empty_prompt)
+
+    def _outcome(self, value: torch.Tensor | float, failure: Exception | None) -> torch.Tensor:
+        """Every rank's `value` (a scalar), gathered with whether that rank failed; if any did, every rank raises
+        `FailedTogether` here. Under FSDP or DeepSpeed the other ranks may be inside the framework's own collectives
+        (weights gathered in the forward, gradients reduced in the backward): a failing rank stops alone."""
+        world = self.accelerator.num_processes
+        if failure is not None and world > 1 and not self.own_gradient_sync:
+            raise failure
+        if world == 1:  # nothing to gather (and no device sync)
+            if failure is not None:
+                raise FailedTogether(failure, [0]) from failure
+            return torch.as_tensor(value).reshape(1)
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).reshape(())
+        flag = torch.tensor(float(failure is not None), dtype=torch.float64, device=value.device)
+        everyone = self.accelerator.gather(torch.stack([value, flag]).reshape(1, 2))
+        failed = torch.nonzero(everyone[:, 1] > 0).flatten().tolist()
+        if failed:
+            raise FailedTogether(failure, failed) from failure
+        return everyone[:, 0]
+
+    @contextmanager
+    def _local_gradients(self) -> Iterator[None]:
+        """With several DDP processes, every micro-batch runs under DDP's `no_sync` (see `step`)."""
+        with ExitStack() as stack:
+            if self.own_gradient_sync:
+                for model in self.wrapped.values():
+                    stack.enter_context(self.accelerator.no_sync(model))
+            yield
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """The trained parameters' gradients, in one order on every rank (one expert's, when one trains a step)."""
+        return [p.grad for p in self.trainable.values() if p.grad is not None]
 
     def _record_levels(self, inputs: TrainingInputs) -> None:
         """The noise level each clip of the batch trains at (per-token timesteps: the last frame's), for
@@ -371,6 +476,7 @@ class Trainer:
         params, state = self.params, self.state
         state.step += 1
         state.samples += self.per_step
+        self.step_rng = None  # the step is done: a failure from here on has nothing of it to give back
         state.losses.append(sum(self.micro_losses) / len(self.micro_losses))
         if self.ema is not None:
             self.ema.step(list(self.trainable.values()))
@@ -389,12 +495,29 @@ class Trainer:
         if self.on_step is not None:
             self.on_step(state.step, state.losses[-1])
         if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:
+            self._check_ranks_agree()
             # Saved before measuring: RUN/best/ never holds a step later than the checkpoint a resume starts from.
             self.checkpointer.save(state)
             self.write_trained_clips()
             self.measure_heldout(state.step)
         if state.step % params.validation.every == 0 or state.step == params.max_steps:
             self.validate(state.step)
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must hold the same trained weights (only rank 0's are saved): a fingerprint of them is
+        compared across ranks before each checkpoint. Every rank sees the same gather, so all raise together."""
+        if not self.own_gradient_sync:  # one process; FSDP's ranks hold shards of their own
+            return
+        with torch.no_grad():
+            fingerprint = sum(
+                p.detach().double().sum() + p.detach().double().abs().sum() for p in self.trainable.values()
+            )
+        everyone = self.accelerator.gather(fingerprint.reshape(1))
+        if not (everyone == everyone[0]).all():
+            raise TrainingDiverged(
+                f"the ranks' trained weights differ at step {self.state.step} (fingerprints {everyone.tolist()}): their "
+                "gradients were not averaged alike. Nothing was saved for this step; please report it with the run's log."
+            )
 
     def measure_heldout(self, step: int) -> None:
         """The fixed held-out loss of the weights that would be exported now (the EMA when kept), logged by step;
@@ -451,12 +574,28 @@ class Trainer:
             self.tracker.log_artifacts(folder, f"samples/{folder.name}")
 
     def _failed(self, exc: Exception) -> str:
-        """Checkpoint the last completed step (one process: the micro-batches of the step that failed are given
-        back to the data position and to accelerate's accumulation count), and the message: what failed, on which
-        bucket, what lowers memory, and the checkpoint to resume from."""
+        """Checkpoint the last completed step and say what failed, where, what lowers memory, and the checkpoint to
+        resume from. The micro-batches of the step that failed are given back to the data position, to accelerate's
+        accumulation count and to the RNG, so a resume trains that step as it would have been. With several
+        processes this needs every rank here together (a `FailedTogether`); a failure elsewhere (validation, a
+        checkpoint write) ends this rank alone, and the launcher stops the others."""
+        from accelerate.utils import gather_object
+
         state, accelerator = self.state, self.accelerator
+        together = isinstance(exc, FailedTogether)
+        error = exc.error if together else exc
+        if together and accelerator.num_processes > 1:
+            # Every rank's own account: the message names each failing rank, its bucket and its error.
+            accounts = gather_object([(accelerator.process_index, self.bucket, _describe(error) if error else None)])
+            failing = [(rank, bucket, said) for rank, bucket, said in accounts if said is not None]
+            ranks = ", ".join(str(rank) for rank, _, _ in failing)
+            where = f"on rank{'s' if len(failing) > 1 else ''} {ranks} "
+            error_text = "; ".join(f"rank {rank}: bucket {bucket}, {said}" for rank, bucket, said in failing)
+        else:
+            where = f"on rank {accelerator.process_index} alone " if accelerator.num_processes > 1 else ""
+            error_text = f"bucket {self.bucket}, {_describe(error)}"
         saved, unsaved = self.checkpointer.latest(), ""
-        if accelerator.num_processes == 1 and state.step > (saved_step(saved) if saved else 0):
+        if (together or accelerator.num_processes == 1) and state.step > self.checkpointer.saved_at:
             self.optimizer.zero_grad(set_to_none=True)
             state.batches -= len(self.micro_losses)
             self.micro_losses = []
@@ -464,15 +603,17 @@ class Trainer:
             # accelerate counts every micro-batch begun (the failed one too) and syncs gradients when the count is a
             # multiple of the accumulation; the checkpoint must hold the count at the step boundary.
             accelerator.step = state.batches
+            if self.step_rng is not None:
+                _restore_rng(self.step_rng)
             try:
                 saved = self.checkpointer.save(state)
-            except Exception as error:  # noqa: BLE001 - the step's own failure is what the message must say
-                unsaved = f" (saving step {state.step} failed too: {type(error).__name__}: {str(error)[:200]})"
+            except Exception as failure:  # noqa: BLE001 - the step's own failure is what the message must say
+                unsaved = f" (saving step {state.step} failed too: {type(failure).__name__}: {str(failure)[:200]})"
         try:
             self.write_trained_clips()
         except OSError:
             pass
-        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        out_of_memory = (error is not None and _out_of_memory(error)) or _says_out_of_memory(error_text)
         params = self.params
         advice = (
             "to lower memory: gradient_checkpointing=true"
@@ -481,9 +622,8 @@ class Trainer:
             "mixed_precision=bf16, fp8_storage=true, optimizer=adamw8bit, or smaller frame_buckets / sizes"
         )
         return (
-            f"step {state.step + 1} failed on bucket {self.bucket} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            f"){'; ' + advice if oom else ''}{unsaved}. Resume from {saved or 'the start (no checkpoint yet)'} "
-            "with resume=latest and the same out."
+            f"step {state.step + 1} failed {where}({error_text}){'; ' + advice if out_of_memory else ''}{unsaved}. "
+            f"Resume from {saved or 'the start (no checkpoint yet)'} with resume=latest and the same out."
         )
 
     def _interrupted(self) -> None:
@@ -539,6 +679,77 @@ def _cut(clip_ids: list, buckets: list, timesteps: list, batches: int) -> tuple[
     timesteps = timesteps[: min(batches, len(buckets))]
     clips = sum(len(levels) for levels in timesteps)  # one level per clip of each micro-batch
     return clip_ids[:clips], buckets[:batches], timesteps
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+
+
+def average_gradients(grads: list[torch.Tensor], world: int) -> None:
+    """Replace each gradient by its mean over the `world` ranks, as DDP's all-reduce makes it (summed in buckets of
+    at most `GRADIENT_BUCKET` elements of one dtype, then divided)."""
+    for bucket in _gradient_buckets(grads, GRADIENT_BUCKET):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for grad in bucket:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's out of memory, and the libraries' allocation failures that reach us as RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or _says_out_of_memory(str(error))
+
+
+def _says_out_of_memory(text: str) -> bool:
+    return any(
+        words in text.lower() for words in ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+    )
+
+
+def _without_frames(error: Exception) -> Exception:
+    """Out of memory: the traceback dropped, as its frames hold the step's activations (the checkpoint and a
+    Prefect worker's or notebook's next run need that memory); any other error keeps its traceback."""
+    return error.with_traceback(None) if _out_of_memory(error) else error
+
+
+def _gradient_buckets(grads: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, at most `limit` elements per bucket (unless one is larger)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        other_kind = bucket and (grad.dtype, grad.device) != (bucket[0].dtype, bucket[0].device)
+        if bucket and (other_kind or size + grad.numel() > limit):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        yield bucket
+
+
+def _rng_states() -> dict:
+    """The generators a step draws from (what accelerate's checkpoint saves), to give a failed step's draws back."""
+    import numpy as np
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _restore_rng(states: dict) -> None:
+    import numpy as np
+
+    random.setstate(states["random"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def train(job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -676,9 +887,8 @@ def _optimization(params: TrainParams, trainable: list[torch.nn.Parameter], acce
     return optimizer, scheduler, ema
 
 
-def _apply(accelerator, loss: torch.Tensor, trainable: list, optimizer, scheduler, max_grad_norm: float | None):
-    """Backward, and on the last batch of an accumulation: clip, step, zero. Returns the gradient norm then."""
-    accelerator.backward(loss)
+def _apply(accelerator, trainable: list, optimizer, scheduler, max_grad_norm: float | None):
+    """After the backward, on the last batch of an accumulation: clip, step, zero. Returns the gradient norm then."""
     grad_norm = None
     if accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm or math.inf)
