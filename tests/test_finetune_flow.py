@@ -130,10 +130,13 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
     from vidtune.flows.finetune import finetune
     from vidtune.training.trainer import StepFailed
 
+    # With block swap (offload=blocks): DDP leaves the swapped weights alone, and a resume swaps as the first run did.
     settings = {"num_processes": 2, "max_steps": 6, "checkpoint_every": 3, "validation": {}}
+    settings |= {"offload": "blocks", "blocks_to_swap": 1}
     finetune(finetune_params(curated, wan_model, tmp_path, prepare_only=True, **settings))
     run = tmp_path / "run"
     job = json.loads((run / "train_job.json").read_text())
+    assert (job["params"]["offload"], job["params"]["blocks_to_swap"]) == ("blocks", 1)
 
     def order(seed: int) -> list:
         return list(

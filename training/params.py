@@ -111,6 +111,16 @@ class TrainParams(ObjectiveParams):
         False,
         description="Store frozen denoiser weights in float8 and upcast per layer (LoRA only; diffusers layerwise casting).",
     )
+    offload: Literal["none", "blocks"] = Field(
+        "none",
+        description="blocks: keep the frozen weights of `blocks_to_swap` transformer blocks in host memory and bring "
+        "each to the GPU only while it computes, forward and backward (a 14B Wan on a 24 GB card).",
+    )
+    blocks_to_swap: int = Field(
+        0,
+        ge=0,
+        description="With offload=blocks: how many of the denoiser's blocks swap (the first N; more: less memory, slower).",
+    )
     checkpoint_every: int = Field(
         500,
         ge=1,
@@ -168,6 +178,12 @@ class TrainParams(ObjectiveParams):
             raise ValueError("mixed_precision: fp16 needs a GPU (CPU autocast has no fp16); use bf16 or no")
         if self.fp8_storage and self.training_type != "lora":
             raise ValueError("fp8_storage: only with training_type=lora (fully trained weights stay in full precision)")
+        if self.offload == "blocks" and self.blocks_to_swap < 1:
+            raise ValueError("blocks_to_swap: offload=blocks needs at least 1 block to swap")
+        if self.offload == "none" and self.blocks_to_swap:
+            raise ValueError(f"blocks_to_swap: {self.blocks_to_swap} blocks swap only with offload=blocks")
+        if self.offload == "blocks" and self.fp8_storage:
+            raise ValueError("offload: blocks with fp8_storage is not supported yet; choose one")
         if self.training_type == "lora" and self.full_modules is not None:
             raise ValueError("full_modules: only with training_type=full (LoRA picks modules with lora_targets)")
         if self.training_type == "full" and self.lora_targets is not None:

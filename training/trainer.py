@@ -57,6 +57,7 @@ from vidtune.training.families.objectives import check_objective_params, denoisi
 from vidtune.training.files import write_json_atomic
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
+from vidtune.training.offload import BlockSwap, transformer_blocks
 from vidtune.training.params import TrainParams
 from vidtune.training.sampling import conditioning_images, render_samples
 from vidtune.training.selection import BestCheckpoint
@@ -197,7 +198,14 @@ class Trainer:
         set_seed(params.seed)
         self.dtype = WEIGHT_DTYPES[precision]
 
-        self.pipe, self.denoisers, self.trainable = _prepare_model(job, family, accelerator.device, self.dtype)
+        self.pipe, self.denoisers, self.trainable, self.swaps = _prepare_model(
+            job, family, accelerator.device, self.dtype
+        )
+        if self.swaps and accelerator.num_processes > 1:  # swapped weights are empty while evicted: not DDP's to sync
+            for module, swap in self.swaps.items():
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.denoisers[module], swap.frozen_names(self.denoisers[module])
+                )
         self.experts = model_experts(self.pipe, family.denoiser_name, params.experts)
         check_expert_timesteps(self.experts, params.min_timestep, params.max_timestep)
         self.prompt_cache = Path(job.prompt_cache) if pipe_without_text_encoders(job) else None
@@ -653,6 +661,9 @@ class Trainer:
         if accelerator.is_main_process and self.best.plot(layout.heldout_curve, self.selection):
             self.tracker.log_artifacts(layout.best, "heldout")
             self.tracker.log_metrics({"selected_step": self.selection.step}, state.step)
+        if self.params.training_type == "full":  # the whole denoiser is saved: swapped weights from their host copies
+            for swap in self.swaps.values():
+                swap.release()
         weights = _export(
             self.job, self.family, self.pipe, self.denoisers, accelerator, self.trainable, ema, state, self.selection
         )
@@ -831,17 +842,25 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
         )
     waiting = {"vae", "image_encoder"} if cached else set()  # the VAE's decoder, Wan 2.1 I2V's CLIP: for samples
     waiting |= set(idle_experts(pipe, experts))  # an expert not trained: only while samples render
+    swapping = params.offload == "blocks"
+    if swapping and not family.block_lists:
+        raise ValueError(f"offload: {family.name}'s denoiser is not a chain of transformer blocks; use offload=none")
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)  # what trains is chosen below
-            if name not in waiting:
+            if name not in waiting and not (swapping and name in {e.module for e in experts}):
                 component.to(device)
-    denoisers, trainable = {}, {}
+    denoisers, trainable, swaps = {}, {}, {}
     for expert in experts:
         denoiser = denoisers[expert.module] = getattr(pipe, expert.module)
         prefix = "" if expert.module == family.denoiser_name and len(experts) == 1 else f"{expert.module}."
         trainable |= {prefix + n: p for n, p in _make_denoiser_trainable(job, family, denoiser, dtype).items()}
-    return pipe, denoisers, trainable
+        if swapping:  # after the adapter (made on the host), before the rest of the denoiser moves to the device
+            swaps[expert.module] = BlockSwap(
+                transformer_blocks(denoiser, family.block_lists), params.blocks_to_swap, device
+            )
+            denoiser.to(device)
+    return pipe, denoisers, trainable, swaps
 
 
 def _make_denoiser_trainable(job: TrainJob, family: ModelFamily, denoiser, dtype) -> dict[str, torch.nn.Parameter]:

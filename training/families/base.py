@@ -53,6 +53,9 @@ class ModelFamily(ABC):
     comfyui_keys: ClassVar[ComfyUIKeys | None] = None  # diffusers -> ComfyUI module names; None: ComfyUI has no loader
     image_conditioned: ClassVar[bool] = False  # image-to-video: the pipeline takes `image=`, the video's first frame
     cache_revision: ClassVar[int] = 0  # raised when what the family caches changes: its latent caches are made anew
+    # The denoiser's module lists of transformer blocks, in the order its forward runs them: what `offload: blocks`
+    # swaps (empty: the family's denoiser is not a chain of blocks, and block swap is refused).
+    block_lists: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

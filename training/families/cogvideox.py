@@ -13,6 +13,7 @@ COGVIDEOX = "THUDM/CogVideoX-2b"
 
 
 class CogVideoXFamily(ModelFamily):
+    block_lists = ("transformer_blocks",)
     name = "cogvideox"
     title = "CogVideoX"
     pipeline_class_name = "CogVideoXPipeline"

@@ -78,6 +78,7 @@ LLAMA_SHRINK = {
 
 
 class HunyuanVideoFamily(ModelFamily):
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     name = "hunyuan-video"
     title = "HunyuanVideo"
     pipeline_class_name = "HunyuanVideoPipeline"

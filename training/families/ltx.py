@@ -13,6 +13,7 @@ LTX = "Lightricks/LTX-Video"
 
 
 class LtxFamily(ModelFamily):
+    block_lists = ("transformer_blocks",)
     name = "ltx-video"
     title = "LTX-Video"
     pipeline_class_name = "LTXPipeline"

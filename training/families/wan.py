@@ -52,6 +52,7 @@ def _tiny(
 
 
 class WanFamily(ModelFamily):
+    block_lists = ("blocks",)
     name = "wan"
     title = "Wan 2.1 / 2.2"
     pipeline_class_name = "WanPipeline"
