@@ -351,7 +351,7 @@ def test_invalid_settings_are_rejected_up_front_naming_the_field(tmp_path, vidtu
 
     base = {"data": str(tmp_path), "model": str(tmp_path), "out": str(tmp_path / "r")}
     for sets, message in (
-        (["training_type=full", "fp8_storage=true"], "fp8_storage: only with training_type=lora"),
+        (["training_type=full", "fp8_storage=true"], "fp8: only with training_type=lora"),
         (["alpha=-1"], "alpha: Input should be greater than 0"),
         (["data_source=frames"], "data_source: Input should be 'cache' or 'shards'"),
     ):

@@ -259,8 +259,10 @@ def test_full_fine_tuning_of_a_subset_and_on_the_fly_encoding(wan_model, curated
     assert changed and all(".attn1." in n or ".attn2." in n for n in changed)
 
 
-def test_bf16_mixed_precision_with_fp8_storage_keeps_lora_weights_in_fp32(wan_model, wan_cache, tmp_path, monkeypatch):
-    """CPU autocast runs bf16; frozen Linear weights are stored as float8 and upcast per layer."""
+@pytest.mark.parametrize("fp8", ["cast", "scaled"])
+def test_bf16_mixed_precision_with_fp8_keeps_lora_weights_in_fp32(wan_model, wan_cache, tmp_path, monkeypatch, fp8):
+    """CPU autocast runs bf16; frozen Linear weights are stored as float8 (`fp8_storage`, older configs' name, is
+    cast) and rebuilt per layer; the new LoRA is initialised in float32, as without float8."""
     import vidtune.training.trainer as trainer_module
 
     seen = {}
@@ -268,15 +270,20 @@ def test_bf16_mixed_precision_with_fp8_storage_keeps_lora_weights_in_fp32(wan_mo
 
     def spy(family, denoiser, params):  # observe the real function's result, change nothing
         trainable = real(family, denoiser, params)
-        seen["base"] = denoiser.blocks[0].attn1.to_q.base_layer.weight.dtype
-        seen["lora"] = {p.dtype for p in trainable.values()}
+        base = denoiser.blocks[0].attn1.to_q.base_layer
+        stored = base.parametrizations.weight.original0 if params.fp8 == "scaled" else base.weight
+        seen.setdefault("base", []).append(stored.dtype)
+        seen.setdefault("lora", []).append({p.dtype for p in trainable.values()})
+        seen.setdefault("init", []).append(denoiser.blocks[0].attn1.to_q.lora_A["default"].weight.detach().clone())
         return trainable
 
     monkeypatch.setattr(trainer_module, "make_trainable", spy)
-    result = train(
-        make_job(wan_model, wan_cache, tmp_path / "run", mixed_precision="bf16", fp8_storage=True, max_steps=3)
-    )
-    assert seen == {"base": torch.float8_e4m3fn, "lora": {torch.float32}}
+    settings = {"fp8_storage": True} if fp8 == "cast" else {"fp8": fp8}
+    result = train(make_job(wan_model, wan_cache, tmp_path / "run", mixed_precision="bf16", max_steps=3, **settings))
+    train(make_job(wan_model, wan_cache, tmp_path / "fp32", max_steps=1))  # all float32: the LoRA as it should start
+    assert seen["base"][0] == torch.float8_e4m3fn and seen["base"][1] == torch.float32
+    assert seen["lora"] == [{torch.float32}, {torch.float32}]
+    assert torch.equal(seen["init"][0], seen["init"][1])  # not made in float8 and upcast
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert (
         load_file(result.weights / "pytorch_lora_weights.safetensors")[

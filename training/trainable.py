@@ -46,7 +46,20 @@ def make_trainable(family, denoiser: torch.nn.Module, params) -> dict[str, torch
     trainable = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
     for param in trainable.values():
         param.data = param.data.float()
+    if params.training_type == "lora":
+        _init_lora_in_fp32(denoiser)
     return trainable
+
+
+def _init_lora_in_fp32(denoiser: torch.nn.Module) -> None:
+    """peft makes the new LoRA in its base layer's dtype (float8 with fp8 storage: A starts with a few dozen distinct
+    magnitudes; bf16: rounded), so it is initialised again now that it is float32: A as nn.Linear's, B zero."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in denoiser.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.reset_lora_parameters(adapter, True)
 
 
 def make_optimizer(params_list: list[torch.nn.Parameter], params, device: torch.device) -> torch.optim.Optimizer:

@@ -55,6 +55,7 @@ from vidtune.training.families import ModelFamily, get_family
 from vidtune.training.families.base import TrainingInputs
 from vidtune.training.families.objectives import check_objective_params, denoising_loss
 from vidtune.training.files import write_json_atomic
+from vidtune.training.fp8 import store_fp8
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.offload import BlockSwap, transformer_blocks
@@ -627,7 +628,7 @@ class Trainer:
             "to lower memory: gradient_checkpointing=true"
             + ("" if params.gradient_checkpointing else " (now false)")
             + f", batch_size=1 (now {params.batch_size}) with gradient_accumulation_steps for the same step, "
-            "mixed_precision=bf16, fp8_storage=true, optimizer=adamw8bit, or smaller frame_buckets / sizes"
+            "mixed_precision=bf16, fp8=scaled, offload=blocks with blocks_to_swap, optimizer=adamw8bit, or smaller frame_buckets / sizes"
         )
         return (
             f"step {state.step + 1} failed {where}({error_text}){'; ' + advice if out_of_memory else ''}{unsaved}. "
@@ -866,8 +867,7 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
 def _make_denoiser_trainable(job: TrainJob, family: ModelFamily, denoiser, dtype) -> dict[str, torch.nn.Parameter]:
     """Float8 storage, the adapter or unfrozen weights, the ComfyUI name check and checkpointing of one denoiser."""
     params = job.params
-    if params.fp8_storage:  # before the adapter: the frozen base layers are stored in float8, LoRA stays fp32
-        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    store_fp8(denoiser, params.fp8, family.block_lists, dtype)  # before the adapter: LoRA is made in fp32
     trainable = make_trainable(family, denoiser, params)
     comfyui = comfyui_export(family, job.export_comfyui) if params.training_type == "lora" else None
     if comfyui is not None:  # before any step: a module ComfyUI cannot name is refused now, not after training
