@@ -17,6 +17,7 @@ from vidtune.training.cache import PrecomputeParams, precompute
 from vidtune.training.data import cache_shards, make_stream, read_clips
 from vidtune.training.families import get_family
 from vidtune.training.job import TrainJob
+from vidtune.training.offload import BlockSwap
 from vidtune.training.params import TrainParams
 from vidtune.training.shard_index import index_shards
 from vidtune.training.trainer import TrainingDiverged, batch_loss, train
@@ -357,7 +358,7 @@ def test_training_from_the_cache_never_loads_the_text_encoder(curated, wan_model
     job = make_job(str(model), cache_shards(result.cache_dir), tmp_path / "run", max_steps=2, validation=validation)
     job = job.model_copy(update={"prompt_cache": str(result.prompts_dir)})
 
-    pipe, _, _ = _prepare_model(job, family, torch.device("cpu"), torch.float32)
+    pipe, *_ = _prepare_model(job, family, torch.device("cpu"), torch.float32)
     assert pipe.text_encoder is None
     uncached = job.model_copy(
         update={
@@ -620,11 +621,20 @@ def test_our_gradient_all_reduce_gives_what_ddp_gives(tmp_path):
         assert spread > 1e-3 and worst <= 1e-6 * spread
 
 
-def test_a_run_with_block_swap_trains_what_the_resident_run_trains(wan_model, wan_cache, tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [{"blocks_to_swap": 1}, {"blocks_to_swap": 2, "fp8": "scaled"}, {"blocks_to_swap": 2, "training_type": "full"}],
+    ids=["lora", "lora-fp8-scaled-all-blocks", "full-attention"],
+)
+def test_a_run_with_block_swap_trains_what_the_resident_run_trains(wan_model, wan_cache, tmp_path, settings):
     """offload=blocks through the trainer (the adapter made on the host, the swapped blocks' frozen weights kept
-    there, held-out measurement and samples rendered through the same hooks): the same losses and adapter."""
+    there, held-out measurement and samples rendered through the same hooks): the same losses and weights as the
+    run without it, for a LoRA (over bf16 or scaled float8 weights) and a full fine-tune of the attention."""
     validation = {"prompts": ["a red car"], "every": 4, "inference_steps": 2}
-    plain = train(make_job(wan_model, wan_cache, tmp_path / "plain", max_steps=4, validation=validation))
+    common = {k: v for k, v in settings.items() if k != "blocks_to_swap"}
+    if common.get("training_type") == "full":
+        common |= {"full_modules": "attention", "learning_rate": 1e-5}
+    plain = train(make_job(wan_model, wan_cache, tmp_path / "plain", max_steps=4, validation=validation, **common))
     swapped = train(
         make_job(
             wan_model,
@@ -633,16 +643,29 @@ def test_a_run_with_block_swap_trains_what_the_resident_run_trains(wan_model, wa
             max_steps=4,
             validation=validation,
             offload="blocks",
-            blocks_to_swap=1,
+            **settings,
+            **{k: v for k, v in common.items() if k not in settings},
         )
     )
     assert swapped.losses == pytest.approx(plain.losses, rel=1e-6)
-    want = load_file(plain.weights / "pytorch_lora_weights.safetensors")
-    got = load_file(swapped.weights / "pytorch_lora_weights.safetensors")
-    assert sorted(got) == sorted(want) and all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7) for k in want)
+    weights = (
+        "pytorch_lora_weights.safetensors" if common.get("training_type") != "full" else "transformer/*.safetensors"
+    )
+    want = {k: v for f in plain.weights.glob(weights) for k, v in load_file(f).items()}
+    got = {k: v for f in swapped.weights.glob(weights) for k, v in load_file(f).items()}
+    assert want and sorted(got) == sorted(want)  # a full save holds the swapped blocks' frozen weights too
+    assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7) for k in want)
     assert (tmp_path / "swap" / "samples" / "step-000004" / "sample-00.mp4").is_file()
 
+
+def test_block_swap_settings_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match="blocks_to_swap: offload=blocks needs at least 1"):
         TrainParams(offload="blocks")
     with pytest.raises(ValueError, match="blocks_to_swap: 2 blocks swap only with offload=blocks"):
         TrainParams(blocks_to_swap=2)
+    with pytest.raises(ValueError, match="fp8=scaled needs gradient_checkpointing=true"):
+        TrainParams(offload="blocks", blocks_to_swap=2, fp8="scaled", gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="use fp8=scaled"):
+        TrainParams(offload="blocks", blocks_to_swap=2, fp8_storage=True)
+    with pytest.raises(ValueError, match="the swapped blocks have no frozen weights"):
+        BlockSwap([torch.nn.Linear(2, 2)], 1, torch.device("cpu"))

@@ -7,8 +7,8 @@ block's forward ends, before the backward or a checkpoint's recompute uses them)
 - Eviction frees the storage of each frozen parameter (`untyped_storage().resize_(0)`) and points the parameter at
   an empty placeholder; the master copy stays in host memory. Onloading resizes the storage back, copies the master
   in and points the parameter at it again. Autograd's saved tensors share that storage, so a backward that reached
-  an evicted block would read an empty storage, and a forward would multiply by an empty placeholder: both raise,
-  on a CPU too (a tensor that kept its shape over an empty storage would crash the process instead).
+  an evicted block reads an empty storage and raises, and a forward multiplies by an empty placeholder and raises
+  (a shape mismatch), on a CPU too; a tensor that kept its shape over an empty storage would crash the process.
 - Forward: a block's pre-hook (every block's, swapped or not) evicts the swapped blocks before it, onloads it and
   prefetches the next one. Inside a backward (a gradient checkpoint's recompute) it only onloads: the recomputed
   graph needs the weights until the block's own backward has run.
@@ -16,8 +16,9 @@ block's forward ends, before the backward or a checkpoint's recompute uses them)
   it, and evicts the blocks after it, whose backward is complete by then: autograd runs nodes of later blocks (higher
   sequence numbers) before earlier ones.
 - Only frozen parameters swap (their host copy never goes stale); LoRA and other trained weights stay resident.
-- On CUDA the copies run on a side stream, the compute stream waits on an event per block, and host memory is pinned,
-  so the next block's weights arrive while this one computes. The swapped blocks are the first N: the last ones a
+- On CUDA the copies run on a side stream, the compute stream waits on an event per block, and the host copies are
+  page-locked (`cudaHostRegister` on one buffer per block, exact in size), so the next block's weights arrive while
+  this one computes. The device memory comes from the compute stream's pool. The swapped blocks are the first N: the last ones a
   backward needs, so the next forward starts with them resident.
 
 `BlockSwap.resident_peak` and `BlockSwap.events` record what was resident when, for tests and the memory plan.
@@ -25,6 +26,7 @@ block's forward ends, before the backward or a checkpoint's recompute uses them)
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -72,16 +74,24 @@ class BlockSwap:
         self.events: list[tuple[str, int]] = []  # ("load" | "evict", block index), in order
         self.resident_peak = 0
         self.handles = []
+        self.host = []  # one buffer per swapped block, page-locked on CUDA (see _host_buffer)
         for index, block in enumerate(blocks[:count]):
             params = [p for p in block.parameters() if not p.requires_grad]
-            masters, views, placeholders = [], [], []
+            if not params:
+                raise ValueError(
+                    "offload: the swapped blocks have no frozen weights (a full fine-tune of every weight); "
+                    "swap with full_modules set or with training_type=lora"
+                )
+            buffer, masters = _host_buffer(params, pinned=self.cuda)
+            self.host.append(buffer)
+            views, placeholders = [], []
             for param in params:
-                master = param.detach().to("cpu", copy=True)
-                masters.append(master.pin_memory() if self.cuda else master)
                 views.append(_empty_like(param, self.device))
                 placeholders.append(torch.empty(0, dtype=param.dtype, device=self.device))
                 param.data = placeholders[-1]
             self.swapped[index] = _Swapped(index, block, params, masters, views, placeholders, resident=False)
+        if self.cuda:
+            self._finalizer = weakref.finalize(self, _unpin, list(self.host))
         for index, block in enumerate(blocks):
             self.handles += [
                 block.register_forward_pre_hook(lambda module, args, i=index: self._before_forward(i)),
@@ -114,23 +124,32 @@ class BlockSwap:
         if block is None or block.resident:
             return
         if self.cuda:
+            # The memory comes from the compute stream's pool (so activations can reuse it once freed); the copy
+            # waits for the work queued so far, which may still read what that memory held before.
             compute = torch.cuda.current_stream(self.device)
+            self._allocate(block)
+            self.stream.wait_stream(compute)
             with torch.cuda.stream(self.stream):
                 self._fill(block, non_blocking=True)
                 for view in block.views:
-                    view.record_stream(compute)  # freed on eviction only after the compute stream used it
+                    view.record_stream(self.stream)  # freed on eviction only after the copy is done
                 block.ready = torch.cuda.Event()
                 block.ready.record(self.stream)
         else:
+            self._allocate(block)
             self._fill(block, non_blocking=False)
         block.resident = True
         self.events.append(("load", index))
         self.resident_peak = max(self.resident_peak, sum(b.resident for b in self.swapped.values()))
 
     @staticmethod
+    def _allocate(block: _Swapped) -> None:
+        for master, view in zip(block.masters, block.views):
+            view.untyped_storage().resize_(master.numel() * master.element_size())
+
+    @staticmethod
     def _fill(block: _Swapped, non_blocking: bool) -> None:
         for param, master, view in zip(block.params, block.masters, block.views):
-            view.untyped_storage().resize_(master.numel() * master.element_size())
             view.copy_(master, non_blocking=non_blocking)
             param.data = view
 
@@ -169,7 +188,10 @@ class BlockSwap:
         for block in self.swapped.values():
             self._evict(block.index)
             for param, master in zip(block.params, block.masters):
-                param.data = master
+                param.data = master.clone()  # ordinary host memory: the page-locked buffers are released
+        if self.cuda:
+            self._finalizer()
+        self.host = []
 
     def frozen_names(self, denoiser: torch.nn.Module) -> list[str]:
         """The swapped parameters' names in `denoiser` (DDP must not broadcast them: they are empty while evicted)."""
@@ -179,6 +201,35 @@ class BlockSwap:
     @property
     def host_bytes(self) -> int:
         return sum(block.nbytes for block in self.swapped.values())
+
+
+def _host_buffer(params: list[torch.Tensor], pinned: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One host buffer holding copies of `params` (each at a 64-byte aligned offset) and a view of it per param.
+    On CUDA it is page-locked with `cudaHostRegister`, so copies from it are asynchronous: `pin_memory()` would
+    round each allocation up to a power of two (a 0.7 GB Wan block would take 1 GB)."""
+    sizes = [p.numel() * p.element_size() for p in params]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // 64) * 64
+    buffer = torch.empty(total, dtype=torch.uint8)
+    masters = []
+    for param, offset, size in zip(params, offsets, sizes):
+        master = buffer[offset : offset + size].view(param.dtype).view(param.shape)
+        master.copy_(param.detach())
+        masters.append(master)
+    if pinned:
+        error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), total, 0)
+        if int(error) != 0:
+            raise RuntimeError(
+                f"offload: page-locking {total / 2**30:.2f} GiB of host memory failed (CUDA error {error})"
+            )
+    return buffer, masters
+
+
+def _unpin(buffers: list[torch.Tensor]) -> None:
+    for buffer in buffers:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
 def _empty_like(param: torch.Tensor, device: torch.device) -> torch.Tensor:

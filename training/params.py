@@ -186,6 +186,11 @@ class TrainParams(ObjectiveParams):
             raise ValueError("blocks_to_swap: offload=blocks needs at least 1 block to swap")
         if self.offload == "none" and self.blocks_to_swap:
             raise ValueError(f"blocks_to_swap: {self.blocks_to_swap} blocks swap only with offload=blocks")
+        if self.offload == "blocks" and self.fp8 == "scaled" and not self.gradient_checkpointing:
+            raise ValueError(
+                "offload: blocks with fp8=scaled needs gradient_checkpointing=true (without it autograd keeps every "
+                "block's dequantised weights for the backward, and swapping saves nothing)"
+            )
         if self.offload == "blocks" and self.fp8 == "cast":
             raise ValueError(
                 "offload: blocks swaps fp8=scaled weights, not fp8=cast's (layerwise casting); use fp8=scaled"

@@ -289,7 +289,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(params.seed),
         )
         self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
-        self.micro_losses: list[float] = []
+        self.micro_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (on the device)
         self.step_rng: dict | None = None  # the generators at the start of the step in progress (None between steps)
         self.nan = torch.full((), math.nan, device=accelerator.device)  # a failed rank's loss (made before any failure)
         self.bucket: str | None = None  # of the batch in progress, named when a step fails
@@ -309,6 +309,10 @@ class Trainer:
         return _cut(before.get("clip_ids", []), before.get("buckets", []), before.get("timesteps", []), batches)
 
     def _cut_record(self, batches: int) -> None:
+        self.trained_timesteps = [
+            levels if isinstance(levels, list) else [round(float(t), 4) for t in levels.cpu()]
+            for levels in self.trained_timesteps
+        ]  # the levels still on the device, read now (a checkpoint, a stop: not every micro-batch)
         self.trained_clips, self.trained_buckets, self.trained_timesteps = _cut(
             self.trained_clips, self.trained_buckets, self.trained_timesteps, batches
         )
@@ -373,10 +377,11 @@ class Trainer:
         """One micro-batch forward and backward; True when it completed an optimizer step.
 
         A failure (out of memory, a bad sample, the loader's exception passed in as `batch`) must stop every rank at
-        the same micro-batch, so that all can checkpoint the last completed step: each rank's outcome is gathered
-        after its forward and again after its backward (`_outcome`), and with several DDP processes gradients are
-        all-reduced only after the second gather (`average_gradients`, instead of DDP's all-reduce inside the
-        backward, where a rank that failed would leave the others waiting)."""
+        the same micro-batch, so that all can checkpoint the last completed step. A rank whose forward failed skips
+        its backward; then every rank's outcome (loss, failed, gradient size) is gathered once (`_outcome`), and with
+        several DDP processes the gradients are all-reduced only after that (`average_gradients`, instead of DDP's
+        all-reduce inside the backward, where a rank that failed would leave the others waiting). One process
+        gathers nothing and syncs with the device once per optimizer step (the loss check before it is applied)."""
         accelerator, state = self.accelerator, self.state
         if not self.micro_losses:  # a step begins: what a failure's checkpoint restores, so a resume redraws it
             self.step_rng = _rng_states()
@@ -399,28 +404,28 @@ class Trainer:
                         expert,
                         self._record_levels,
                     )
+                accelerator.backward(loss)
             except Exception as exc:  # noqa: BLE001 - every rank learns of it below, then all raise together
                 failure = _without_frames(exc)
-            everyone = self._outcome(self.nan if loss is None else loss.detach(), failure)
-            if not torch.isfinite(everyone).all():
-                raise TrainingDiverged(
-                    f"loss is {everyone.tolist()} at step {state.step + 1}; training stopped before applying it. "
-                    f"Last good checkpoint: {self.checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
-                )
-            try:
-                accelerator.backward(loss)
-            except Exception as exc:  # noqa: BLE001 - as above
-                failure = _without_frames(exc)
-            if failure is not None or self.own_gradient_sync:
+            loss = self.nan if loss is None else loss.detach()
+            if accelerator.num_processes > 1:
                 grads = self._gradients()
-                sizes = self._outcome(float(sum(g.numel() for g in grads)), failure)
+                outcome = self._outcome(loss, float(sum(g.numel() for g in grads)), failure)
+                losses, sizes = outcome[:, 0], outcome[:, 1]
                 if (sizes != sizes[0]).any():  # the all-reduce below would pair unequal buffers: a hang
                     raise FailedTogether(
                         RuntimeError(f"the ranks hold gradients of different sizes {sizes.tolist()}"),
                         list(range(accelerator.num_processes)),
                     )
-                if accelerator.sync_gradients:
+                self._check_finite(losses)
+                if self.own_gradient_sync and accelerator.sync_gradients:
                     average_gradients(grads, accelerator.num_processes)
+            else:
+                if failure is not None:
+                    raise FailedTogether(failure, [0]) from failure
+                losses = loss.reshape(1)
+                if accelerator.sync_gradients:  # before the step is applied; the only device sync of the step
+                    self._check_finite(torch.stack([*self.micro_losses, loss.float().mean()]))
             self.grad_norm = _apply(
                 accelerator,
                 list(self.trainable.values()),
@@ -431,8 +436,15 @@ class Trainer:
         state.batches += 1
         self.trained_clips += batch["clip_ids"]
         self.trained_buckets.append(batch.get("bucket"))
-        self.micro_losses.append(everyone.mean().item())
+        self.micro_losses.append(losses.float().mean())  # a device tensor: read once per step, in after_step
         return accelerator.sync_gradients
+
+    def _check_finite(self, losses: torch.Tensor) -> None:
+        if not torch.isfinite(losses).all():
+            raise TrainingDiverged(
+                f"loss is {losses.tolist()} at step {self.state.step + 1}; training stopped before applying it. "
+                f"Last good checkpoint: {self.checkpointer.latest() or 'none yet'}. Lower learning_rate or check the data."
+            )
 
     def _drop_captions(self, batch: dict) -> dict:
         if not self.params.caption_dropout:
@@ -441,24 +453,25 @@ class Trainer:
         dropped = [caption_dropped(seed, self.state.batches, c, dropout) for c in batch["clip_ids"]]
         return drop_captions(batch, dropped, self.empty_prompt)
 
-    def _outcome(self, value: torch.Tensor | float, failure: Exception | None) -> torch.Tensor:
-        """Every rank's `value` (a scalar), gathered with whether that rank failed; if any did, every rank raises
+    def _outcome(self, loss: torch.Tensor, size: float, failure: Exception | None) -> torch.Tensor:
+        """Every rank's (loss, gradient size), gathered with whether that rank failed; if any did, every rank raises
         `FailedTogether` here. Under FSDP or DeepSpeed the other ranks may be inside the framework's own collectives
         (weights gathered in the forward, gradients reduced in the backward): a failing rank stops alone."""
-        world = self.accelerator.num_processes
-        if failure is not None and world > 1 and not self.own_gradient_sync:
+        if failure is not None and not self.own_gradient_sync:
             raise failure
-        if world == 1:  # nothing to gather (and no device sync)
-            if failure is not None:
-                raise FailedTogether(failure, [0]) from failure
-            return torch.as_tensor(value).reshape(1)
-        value = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).reshape(())
-        flag = torch.tensor(float(failure is not None), dtype=torch.float64, device=value.device)
-        everyone = self.accelerator.gather(torch.stack([value, flag]).reshape(1, 2))
-        failed = torch.nonzero(everyone[:, 1] > 0).flatten().tolist()
+        device = self.accelerator.device
+        mine = torch.stack(
+            [
+                loss.to(torch.float64).mean().reshape(()),
+                torch.tensor(size, dtype=torch.float64, device=device),
+                torch.tensor(float(failure is not None), dtype=torch.float64, device=device),
+            ]
+        )
+        everyone = self.accelerator.gather(mine.reshape(1, 3))
+        failed = torch.nonzero(everyone[:, 2] > 0).flatten().tolist()
         if failed:
             raise FailedTogether(failure, failed) from failure
-        return everyone[:, 0]
+        return everyone[:, :2]
 
     @contextmanager
     def _local_gradients(self) -> Iterator[None]:
@@ -476,9 +489,8 @@ class Trainer:
     def _record_levels(self, inputs: TrainingInputs) -> None:
         """The noise level each clip of the batch trains at (per-token timesteps: the last frame's), for
         RUN/trained_clips/: how users and tests see that every rank draws its own."""
-        timesteps = inputs.timesteps.detach().float().cpu()
-        per_clip = timesteps if timesteps.ndim == 1 else timesteps[:, -1]
-        self.trained_timesteps.append([round(float(t), 4) for t in per_clip])
+        timesteps = inputs.timesteps.detach().float()
+        self.trained_timesteps.append(timesteps if timesteps.ndim == 1 else timesteps[:, -1])  # read when written
 
     def after_step(self) -> None:
         """At an optimizer-step boundary: count it, update the EMA, log, checkpoint and validate when due."""
@@ -486,7 +498,7 @@ class Trainer:
         state.step += 1
         state.samples += self.per_step
         self.step_rng = None  # the step is done: a failure from here on has nothing of it to give back
-        state.losses.append(sum(self.micro_losses) / len(self.micro_losses))
+        state.losses.append(torch.stack(self.micro_losses).mean().item())
         if self.ema is not None:
             self.ema.step(list(self.trainable.values()))
         self.micro_losses = []  # empty again: the state is at a step boundary (what an interrupt may checkpoint)
