@@ -1,5 +1,6 @@
-"""Frozen weights in float8 (`training/fp8.py`) on the published-config tiny Wan: scaled E4M3 is closer to the
-full-precision model than the unscaled cast, LoRA trains under both, and block swap moves the scaled weights."""
+"""The step's precision and speed settings on the published-config tiny Wan: frozen weights in float8
+(`training/fp8.py`: scaled E4M3 is closer to full precision than the unscaled cast, LoRA trains under both, block
+swap moves the scaled weights), compiled blocks (the eager loss and gradients) and the attention backend check."""
 
 from __future__ import annotations
 
@@ -103,3 +104,31 @@ def test_block_swap_moves_the_scaled_float8_weights(wan):
             losses.append(loss.item())
         results.append(losses)
     assert results[1] == pytest.approx(results[0], rel=1e-6)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(wan):
+    """`compile: blocks` compiles each transformer block in place (here with aot_eager, the graph capture and the
+    autograd split the default inductor backend also runs, without its minute of C++ builds on a CPU)."""
+    from vidtune.training.offload import compile_blocks, transformer_blocks
+
+    results = []
+    for compiled in (False, True):
+        pipe = _pipe(wan, "none", lora=True)
+        if compiled:
+            compile_blocks(transformer_blocks(pipe.transformer, FAMILY.block_lists), backend="aot_eager")
+        batches, text = _inputs(pipe)
+        loss = sum(denoising_loss(FAMILY.predict(pipe, b, text), b) for b in batches)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in pipe.transformer.parameters() if p.requires_grad]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-8) for g, w in zip(results[1][1], results[0][1]))
+
+
+def test_an_attention_backend_that_cannot_run_is_refused_naming_its_package():
+    from vidtune.training.params import TrainParams
+
+    with pytest.raises(ValueError, match=r"attention_backend: flash cannot run here: .*flash-attn"):
+        TrainParams(attention_backend="flash")
+    with pytest.raises(ValueError, match="compile: blocks is not combined with offload=blocks"):
+        TrainParams(compile="blocks", offload="blocks", blocks_to_swap=1)
+    assert TrainParams().attention_backend == "native"

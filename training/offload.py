@@ -58,6 +58,13 @@ def transformer_blocks(denoiser: torch.nn.Module, lists: tuple[str, ...]) -> lis
     return [block for name in lists for block in getattr(denoiser, name)]
 
 
+def compile_blocks(blocks: list[torch.nn.Module], backend: str = "inductor") -> None:
+    """`torch.compile` each block in place (`compile: blocks`): one compiled graph serves every block of a shape,
+    and the code between blocks (embeddings, routing) stays eager."""
+    for block in blocks:
+        block.compile(backend=backend)
+
+
 class BlockSwap:
     """Swap the frozen weights of the first `count` of `blocks` between host memory and `device` (see the module
     docstring). Install after the adapter is in place and before the denoiser moves to the device: the swapped

@@ -113,6 +113,15 @@ class TrainParams(ObjectiveParams):
         "dequantised per layer; about half cast's error) or cast (diffusers layerwise casting, unscaled).",
     )
     fp8_storage: bool = Field(False, description="Older configs' name for fp8=cast.")
+    attention_backend: Literal["native", "flash", "_flash_3", "sage", "flex", "xformers"] = Field(
+        "native",
+        description="diffusers' attention backend for the denoiser: native (torch SDPA), flash (flash-attn 2), "
+        "_flash_3 (FlashAttention 3), sage (sageattention), flex (torch flex attention), xformers.",
+    )
+    compile: Literal["none", "blocks"] = Field(
+        "none",
+        description="blocks: torch.compile each transformer block (the first steps are slower while it compiles).",
+    )
     offload: Literal["none", "blocks"] = Field(
         "none",
         description="blocks: keep the frozen weights of `blocks_to_swap` transformer blocks in host memory and bring "
@@ -186,6 +195,12 @@ class TrainParams(ObjectiveParams):
             raise ValueError("blocks_to_swap: offload=blocks needs at least 1 block to swap")
         if self.offload == "none" and self.blocks_to_swap:
             raise ValueError(f"blocks_to_swap: {self.blocks_to_swap} blocks swap only with offload=blocks")
+        if on_this_machine and self.attention_backend != "native":
+            problem = attention_backend_problem(self.attention_backend)
+            if problem:
+                raise ValueError(f"attention_backend: {problem}")
+        if self.compile == "blocks" and self.offload == "blocks":
+            raise ValueError("compile: blocks is not combined with offload=blocks yet (the swap's hooks break graphs)")
         if self.offload == "blocks" and self.fp8 == "scaled" and not self.gradient_checkpointing:
             raise ValueError(
                 "offload: blocks with fp8=scaled needs gradient_checkpointing=true (without it autograd keeps every "
@@ -235,3 +250,14 @@ class RunTarget(BaseModel):
         description="adapter/comfyui_lora.safetensors keyed for ComfyUI: by default for the families ComfyUI loads "
         "(wan, ltx-video, hunyuan-video); true: required (refused for others); false: not written.",
     )
+
+
+def attention_backend_problem(name: str) -> str | None:
+    """Why diffusers' attention backend `name` cannot run here (its package missing or too old), or None."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ImportError) as exc:
+        return f"{name} cannot run here: {exc}"
+    return None

@@ -58,7 +58,7 @@ from vidtune.training.files import write_json_atomic
 from vidtune.training.fp8 import store_fp8
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
-from vidtune.training.offload import BlockSwap, transformer_blocks
+from vidtune.training.offload import BlockSwap, compile_blocks, transformer_blocks
 from vidtune.training.params import TrainParams
 from vidtune.training.sampling import conditioning_images, render_samples
 from vidtune.training.selection import BestCheckpoint
@@ -856,8 +856,14 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     waiting = {"vae", "image_encoder"} if cached else set()  # the VAE's decoder, Wan 2.1 I2V's CLIP: for samples
     waiting |= set(idle_experts(pipe, experts))  # an expert not trained: only while samples render
     swapping = params.offload == "blocks"
-    if swapping and not family.block_lists:
-        raise ValueError(f"offload: {family.name}'s denoiser is not a chain of transformer blocks; use offload=none")
+    for setting, value in (("offload", params.offload), ("compile", params.compile)):
+        if value == "blocks" and not family.block_lists:
+            raise ValueError(
+                f"{setting}: {family.name}'s denoiser is not a chain of transformer blocks; use {setting}=none"
+            )
+    if params.attention_backend != "native":  # every denoiser, the idle expert too (it renders samples)
+        for expert in model_experts(pipe, family.denoiser_name, None):
+            getattr(pipe, expert.module).set_attention_backend(params.attention_backend)
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)  # what trains is chosen below
@@ -868,6 +874,8 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
         denoiser = denoisers[expert.module] = getattr(pipe, expert.module)
         prefix = "" if expert.module == family.denoiser_name and len(experts) == 1 else f"{expert.module}."
         trainable |= {prefix + n: p for n, p in _make_denoiser_trainable(job, family, denoiser, dtype).items()}
+        if params.compile == "blocks":
+            compile_blocks(transformer_blocks(denoiser, family.block_lists))
         if swapping:  # after the adapter (made on the host), before the rest of the denoiser moves to the device
             swaps[expert.module] = BlockSwap(
                 transformer_blocks(denoiser, family.block_lists), params.blocks_to_swap, device
