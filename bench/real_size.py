@@ -10,8 +10,11 @@ at bf16. GB and MB are 10^9 and 10^6 bytes.
 
     .venv/bin/python bench/real_size.py [--rank 32] [--models wan wan-14b ...] [--json PATH]
 
-With --gpu (a CUDA machine only): Wan 2.1 1.3B LoRA training at 49 x 480 x 832, peak memory and s/step with
-gradient checkpointing on and off, fp8 storage and group offloading (see `gpu_leg`). Not yet run on a GPU by us.
+With --gpu (a CUDA machine only): Wan LoRA rank 32 training at 81 x 480 x 832 in bf16 with random weights at the
+published sizes (no download), each leg in its own process: the 1.3B with gradient checkpointing on and off, fp8
+cast and scaled, and each attention backend installed; the 14B with block swap under a 24 GB cap, bf16 and fp8
+scaled. Peak memory and s/step, against SimpleTuner's published figures. Not yet run on a GPU by us.
+`--gpu --dry-run` runs every leg at tiny sizes on the CPU in seconds (the test suite does, so it cannot rot).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +34,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from vidtune.training.families import get_family  # noqa: E402
-from vidtune.training.families.wan import WAN_13B  # noqa: E402
 from vidtune.training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
 from vidtune.training.tiny_models import TINY_MODELS, tiny_spec  # noqa: E402
 
@@ -126,17 +129,71 @@ def print_table(name: str, sizes: dict) -> None:
     )
 
 
-# ---- GPU leg: Wan 2.1 1.3B LoRA training at 49 x 480 x 832 ------------------------------------------------------
+# ---- GPU legs: Wan LoRA training at 81 x 480 x 832, each leg in its own process ---------------------------------
 
-GPU_LEGS = {  # name -> (gradient checkpointing, fp8 storage, group offload)
-    "ckpt": (True, False, False),
-    "no-ckpt": (False, False, False),
-    "fp8-storage": (True, True, False),
-    "group-offload": (True, False, True),
+
+@dataclass(frozen=True)
+class Leg:
+    model: str  # a TINY_MODELS name: its published transformer config (shrunk with --dry-run)
+    checkpointing: bool = True
+    fp8: str = "none"
+    attention: str = "native"
+    blocks_to_swap: int = 0
+    memory_cap_gib: float | None = None  # torch.cuda.set_per_process_memory_fraction: a smaller card
+
+
+LEGS = {
+    "1.3b-ckpt": Leg("wan"),
+    "1.3b-no-ckpt": Leg("wan", checkpointing=False),
+    "1.3b-fp8-cast": Leg("wan", fp8="cast"),
+    "1.3b-fp8-scaled": Leg("wan", fp8="scaled"),
+    **{f"1.3b-{b}": Leg("wan", attention=b) for b in ("flash", "_flash_3", "sage", "flex")},  # where installed
+    "14b-swap-24gb": Leg("wan-14b", blocks_to_swap=30, memory_cap_gib=24),
+    "14b-fp8-swap-24gb": Leg("wan-14b", fp8="scaled", blocks_to_swap=20, memory_cap_gib=24),
 }
-LATENT_SHAPE = (1, 16, (49 - 1) // 4 + 1, 480 // 8, 832 // 8)  # Wan VAE: 4x in time after the first frame, 8x in space
-TEXT_SHAPE = (1, 512, 4096)  # UMT5-XXL embeddings at WanPipeline's max_sequence_length
-DEVICE = "cuda"
+# Published figures to compare with: SimpleTuner's Wan 2.1 LoRA r16, 832 x 480 x 81, per-block checkpointing, H100.
+PUBLISHED = {"wan": (2.10, 4.73), "wan-14b": (7.16, 16.3)}  # (s/step, GiB)
+FRAMES, HEIGHT, WIDTH = 81, 480, 832
+
+
+def latent_shape(dry_run: bool) -> tuple[int, ...]:
+    frames, height, width = (9, 32, 32) if dry_run else (FRAMES, HEIGHT, WIDTH)
+    return (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)  # Wan VAE: 4x in time after frame 0, 8x in space
+
+
+def runnable(name: str, dry_run: bool) -> str | None:
+    """Why leg `name` cannot run here, or None."""
+    from vidtune.training.params import attention_backend_problem
+
+    leg = LEGS[name]
+    if leg.attention != "native":
+        if dry_run and leg.attention == "flex":
+            return "flex attention on a CPU compiles for minutes"
+        return attention_backend_problem(leg.attention)
+    return None
+
+
+def random_transformer(leg: Leg, dry_run: bool, device: str) -> torch.nn.Module:
+    """The published transformer (sizes shrunk with --dry-run) with random bf16 weights, as from_pretrained(bf16)
+    loads it (fp32 where the class keeps modules in fp32), built without an fp32 copy: on the meta device, then
+    allocated where it trains from (the host for a swapped model) and filled; the buffers (RoPE tables) from a
+    one-block build, as they do not depend on the depth."""
+    import diffusers
+
+    part = tiny_spec(leg.model).parts["transformer"]
+    config = published_config(part.repo, f"{part.path}/config.json") | (part.shrink if dry_run else {})
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        model = to_bf16_as_loaded(cls.from_config(config))
+    model.to_empty(device="cpu" if leg.blocks_to_swap else device)
+    generator = torch.Generator(model.device).manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02, generator=generator)
+        shallow = cls.from_config({**config, "num_layers": 1})
+        for name, buffer in shallow.named_buffers():
+            model.get_buffer(name).copy_(buffer)
+    return model
 
 
 def to_bf16_as_loaded(model: torch.nn.Module) -> torch.nn.Module:
@@ -147,66 +204,72 @@ def to_bf16_as_loaded(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def wan_transformer_for_training(leg: str, rank: int) -> torch.nn.Module:
-    """The published 1.3B transformer (random init) in bf16 with vidtune's LoRA, set up in the trainer's order:
-    fp8 storage, LoRA (fp32 master weights), gradient checkpointing; group offloading last, once the LoRA exists."""
-    import diffusers
-
+def transformer_for_training(leg: Leg, rank: int, dry_run: bool, device: str) -> torch.nn.Module:
+    """The trainer's own steps, in its order: attention backend, fp8 storage, LoRA (fp32), checkpointing, swap."""
+    from vidtune.training.fp8 import store_fp8
+    from vidtune.training.offload import BlockSwap, transformer_blocks
     from vidtune.training.params import TrainParams
     from vidtune.training.trainable import make_trainable
 
-    checkpointing, fp8, offload = GPU_LEGS[leg]
-    config = published_config(WAN_13B, "transformer/config.json")
-    with torch.device("cpu" if offload else DEVICE):  # group offloading starts from weights on the CPU
-        transformer = to_bf16_as_loaded(getattr(diffusers, config["_class_name"]).from_config(config))
-    if fp8:
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    make_trainable(get_family("wan"), transformer, TrainParams(rank=rank, max_steps=1))
-    if checkpointing:
+    family = get_family("wan")
+    transformer = random_transformer(leg, dry_run, device)
+    if leg.attention != "native":
+        transformer.set_attention_backend(leg.attention)
+    store_fp8(transformer, leg.fp8, family.block_lists, torch.bfloat16)
+    make_trainable(family, transformer, TrainParams(rank=rank, max_steps=1))
+    if leg.checkpointing:
         transformer.enable_gradient_checkpointing()
-    if offload:
-        transformer.enable_group_offload(
-            onload_device=torch.device(DEVICE),
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-        )
+    if leg.blocks_to_swap:
+        blocks = transformer_blocks(transformer, family.block_lists)
+        transformer.swap = BlockSwap(blocks, min(leg.blocks_to_swap, len(blocks) - 1), torch.device(device))
+        transformer.to(device)
     return transformer.train()
 
 
-def gpu_leg(leg: str, steps: int, warmup: int, rank: int) -> dict:
+def gpu_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dict:
     """Forward, vidtune's objective and loss, backward and an AdamW step, `steps` times on random latents and text
     embeddings (the cached-latents case: no VAE or text encoder is loaded). Returns peak memory and s/step.
-    Not yet run on a GPU by us: written on a CPU-only machine, so treat its first results with care."""
+    With --dry-run: the same code at tiny sizes on the CPU (every leg, in seconds), so this script cannot rot."""
     from vidtune.training.families.base import TextEmbeddings
 
-    transformer = wan_transformer_for_training(leg, rank)
+    leg, device = LEGS[name], "cpu" if dry_run else "cuda"
+    if leg.memory_cap_gib and not dry_run:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, leg.memory_cap_gib * 2**30 / total))
+    transformer = transformer_for_training(leg, rank, dry_run, device)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     family = get_family("wan")
-    pipe = SimpleNamespace(scheduler=published_scheduler(WAN_13B), transformer=transformer)
+    part = tiny_spec(leg.model).parts["transformer"]
+    pipe = SimpleNamespace(scheduler=published_scheduler(part.repo), transformer=transformer, config={})
     objective = family.objective(pipe, None)
-    latents = torch.randn(LATENT_SHAPE, device=DEVICE, dtype=torch.bfloat16)
-    text = TextEmbeddings(torch.randn(TEXT_SHAPE, device=DEVICE, dtype=torch.bfloat16))
-    generator = torch.Generator(DEVICE).manual_seed(0)
-    setup_mb = torch.cuda.memory_allocated() / 2**20
-    torch.cuda.reset_peak_memory_stats()  # from here: weights held plus what training adds, not the fp32 init spike
+    text_dim = transformer.config.text_dim
+    latents = torch.randn(latent_shape(dry_run), device=device, dtype=torch.bfloat16)
+    text = TextEmbeddings(torch.randn((1, 16 if dry_run else 512, text_dim), device=device, dtype=torch.bfloat16))
+    generator = torch.Generator(device).manual_seed(0)
+    cuda = device == "cuda"
+    setup_mb = torch.cuda.memory_allocated() / 2**20 if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # from here: weights held plus what training adds
     step_s = []
     for _ in range(steps):
         started = time.perf_counter()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):  # what the trainer's accelerator.autocast() does at bf16
+        with torch.autocast(device, dtype=torch.bfloat16):  # what the trainer's accelerator.autocast() does at bf16
             inputs = objective.inputs(latents, generator)
             pred = family.predict(pipe, inputs, text, denoiser=transformer)
         loss = (inputs.weighting.float() * (pred.float() - inputs.target.float()) ** 2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         step_s.append(time.perf_counter() - started)
     return {
-        "leg": leg,
+        "leg": name,
+        "model": leg.model,
         "setup_mb": setup_mb,
-        "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
+        "reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if cuda else 0.0,
         "s_per_step": statistics.median(step_s[warmup:]),
         "loss": loss.item(),
         "trainable": sum(p.numel() for p in trainable),
@@ -216,23 +279,26 @@ def gpu_leg(leg: str, steps: int, warmup: int, rank: int) -> dict:
 def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
     """Each leg in a fresh interpreter, so peak memory is that leg's alone; a leg that fails is reported, not fatal."""
     results = []
-    for leg in GPU_LEGS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--gpu-leg",
-            leg,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--rank",
-            str(args.rank),
-        ]
+    for leg in LEGS:
+        why_not = runnable(leg, args.dry_run)
+        if why_not:
+            results.append({"leg": leg, "skipped": why_not})
+            print(f"  {leg}: skipped ({why_not})", flush=True)
+            continue
+        if args.dry_run:  # on the CPU nothing is to be isolated: every leg in this process, in seconds
+            started = time.perf_counter()
+            results.append(
+                gpu_leg(leg, args.steps, args.warmup, args.rank, True) | {"wall_s": time.perf_counter() - started}
+            )
+            print(f"  {leg}: done", flush=True)
+            continue
+        cmd = [sys.executable, __file__, "--gpu-leg", leg, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--rank", str(args.rank)] + (["--dry-run"] if args.dry_run else [])
+        started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = done.stdout.strip().splitlines()
         if done.returncode == 0 and lines:
-            results.append(json.loads(lines[-1]))
+            results.append(json.loads(lines[-1]) | {"wall_s": time.perf_counter() - started})
         else:
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
             results.append({"leg": leg, "error": reason})
@@ -240,18 +306,18 @@ def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def print_gpu_table(results: list[dict], rank: int) -> None:
-    print(
-        f"\nWan 2.1 1.3B, LoRA rank {rank}, 49 x 480 x 832 (latents {LATENT_SHAPE}), text {TEXT_SHAPE}, bf16, batch 1"
-    )
-    print(f"  {'leg':14s} {'setup MiB':>10s} {'peak MiB':>10s} {'s/step':>8s} {'loss':>8s}")
+def print_gpu_table(results: list[dict], rank: int, dry_run: bool) -> None:
+    size = "tiny sizes on the CPU (--dry-run)" if dry_run else f"{FRAMES} x {HEIGHT} x {WIDTH}"
+    print(f"\nWan LoRA rank {rank}, {size}, bf16, batch 1; published: SimpleTuner r16 on an H100")
+    print(f"  {'leg':20s} {'peak GiB':>9s} {'s/step':>8s} {'loss':>8s} {'wall s':>7s}   vs published (s/step, GiB)")
     for r in results:
-        if "error" in r:
-            print(f"  {r['leg']:14s} failed: {r['error']}")
-        else:
-            print(
-                f"  {r['leg']:14s} {r['setup_mb']:10.0f} {r['peak_mb']:10.0f} {r['s_per_step']:8.2f} {r['loss']:8.4f}"
-            )
+        if "error" in r or "skipped" in r:
+            print(f"  {r['leg']:20s} {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
+            continue
+        seconds, gib = PUBLISHED[r["model"]]
+        peak = r["peak_mb"] / 1024
+        ratio = "" if dry_run else f"   {r['s_per_step'] / seconds:.2f}x, {peak / gib:.2f}x of {seconds} s, {gib} GiB"
+        print(f"  {r['leg']:20s} {peak:9.2f} {r['s_per_step']:8.2f} {r['loss']:8.4f} {r['wall_s']:7.1f}{ratio}")
 
 
 def main() -> None:
@@ -259,23 +325,24 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank.")
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
-    parser.add_argument("--gpu", action="store_true", help="Run the Wan 1.3B training legs instead (needs CUDA).")
-    parser.add_argument("--steps", type=int, default=6, help="GPU: optimizer steps per leg.")
+    parser.add_argument("--gpu", action="store_true", help="Run the Wan training legs instead (needs CUDA).")
+    parser.add_argument("--dry-run", action="store_true", help="With --gpu: every leg at tiny sizes on the CPU.")
+    parser.add_argument("--steps", type=int, default=5, help="GPU: optimizer steps per leg.")
     parser.add_argument("--warmup", type=int, default=2, help="GPU: steps left out of s/step.")
-    parser.add_argument("--gpu-leg", choices=GPU_LEGS, help=argparse.SUPPRESS)  # internal: one leg, in a child
+    parser.add_argument("--gpu-leg", choices=LEGS, help=argparse.SUPPRESS)  # internal: one leg, in a child
     args = parser.parse_args()
-    if (args.gpu or args.gpu_leg) and not torch.cuda.is_available():
+    if (args.gpu or args.gpu_leg) and not args.dry_run and not torch.cuda.is_available():
         parser.error(
             "--gpu needs a CUDA GPU (torch.cuda.is_available() is False here); without it this prints the size tables"
         )
     if args.gpu_leg:
-        print(json.dumps(gpu_leg(args.gpu_leg, args.steps, args.warmup, args.rank)))
+        print(json.dumps(gpu_leg(args.gpu_leg, args.steps, args.warmup, args.rank, args.dry_run)))
         return
     if args.gpu:
         if args.steps <= args.warmup:
             parser.error("--steps must exceed --warmup")
         results = run_gpu_legs(args)
-        print_gpu_table(results, args.rank)
+        print_gpu_table(results, args.rank, args.dry_run)
         output = {"gpu_legs": results}
     else:
         output = {name: model_sizes(name, args.rank) for name in args.models}
