@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from vidtune.evaluation.report import finetune_summary_markdown
 from vidtune.tasks.progress import progress_artifact
-from vidtune.training.cache import PrecomputeParams, PrecomputeResult, precompute
+from vidtune.training.cache import PrecomputeParams, PrecomputeResult, load_encoders, precompute
 from vidtune.training.data import DatasetSummary, summarize_dataset
 from vidtune.training.devices import placement
 from vidtune.training.families import detect_family, get_family
@@ -50,7 +50,7 @@ def precompute_task(
     GPU when there is one): training then loads neither encoder."""
     family = get_family(family_name)
     device, dtype = placement()
-    pipe = family.load_pipeline(model, dtype=dtype).to(device)
+    pipe = load_encoders(family, model, dtype, device)  # no denoiser: the 14B ones would not fit beside them
     with progress_artifact("precompute-progress", dataset.clips, f"latents for {dataset.clips} clips") as report:
         result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report, prompts=prompts)
     get_run_logger().info(

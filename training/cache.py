@@ -65,6 +65,18 @@ class PrecomputeResult:
     skipped: Counter = field(default_factory=Counter)  # reason -> clips
 
 
+def load_encoders(family: ModelFamily, model: str, dtype: torch.dtype, device) -> object:
+    """The pipeline precompute encodes with: the VAE and the text (and image) encoders on `device`. The denoisers
+    are not loaded (Wan 2.2 A14B's two are 57 GB), or where the family's encoding reads their config, loaded and
+    left on the CPU."""
+    skipped = {} if family.precompute_reads_denoiser else dict.fromkeys(family.denoiser_components)
+    pipe = family.load_pipeline(model, dtype=dtype, **skipped)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in family.denoiser_components:
+            component.to(device)
+    return pipe
+
+
 def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
     """Hash of what determines the cached tensors: the encoders' configs and weight files, the family and the
     cache version. Weight files count by name, size and modification time (hashing gigabytes would cost minutes)."""

@@ -27,6 +27,7 @@ SDXL_UNET = {
 
 
 class AnimateDiffFamily(ModelFamily):
+    denoiser_components = ("unet",)
     name = "animatediff"
     title = "AnimateDiff"
     pipeline_class_name = "AnimateDiffPipeline"

@@ -56,6 +56,10 @@ class ModelFamily(ABC):
     # The denoiser's module lists of transformer blocks, in the order its forward runs them: what `offload: blocks`
     # swaps (empty: the family's denoiser is not a chain of blocks, and block swap is refused).
     block_lists: ClassVar[tuple[str, ...]] = ()
+    # The pipeline's denoiser components (two for Wan 2.2 A14B), which precompute leaves unloaded unless the
+    # family's encoding reads their config (then they are loaded but stay on the CPU).
+    denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
+    precompute_reads_denoiser: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

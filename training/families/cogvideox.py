@@ -14,6 +14,7 @@ COGVIDEOX = "THUDM/CogVideoX-2b"
 
 class CogVideoXFamily(ModelFamily):
     block_lists = ("transformer_blocks",)
+    precompute_reads_denoiser = True  # its latents follow the transformer's config
     name = "cogvideox"
     title = "CogVideoX"
     pipeline_class_name = "CogVideoXPipeline"

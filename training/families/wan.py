@@ -53,6 +53,7 @@ def _tiny(
 
 class WanFamily(ModelFamily):
     block_lists = ("blocks",)
+    denoiser_components = ("transformer", "transformer_2")
     name = "wan"
     title = "Wan 2.1 / 2.2"
     pipeline_class_name = "WanPipeline"

@@ -53,6 +53,7 @@ def _tiny_wan21_i2v():
 
 
 class WanImageToVideoFamily(WanFamily):
+    precompute_reads_denoiser = True  # the image conditioning follows the transformer's config
     name = "wan-i2v"
     title = "Wan image-to-video"
     pipeline_class_name = "WanImageToVideoPipeline"
