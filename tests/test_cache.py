@@ -80,8 +80,18 @@ def test_precompute_caches_moments_and_text_then_reuses_them(curated, tiny_wan, 
     assert moments.shape[0] == 2 * pipe.vae.config.z_dim and moments.shape[1] == (frames - 1) // 4 + 1
     assert torch.isfinite(moments).all() and text["embeds"].ndim == 2
 
+    # Each distinct caption went through the text encoder once; every encoded clip's MP4 was read once.
+    cached_ids = {e["__key__"] for e in entries}
+    captions = {
+        meta["caption"]
+        for meta in (json.loads(c["json"]) for c in wds.WebDataset(shards, shardshuffle=False))
+        if meta["clip_id"] in cached_ids
+    }
+    assert first.prompts_encoded == len(captions) < first.encoded and first.videos_read == first.encoded
+
     again = precompute(shards, family, pipe, model, tmp_path / "cache", params)
     assert (again.encoded, again.reused) == (0, first.encoded)
+    assert (again.videos_read, again.prompts_encoded) == (0, 0)  # cached clips: their MP4s are not even read
     assert not list(first.cache_dir.rglob(".*.tmp"))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from safetensors.torch import save as save_tensors
 
 from vidtune.training.families import ModelFamily, TextEmbeddings
 from vidtune.training.files import atomic_path
+from vidtune.training.shard_index import SampleReader, index_shard
 
 CACHE_VERSION = 1  # bump when what is stored changes for every family (one family's change: its cache_revision)
 
@@ -46,6 +47,7 @@ class PrecomputeParams(BaseModel):
     clips_per_shard: int = Field(256, ge=1, description="Cache entries per shard.")
 
 
+PROMPT_MEMO = 64  # distinct captions whose embeddings precompute keeps (Wan's are 4 MiB each)
 STILL_FRAMES = 1  # the bucket of stills (curated images): a video never trains as its first frame alone
 
 
@@ -62,6 +64,8 @@ class PrecomputeResult:
     prompts_dir: Path | None = None  # validation prompts' embeddings
     encoded: int = 0
     reused: int = 0
+    videos_read: int = 0  # clips whose MP4 was read (a cached clip's is not)
+    prompts_encoded: int = 0  # text-encoder runs: one per distinct caption (of the last PROMPT_MEMO)
     skipped: Counter = field(default_factory=Counter)  # reason -> clips
 
 
@@ -239,10 +243,26 @@ def precompute(
     appenders: dict[str, _ShardAppender] = {}
     cached: dict[str, set[str]] = {}
     report, seen = on_clip or (lambda done: None), 0
-    for sample in wds.WebDataset(shards, shardshuffle=False):
+    files, prompts_seen = SampleReader(), OrderedDict()
+
+    def encoded_text(caption: str) -> bytes:
+        """The caption's embeddings, encoded once for clips that share it (most recent PROMPT_MEMO kept)."""
+        if caption in prompts_seen:
+            prompts_seen.move_to_end(caption)
+            return prompts_seen[caption]
+        tensors = _text_tensors(family.encode_prompts(pipe, [caption]))
+        result.prompts_encoded += 1
+        prompts_seen[caption] = save_tensors(tensors, metadata={"caption": caption})
+        if len(prompts_seen) > PROMPT_MEMO:
+            prompts_seen.popitem(last=False)
+        return prompts_seen[caption]
+
+    # Seek reads through the tar headers: a clip's metadata first, its MP4 only when it must be encoded.
+    samples = [sample for shard in shards for sample in index_shard(shard).values()]
+    for indexed in samples:
         report(seen)  # clips finished before this one
         seen += 1
-        meta = json.loads(sample["json"])
+        meta = json.loads(files.read(indexed, {"json"})["json"])
         frames = choose_bucket(meta["num_frames"], buckets)
         if frames is None:
             result.skipped[_skip_reason(meta["num_frames"], buckets, family)] += 1
@@ -255,15 +275,15 @@ def precompute(
         if meta["clip_id"] in cached[key]:
             result.reused += 1
             continue
-        video = decode_clip(sample["mp4"], frames)
+        video = decode_clip(files.read(indexed, {"mp4"})["mp4"], frames)
+        result.videos_read += 1
         moments = family.encode_video(pipe, video)
-        text_tensors = _text_tensors(family.encode_prompts(pipe, [meta["caption"]]))
         entry = {
             "__key__": meta["clip_id"],
             "latents.safetensors": save_tensors(
                 {"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}
             ),
-            "text.safetensors": save_tensors(text_tensors, metadata={"caption": meta["caption"]}),
+            "text.safetensors": encoded_text(meta["caption"]),
         }
         condition = family.encode_condition(pipe, video)
         if condition:
@@ -272,6 +292,7 @@ def precompute(
         result.encoded += 1
     for appender in appenders.values():
         appender.flush()
+    files.close()
     report(seen)
     return result
 
