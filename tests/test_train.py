@@ -669,3 +669,16 @@ def test_block_swap_settings_that_cannot_work_are_refused():
         TrainParams(offload="blocks", blocks_to_swap=2, fp8_storage=True)
     with pytest.raises(ValueError, match="the swapped blocks have no frozen weights"):
         BlockSwap([torch.nn.Linear(2, 2)], 1, torch.device("cpu"))
+
+
+def test_data_workers_default_to_reading_ahead_on_a_gpu_only():
+    from vidtune.training.checkpoints import data_layout
+    from vidtune.training.params import DATA_WORKERS_ON_GPU
+
+    expected = DATA_WORKERS_ON_GPU if torch.cuda.is_available() else 0
+    assert TrainParams().data_workers is None and TrainParams().resolved_data_workers() == expected
+    assert (
+        TrainParams(data_workers=3).resolved_data_workers() == 3
+        and TrainParams(data_workers=0).resolved_data_workers() == 0
+    )
+    assert data_layout(2, TrainParams())["data_workers"] == expected  # what a resume compares: the workers used

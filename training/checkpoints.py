@@ -36,7 +36,7 @@ def data_layout(world_size: int, params) -> dict:
         "world_size": world_size,
         "batch_size": params.batch_size,
         "gradient_accumulation_steps": params.gradient_accumulation_steps,
-        "data_workers": params.data_workers,
+        "data_workers": params.resolved_data_workers(),
     }
 
 

@@ -55,6 +55,10 @@ class ValidationParams(SamplingParams):
         return [str(Path(image).expanduser().resolve()) for image in images]
 
 
+# DataLoader workers when `data_workers` is not set and a GPU trains (one reads while another's batch waits).
+DATA_WORKERS_ON_GPU = 2
+
+
 class TrainParams(ObjectiveParams):
     """One trainer for LoRA and full fine-tuning: `training_type` picks what trains, nothing else changes. The
     objective's settings (timestep sampling, flow shift, loss weighting) are inherited: one flat set of names."""
@@ -165,7 +169,12 @@ class TrainParams(ObjectiveParams):
         description="Share of each epoch's samples that are stills (curated images), reached with whole repeats of "
         "the images or of the videos; 0 leaves images out; null: as curated.",
     )
-    data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the training process).")
+    data_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes (0: read in the training process). Default: 2 on a GPU (with pinned "
+        "memory, so the next batch is read while a step computes), 0 on a CPU.",
+    )
     validation: ValidationParams = Field(default_factory=ValidationParams)
 
     @model_validator(mode="before")
@@ -215,6 +224,11 @@ class TrainParams(ObjectiveParams):
         if self.training_type == "full" and self.lora_targets is not None:
             raise ValueError("lora_targets: only with training_type=lora")
         return self
+
+    def resolved_data_workers(self) -> int:
+        if self.data_workers is not None:
+            return self.data_workers
+        return DATA_WORKERS_ON_GPU if torch.cuda.is_available() else 0
 
     def resolved_precision(self) -> str:
         if self.mixed_precision != "auto":

@@ -285,7 +285,8 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,
-            num_workers=params.data_workers,
+            num_workers=params.resolved_data_workers(),
+            pin_memory=accelerator.device.type == "cuda",  # batches copied to the GPU asynchronously
             generator=torch.Generator().manual_seed(params.seed),
         )
         self.per_step = params.batch_size * params.gradient_accumulation_steps * accelerator.num_processes
