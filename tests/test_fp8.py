@@ -46,6 +46,22 @@ def _pipe(folder, fp8: str, lora: bool = False):
     return pipe
 
 
+def _train(pipe, steps: int) -> list[float]:
+    """`steps` AdamW steps of the LoRA on fixed batches; the losses."""
+    batches, text = _inputs(pipe)
+    trained = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    assert trained
+    optimizer = torch.optim.AdamW(trained, lr=5e-3)
+    losses = []
+    for _ in range(steps):
+        loss = sum(denoising_loss(FAMILY.predict(pipe, b, text), b) for b in batches)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_scaled_fp8_is_closer_to_full_precision_than_the_cast(wan):
     reference = _pipe(wan, "none")
     batches, text = _inputs(reference)
@@ -68,17 +84,8 @@ def test_scaled_fp8_is_closer_to_full_precision_than_the_cast(wan):
 @pytest.mark.parametrize("fp8", ["cast", "scaled"])
 def test_lora_over_float8_weights_lowers_the_loss(wan, fp8):
     pipe = _pipe(wan, fp8, lora=True)
-    batches, text = _inputs(pipe)
-    trained = [p for p in pipe.transformer.parameters() if p.requires_grad]
-    assert trained and all(p.dtype == torch.float32 for p in trained)
-    optimizer = torch.optim.AdamW(trained, lr=5e-3)
-    losses = []
-    for _ in range(8):
-        loss = sum(denoising_loss(FAMILY.predict(pipe, b, text), b) for b in batches)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters() if p.requires_grad)
+    losses = _train(pipe, steps=8)
     assert losses[-1] < losses[0] and all(np.isfinite(losses))
 
 
@@ -92,17 +99,7 @@ def test_block_swap_moves_the_scaled_float8_weights(wan):
             swapper = BlockSwap(blocks, 1, torch.device("cpu"))
             masters = swapper.swapped[0].masters
             assert E4M3 in {m.dtype for m in masters}  # the stored float8, not a dequantised copy
-        batches, text = _inputs(pipe)
-        trained = [p for p in pipe.transformer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=5e-3)
-        losses = []
-        for _ in range(3):
-            loss = sum(denoising_loss(FAMILY.predict(pipe, b, text), b) for b in batches)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        results.append(losses)
+        results.append(_train(pipe, steps=3))
     assert results[1] == pytest.approx(results[0], rel=1e-6)
 
 
