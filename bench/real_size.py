@@ -205,25 +205,23 @@ def to_bf16_as_loaded(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def transformer_for_training(leg: Leg, rank: int, dry_run: bool, device: str) -> torch.nn.Module:
-    """The trainer's own steps, in its order: attention backend, fp8 storage, LoRA (fp32), checkpointing, swap."""
-    from vidtune.training.fp8 import store_fp8
+    """The trainer's own set-up of a denoiser (`_make_denoiser_trainable`: fp8 storage, LoRA in fp32,
+    checkpointing), with the leg's attention backend first and its block swap last, as `_prepare_model` orders them."""
     from vidtune.training.offload import BlockSwap, transformer_blocks
     from vidtune.training.params import TrainParams
-    from vidtune.training.trainable import make_trainable
+    from vidtune.training.trainer import _make_denoiser_trainable
 
     family = get_family("wan")
     transformer = random_transformer(leg, dry_run, device)
     if leg.attention != "native":
         transformer.set_attention_backend(leg.attention)
-    store_fp8(transformer, leg.fp8, family.block_lists, torch.bfloat16)
-    make_trainable(family, transformer, TrainParams(rank=rank, max_steps=1))
-    if leg.checkpointing:
-        transformer.enable_gradient_checkpointing()
+    params = TrainParams(rank=rank, max_steps=1, fp8=leg.fp8, gradient_checkpointing=leg.checkpointing)
+    _make_denoiser_trainable(SimpleNamespace(params=params, export_comfyui=False), family, transformer, torch.bfloat16)
     if leg.blocks_to_swap:
         blocks = transformer_blocks(transformer, family.block_lists)
         transformer.swap = BlockSwap(blocks, min(leg.blocks_to_swap, len(blocks) - 1), torch.device(device))
         transformer.to(device)
-    return transformer.train()
+    return transformer
 
 
 def gpu_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dict:

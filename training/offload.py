@@ -27,7 +27,7 @@ block's forward ends, before the backward or a checkpoint's recompute uses them)
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,10 +47,6 @@ class _Swapped:
     placeholders: list[torch.Tensor]  # what each parameter holds while evicted: empty
     resident: bool = True
     ready: object = None  # the CUDA event its last copy recorded
-    nbytes: int = field(init=False)
-
-    def __post_init__(self):
-        self.nbytes = sum(m.numel() * m.element_size() for m in self.masters)
 
 
 def transformer_blocks(denoiser: torch.nn.Module, lists: tuple[str, ...]) -> list[torch.nn.Module]:
@@ -76,7 +72,6 @@ class BlockSwap:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.blocks = blocks
         self.swapped: dict[int, _Swapped] = {}
         self.events: list[tuple[str, int]] = []  # ("load" | "evict", block index), in order
         self.resident_peak = 0
@@ -204,10 +199,6 @@ class BlockSwap:
         """The swapped parameters' names in `denoiser` (DDP must not broadcast them: they are empty while evicted)."""
         swapped = {id(p) for block in self.swapped.values() for p in block.params}
         return [name for name, p in denoiser.named_parameters() if id(p) in swapped]
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(block.nbytes for block in self.swapped.values())
 
 
 def _host_buffer(params: list[torch.Tensor], pinned: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

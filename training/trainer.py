@@ -85,9 +85,9 @@ class StepFailed(RuntimeError):
 
 
 class FailedTogether(Exception):
-    """A micro-batch failed on at least one rank (`ranks`), raised on every rank at the same point (before any
-    collective of the step), so that all of them checkpoint the last completed step together. `error` is this
-    rank's own exception, None on the ranks that were well."""
+    """A micro-batch failed on at least one rank (`ranks`), raised on every rank at the same point (the step's
+    outcome gather, before its gradient all-reduce), so that all of them checkpoint the last completed step
+    together. `error` is this rank's own exception, None on the ranks that were well."""
 
     def __init__(self, error: Exception | None, ranks: list[int]):
         super().__init__(f"micro-batch failed on rank(s) {ranks}")
