@@ -193,7 +193,7 @@ def load_cached_batches(work: Path, cache_shards: list[str]) -> list[tuple]:
     for key in sorted(entries):
         entry = load_cache_entry(entries[key])
         clips.append(
-            (family.sample_latents(SimpleNamespace(vae=vae), entry["moments"].unsqueeze(0))[0], entry["text"]["embeds"])
+            (family.sample_latents(SimpleNamespace(vae=vae), entry["latents"].unsqueeze(0))[0], entry["text"]["embeds"])
         )
     pairs = [[clips[(i + j) % len(clips)] for j in range(BATCH)] for i in range(0, len(clips), BATCH)]
     return [(torch.stack([c[0] for c in pair]), torch.stack([c[1] for c in pair])) for pair in pairs]

@@ -220,7 +220,13 @@ def finetune(
         if params.data_source == "cache":
             cache_root = Path(params.cache_dir) if params.cache_dir else DatasetLayout(Path(params.data)).latent_cache
             cache = precompute_task(
-                dataset, family.name, params.model, cache_root, params.precompute, train_params.validation.prompts
+                dataset,
+                family.name,
+                params.model,
+                cache_root,
+                params.precompute,
+                train_params.validation.prompts,
+                params.num_processes,  # one encoding process per training process (GPU)
             )
             shards, prompt_cache = cache_shards(cache.cache_dir, set(dataset.buckets)), str(cache.prompts_dir)
         job = _train_job(params, train_params, family.name, dataset, shards, buckets, prompt_cache)

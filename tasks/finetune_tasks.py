@@ -17,6 +17,7 @@ from vidtune.training.devices import placement
 from vidtune.training.families import detect_family, get_family
 from vidtune.training.job import TrainJob
 from vidtune.training.launch import launch_accelerate
+from vidtune.training.precompute_launch import precompute_processes
 from vidtune.training.trainer import TrainResult, train
 
 
@@ -45,14 +46,22 @@ def precompute_task(
     cache_root: Path,
     params: PrecomputeParams,
     prompts: list[str],
+    processes: int = 1,
 ) -> PrecomputeResult:
     """Encode clips not cached yet, and the validation `prompts`, with the model's VAE and text encoder (on the
-    GPU when there is one): training then loads neither encoder."""
-    family = get_family(family_name)
-    device, dtype = placement()
-    pipe = load_encoders(family, model, dtype, device)  # no denoiser: the 14B ones would not fit beside them
+    GPU when there is one; in `processes` processes, one per GPU, when more than 1): training then loads neither
+    encoder."""
     with progress_artifact("precompute-progress", dataset.clips, f"latents for {dataset.clips} clips") as report:
-        result = precompute(dataset.shards, family, pipe, model, cache_root, params, on_clip=report, prompts=prompts)
+        if processes > 1:
+            args = (dataset.shards, family_name, model, cache_root, params, prompts, processes)
+            result = precompute_processes(*args, on_clip=report)
+        else:
+            family = get_family(family_name)
+            device, dtype = placement()
+            pipe = load_encoders(family, model, dtype, device)  # no denoiser: the 14B ones would not fit beside them
+            result = precompute(
+                dataset.shards, family, pipe, model, cache_root, params, on_clip=report, prompts=prompts
+            )
     get_run_logger().info(
         "latent cache %s: %d clips encoded, %d reused", result.cache_dir, result.encoded, result.reused
     )

@@ -105,7 +105,7 @@ def test_precompute_and_training_take_the_curated_buckets_as_they_are(mixed_data
     seen = Counter()
     for _ in range(12):
         batch = next(stream)
-        frames, height, width = batch["moments"].shape[-3:]
+        frames, height, width = batch["latents"].shape[-3:]
         seen[(frames, height * 8, width * 8)] += 1
     assert set(seen) == {(3, 48, 64), (3, 64, 48), (1, 48, 64)}
 

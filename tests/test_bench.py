@@ -30,3 +30,19 @@ def test_the_gpu_legs_run_at_tiny_sizes_on_the_cpu(tmp_path):
     # A backend that is not installed is skipped, saying which package it needs.
     assert all("cannot run here" in r["skipped"] or "flex" in r["skipped"] for r in legs.values() if "skipped" in r)
     assert "s/step" in done.stdout
+
+
+def test_the_cache_size_bench_reports_wan_clips_under_half_their_former_bytes(tmp_path):
+    """`bench/cache_size.py`: at 81 x 480 x 832 a Wan clip was ~12 MiB (moments and a 512-token prompt); the mean and
+    the prompt's real tokens are under half that."""
+    out = tmp_path / "sizes.json"
+    bench = BENCH.with_name("cache_size.py")
+    done = subprocess.run(
+        [sys.executable, str(bench), "--models", "wan", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wan,) = json.loads(out.read_text())
+    assert wan["latent_bytes_mean"] == 16 * 21 * 60 * 104 * 2  # 16 channels, 81 frames / 4 + 1, 480 x 832 / 8, bf16
+    assert wan["before_bytes"] == 2 * wan["latent_bytes_mean"] + 512 * 4096 * 2  # ~12 MiB
+    assert wan["prompt_tokens"]["short"] < wan["prompt_tokens"]["long"] < 512
+    assert all(after < wan["before_bytes"] / 2 for after in wan["after_bytes"].values())

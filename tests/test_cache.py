@@ -48,10 +48,10 @@ def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
         iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False))
     )
     entry = load_cache_entry(sample)
-    moments, text = entry["moments"], entry["text"]
-    latents = family.sample_latents(pipe, moments.unsqueeze(0))
+    cached, text = entry["latents"], entry["text"]
+    latents = family.sample_latents(pipe, cached.unsqueeze(0))
     assert (
-        moments.shape[0] == 2 * latents.shape[1]
+        cached.shape[0] == (2 if family.caches_posterior else 1) * latents.shape[1]
         and torch.isfinite(latents).all()
         and torch.isfinite(text["embeds"]).all()
     )
@@ -61,7 +61,7 @@ def test_choose_bucket_takes_the_longest_that_fits():
     assert choose_bucket(40, [9, 17, 33]) == 33 and choose_bucket(9, [9, 17]) == 9 and choose_bucket(8, [9, 17]) is None
 
 
-def test_precompute_caches_moments_and_text_then_reuses_them(curated, tiny_wan, tmp_path):
+def test_precompute_caches_latents_and_text_then_reuses_them(curated, tiny_wan, tmp_path):
     output, summary, _ = curated
     family, pipe, model = tiny_wan
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
@@ -73,12 +73,12 @@ def test_precompute_caches_moments_and_text_then_reuses_them(curated, tiny_wan, 
     entries = list(wds.WebDataset(sorted(str(p) for p in first.cache_dir.glob("*/cache-*.tar")), shardshuffle=False))
     assert len(entries) == first.encoded
     entry = load_cache_entry(entries[0])
-    moments, text = entry["moments"], entry["text"]
+    mean, text = entry["latents"], entry["text"]
     assert entry["condition"] == {}  # a text-to-video family caches no conditioning
     bucket = entries[0]["__url__"].split("/")[-2]
     frames = int(bucket.split("x")[0])
-    assert moments.shape[0] == 2 * pipe.vae.config.z_dim and moments.shape[1] == (frames - 1) // 4 + 1
-    assert torch.isfinite(moments).all() and text["embeds"].ndim == 2
+    assert mean.shape[0] == pipe.vae.config.z_dim and mean.shape[1] == (frames - 1) // 4 + 1  # Wan: the mean alone
+    assert torch.isfinite(mean).all() and text["embeds"].shape == (512, pipe.text_encoder.config.d_model)
 
     # Each distinct caption went through the text encoder once; every encoded clip's MP4 was read once.
     cached_ids = {e["__key__"] for e in entries}
@@ -95,19 +95,24 @@ def test_precompute_caches_moments_and_text_then_reuses_them(curated, tiny_wan, 
     assert not list(first.cache_dir.rglob(".*.tmp"))
 
 
+def _first_clips(shard: str, count: int, path) -> str:
+    """A shard of the first `count` clips of `shard`."""
+    with tarfile.open(shard) as src, tarfile.open(path, "w") as dst:
+        members = src.getmembers()
+        keys = sorted({m.name.split(".", 1)[0] for m in members})[:count]
+        for member in members:
+            if member.name.split(".", 1)[0] in keys:
+                dst.addfile(member, src.extractfile(member))
+    return str(path)
+
+
 def test_new_clips_are_added_incrementally(curated, tiny_wan, tmp_path):
     output, _, _ = curated
     family, pipe, model = tiny_wan
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
     params = PrecomputeParams(frame_buckets=[9], clips_per_shard=4)
-    partial = tmp_path / "partial.tar"
-    with tarfile.open(shards[0]) as src, tarfile.open(partial, "w") as dst:  # the first 3 clips only
-        members = src.getmembers()
-        keys = sorted({m.name.split(".", 1)[0] for m in members})[:3]
-        for member in members:
-            if member.name.split(".", 1)[0] in keys:
-                dst.addfile(member, src.extractfile(member))
-    first = precompute([str(partial)], family, pipe, model, tmp_path / "cache", params)
+    partial = _first_clips(shards[0], 3, tmp_path / "partial.tar")
+    first = precompute([partial], family, pipe, model, tmp_path / "cache", params)
     full = precompute(shards, family, pipe, model, tmp_path / "cache", params)
     assert first.encoded == 3 and full.reused == 3 and full.encoded > 0
     ids = [
@@ -115,6 +120,37 @@ def test_new_clips_are_added_incrementally(curated, tiny_wan, tmp_path):
         for s in wds.WebDataset(sorted(str(p) for p in full.cache_dir.rglob("cache-*.tar")), shardshuffle=False)
     ]
     assert len(ids) == len(set(ids)) == 3 + full.encoded
+
+
+def test_two_processes_encode_disjoint_shares_that_add_up_to_one_process_cache(curated, tiny_wan, tmp_path):
+    """precompute with num_processes=2: each process encodes its share of the clips not cached yet into its own
+    shards; together they cache what one process does, with the same tensors, and count each clip once."""
+    from vidtune.training.precompute_launch import precompute_processes
+
+    output, _, _ = curated
+    family, pipe, model = tiny_wan
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    params = PrecomputeParams(frame_buckets=[9, 17])
+    one = precompute(shards, family, pipe, model, tmp_path / "one", params, prompts=["a red car"])
+    precompute([_first_clips(shards[0], 6, tmp_path / "six.tar")], family, pipe, model, tmp_path / "two", params)
+    seen = []
+    two = precompute_processes(shards, "wan", model, tmp_path / "two", params, ["a red car"], 2, seen.append)
+    assert two.cache_dir.name == one.cache_dir.name and two.reused > 0
+    assert (two.encoded + two.reused, two.skipped) == (one.encoded, one.skipped)
+    assert seen and max(seen) <= one.encoded + sum(one.skipped.values())
+    written = {p.name for p in two.cache_dir.rglob("cache-*.tar")}
+    assert any(n.endswith("-0.tar") for n in written) and any(n.endswith("-1.tar") for n in written)
+
+    def entries(cache_dir):
+        tars = sorted(str(p) for p in cache_dir.rglob("cache-*.tar"))
+        return {s["__key__"]: load_cache_entry(s) for s in wds.WebDataset(tars, shardshuffle=False)}
+
+    alone, together = entries(one.cache_dir), entries(two.cache_dir)
+    assert sorted(alone) == sorted(together)
+    for clip_id, entry in alone.items():
+        assert torch.allclose(entry["latents"], together[clip_id]["latents"], atol=1e-5), clip_id
+        assert torch.equal(entry["text"]["embeds"], together[clip_id]["text"]["embeds"]), clip_id
+    assert {p.name for p in two.prompts_dir.iterdir()} == {p.name for p in one.prompts_dir.iterdir()}
 
 
 def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path):
@@ -126,7 +162,7 @@ def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path
     assert before != cache_fingerprint(family, pipe, model)
 
 
-def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_moments(tiny_wan, tmp_path, monkeypatch):
+def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_latents(tiny_wan, tmp_path, monkeypatch):
     """A 320x288 clip is past Wan's 256-pixel tile, so tiling really splits it (the curated 64x64 clips never are)."""
     from vidtune.training.media import write_mp4
 
@@ -153,7 +189,7 @@ def test_vae_tiling_encodes_large_clips_in_tiles_and_gives_nearly_the_same_momen
         sample = next(
             iter(wds.WebDataset(sorted(str(p) for p in result.cache_dir.rglob("cache-*.tar")), shardshuffle=False))
         )
-        results[flags] = load_cache_entry(sample)["moments"]
+        results[flags] = load_cache_entry(sample)["latents"]
     assert tiled_calls == [(True, True)]  # the tiling leg encoded in tiles, the other in one piece
     whole, tiles = results[(False, False)], results[(True, True)]
     assert whole.shape == tiles.shape

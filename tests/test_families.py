@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vidtune.training.families import FAMILIES, ModelFamily, detect_family, get_family
+from vidtune.training.cache import _text_tensors, padded_text
+from vidtune.training.families import FAMILIES, ModelFamily, TextEmbeddings, detect_family, get_family
 from vidtune.training.families.objectives import denoising_loss
 from vidtune.training.tiny_models import TINY_MODELS, build_tiny
 
@@ -109,7 +110,8 @@ def test_lora_training_lowers_the_loss_and_the_adapter_loads_into_a_fresh_pipeli
     optimizer = torch.optim.AdamW(params, lr=5e-3)
     generator = torch.Generator().manual_seed(0)
     latents = family.sample_latents(pipe, moments, generator)
-    assert moments.shape[1] == 2 * latents.shape[1]  # posterior moments (mean, logvar), not one sample
+    # posterior moments (mean, logvar), not one sample; or the mean, where the family trains on it
+    assert moments.shape[1] == (2 if family.caches_posterior else 1) * latents.shape[1]
     objective = family.objective(pipe)
     batches = [  # fixed batches, one per expert in its own range: the loss must go down on them
         _conditioned(
@@ -170,6 +172,23 @@ def test_prediction_from_cached_embeddings_needs_no_text_encoder(family_model):
         inputs = _conditioned(family, pipe, family.objective(pipe).inputs(latents, generator), _video(frames))
         pred = family.predict(pipe, inputs, text)
         assert pred.shape == latents.shape and torch.isfinite(pred).all(), frames
+
+    # The cache keeps the prompt up to its last real token and pads it back when read: the denoiser sees the same.
+    stored = _text_tensors(text)
+    padded = padded_text(stored)
+    assert (stored["embeds"].shape[0] < stored["tokens"]) == (family.name in CUT_PROMPTS)
+    cached = TextEmbeddings(*(padded[n].unsqueeze(0) if n in padded else None for n in ("embeds", "mask", "pooled")))
+    assert cached.embeds.shape == text.embeds.shape
+    if text.mask is None:  # the padding was zeros: the same numbers
+        assert torch.equal(cached.embeds, text.embeds) and torch.equal(family.predict(pipe, inputs, cached), pred)
+    else:  # the padding was masked out: what it held is not attended to
+        assert torch.equal(cached.mask, text.mask)
+        assert torch.allclose(family.predict(pipe, inputs, cached), pred, atol=1e-6, rtol=1e-5)
+
+
+# Families whose prompt padding the cache cuts: zeros (Wan's pipelines pad so) or masked out (LTX-Video's,
+# HunyuanVideo's); CogVideoX's and CLIP's (AnimateDiff) pad tokens are encoded and attended to, and kept.
+CUT_PROMPTS = {"wan", "wan-i2v", "ltx-video", "ltx-video-i2v", "hunyuan-video"}
 
 
 def test_valid_frame_counts(family_model):

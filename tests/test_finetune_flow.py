@@ -160,7 +160,7 @@ def test_two_accelerate_processes_train_on_disjoint_clips_and_write_one_adapter(
         return not {c for b in batches[:9] for c in b.clip_ids} & set(batches[9].clip_ids)
 
     # A seed whose first batch is of one bucket on both ranks: with one RNG for every rank, both would draw the
-    # same first noise level (the posterior sample before it has the same shape).
+    # same first noise level (the draws before it have the same shape).
     orders = {s: order(s) for s in range(100)}
     seed = next(s for s, o in orders.items() if o[0].bucket == o[1].bucket and unread_until_9(o))
     batches, clip = orders[seed], orders[seed][9].clip_ids[0]
@@ -221,8 +221,8 @@ def _rewrite_member(shard: Path, name: str, change) -> None:
 def _fewer_latent_channels(data: bytes) -> bytes:
     from safetensors.torch import load, save
 
-    moments = load(data)["moments"]
-    return save({"moments": moments[:-2].contiguous()})  # two channels short: the patch embedding refuses it
+    ((name, latents),) = load(data).items()
+    return save({name: latents[:-2].contiguous()})  # two channels short: the patch embedding refuses it
 
 
 def test_prepare_only_writes_the_job_that_training_launch_runs(prefect_api, curated, wan_model, tmp_path):

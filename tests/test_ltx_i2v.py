@@ -84,7 +84,7 @@ def test_training_loss_leaves_out_the_conditioning_frame(ltx_folder):
 
     pipe = I2V.load_pipeline(str(ltx_folder))
     text = I2V.encode_prompts(pipe, ["a red car"])
-    batch = {"moments": I2V.encode_video(pipe, _video(size=64)), "text": {"embeds": text.embeds, "mask": text.mask}}
+    batch = {"latents": I2V.encode_video(pipe, _video(size=64)), "text": {"embeds": text.embeds, "mask": text.mask}}
     frame_zero = (64 // 32) ** 2  # tokens of latent frame 0
 
     def loss_with_frame_zero_shifted(shift: float) -> float:

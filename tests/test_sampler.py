@@ -170,7 +170,7 @@ def test_the_stream_reads_only_what_its_reader_trains_and_a_resume_reads_nothing
     assert all(
         len({BUCKET_OF[c] for c in b["clip_ids"]}) == 1 and b["bucket"] == BUCKET_OF[b["clip_ids"][0]] for b in first
     )
-    assert first[0]["moments"].shape == (BATCH, 8, 1, 2, 2)
+    assert first[0]["latents"].shape == (BATCH, 8, 1, 2, 2)
     resumed = make_stream("cache", cache, [], batch_size=BATCH, seed=4, rank=1, world_size=2, skip_batches=25)
     batch = next(iter(resumed))
     assert batch["clip_ids"] == first[25]["clip_ids"] and resumed.files.reads == BATCH

@@ -96,8 +96,8 @@ def test_the_5b_refuses_clip_sizes_its_vae_and_patches_do_not_divide_naming_the_
 def test_the_5b_trains_from_the_cache_renders_samples_and_its_lora_loads(curated, tiny, tmp_path):
     model = tiny("wan2.2-ti2v-5b")
     shards = _cache(curated, model, tmp_path / "cache")
-    moments = next(iter(make_stream("cache", shards, [9], batch_size=1, seed=0)))["moments"]
-    assert moments.shape == (1, 96, 3, 4, 4)  # 48 channels x (mean, logvar), 9 frames / 4, 64 px / 16
+    latents = next(iter(make_stream("cache", shards, [9], batch_size=1, seed=0)))["latents"]
+    assert latents.shape == (1, 48, 3, 4, 4)  # the 48-channel posterior mean, 9 frames / 4, 64 px / 16
     validation = {"prompts": ["a red car"], "every": 4, "inference_steps": 2}
     trainer = Trainer(_job(model, shards, tmp_path / "run", learning_rate=5e-3, validation=validation))
     result = trainer.run()

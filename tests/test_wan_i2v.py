@@ -155,7 +155,7 @@ def test_conditioning_is_cached_beside_the_latents_and_a_lora_trains_from_it(cur
     result = precompute(shards, I2V, pipe, model, tmp_path / "cache", PrecomputeParams(frame_buckets=[9]))
     cached = cache_shards(result.cache_dir)
     entry = load_cache_entry(next(iter(wds.WebDataset(cached, shardshuffle=False))))
-    latent_frames, height, width = entry["moments"].shape[1:]
+    latent_frames, height, width = entry["latents"].shape[1:]
     if variant == "wan-i2v":
         assert entry["condition"]["latent_condition"].shape == (16, latent_frames, height, width)
         assert entry["condition"]["image_embeds"].shape == (257, 32)

@@ -1,9 +1,11 @@
-"""The latent and text cache: curated shards in, per-(fingerprint, bucket) shards of VAE posterior moments and
+"""The latent and text cache: curated shards in, per-(fingerprint, bucket) shards of VAE latents and
 prompt embeddings out. Training reads these instead of decoding and encoding video every step.
 
 Layout: `CACHE/<fingerprint>/<frames>x<height>x<width>/cache-000000.tar`, members
-`{clip_id}.latents.safetensors` (posterior moments: a fresh sample is drawn each step),
-`{clip_id}.text.safetensors` (prompt embeddings, and the attention mask when the family has one) and, for a family
+`{clip_id}.latents.safetensors` (`moments`, the VAE posterior's, from which each step draws a fresh sample; or
+`mean`, for a family that trains on the mean: `ModelFamily.caches_posterior`),
+`{clip_id}.text.safetensors` (prompt embeddings up to the last real token, the attention mask when the family has
+one, and `tokens`, the length the model takes: the rest is padding, put back when read) and, for a family
 that conditions on more than these (Wan image-to-video: the first frame's latents and CLIP image tokens),
 `{clip_id}.condition.safetensors`; and
 `CACHE/<fingerprint>/prompts/<sha>.safetensors`, the validation prompts' embeddings and the empty negative
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,10 +143,11 @@ def decode_clip(mp4: bytes, frames: int) -> torch.Tensor:
 
 
 class _ShardAppender:
-    """Appends samples to `cache-NNNNNN.tar` shards of a bucket, each written atomically."""
+    """Appends samples to `cache-NNNNNN{suffix}.tar` shards of a bucket, each written atomically (`suffix`: the
+    writing process's, where several write at once)."""
 
-    def __init__(self, bucket_dir: Path, per_shard: int):
-        self.dir, self.per_shard = bucket_dir, per_shard
+    def __init__(self, bucket_dir: Path, per_shard: int, suffix: str = ""):
+        self.dir, self.per_shard, self.suffix = bucket_dir, per_shard, suffix
         self.pending: list[dict] = []
         existing = [int(p.stem.split("-")[1]) for p in bucket_dir.glob("cache-*.tar")]
         self.next_index = max(existing, default=-1) + 1
@@ -157,7 +161,7 @@ class _ShardAppender:
         if not self.pending:
             return
         with (
-            atomic_path(self.dir / f"cache-{self.next_index:06d}.tar") as tmp,
+            atomic_path(self.dir / f"cache-{self.next_index:06d}{self.suffix}.tar") as tmp,
             open(tmp, "wb") as stream,
             wds.TarWriter(stream, mtime=0) as writer,
         ):
@@ -168,11 +172,33 @@ class _ShardAppender:
 
 
 def _text_tensors(text: TextEmbeddings) -> dict[str, torch.Tensor]:
-    """One prompt's embeddings as named tensors (batch dimension dropped)."""
-    tensors = {"embeds": text.embeds[0].contiguous()}
-    for name in ("mask", "pooled"):
-        if getattr(text, name) is not None:
-            tensors[name] = getattr(text, name)[0].contiguous()
+    """One prompt's embeddings as named tensors (batch dimension dropped), cut after the last real token: the rows
+    after it are padding that is zeros (Wan's pipelines pad so) or masked out (LTX-Video's, HunyuanVideo's), which
+    `padded_text` puts back as zeros with mask 0. Where the padding is neither (CogVideoX's and CLIP's pad tokens are
+    encoded and attended to), nothing is cut. `tokens` keeps the length the model takes."""
+    embeds, mask = text.embeds[0], None if text.mask is None else text.mask[0]
+    real = mask.bool() if mask is not None else embeds.ne(0).any(dim=-1)
+    kept = max(int(real.nonzero().max()) + 1 if real.any() else 0, 1)
+    tensors = {"embeds": embeds[:kept].contiguous(), "tokens": torch.tensor(embeds.shape[0])}
+    if mask is not None:
+        tensors["mask"] = mask[:kept].contiguous()
+    if text.pooled is not None:
+        tensors["pooled"] = text.pooled[0].contiguous()
+    return tensors
+
+
+def padded_text(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached prompt tensors at the length the model takes: the cut padding back as zero rows (mask 0). Caches made
+    before prompts were cut have no `tokens` and are returned as they are."""
+    tensors = dict(tensors)
+    tokens = tensors.pop("tokens", None)
+    if tokens is None:
+        return tensors
+    missing = int(tokens) - tensors["embeds"].shape[0]
+    for name in ("embeds", "mask"):
+        if name in tensors and missing > 0:
+            tensor = tensors[name]
+            tensors[name] = torch.cat([tensor, tensor.new_zeros((missing, *tensor.shape[1:]))])
     return tensors
 
 
@@ -194,7 +220,7 @@ def cache_prompts(family: ModelFamily, pipe, prompts: list[str], prompts_dir: Pa
             continue
         tensors = _text_tensors(family.encode_prompts(pipe, [prompt]))
         if prompt == "" and pipe.config.get("force_zeros_for_empty_prompt"):
-            tensors = {name: torch.zeros_like(t) if name != "mask" else t for name, t in tensors.items()}
+            tensors = {name: torch.zeros_like(t) if t.is_floating_point() else t for name, t in tensors.items()}
         with atomic_path(path) as tmp:
             save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"prompt": prompt})
     return prompts_dir
@@ -217,7 +243,7 @@ def load_prompt(prompts_dir: Path, prompt: str) -> TextEmbeddings:
         raise FileNotFoundError(
             f"validation prompt {prompt!r} has no cached embedding in {prompts_dir}; rerun precompute with it"
         )
-    tensors = {name: t.unsqueeze(0) for name, t in load_file(path).items()}
+    tensors = {name: t.unsqueeze(0) for name, t in padded_text(load_file(path)).items()}
     return TextEmbeddings(tensors["embeds"], tensors.get("mask"), tensors.get("pooled"))
 
 
@@ -230,19 +256,26 @@ def precompute(
     params: PrecomputeParams,
     on_clip: Callable[[int], None] | None = None,
     prompts: list[str] = (),
+    rank: int = 0,
+    world: int = 1,
 ) -> PrecomputeResult:
     """Encode every curated clip not cached yet for this fingerprint, and the validation `prompts`; count what is
-    skipped and why. `on_clip(n)` is told how many clips have been looked at so far (encoded, reused or skipped)."""
+    skipped and why. `on_clip(n)` is told how many clips this process has finished so far (encoded, or reused and
+    skipped).
+
+    With `world` > 1, one of `world` processes started together on the same shards (`precompute_processes`): each
+    takes the clips whose id hashes to its `rank` (so no process reads what another writes) and writes shards named
+    after its rank; rank 0 also embeds the prompts. The processes' results add up."""
     if params.vae_slicing and hasattr(pipe.vae, "enable_slicing"):
         pipe.vae.enable_slicing()
     if params.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     buckets = frame_buckets(family, params)
     result = PrecomputeResult(cache_root / cache_fingerprint(family, pipe, model))
-    result.prompts_dir = cache_prompts(family, pipe, list(prompts), result.cache_dir / "prompts")
-    appenders: dict[str, _ShardAppender] = {}
-    cached: dict[str, set[str]] = {}
-    report, seen = on_clip or (lambda done: None), 0
+    result.prompts_dir = result.cache_dir / "prompts"
+    if rank == 0:
+        cache_prompts(family, pipe, list(prompts), result.prompts_dir)
+    report = on_clip or (lambda done: None)
     files, prompts_seen = SampleReader(), OrderedDict()
 
     def encoded_text(caption: str) -> bytes:
@@ -257,54 +290,66 @@ def precompute(
             prompts_seen.popitem(last=False)
         return prompts_seen[caption]
 
-    # Seek reads through the tar headers: a clip's metadata first, its MP4 only when it must be encoded.
-    samples = [sample for shard in shards for sample in index_shard(shard).values()]
-    for indexed in samples:
-        report(seen)  # clips finished before this one
-        seen += 1
-        meta = json.loads(files.read(indexed, {"json"})["json"])
-        frames = choose_bucket(meta["num_frames"], buckets)
-        if frames is None:
-            result.skipped[_skip_reason(meta["num_frames"], buckets, family)] += 1
-            continue
-        key = f"{frames}x{meta['height']}x{meta['width']}"
-        bucket_dir = result.cache_dir / key
-        if key not in appenders:
-            bucket_dir.mkdir(parents=True, exist_ok=True)
-            appenders[key], cached[key] = _ShardAppender(bucket_dir, params.clips_per_shard), _cached_ids(bucket_dir)
-        if meta["clip_id"] in cached[key]:
-            result.reused += 1
-            continue
+    # Look through the tar headers and each clip's metadata (its MP4 is read only when it must be encoded).
+    todo, cached = [], {}
+    for shard in shards:
+        for clip_key, indexed in index_shard(shard).items():
+            if world > 1 and zlib.crc32(clip_key.encode()) % world != rank:
+                continue  # another process's clip
+            meta = json.loads(files.read(indexed, {"json"})["json"])
+            frames = choose_bucket(meta["num_frames"], buckets)
+            if frames is None:
+                result.skipped[_skip_reason(meta["num_frames"], buckets, family)] += 1
+                continue
+            key = f"{frames}x{meta['height']}x{meta['width']}"
+            if key not in cached:
+                (result.cache_dir / key).mkdir(parents=True, exist_ok=True)
+                cached[key] = _cached_ids(result.cache_dir / key)
+            if meta["clip_id"] in cached[key]:
+                result.reused += 1
+            else:
+                todo.append((indexed, meta, frames, key))
+    done = result.reused + sum(result.skipped.values())
+    report(done)
+    appenders: dict[str, _ShardAppender] = {}
+    for indexed, meta, frames, key in todo:
         video = decode_clip(files.read(indexed, {"mp4"})["mp4"], frames)
         result.videos_read += 1
-        moments = family.encode_video(pipe, video)
+        latents = family.encode_video(pipe, video)[0].contiguous()
         entry = {
             "__key__": meta["clip_id"],
             "latents.safetensors": save_tensors(
-                {"moments": moments[0].contiguous()}, metadata={"clip_id": meta["clip_id"], "frames": str(frames)}
+                {"moments" if family.caches_posterior else "mean": latents},
+                metadata={"clip_id": meta["clip_id"], "frames": str(frames)},
             ),
             "text.safetensors": encoded_text(meta["caption"]),
         }
         condition = family.encode_condition(pipe, video)
         if condition:
             entry["condition.safetensors"] = save_tensors({k: v[0].contiguous().cpu() for k, v in condition.items()})
+        if key not in appenders:
+            suffix = f"-{rank}" if world > 1 else ""
+            appenders[key] = _ShardAppender(result.cache_dir / key, params.clips_per_shard, suffix)
         appenders[key].add(entry)
         result.encoded += 1
+        done += 1
+        report(done)
     for appender in appenders.values():
         appender.flush()
     files.close()
-    report(seen)
     return result
 
 
 def load_cache_entry(sample: dict) -> dict:
-    """A cache sample's tensors: `moments`, `text` (name -> tensor) and `condition` (name -> tensor; empty for
-    families that cache none)."""
+    """A cache sample's tensors: `latents` (`encode_video`'s: posterior moments, or the mean), `text` (name ->
+    tensor, padded to the length the model takes) and `condition` (name -> tensor; empty for families that cache
+    none)."""
     from safetensors.torch import load
 
     condition = sample.get("condition.safetensors")
+    (latents,) = load(sample["latents.safetensors"]).values()
     return {
-        "moments": load(sample["latents.safetensors"])["moments"],
-        "text": load(sample["text.safetensors"]),
+        "latents": latents,
+        "text": padded_text(load(sample["text.safetensors"])),
         "condition": load(condition) if condition is not None else {},
     }

@@ -275,8 +275,8 @@ def drop_captions(batch: dict, dropped: list[bool], empty: TextEmbeddings | None
 
 def collate(items: list[dict]) -> dict:
     batch: dict = {"clip_ids": [item["clip_id"] for item in items]}
-    if "moments" in items[0]:
-        batch["moments"] = torch.stack([item["moments"] for item in items])
+    if "latents" in items[0]:
+        batch["latents"] = torch.stack([item["latents"] for item in items])
         batch["text"] = {key: torch.stack([item["text"][key] for item in items]) for key in items[0]["text"]}
         condition = items[0].get("condition", {})  # Wan image-to-video's first-frame latents and image tokens
         batch["condition"] = {k: torch.stack([item["condition"][k] for item in items]) for k in condition}

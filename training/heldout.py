@@ -88,14 +88,14 @@ def heldout_losses(family: ModelFamily, pipe, batches: list[dict], draws: int = 
     with torch.no_grad():
         for batch in batches:
             (clip_id,) = batch["clip_ids"]
-            moments, text, condition = encode_batch(family, pipe, batch, dtype, device)
-            # The draws from the moments as cached (or encoded), in fp32 on the CPU: the same numbers on any device
+            encoded, text, condition = encode_batch(family, pipe, batch, dtype, device)
+            # The draws from the latents as cached (or encoded), in fp32 on the CPU: the same numbers on any device
             # and in any weight dtype, so measurements made on two machines pair.
-            exact = batch["moments"] if "moments" in batch else moments
+            exact = batch["latents"] if "latents" in batch else encoded
             exact = exact.detach().to("cpu", torch.float32)
             for draw, level in enumerate(grid_levels(clip_id, draws, seed)):
                 generator = torch.Generator().manual_seed(_draw_seed(seed, clip_id, draw))
-                clean = family.sample_latents(pipe, exact, generator)  # the posterior sample, then the noise
+                clean = family.sample_latents(pipe, exact, generator)  # the posterior sample (or mean), then the noise
                 noise = torch.randn(clean.shape, generator=generator)
                 latents, noise = clean.to(device, dtype), noise.to(device, dtype)
                 inputs = objective.inputs_at(latents, torch.tensor([level]), noise)

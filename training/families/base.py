@@ -53,6 +53,10 @@ class ModelFamily(ABC):
     comfyui_keys: ClassVar[ComfyUIKeys | None] = None  # diffusers -> ComfyUI module names; None: ComfyUI has no loader
     image_conditioned: ClassVar[bool] = False  # image-to-video: the pipeline takes `image=`, the video's first frame
     cache_revision: ClassVar[int] = 0  # raised when what the family caches changes: its latent caches are made anew
+    # What `encode_video` gives and the latent cache keeps: the VAE posterior's moments (mean and log-variance), from
+    # which each step draws a fresh sample, as the family's reference trainers do; or (False) the mean alone, which
+    # the family's reference code trains on (half the bytes).
+    caches_posterior: ClassVar[bool] = True
     # The denoiser's module lists of transformer blocks, in the order its forward runs them: what `offload: blocks`
     # swaps (empty: the family's denoiser is not a chain of blocks, and block swap is refused).
     block_lists: ClassVar[tuple[str, ...]] = ()
@@ -150,16 +154,19 @@ class ModelFamily(ABC):
         return {}
 
     def encode_video(self, pipe, video: torch.Tensor) -> torch.Tensor:
-        """(batch, 3, frames, h, w) in [-1, 1] -> VAE posterior moments (mean and logvar stacked on dim 1)."""
+        """(batch, 3, frames, h, w) in [-1, 1] -> what the latent cache keeps: the VAE posterior's moments (mean and
+        logvar stacked on dim 1), or its mean alone where `caches_posterior` is False."""
         with torch.no_grad():
-            return pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist.parameters
+            posterior = pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist
+        return posterior.parameters if self.caches_posterior else posterior.mode()
 
     @abstractmethod
     def encode_prompts(self, pipe, prompts: list[str]) -> TextEmbeddings: ...
 
     @abstractmethod
-    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A posterior sample of the cached moments, scaled and shifted as the denoiser expects."""
+    def sample_latents(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoiser's clean latents from `encode_video`'s output: a posterior sample of the moments (or the mean
+        itself where `caches_posterior` is False), scaled and shifted as the denoiser expects."""
 
     @abstractmethod
     def objective(self, pipe, params=None):

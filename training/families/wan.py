@@ -13,7 +13,7 @@ import torch
 from vidtune.training.comfyui import ComfyUIKeys, Rule, renamed
 from vidtune.training.experts import boundary_ratio
 from vidtune.training.families.base import ModelFamily, TextEmbeddings, TrainingInputs, model_file
-from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, sample_posterior, token_timesteps
+from vidtune.training.families.objectives import FlowMatching, ObjectiveParams, token_timesteps
 from vidtune.training.published_configs import T5_SHRINK, TEXT, Part, TinySpec
 
 ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}  # diffusers -> Wan attention leaves
@@ -60,7 +60,10 @@ class WanFamily(ModelFamily):
     full_subsets = {"attention": r"\.attn[12]\.", "feed_forward": r"\.ffn\."}
     objective_kind = "flow"
     frame_buckets = (81, 49, 33, 17, 9)  # 81: the published clip length
-    cache_revision = 1  # 1: prompts embedded at 512 tokens (226 before)
+    cache_revision = 2  # 1: prompts embedded at 512 tokens (226 before); 2: the latent mean alone, prompts cut
+    # Wan's reference VAE encodes to the posterior mean (its `encode` returns mu), which the published models were
+    # trained on and musubi-tuner and DiffSynth-Studio cache; the pipelines encode conditioning images to it too.
+    caches_posterior = False
     tiny_models = {  # the 14B's configs through the same code path; Wan 2.2's as configurations of the same classes
         "wan": _tiny(WAN_13B),
         "wan-14b": _tiny(WAN_14B),
@@ -162,11 +165,10 @@ class WanFamily(ModelFamily):
         std = torch.tensor(config.latents_std, dtype=like.dtype, device=like.device).view(shape)
         return mean, std
 
-    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A fresh posterior sample per step (the cache keeps moments, not one sample), normalised as Wan expects."""
-        sample = sample_posterior(moments, generator)
-        shift, scale = self._normalisation(pipe, sample)
-        return (sample - shift) / scale
+    def sample_latents(self, pipe, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The cached posterior mean, normalised as Wan expects (no draw: `generator` is not used)."""
+        shift, scale = self._normalisation(pipe, latents)
+        return (latents - shift) / scale
 
     def objective(self, pipe, params: ObjectiveParams | None = None) -> FlowMatching:
         """Flow matching at the checkpoint's `flow_shift` (UniPC's, for the published Wan 2.1 checkpoints)."""

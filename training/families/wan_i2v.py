@@ -104,15 +104,6 @@ class WanImageToVideoFamily(WanFamily):
                 condition["image_embeds"] = pipe.encode_image(frames, device=pipe.image_encoder.device)
         return condition
 
-    def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """First-frame replacement: frame 0 is the posterior mean, as the pipeline encodes the image (its mode)."""
-        latents = super().sample_latents(pipe, moments, generator)
-        if not pipe.config.get("expand_timesteps"):
-            return latents
-        mean = moments.chunk(2, dim=1)[0][:, :, :1]
-        shift, scale = self._normalisation(pipe, mean)
-        return torch.cat([(mean - shift) / scale, latents[:, :, 1:]], dim=2)
-
     def objective(self, pipe, params: ObjectiveParams | None = None):
         base = super().objective(pipe, params)
         return FirstFrameConditioned(base) if pipe.config.get("expand_timesteps") else base
