@@ -153,6 +153,16 @@ def test_two_processes_encode_disjoint_shares_that_add_up_to_one_process_cache(c
     assert {p.name for p in two.prompts_dir.iterdir()} == {p.name for p in one.prompts_dir.iterdir()}
 
 
+def test_a_failing_precompute_process_stops_the_others_and_says_why(curated, tmp_path):
+    from vidtune.training.precompute_launch import precompute_processes
+
+    output, _, _ = curated
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    with pytest.raises(RuntimeError, match=r"precompute process [01] of 2 failed: \w+Error: .*no-model"):
+        precompute_processes(shards, "wan", str(tmp_path / "no-model"), tmp_path / "cache", PrecomputeParams(), [], 2)
+    assert not list((tmp_path / "cache").glob(".precompute-*"))  # the job and status files are removed
+
+
 def test_new_weights_in_the_same_folder_get_a_new_fingerprint(tiny_wan, tmp_path):
     family, pipe, model = tiny_wan
     folder = build_tiny_wan(tmp_path / "model", seed=1)

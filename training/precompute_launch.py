@@ -1,16 +1,19 @@
 """Precompute in several processes, one per GPU: `python -m vidtune.training.precompute_launch JOB.json RANK WORLD`.
 
-`precompute_processes` writes JOB.json beside the cache, starts WORLD of these at once and adds up what they did.
+`precompute_processes` writes JOB.json (a hidden file in the cache root), starts WORLD of these at once and adds up
+what they did.
 Each loads the VAE and text encoders on its own GPU (`cuda:RANK`; the CPU without one) and encodes the clips whose
-id hashes to its rank (`vidtune.training.cache.precompute`), reporting how many it has finished in
-`.precompute-RANK.json`; a process that fails leaves its error there, and the others are stopped.
+id hashes to its rank (`vidtune.training.cache.precompute`), reporting how many it has finished in a
+status file beside JOB.json; a process that fails leaves its error there, and the others are stopped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -27,7 +30,7 @@ POLL_S = 1.0
 
 
 def _status_file(job_file: Path, rank: int) -> Path:
-    return job_file.with_name(f".precompute-{rank}.json")
+    return job_file.with_name(f"{job_file.stem}-{rank}.json")
 
 
 def _read_status(path: Path) -> dict:
@@ -51,7 +54,9 @@ def precompute_processes(
     A failing process stops the rest and is raised here with its message (its clips are encoded by the next run)."""
     report = on_clip or (lambda done: None)
     cache_root.mkdir(parents=True, exist_ok=True)
-    job_file = cache_root / ".precompute-job.json"
+    fd, name = tempfile.mkstemp(prefix=".precompute-", suffix=".json", dir=cache_root)  # one per run: runs may share
+    os.close(fd)
+    job_file = Path(name)
     job = {
         "shards": shards,
         "family": family_name,
@@ -79,6 +84,8 @@ def precompute_processes(
                 child.terminate()
             child.wait()
     statuses = [_read_status(p) for p in status_files]
+    for path in (job_file, *status_files):
+        path.unlink(missing_ok=True)
     for rank, (child, status) in enumerate(zip(children, statuses, strict=True)):
         if child.returncode != 0 or "result" not in status:
             why = status.get("error") or f"exit code {child.returncode}; see its output above"
