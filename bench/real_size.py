@@ -13,7 +13,8 @@ at bf16. GB and MB are 10^9 and 10^6 bytes.
 With --gpu (a CUDA machine only): Wan LoRA rank 32 training at 81 x 480 x 832 in bf16 with random weights at the
 published sizes (no download), each leg in its own process: the 1.3B with gradient checkpointing on and off, fp8
 cast and scaled, and each attention backend installed; the 14B with block swap under a 24 GB cap, bf16 and fp8
-scaled. Peak memory and s/step, against SimpleTuner's published figures. Not yet run on a GPU by us.
+scaled; and block swap against the resident model with both CUDA streams delayed (equal loss and gradients).
+Peak memory and s/step, against SimpleTuner's published figures. Not yet run on a GPU by us.
 `--gpu --dry-run` runs every leg at tiny sizes on the CPU in seconds (the test suite does, so it cannot rot).
 """
 
@@ -165,7 +166,7 @@ def runnable(name: str, dry_run: bool) -> str | None:
     """Why leg `name` cannot run here, or None."""
     from vidtune.training.params import attention_backend_problem
 
-    leg = LEGS[name]
+    leg = LEGS.get(name, Leg("wan"))
     if leg.attention != "native":
         if dry_run and leg.attention == "flex":
             return "flex attention on a CPU compiles for minutes"
@@ -274,10 +275,84 @@ def gpu_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dic
     }
 
 
+SWAP_CHECK = "1.3b-swap-equal"  # a leg of its own: block swap against the resident model, with the streams delayed
+SLEEP_CYCLES = 20_000_000  # ~10 ms on an H100: longer than a small block's copy or compute
+
+
+def swap_check(rank: int, dry_run: bool) -> dict:
+    """The 1.3B (29 of its 30 blocks swapped) against itself resident, at a small size: loss and LoRA gradients
+    after two steps must agree. On CUDA every swap copy first sleeps on the side stream and every block's compute
+    first sleeps on the compute stream, so a missing wait (compute reading weights not yet copied) or an early
+    free (a copy landing in memory the compute stream still reads) shows as a different result instead of
+    passing by luck of timing. On the CPU (--dry-run) the same code runs at tiny sizes without the sleeps."""
+    from vidtune.training.families.base import TextEmbeddings
+    from vidtune.training.offload import BlockSwap
+
+    device = "cpu" if dry_run else "cuda"
+    shape = (1, 16, 3, 16, 16) if not dry_run else latent_shape(True)  # 9 x 128 x 128 pixels on a GPU
+    family = get_family("wan")
+    results = {}
+    for swap in (0, 29):
+        leg = Leg("wan", blocks_to_swap=swap)
+        sleeps = []
+        if device == "cuda" and swap:
+            original_fill = BlockSwap._fill
+
+            def slow_fill(block, non_blocking, _fill=original_fill):
+                torch.cuda._sleep(SLEEP_CYCLES)  # on the side stream: the copy lands late
+                return _fill(block, non_blocking)
+
+            BlockSwap._fill = staticmethod(slow_fill)
+            sleeps.append(lambda: setattr(BlockSwap, "_fill", staticmethod(original_fill)))
+        try:
+            torch.manual_seed(0)  # the LoRA's initial weights
+            transformer = transformer_for_training(leg, rank, dry_run, device)
+            if device == "cuda" and swap:
+                for block in transformer.blocks:  # the compute stream runs late: frees must wait for it
+                    block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(SLEEP_CYCLES))
+            part = tiny_spec("wan").parts["transformer"]
+            pipe = SimpleNamespace(scheduler=published_scheduler(part.repo), transformer=transformer, config={})
+            objective = family.objective(pipe, None)
+            generator = torch.Generator(device).manual_seed(0)
+            latents = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator)
+            text_shape = (1, 16 if dry_run else 512, transformer.config.text_dim)
+            text = TextEmbeddings(torch.randn(text_shape, device=device, dtype=torch.bfloat16, generator=generator))
+            trainable = [p for p in transformer.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+            losses = []
+            for _ in range(2):
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    inputs = objective.inputs(latents, generator)
+                    pred = family.predict(pipe, inputs, text, denoiser=transformer)
+                loss = ((pred.float() - inputs.target.float()) ** 2).mean()
+                loss.backward()
+                grads = torch.cat([p.grad.float().flatten() for p in trainable])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            results[swap] = (losses, grads.cpu())
+        finally:
+            for undo in sleeps:
+                undo()
+    (resident_losses, resident_grads), (swap_losses, swap_grads) = results[0], results[29]
+    error = ((swap_grads - resident_grads).norm() / resident_grads.norm()).item()
+    return {
+        "leg": SWAP_CHECK,
+        "model": "wan",
+        "losses": [resident_losses, swap_losses],
+        "grad_relative_error": error,
+        "agree": error < 1e-2 and all(abs(a - b) <= 1e-2 * abs(a) for a, b in zip(resident_losses, swap_losses)),
+    }
+
+
+def one_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dict:
+    return swap_check(rank, dry_run) if name == SWAP_CHECK else gpu_leg(name, steps, warmup, rank, dry_run)
+
+
 def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
     """Each leg in a fresh interpreter, so peak memory is that leg's alone; a leg that fails is reported, not fatal."""
     results = []
-    for leg in LEGS:
+    for leg in [*LEGS, SWAP_CHECK]:
         why_not = runnable(leg, args.dry_run)
         if why_not:
             results.append({"leg": leg, "skipped": why_not})
@@ -285,9 +360,8 @@ def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
             continue
         if args.dry_run:  # on the CPU nothing is to be isolated: every leg in this process, in seconds
             started = time.perf_counter()
-            results.append(
-                gpu_leg(leg, args.steps, args.warmup, args.rank, True) | {"wall_s": time.perf_counter() - started}
-            )
+            result = one_leg(leg, args.steps, args.warmup, args.rank, True)
+            results.append(result | {"wall_s": time.perf_counter() - started})
             print(f"  {leg}: done", flush=True)
             continue
         cmd = [sys.executable, __file__, "--gpu-leg", leg, "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -312,6 +386,12 @@ def print_gpu_table(results: list[dict], rank: int, dry_run: bool) -> None:
         if "error" in r or "skipped" in r:
             print(f"  {r['leg']:20s} {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
             continue
+        if r["leg"] == SWAP_CHECK:
+            verdict = "agree" if r["agree"] else "DIFFER"
+            print(
+                f"  {r['leg']:20s} swap vs resident, streams delayed: {verdict} (gradient error {r['grad_relative_error']:.1e})"
+            )
+            continue
         seconds, gib = PUBLISHED[r["model"]]
         peak = r["peak_mb"] / 1024
         ratio = "" if dry_run else f"   {r['s_per_step'] / seconds:.2f}x, {peak / gib:.2f}x of {seconds} s, {gib} GiB"
@@ -327,14 +407,16 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="With --gpu: every leg at tiny sizes on the CPU.")
     parser.add_argument("--steps", type=int, default=5, help="GPU: optimizer steps per leg.")
     parser.add_argument("--warmup", type=int, default=2, help="GPU: steps left out of s/step.")
-    parser.add_argument("--gpu-leg", choices=LEGS, help=argparse.SUPPRESS)  # internal: one leg, in a child
+    parser.add_argument(
+        "--gpu-leg", choices=[*LEGS, SWAP_CHECK], help=argparse.SUPPRESS
+    )  # internal: one leg, in a child
     args = parser.parse_args()
     if (args.gpu or args.gpu_leg) and not args.dry_run and not torch.cuda.is_available():
         parser.error(
             "--gpu needs a CUDA GPU (torch.cuda.is_available() is False here); without it this prints the size tables"
         )
     if args.gpu_leg:
-        print(json.dumps(gpu_leg(args.gpu_leg, args.steps, args.warmup, args.rank, args.dry_run)))
+        print(json.dumps(one_leg(args.gpu_leg, args.steps, args.warmup, args.rank, args.dry_run)))
         return
     if args.gpu:
         if args.steps <= args.warmup:

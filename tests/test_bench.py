@@ -30,6 +30,8 @@ def test_the_gpu_legs_run_at_tiny_sizes_on_the_cpu(tmp_path):
     # A backend that is not installed is skipped, saying which package it needs.
     assert all("cannot run here" in r["skipped"] or "flex" in r["skipped"] for r in legs.values() if "skipped" in r)
     assert "s/step" in done.stdout
+    # Block swap against the resident model (on a GPU with both streams delayed): the same loss and gradients.
+    assert legs["1.3b-swap-equal"]["agree"] and legs["1.3b-swap-equal"]["grad_relative_error"] == 0.0
 
 
 def test_the_cache_size_bench_reports_wan_clips_under_half_their_former_bytes(tmp_path):
