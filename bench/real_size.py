@@ -12,8 +12,9 @@ at bf16. GB and MB are 10^9 and 10^6 bytes.
 
 With --gpu (a CUDA machine only): Wan LoRA rank 32 training at 81 x 480 x 832 in bf16 with random weights at the
 published sizes (no download), each leg in its own process: the 1.3B with gradient checkpointing on and off, fp8
-cast and scaled, and each attention backend installed; the 14B with block swap under a 24 GB cap, bf16 and fp8
-scaled; and block swap against the resident model with both CUDA streams delayed (equal loss and gradients).
+cast and scaled, and each attention backend installed; the 14B under a 24 GiB cap: 81 frames with all 40 blocks
+swapped (the memory plan says it does not fit) and 49 frames with fp8 scaled and blocks_to_swap=auto; and block swap against the resident model with both CUDA streams delayed (equal loss and gradients).
+Each leg prints the memory plan's estimate (`vidtune plan`) beside its measured peak.
 Peak memory and s/step, against SimpleTuner's published figures. Not yet run on a GPU by us.
 `--gpu --dry-run` runs every leg at tiny sizes on the CPU in seconds (the test suite does, so it cannot rot).
 """
@@ -139,8 +140,9 @@ class Leg:
     checkpointing: bool = True
     fp8: str = "none"
     attention: str = "native"
-    blocks_to_swap: int = 0
+    blocks_to_swap: int | str = 0  # "auto": as the memory plan resolves it under the leg's cap
     memory_cap_gib: float | None = None  # torch.cuda.set_per_process_memory_fraction: a smaller card
+    frames: int = 81
 
 
 LEGS = {
@@ -149,16 +151,18 @@ LEGS = {
     "1.3b-fp8-cast": Leg("wan", fp8="cast"),
     "1.3b-fp8-scaled": Leg("wan", fp8="scaled"),
     **{f"1.3b-{b}": Leg("wan", attention=b) for b in ("flash", "_flash_3", "sage", "flex")},  # where installed
-    "14b-swap-24gb": Leg("wan-14b", blocks_to_swap=30, memory_cap_gib=24),
-    "14b-fp8-swap-24gb": Leg("wan-14b", fp8="scaled", blocks_to_swap=20, memory_cap_gib=24),
+    # The memory plan puts the 14B's 81-frame step over 24 GB even with every block swapped (the activations
+    # alone are ~26 GB): the first leg checks that verdict; the second trains 49 frames, swap sized by the plan.
+    "14b-swap-24gb": Leg("wan-14b", blocks_to_swap=40, memory_cap_gib=24),
+    "14b-fp8-swap-24gb-49f": Leg("wan-14b", fp8="scaled", blocks_to_swap="auto", memory_cap_gib=24, frames=49),
 }
 # Published figures to compare with: SimpleTuner's Wan 2.1 LoRA r16, 832 x 480 x 81, per-block checkpointing, H100.
 PUBLISHED = {"wan": (2.10, 4.73), "wan-14b": (7.16, 16.3)}  # (s/step, GiB)
 FRAMES, HEIGHT, WIDTH = 81, 480, 832
 
 
-def latent_shape(dry_run: bool) -> tuple[int, ...]:
-    frames, height, width = (9, 32, 32) if dry_run else (FRAMES, HEIGHT, WIDTH)
+def latent_shape(dry_run: bool, frames: int = FRAMES) -> tuple[int, ...]:
+    frames, height, width = (9, 32, 32) if dry_run else (frames, HEIGHT, WIDTH)
     return (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)  # Wan VAE: 4x in time after frame 0, 8x in space
 
 
@@ -172,6 +176,27 @@ def runnable(name: str, dry_run: bool) -> str | None:
             return "flex attention on a CPU compiles for minutes"
         return attention_backend_problem(leg.attention)
     return None
+
+
+def leg_plan(leg: Leg, rank: int) -> tuple[int, float]:
+    """(blocks to swap, the memory plan's GiB) for the leg at its published size: `auto` resolved by the plan under
+    the leg's cap (what `finetune` does with the GPU's memory), and the estimate to print beside the measured peak."""
+    from vidtune.training.memory_plan import CUDA_RESERVE, plan_memory
+    from vidtune.training.model_footprint import Bucket
+    from vidtune.training.params import TrainParams
+
+    params = TrainParams(
+        rank=rank,
+        max_steps=1,
+        fp8=leg.fp8,
+        gradient_checkpointing=leg.checkpointing,
+        offload="blocks" if leg.blocks_to_swap else "none",
+        blocks_to_swap=leg.blocks_to_swap,
+    )
+    vram = int(leg.memory_cap_gib * 2**30) if leg.memory_cap_gib else None
+    repo = tiny_spec(leg.model).parts["transformer"].repo
+    plan = plan_memory(repo, params, [Bucket(leg.frames, HEIGHT, WIDTH)], vram, family="wan")
+    return int(plan.settings["blocks_to_swap"]), (plan.device_bytes - CUDA_RESERVE) / 2**30
 
 
 def random_transformer(leg: Leg, dry_run: bool, device: str) -> torch.nn.Module:
@@ -205,7 +230,7 @@ def to_bf16_as_loaded(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def transformer_for_training(leg: Leg, rank: int, dry_run: bool, device: str) -> torch.nn.Module:
+def transformer_for_training(leg: Leg, rank: int, dry_run: bool, device: str, swap: int = 0) -> torch.nn.Module:
     """The trainer's own set-up of a denoiser (`_make_denoiser_trainable`: fp8 storage, LoRA in fp32,
     checkpointing), with the leg's attention backend first and its block swap last, as `_prepare_model` orders them."""
     from vidtune.training.offload import BlockSwap, transformer_blocks
@@ -218,9 +243,9 @@ def transformer_for_training(leg: Leg, rank: int, dry_run: bool, device: str) ->
         transformer.set_attention_backend(leg.attention)
     params = TrainParams(rank=rank, max_steps=1, fp8=leg.fp8, gradient_checkpointing=leg.checkpointing)
     _make_denoiser_trainable(SimpleNamespace(params=params, export_comfyui=False), family, transformer, torch.bfloat16)
-    if leg.blocks_to_swap:
+    if swap:
         blocks = transformer_blocks(transformer, family.block_lists)
-        transformer.swap = BlockSwap(blocks, min(leg.blocks_to_swap, len(blocks) - 1), torch.device(device))
+        transformer.swap = BlockSwap(blocks, min(swap, len(blocks) - 1), torch.device(device))
         transformer.to(device)
     return transformer
 
@@ -235,7 +260,8 @@ def gpu_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dic
     if leg.memory_cap_gib and not dry_run:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, leg.memory_cap_gib * 2**30 / total))
-    transformer = transformer_for_training(leg, rank, dry_run, device)
+    swap, plan_gib = leg_plan(leg, rank)
+    transformer = transformer_for_training(leg, rank, dry_run, device, swap)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     family = get_family("wan")
@@ -243,7 +269,7 @@ def gpu_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dic
     pipe = SimpleNamespace(scheduler=published_scheduler(part.repo), transformer=transformer, config={})
     objective = family.objective(pipe, None)
     text_dim = transformer.config.text_dim
-    latents = torch.randn(latent_shape(dry_run), device=device, dtype=torch.bfloat16)
+    latents = torch.randn(latent_shape(dry_run, leg.frames), device=device, dtype=torch.bfloat16)
     text = TextEmbeddings(torch.randn((1, 16 if dry_run else 512, text_dim), device=device, dtype=torch.bfloat16))
     generator = torch.Generator(device).manual_seed(0)
     cuda = device == "cuda"
@@ -266,6 +292,9 @@ def gpu_leg(name: str, steps: int, warmup: int, rank: int, dry_run: bool) -> dic
     return {
         "leg": name,
         "model": leg.model,
+        "frames": leg.frames,
+        "blocks_to_swap": swap,
+        "plan_gib": plan_gib,
         "setup_mb": setup_mb,
         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
         "reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if cuda else 0.0,
@@ -306,7 +335,7 @@ def swap_check(rank: int, dry_run: bool) -> dict:
             sleeps.append(lambda: setattr(BlockSwap, "_fill", staticmethod(original_fill)))
         try:
             torch.manual_seed(0)  # the LoRA's initial weights
-            transformer = transformer_for_training(leg, rank, dry_run, device)
+            transformer = transformer_for_training(leg, rank, dry_run, device, swap)
             if device == "cuda" and swap:
                 for block in transformer.blocks:  # the compute stream runs late: frees must wait for it
                     block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(SLEEP_CYCLES))
@@ -379,23 +408,29 @@ def run_gpu_legs(args: argparse.Namespace) -> list[dict]:
 
 
 def print_gpu_table(results: list[dict], rank: int, dry_run: bool) -> None:
-    size = "tiny sizes on the CPU (--dry-run)" if dry_run else f"{FRAMES} x {HEIGHT} x {WIDTH}"
-    print(f"\nWan LoRA rank {rank}, {size}, bf16, batch 1; published: SimpleTuner r16 on an H100")
-    print(f"  {'leg':20s} {'peak GiB':>9s} {'s/step':>8s} {'loss':>8s} {'wall s':>7s}   vs published (s/step, GiB)")
+    size = "tiny sizes on the CPU (--dry-run)" if dry_run else f"F x {HEIGHT} x {WIDTH}"
+    print(f"\nWan LoRA rank {rank}, {size}, bf16, batch 1; published: SimpleTuner r16 on an H100 at 81 frames")
+    print("  plan GiB: the memory plan's estimate at the leg's published size, less its 1 GB reserve")
+    header = f"  {'leg':22s} {'F':>3s} {'swap':>4s} {'plan GiB':>9s} {'peak GiB':>9s} {'s/step':>8s} {'loss':>8s}"
+    print(f"{header} {'wall s':>7s}   vs published (s/step, GiB)")
     for r in results:
         if "error" in r or "skipped" in r:
-            print(f"  {r['leg']:20s} {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
+            print(f"  {r['leg']:22s} {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
             continue
         if r["leg"] == SWAP_CHECK:
             verdict = "agree" if r["agree"] else "DIFFER"
-            print(
-                f"  {r['leg']:20s} swap vs resident, streams delayed: {verdict} (gradient error {r['grad_relative_error']:.1e})"
-            )
+            error = r["grad_relative_error"]
+            print(f"  {r['leg']:22s} swap vs resident, streams delayed: {verdict} (gradient error {error:.1e})")
             continue
         seconds, gib = PUBLISHED[r["model"]]
         peak = r["peak_mb"] / 1024
-        ratio = "" if dry_run else f"   {r['s_per_step'] / seconds:.2f}x, {peak / gib:.2f}x of {seconds} s, {gib} GiB"
-        print(f"  {r['leg']:20s} {peak:9.2f} {r['s_per_step']:8.2f} {r['loss']:8.4f} {r['wall_s']:7.1f}{ratio}")
+        ratio = ""
+        if not dry_run and r["frames"] == FRAMES:
+            ratio = f"   {r['s_per_step'] / seconds:.2f}x, {peak / gib:.2f}x of {seconds} s, {gib} GiB"
+        print(
+            f"  {r['leg']:22s} {r['frames']:3d} {r['blocks_to_swap']:4d} {r['plan_gib']:9.2f} {peak:9.2f} "
+            f"{r['s_per_step']:8.2f} {r['loss']:8.4f} {r['wall_s']:7.1f}{ratio}"
+        )
 
 
 def main() -> None:

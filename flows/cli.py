@@ -164,6 +164,91 @@ def finetune(
 
 
 @app.command()
+def plan(
+    model: Annotated[
+        str, typer.Option("--model", help="Base model: a local diffusers folder or a hub id (published ones: offline).")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    vram: Annotated[
+        str | None,
+        typer.Option("--vram", help="GPU memory to fit: 24GB (10^9 bytes), 24GiB or 24 (GB); default: this GPU's."),
+    ] = None,
+    bucket: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bucket",
+            metavar="FxHxW",
+            help="A clip size to plan for, e.g. 81x480x832 (repeatable); default: the config's frame buckets at its "
+            "clip sizes, or its data folder's buckets when it holds a curated dataset.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Estimate the GPU memory one training step of MODEL takes at a finetune config's settings and clip sizes.
+
+    Line by line: the weights by dtype (fp8 and block swap included), the LoRA or trained weights, gradients and
+    optimizer state, the activations (calibrated per family, with or without checkpointing) and the latent cache's
+    size; then whether it fits --vram and the fastest settings that do (fp8, blocks_to_swap, buckets to leave out).
+    Without --config: the family's defaults (a LoRA, the default buckets at 832x480 and its transpose and square).
+    """
+    from vidtune.training.memory_plan import device_memory, parse_vram, plan_memory
+    from vidtune.training.model_footprint import Bucket
+
+    try:
+        params, family, buckets, data_source = _plan_inputs(model, config, set_ or [])
+        vram_bytes = parse_vram(vram) if vram else device_memory()
+        if vram_bytes is None:
+            _fail("--vram: there is no GPU here to measure; give the memory to plan for, e.g. --vram 24GB")
+        if bucket:
+            buckets = dict.fromkeys(Bucket.parse(b) for b in bucket)
+        result = plan_memory(model, params, buckets, vram_bytes, family, data_source)
+    except ValueError as exc:  # ParamError too
+        _fail(str(exc))
+    typer.echo(result.model_dump_json(indent=2) if as_json else result.table())
+
+
+def _plan_inputs(model: str, config: Path | None, overrides: list[str]):
+    """What `vidtune plan` reads of a finetune config and --set: the trainer's settings, the family, the data
+    source and the buckets (the data folder's, with their clip counts, when it holds a curated dataset; else the
+    frame buckets at the clip sizes). Other finetune settings are accepted and not used."""
+    from pydantic import ValidationError
+
+    from vidtune.flows.config import format_validation_error, load_values
+    from vidtune.flows.finetune import FinetuneParams
+    from vidtune.tasks.clips import ClipParams
+    from vidtune.training.cache import STILL_FRAMES, PrecomputeParams, frame_buckets
+    from vidtune.training.data import summarize_dataset
+    from vidtune.training.families import get_family
+    from vidtune.training.layout import DatasetLayout
+    from vidtune.training.model_footprint import Bucket, model_family
+    from vidtune.training.params import TrainParams
+
+    values = load_values(base={"model": model}, config=config, overrides=overrides)
+    unknown = sorted(set(values) - set(FinetuneParams.model_fields))
+    if unknown:
+        raise ParamError("invalid parameters:\n" + "\n".join(f"  {key}: unknown parameter" for key in unknown))
+    try:  # for the machine planned for, not this one: no check that an attention backend is installed here
+        params = TrainParams.model_validate(
+            {k: v for k, v in values.items() if k in TrainParams.model_fields}, context={"remote": True}
+        )
+        precompute = PrecomputeParams.model_validate(values.get("precompute") or {})
+        clips = ClipParams.model_validate((values.get("curate") or {}).get("clips") or {})
+    except ValidationError as exc:
+        raise ParamError(format_validation_error(exc)) from None
+    family = get_family(values["family"]) if values.get("family") else model_family(model)
+    lengths = frame_buckets(family, precompute)
+    data = values.get("data") or (values.get("curate") or {}).get("output")
+    if data and DatasetLayout(Path(data).expanduser()).shard_files():
+        counts = summarize_dataset(Path(data).expanduser(), lengths, family.name).buckets
+        buckets = {Bucket.parse(key): clips for key, clips in counts.items()}
+    else:
+        sizes = clips.sizes()
+        buckets = {Bucket(f, h, w): None for f in lengths if f != STILL_FRAMES for w, h in sizes}
+    return params, family, buckets, values.get("data_source", "cache")
+
+
+@app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished `vidtune finetune` --out folder.")],
     config: ConfigOpt = None,

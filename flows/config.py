@@ -92,7 +92,8 @@ def format_validation_error(exc: ValidationError, section: str | None = None) ->
     return "invalid parameters:\n" + "\n".join(lines)
 
 
-def build_params(model: type[M], *, base: dict, config: Path | None = None, overrides: list[str] = ()) -> M:
+def load_values(*, base: dict, config: Path | None = None, overrides: list[str] = ()) -> dict:
+    """The parameters of a YAML file, `base` (a command's arguments) and `--set` overrides, merged in that order."""
     values: dict = {}
     if config is not None:
         try:
@@ -102,7 +103,11 @@ def build_params(model: type[M], *, base: dict, config: Path | None = None, over
         if not isinstance(loaded, dict):
             raise ParamError(f"--config {config}: expected a mapping of parameters at the top level")
         values = deep_merge(values, loaded)
-    values = deep_merge(deep_merge(values, base), parse_overrides(list(overrides)))  # arguments beat the file
+    return deep_merge(deep_merge(values, base), parse_overrides(list(overrides)))  # arguments beat the file
+
+
+def build_params(model: type[M], *, base: dict, config: Path | None = None, overrides: list[str] = ()) -> M:
+    values = load_values(base=base, config=config, overrides=overrides)
     try:
         return model.model_validate(values)
     except ValidationError as exc:

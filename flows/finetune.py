@@ -38,6 +38,7 @@ from vidtune.training.families import get_family, model_index
 from vidtune.training.families.objectives import check_objective_params
 from vidtune.training.job import TrainJob
 from vidtune.training.layout import DatasetLayout
+from vidtune.training.memory_plan import check_before_training, device_memory
 from vidtune.training.params import RunTarget, TrainParams
 from vidtune.training.tracking import default_tracking_uri
 
@@ -116,6 +117,26 @@ def _holdout(params: FinetuneParams, dataset) -> Holdout:
     if previous is not None:
         return Holdout(previous.holdout_clip_ids, previous.holdout_note)
     return dataset.holdout(params.holdout_clips)
+
+
+def _memory_plan(params: FinetuneParams, family, buckets: dict[str, int], logger) -> FinetuneParams:
+    """The memory plan against this machine's GPU, logged (a warning naming the recommendation when the estimate
+    exceeds the GPU's memory), with `blocks_to_swap: auto` resolved from it. Without a GPU: nothing to compare (and
+    auto refused). A plan that cannot be made is a warning: the estimate only advises."""
+    device = device_memory()
+    if device is None and params.blocks_to_swap != "auto":
+        return params
+    try:
+        check = check_before_training(params.model, family, params, dict(buckets), device, params.data_source)
+    except Exception as exc:  # noqa: BLE001 - advice only, unless auto needs it
+        if params.blocks_to_swap == "auto":
+            raise
+        logger.warning("memory plan: not made (%s: %s)", type(exc).__name__, exc)
+        return params
+    logger.info("%s", check.plan.table())
+    if check.warning:
+        logger.warning(check.warning)
+    return params.model_copy(update={"blocks_to_swap": check.blocks_to_swap})
 
 
 def _train_params(params: FinetuneParams) -> TrainParams:
@@ -212,6 +233,7 @@ def finetune(
     dataset = check_dataset_task(params.data, buckets, family.name)  # before any model is loaded
     for key in dataset.buckets:  # sizes the model cannot take fail here, naming the setting
         family.check_clip_size(params.model, *parse_bucket_key(key))
+    params = _memory_plan(params, family, dataset.buckets, logger)  # blocks_to_swap=auto resolved here
     if params.run_evaluation and params.evaluation.clip_model:  # loaded now: a download that fails stops no training
         load_clip(params.evaluation.clip_model, params.evaluation.clip_pretrained, prefix="evaluation.")  # on the CPU
 

@@ -4,7 +4,7 @@ extends it with the data and model, so these names are also the `--set` keys and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -131,10 +131,11 @@ class TrainParams(ObjectiveParams):
         description="blocks: keep the frozen weights of `blocks_to_swap` transformer blocks in host memory and bring "
         "each to the GPU only while it computes, forward and backward (a 14B Wan on a 24 GB card).",
     )
-    blocks_to_swap: int = Field(
+    blocks_to_swap: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         0,
-        ge=0,
-        description="With offload=blocks: how many of the denoiser's blocks swap (the first N; more: less memory, slower).",
+        description="With offload=blocks: how many of the denoiser's blocks swap (the first N; more: less memory, "
+        "slower), or auto: the fewest that make the memory plan's estimate fit the GPU (resolved when finetune "
+        "starts; refused without a GPU).",
     )
     checkpoint_every: int = Field(
         500,
@@ -200,8 +201,10 @@ class TrainParams(ObjectiveParams):
             self.fp8 = "cast"
         if self.fp8 != "none" and self.training_type != "lora":
             raise ValueError("fp8: only with training_type=lora (fully trained weights stay in full precision)")
-        if self.offload == "blocks" and self.blocks_to_swap < 1:
+        if self.offload == "blocks" and self.blocks_to_swap != "auto" and self.blocks_to_swap < 1:
             raise ValueError("blocks_to_swap: offload=blocks needs at least 1 block to swap")
+        if self.offload == "none" and self.blocks_to_swap == "auto":
+            raise ValueError("blocks_to_swap: auto sizes the swap of offload=blocks; set offload=blocks, or leave it 0")
         if self.offload == "none" and self.blocks_to_swap:
             raise ValueError(f"blocks_to_swap: {self.blocks_to_swap} blocks swap only with offload=blocks")
         if on_this_machine and self.attention_backend != "native":

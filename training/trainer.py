@@ -140,14 +140,14 @@ def batch_loss(
     expert: Expert | None = None,
     on_inputs: Callable[[TrainingInputs], None] | None = None,
 ) -> torch.Tensor:
-    """Weighted denoising loss on one batch: cached moments (or video encoded now) -> noisy latents -> prediction.
+    """Weighted denoising loss on one batch: cached latents (or video encoded now) -> noisy latents -> prediction.
     `objective`: the family's, built once per run (default: from the model's config with default settings);
     `expert`: a two-expert model's expert being trained (noise levels drawn in its range); `denoiser` None: the
     model's own (for two experts, the one its pipeline uses at each timestep); `on_inputs`: told the drawn inputs."""
     device = getattr(pipe, expert.module if expert else family.denoiser_name).device  # the VAE may wait on the CPU
-    moments, text, condition = encode_batch(family, pipe, batch, dtype, device)
+    encoded, text, condition = encode_batch(family, pipe, batch, dtype, device)
     objective = objective or family.objective(pipe)
-    latents = family.sample_latents(pipe, moments)
+    latents = family.sample_latents(pipe, encoded)
     ranged = expert is not None and (expert.low, expert.high) != (0.0, 1.0)
     inputs = objective.inputs(latents, within=(expert.low, expert.high)) if ranged else objective.inputs(latents)
     inputs = replace(inputs, condition=condition)
@@ -857,6 +857,11 @@ def _prepare_model(job: TrainJob, family: ModelFamily, device: torch.device, dty
     waiting = {"vae", "image_encoder"} if cached else set()  # the VAE's decoder, Wan 2.1 I2V's CLIP: for samples
     waiting |= set(idle_experts(pipe, experts))  # an expert not trained: only while samples render
     swapping = params.offload == "blocks"
+    if params.blocks_to_swap == "auto":  # the finetune flow resolves it (memory_plan.check_before_training)
+        raise ValueError(
+            "blocks_to_swap: auto is resolved by the finetune flow against the GPU's memory; a train_job.json launched "
+            "directly needs a number (`vidtune plan --model MODEL --vram 24GB` recommends one)"
+        )
     for setting, value in (("offload", params.offload), ("compile", params.compile)):
         if value == "blocks" and not family.block_lists:
             raise ValueError(
