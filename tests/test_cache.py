@@ -41,6 +41,8 @@ def test_every_family_precomputes_curated_clips(curated, tmp_path, name):
     pipe = load_encoders(family, str(folder), torch.float32, "cpu")  # as the finetune flow's precompute loads it
     loaded = [c for c in family.denoiser_components if getattr(pipe, c, None) is not None]
     assert bool(loaded) == family.precompute_reads_denoiser and pipe.vae is not None
+    # A denoiser precompute reads the config of holds no weights: it is built on the meta device.
+    assert all(p.is_meta for c in loaded for p in getattr(pipe, c).parameters())
     shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))[:1]
     result = precompute(shards, family, pipe, str(folder), tmp_path / "cache", PrecomputeParams(frame_buckets=[9, 17]))
     assert result.encoded > 0

@@ -126,6 +126,8 @@ def test_an_attention_backend_that_cannot_run_is_refused_naming_its_package():
 
     with pytest.raises(ValueError, match=r"attention_backend: flash cannot run here: .*flash-attn"):
         TrainParams(attention_backend="flash")
+    with pytest.raises(ValueError, match=r"sage cannot train: SageAttention has no backward pass"):
+        TrainParams(attention_backend="sage")  # installed or not: its LoRA would get no gradients
     with pytest.raises(ValueError, match="compile: blocks is not combined with offload=blocks"):
         TrainParams(compile="blocks", offload="blocks", blocks_to_swap=1)
     assert TrainParams().attention_backend == "native"

@@ -156,6 +156,9 @@ def test_the_recommendation_for_wan_14b_swaps_on_24_gb_and_not_on_80_gb():
     assert "81x480x832: at most 5" in long.summary  # 53 or 57 frames
     no_checkpointing = plan_memory(WAN_14B, TrainParams(gradient_checkpointing=False), [PUBLISHED])
     assert no_checkpointing.device_bytes > large.device_bytes  # checkpointing lowers the estimate
+    # Wan 2.2 TI2V-5B (per-token timesteps) keeps ~1.5x what the Wan 2.1 constants say: refused, not guessed.
+    with pytest.raises(ValueError, match="TI2V-5B.*not calibrated"):
+        plan_memory("Wan-AI/Wan2.2-TI2V-5B-Diffusers", params, [PUBLISHED], vram=24 * GB)
 
 
 def test_vidtune_plan_prints_the_table_and_json(vidtune, tiny, tmp_path):

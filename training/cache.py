@@ -73,15 +73,36 @@ class PrecomputeResult:
 
 
 def load_encoders(family: ModelFamily, model: str, dtype: torch.dtype, device) -> object:
-    """The pipeline precompute encodes with: the VAE and the text (and image) encoders on `device`. The denoisers
-    are not loaded (Wan 2.2 A14B's two are 57 GB), or where the family's encoding reads their config, loaded and
-    left on the CPU."""
-    skipped = {} if family.precompute_reads_denoiser else dict.fromkeys(family.denoiser_components)
-    pipe = family.load_pipeline(model, dtype=dtype, **skipped)
+    """The pipeline precompute encodes with: the VAE and the text (and image) encoders on `device`. The denoisers'
+    weights are not loaded (Wan 2.2 A14B's two are 57 GB, and each precompute process would hold them); where the
+    family's encoding reads their config, they are built from it on the meta device (no memory)."""
+    if family.precompute_reads_denoiser:
+        denoisers = _denoiser_shells(family, model, dtype)
+    else:
+        denoisers = dict.fromkeys(family.denoiser_components)
+    pipe = family.load_pipeline(model, dtype=dtype, **denoisers)
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in family.denoiser_components:
             component.to(device)
     return pipe
+
+
+def _denoiser_shells(family: ModelFamily, model: str, dtype: torch.dtype) -> dict[str, torch.nn.Module | None]:
+    """The model's denoisers built from their configs on the meta device: their config without their weights."""
+    import diffusers
+
+    from vidtune.training.families import model_index
+
+    index, shells = model_index(model), {}
+    for name in family.denoiser_components:
+        library, class_name = index.get(name) or (None, None)
+        if class_name is None:
+            shells[name] = None  # the model has no such component (Wan 2.1's second expert)
+            continue
+        cls = getattr(diffusers, class_name)
+        with torch.device("meta"):
+            shells[name] = cls.from_config(cls.load_config(model, subfolder=name)).to(dtype)
+    return shells
 
 
 def cache_fingerprint(family: ModelFamily, pipe, model: str) -> str:
@@ -283,7 +304,7 @@ def precompute(
         if caption in prompts_seen:
             prompts_seen.move_to_end(caption)
             return prompts_seen[caption]
-        tensors = _text_tensors(family.encode_prompts(pipe, [caption]))
+        tensors = {name: t.cpu() for name, t in _text_tensors(family.encode_prompts(pipe, [caption])).items()}
         result.prompts_encoded += 1
         prompts_seen[caption] = save_tensors(tensors, metadata={"caption": caption})
         if len(prompts_seen) > PROMPT_MEMO:
@@ -309,13 +330,14 @@ def precompute(
                 result.reused += 1
             else:
                 todo.append((indexed, meta, frames, key))
+                cached[key].add(meta["clip_id"])  # a clip in two shards is encoded once
     done = result.reused + sum(result.skipped.values())
     report(done)
     appenders: dict[str, _ShardAppender] = {}
     for indexed, meta, frames, key in todo:
         video = decode_clip(files.read(indexed, {"mp4"})["mp4"], frames)
         result.videos_read += 1
-        latents = family.encode_video(pipe, video)[0].contiguous()
+        latents = family.encode_video(pipe, video)[0].contiguous().cpu()  # the video went to the VAE's device
         entry = {
             "__key__": meta["clip_id"],
             "latents.safetensors": save_tensors(

@@ -266,6 +266,8 @@ def _estimate(
         )
     largest = max(lines, key=lambda line: line.activation_bytes)
     how = "block inputs + one block recomputed" if params.gradient_checkpointing else "every block's, kept for backward"
+    if info.family.image_conditioned:  # calibrate() cannot run an image-to-video family's step without conditioning
+        how += "; image-to-video: the text-to-video constants (the image branch is not measured)"
     activations = LineItem(
         name=f"activations ({largest.bucket}, batch {params.batch_size})",
         device_bytes=largest.activation_bytes,

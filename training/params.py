@@ -117,11 +117,22 @@ class TrainParams(ObjectiveParams):
         "dequantised per layer; about half cast's error) or cast (diffusers layerwise casting, unscaled).",
     )
     fp8_storage: bool = Field(False, description="Older configs' name for fp8=cast.")
-    attention_backend: Literal["native", "flash", "_flash_3", "sage", "flex", "xformers"] = Field(
+    attention_backend: Literal["native", "flash", "_flash_3", "flex", "xformers"] = Field(
         "native",
         description="diffusers' attention backend for the denoiser: native (torch SDPA), flash (flash-attn 2), "
-        "_flash_3 (FlashAttention 3), sage (sageattention), flex (torch flex attention), xformers.",
+        "_flash_3 (FlashAttention 3), flex (torch flex attention), xformers. Not sage: it has no backward pass.",
     )
+
+    @field_validator("attention_backend", mode="before")
+    @classmethod
+    def _trainable_backend(cls, value):
+        if isinstance(value, str) and value.startswith("sage"):
+            raise ValueError(
+                f"{value} cannot train: SageAttention has no backward pass (diffusers raises NotImplementedError in "
+                "it), so the attention's LoRA would get no gradients; use flash, _flash_3, flex or native"
+            )
+        return value
+
     compile: Literal["none", "blocks"] = Field(
         "none",
         description="blocks: torch.compile each transformer block (the first steps are slower while it compiles).",

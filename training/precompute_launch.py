@@ -2,7 +2,7 @@
 
 `precompute_processes` writes JOB.json (a hidden file in the cache root), starts WORLD of these at once and adds up
 what they did.
-Each loads the VAE and text encoders on its own GPU (`cuda:RANK`; the CPU without one) and encodes the clips whose
+Each loads the VAE and text encoders on its own GPU (the only one it sees; the CPU without one) and encodes the clips whose
 id hashes to its rank (`vidtune.training.cache.precompute`), reporting how many it has finished in a
 status file beside JOB.json; a process that fails leaves its error there, and the others are stopped.
 """
@@ -70,11 +70,14 @@ def precompute_processes(
     for path in status_files:
         path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "vidtune.training.precompute_launch", str(job_file)]
-    children = [subprocess.Popen([*command, str(rank), str(processes)]) for rank in range(processes)]
+    children = [
+        subprocess.Popen([*command, str(rank), str(processes)], env=_environment(rank)) for rank in range(processes)
+    ]
+    first_failed = None  # the rank that failed on its own (the others are then stopped)
     try:
         while any(child.poll() is None for child in children):
-            failed = [c for c in children if c.poll() not in (None, 0)]
-            if failed:
+            first_failed = next((r for r, c in enumerate(children) if c.poll() not in (None, 0)), None)
+            if first_failed is not None:
                 break
             report(sum(_read_status(p).get("done", 0) for p in status_files))
             time.sleep(POLL_S)
@@ -86,11 +89,27 @@ def precompute_processes(
     statuses = [_read_status(p) for p in status_files]
     for path in (job_file, *status_files):
         path.unlink(missing_ok=True)
-    for rank, (child, status) in enumerate(zip(children, statuses, strict=True)):
-        if child.returncode != 0 or "result" not in status:
-            why = status.get("error") or f"exit code {child.returncode}; see its output above"
-            raise RuntimeError(f"precompute process {rank} of {processes} failed: {why}")
-    return _added_up([s["result"] for s in statuses])
+    failed = [r for r, (c, s) in enumerate(zip(children, statuses, strict=True)) if c.returncode or "result" not in s]
+    if failed:  # the rank that said why, else the one that exited first, over those stopped because of it
+        rank = next(
+            (r for r in failed if "error" in statuses[r]), first_failed if first_failed is not None else failed[0]
+        )
+        why = statuses[rank].get("error") or f"exit code {children[rank].returncode}; see its output above"
+        raise RuntimeError(f"precompute process {rank} of {processes} failed: {why}")
+    total = _added_up([s["result"] for s in statuses])
+    report(total.encoded + total.reused + sum(total.skipped.values()))
+    return total
+
+
+def _environment(rank: int) -> dict[str, str]:
+    """The process's environment: on a machine with GPUs, only its own GPU visible (rank modulo the GPUs, within
+    any CUDA_VISIBLE_DEVICES already set), so nothing it allocates lands on another rank's GPU."""
+    env = dict(os.environ)
+    if torch.cuda.is_available():
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = gpus[rank % len(gpus)].strip()
+    return env
 
 
 def _added_up(results: list[dict]) -> PrecomputeResult:
@@ -102,11 +121,6 @@ def _added_up(results: list[dict]) -> PrecomputeResult:
     return total
 
 
-def _device(rank: int) -> tuple[str, torch.dtype]:
-    device, dtype = placement()
-    return (f"cuda:{rank % torch.cuda.device_count()}", dtype) if device == "cuda" else (device, dtype)
-
-
 def main(argv: list[str] | None = None) -> None:
     job_file, rank, world = (argv or sys.argv[1:])[:3]
     job_file, rank, world = Path(job_file), int(rank), int(world)
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         from vidtune.training.families import get_family
 
         family = get_family(job["family"])
-        device, dtype = _device(rank)
+        device, dtype = placement()  # its own GPU, the only one it sees (`_environment`)
         pipe = load_encoders(family, job["model"], dtype, device)
         result = precompute(
             job["shards"],

@@ -69,7 +69,7 @@ class AnimateDiffFamily(ModelFamily):
         batch, channels, frames, height, width = video.shape
         images = video.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
         with torch.no_grad():
-            moments = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist.parameters
+            moments = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.parameters
         return moments.reshape(batch, frames, *moments.shape[1:]).permute(0, 2, 1, 3, 4)
 
     def sample_latents(self, pipe, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

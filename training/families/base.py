@@ -157,7 +157,7 @@ class ModelFamily(ABC):
         """(batch, 3, frames, h, w) in [-1, 1] -> what the latent cache keeps: the VAE posterior's moments (mean and
         logvar stacked on dim 1), or its mean alone where `caches_posterior` is False."""
         with torch.no_grad():
-            posterior = pipe.vae.encode(video.to(pipe.vae.dtype)).latent_dist
+            posterior = pipe.vae.encode(video.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
         return posterior.parameters if self.caches_posterior else posterior.mode()
 
     @abstractmethod
