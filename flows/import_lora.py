@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vidtune.flows.evaluate import EvaluateParams, EvaluationParams, RegisterParams, RegistryParams, evaluate, register
 from vidtune.flows.gpu import GpuSlotParams, gpu_slot
 from vidtune.flows.names import run_name
+from vidtune.tasks.evaluate_tasks import load_clip
 from vidtune.tasks.files import sha256_of
 from vidtune.tasks.finetune_tasks import check_dataset_task, resolve_family_task
 from vidtune.training.data import Holdout
@@ -148,6 +149,8 @@ def import_lora(params: ImportLoraParams) -> dict:
     family = resolve_family_task(params.model, params.family)
     get_family(family).check_model(params.model)  # e.g. wan-i2v named on a text-to-video Wan: said before loading
     check_expert_files(params.file, params.file_2, model_index(params.model), params.model)
+    if params.evaluation.clip_model:  # loaded now (on the CPU), named as typed: a failed download stops nothing later
+        load_clip(params.evaluation.clip_model, params.evaluation.clip_pretrained, prefix="evaluation.")
 
     buckets = params.frame_buckets or list(get_family(family).frame_buckets)
     dataset = check_dataset_task(params.data, buckets, family) if params.data else None

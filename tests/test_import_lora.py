@@ -160,3 +160,20 @@ def test_a_second_file_is_refused_for_one_denoiser_and_a_low_noise_file_as_the_f
         check_expert_files("style_low_noise.safetensors", "style_high_noise.safetensors", config, a14b)
     with pytest.raises(ValueError, match=r"^file_2: b_HIGH-noise.safetensors is named as the high-noise expert's"):
         check_expert_files("a.safetensors", "b_HIGH-noise.safetensors", config, a14b)
+
+
+def test_a_clip_model_that_cannot_load_is_refused_before_conversion_naming_the_evaluation_keys(
+    a14b, prefect_api, vidtune, tmp_path
+):
+    """The keys as users type them (`--set evaluation.clip_pretrained=...`), not the evaluate flow's own names."""
+    (tmp_path / "style.safetensors").write_bytes(b"refused before it is read")
+    code, printed = vidtune(
+        "import-lora",
+        str(tmp_path / "style.safetensors"),
+        "--model",
+        a14b,
+        "--set",
+        f"evaluation.clip_pretrained={tmp_path / 'no-such-weights.bin'}",
+    )
+    assert code == 2 and "evaluation.clip_model/evaluation.clip_pretrained: cannot load open_clip" in printed
+    assert "--set evaluation.clip_pretrained=PATH" in printed and "converted by" not in printed  # before conversion

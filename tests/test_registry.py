@@ -639,3 +639,18 @@ def test_promotion_emits_a_prefect_event_an_automation_can_react_to(runs, prefec
     assert created.returncode == 0 and "Created automation 'evaluate each new vidtune champion'" in created.stdout, (
         created.stdout + created.stderr
     )
+
+
+def test_importing_the_pyfunc_model_prints_no_library_warning():
+    """MLflow warns on every import of a PythonModel whose `predict` has no type hint ("Add type hints ..."), and
+    `vidtune ... --list-params` printed it first; the DataFrame hint keeps MLflow quiet and infers no schema."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "import vidtune.evaluation.pyfunc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Add type hints" not in done.stderr, done.stderr[-2000:]
