@@ -684,6 +684,8 @@ def main(argv: list[str] | None = None) -> None:  # the `vidtune` console script
     from vidtune.flows.server import announce, use_local_server, wait_for_server
     from vidtune.flows.worker import ensure_worker, hand_off, wants_worker
 
+    if not sys.stderr.isatty():  # a log file or pipe: no carriage-return download bars (the worker inherits it)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     argv = sys.argv[1:] if argv is None else argv
     say = lambda message: console.print(escape(message), style="dim", highlight=False, soft_wrap=True)  # noqa: E731
     flags = {"--help", "-h", "--list-params"}

@@ -162,6 +162,8 @@ def launch_server(say=print) -> tuple[ServerState, bool]:
         env.pop("PREFECT_API_URL", None)
         env.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{database}")
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        # Under a watch of its state file: with VIDTUNE_HOME deleted, nothing could stop it, so the watch does.
+        command = [sys.executable, str(Path(__file__).with_name("home_watch.py")), str(_state_path()), "--", *command]
         say(f"starting a local Prefect server on 127.0.0.1:{port} (a first start sets up its database: up to a minute)")
         with open(log, "ab") as out:
             process = subprocess.Popen(

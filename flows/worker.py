@@ -439,6 +439,9 @@ def serve(path: Path, fp: str, entry: str) -> None:
             elif time.monotonic() - last_active > idle_s:
                 print(f"idle for {idle_s:.0f} s: exiting", flush=True)
                 break
+            elif not path.exists():  # VIDTUNE_HOME deleted: `vidtune server stop` could no longer reach this worker
+                print(f"{path} is gone (VIDTUNE_HOME deleted?): exiting", flush=True)
+                break
     finally:
         for pid in runs:
             try:

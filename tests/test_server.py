@@ -148,3 +148,28 @@ def test_prefects_temporary_server_waits_long_enough_for_a_cold_first_start():
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.split()[-1] == "600", result.stdout + result.stderr
+
+
+def test_a_server_and_worker_whose_vidtune_home_is_deleted_exit_on_their_own(tmp_path):
+    """With $VIDTUNE_HOME gone, `vidtune server stop` cannot find them: the server's watch and the idle worker
+    notice their state file and socket are gone and exit, instead of running on with no way to stop them."""
+    home, port = tmp_path / "home", free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "VIDTUNE_HOME": str(home),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "VIDTUNE_SERVER_PORT": str(port),
+        "VIDTUNE_WORKER": "1",
+    }
+    started = vidtune("server", "start", env=env, cwd=tmp_path)
+    assert started.returncode == 0, started.stdout + started.stderr
+    server = json.loads((home / "run" / "server.json").read_text())["pid"]
+    spawn = "from vidtune.flows.worker import ensure_worker, wait_for_worker; fp, _ = ensure_worker('vidtune.flows.cli:app'); assert wait_for_worker(fp)"
+    subprocess.run([sys.executable, "-c", spawn], env=env, check=True, timeout=300)
+    (worker_file,) = (home / "run").glob("worker-*.json")
+    worker = json.loads(worker_file.read_text())["pid"]
+    assert pid_alive(server) and pid_alive(worker) and listening(port)
+    shutil.rmtree(home)
+    deadline = time.monotonic() + 60
+    while (pid_alive(server) or pid_alive(worker) or listening(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pid_alive(server) and not pid_alive(worker) and not listening(port)

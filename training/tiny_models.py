@@ -115,6 +115,10 @@ def build_tiny(name: str, folder: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(sorted(TINY_MODELS))}")
     import diffusers
 
+    from vidtune.training.progress_lines import quiet_library_bars
+
+    quiet_library_bars()  # in a log file, no carriage-return bars of "Writing model shards"
+
     spec = tiny_spec(name)
     torch.manual_seed(seed)
     components = {key: _word_tokenizer(part, spec.max_length) for key, part in spec.tokenizers.items()}

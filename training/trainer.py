@@ -60,6 +60,7 @@ from vidtune.training.job import TrainJob
 from vidtune.training.layout import RunLayout
 from vidtune.training.offload import BlockSwap, compile_blocks, transformer_blocks
 from vidtune.training.params import TrainParams
+from vidtune.training.progress_lines import StepProgress
 from vidtune.training.sampling import conditioning_images, render_samples
 from vidtune.training.selection import BestCheckpoint
 from vidtune.training.tracking import RunTracker, flatten
@@ -328,11 +329,9 @@ class Trainer:
         )
 
     def run(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         self.setup()
         params, state = self.params, self.state
-        self.bar = tqdm(
+        self.bar = StepProgress(
             total=params.max_steps,
             initial=state.step,
             desc="training",
@@ -512,8 +511,8 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.accelerator.device),
         }
         self.tracker.log_metrics(metrics, state.step)
-        self.bar.update(1)
         self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
+        self.bar.update(1)
         if self.on_step is not None:
             self.on_step(state.step, state.losses[-1])
         if state.step % params.checkpoint_every == 0 or state.step == params.max_steps:

@@ -92,6 +92,10 @@ class ModelFamily(ABC):
         """`from_pretrained` of the family's pipeline; `components` replace parts (None: not loaded)."""
         import diffusers
 
+        from vidtune.training.progress_lines import quiet_library_bars
+
+        quiet_library_bars()  # in a log file, no carriage-return bars of "Loading pipeline components"
+
         return getattr(diffusers, self.pipeline_class_name).from_pretrained(model, dtype=dtype, **components)
 
     def sampling_arguments(self, image=None) -> dict:
