@@ -228,14 +228,20 @@ def _plan_inputs(model: str, config: Path | None, overrides: list[str]):
     unknown = sorted(set(values) - set(FinetuneParams.model_fields))
     if unknown:
         raise ParamError("invalid parameters:\n" + "\n".join(f"  {key}: unknown parameter" for key in unknown))
-    try:  # for the machine planned for, not this one: no check that an attention backend is installed here
-        params = TrainParams.model_validate(
+    sections = {  # each named as the user types its keys (finetune's)
+        None: lambda: TrainParams.model_validate(  # for the machine planned for: no check of installed backends
             {k: v for k, v in values.items() if k in TrainParams.model_fields}, context={"remote": True}
-        )
-        precompute = PrecomputeParams.model_validate(values.get("precompute") or {})
-        clips = ClipParams.model_validate((values.get("curate") or {}).get("clips") or {})
-    except ValidationError as exc:
-        raise ParamError(format_validation_error(exc)) from None
+        ),
+        "precompute": lambda: PrecomputeParams.model_validate(values.get("precompute") or {}),
+        "curate.clips": lambda: ClipParams.model_validate((values.get("curate") or {}).get("clips") or {}),
+    }
+    validated = {}
+    for section, validate in sections.items():
+        try:
+            validated[section] = validate()
+        except ValidationError as exc:
+            raise ParamError(format_validation_error(exc, section=section)) from None
+    params, precompute, clips = validated[None], validated["precompute"], validated["curate.clips"]
     family = get_family(values["family"]) if values.get("family") else model_family(model)
     lengths = frame_buckets(family, precompute)
     data = values.get("data") or (values.get("curate") or {}).get("output")

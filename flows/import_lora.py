@@ -153,7 +153,7 @@ def import_lora(params: ImportLoraParams) -> dict:
         load_clip(params.evaluation.clip_model, params.evaluation.clip_pretrained, prefix="evaluation.")
 
     buckets = params.frame_buckets or list(get_family(family).frame_buckets)
-    dataset = check_dataset_task(params.data, buckets, family) if params.data else None
+    dataset = check_dataset_task(params.data, buckets, family, "frame_buckets") if params.data else None
     digests = []
     for path in sources:  # once: the run folder's name and the sources' record
         with open(Path(path).expanduser(), "rb") as handle:

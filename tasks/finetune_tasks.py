@@ -27,8 +27,10 @@ def resolve_family_task(model: str, family: str | None) -> str:
 
 
 @task(name="check-dataset", cache_policy=NO_CACHE)
-def check_dataset_task(data: str, buckets: list[int], family: str) -> DatasetSummary:
-    summary = summarize_dataset(data, buckets, family)
+def check_dataset_task(
+    data: str, buckets: list[int], family: str, buckets_setting: str = "precompute.frame_buckets"
+) -> DatasetSummary:
+    summary = summarize_dataset(data, buckets, family, buckets_setting)
     logger = get_run_logger()
     logger.info("%d clips; training buckets (frames x h x w): %s", summary.clips, dict(summary.buckets))
     if summary.too_short:

@@ -178,6 +178,9 @@ def test_vidtune_plan_prints_the_table_and_json(vidtune, tiny, tmp_path):
         assert code == 2 and "--vram" in out
     code, out = vidtune("plan", "--model", folder, "--vram", "lots")
     assert code == 2 and "not a memory size" in out
+    # A bad setting is named as finetune's key, inside its section.
+    code, out = vidtune("plan", "--model", folder, "--vram", "24GB", "--set", "curate.clips.width=-4")
+    assert code == 2 and "curate.clips.width" in out, out
 
 
 def test_vram_sizes_parse():

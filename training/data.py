@@ -120,8 +120,11 @@ def _clip_rows(shard: Path) -> Iterator[dict]:
                 yield json.load(tar.extractfile(member))
 
 
-def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) -> DatasetSummary:
-    """Which curated clips fit which bucket; raises DatasetError when nothing can train."""
+def summarize_dataset(
+    data: str | Path, buckets: list[int], family_name: str, buckets_setting: str = "precompute.frame_buckets"
+) -> DatasetSummary:
+    """Which curated clips fit which bucket; raises DatasetError when nothing can train, naming `buckets_setting`
+    (the key of the frame buckets in the command that reads the data: import-lora's is `frame_buckets`)."""
     data = Path(data).expanduser()
     if not data.exists():
         raise DatasetError(f"data: {data} does not exist; curate raw videos into it first (vidtune curate RAW {data})")
@@ -152,8 +155,9 @@ def summarize_dataset(data: str | Path, buckets: list[int], family_name: str) ->
         video_buckets = sorted(b for b in buckets if b != STILL_FRAMES)  # stills have their own, not worth naming
         raise DatasetError(
             f"data: no clip fits a frame bucket of {family_name} ({', '.join(map(str, video_buckets))} frames): the "
-            f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set precompute.frame_buckets to shorter "
-            "lengths the family accepts, or curate longer clips (scenes.min_clip_s, clips.fps)."
+            f"{clips} clips have {min(too_short)}-{max(too_short)} frames. Set {buckets_setting} to shorter "
+            "lengths the family accepts, or curate longer clips (curate's scenes.min_clip_s and clips.fps; "
+            "curate.scenes.min_clip_s and curate.clips.fps inside finetune)."
         )
     return DatasetSummary(shards, clips, fitting, too_short, sorted(ids), source_of, stills, start_of, not_kept)
 

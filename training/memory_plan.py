@@ -357,7 +357,7 @@ def recommend(
         for b, f in shorter.items()
     ]
     fitting = [line.device_bytes for line in step.buckets if line.device_bytes <= vram]
-    summary = f"{flags}, and leave out or shorten buckets ({'; '.join(notes)}: precompute.frame_buckets, clips.buckets)"
+    summary = f"{flags}, and leave out or shorten buckets ({'; '.join(notes)}: precompute.frame_buckets, curate.clips.buckets; `vidtune plan --bucket`)"
     return Recommendation(
         settings=changes,
         device_bytes=max(fitting, default=floor),
