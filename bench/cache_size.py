@@ -65,8 +65,9 @@ def clip_bytes(name: str, frames: int, height: int, width: int) -> dict:
         published_config(spec.parts[p].repo, f"{spec.parts[p].path}/config.json") for p in ("vae", "text_encoder")
     )
     latent = _latent_channels(vae) * latent_frames * int(height / s_factor) * int(width / s_factor) * 2
-    tokens = {k: int(_text_tensors(family.encode_prompts(pipe, [c]))["embeds"].shape[0]) for k, c in CAPTIONS.items()}
-    padded = int(_text_tensors(family.encode_prompts(pipe, [CAPTIONS["short"]]))["tokens"])
+    stored = {k: _text_tensors(family.encode_prompts(pipe, [c])) for k, c in CAPTIONS.items()}
+    tokens = {k: int(tensors["embeds"].shape[0]) for k, tensors in stored.items()}
+    padded = int(stored["short"]["tokens"])
     per_token = _width(text) * 2
     before = 2 * latent + padded * per_token
     after = {k: (2 if family.caches_posterior else 1) * latent + n * per_token for k, n in tokens.items()}

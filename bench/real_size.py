@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from vidtune.training.families import get_family  # noqa: E402
+from vidtune.training.model_footprint import as_loaded  # noqa: E402
 from vidtune.training.published_configs import build_from_config, published_config, published_scheduler  # noqa: E402
 from vidtune.training.tiny_models import TINY_MODELS, tiny_spec  # noqa: E402
 
@@ -211,7 +212,7 @@ def random_transformer(leg: Leg, dry_run: bool, device: str) -> torch.nn.Module:
     config = published_config(part.repo, f"{part.path}/config.json") | (part.shrink if dry_run else {})
     cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
-        model = to_bf16_as_loaded(cls.from_config(config))
+        model = as_loaded(cls.from_config(config), torch.bfloat16)
     model.to_empty(device="cpu")  # filled from a CPU generator: the same weights whatever the leg's device
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -221,14 +222,6 @@ def random_transformer(leg: Leg, dry_run: bool, device: str) -> torch.nn.Module:
         for name, buffer in shallow.named_buffers():
             model.get_buffer(name).copy_(buffer)
     return model if leg.blocks_to_swap else model.to(device)  # a swapped model moves after its swap is set up
-
-
-def to_bf16_as_loaded(model: torch.nn.Module) -> torch.nn.Module:
-    """bf16, except the modules the class keeps in fp32, as `from_pretrained(dtype=bf16)` (the trainer's load) does."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else torch.bfloat16)
-    return model
 
 
 def transformer_for_training(leg: Leg, rank: int, dry_run: bool, device: str, swap: int = 0) -> torch.nn.Module:

@@ -71,6 +71,13 @@ class PrecomputeResult:
     prompts_encoded: int = 0  # text-encoder runs: one per distinct caption (of the last PROMPT_MEMO)
     skipped: Counter = field(default_factory=Counter)  # reason -> clips
 
+    COUNTS = ("encoded", "reused", "videos_read", "prompts_encoded")  # what adds up over precompute processes
+
+    @property
+    def finished(self) -> int:
+        """Clips looked at and done with: encoded, reused or skipped."""
+        return self.encoded + self.reused + sum(self.skipped.values())
+
 
 def load_encoders(family: ModelFamily, model: str, dtype: torch.dtype, device) -> object:
     """The pipeline precompute encodes with: the VAE and the text (and image) encoders on `device`. The denoisers'
@@ -95,7 +102,7 @@ def _denoiser_shells(family: ModelFamily, model: str, dtype: torch.dtype) -> dic
 
     index, shells = model_index(model), {}
     for name in family.denoiser_components:
-        library, class_name = index.get(name) or (None, None)
+        _, class_name = index.get(name) or (None, None)
         if class_name is None:
             shells[name] = None  # the model has no such component (Wan 2.1's second expert)
             continue
@@ -331,7 +338,7 @@ def precompute(
             else:
                 todo.append((indexed, meta, frames, key))
                 cached[key].add(meta["clip_id"])  # a clip in two shards is encoded once
-    done = result.reused + sum(result.skipped.values())
+    done = result.finished
     report(done)
     appenders: dict[str, _ShardAppender] = {}
     for indexed, meta, frames, key in todo:

@@ -151,6 +151,11 @@ def build_module(config: dict, dtype: torch.dtype, device: str = "meta") -> torc
             import diffusers
 
             module = diffusers.UNetMotionModel.from_unet2d(module, build_from_config(adapter))
+    return as_loaded(module, dtype)
+
+
+def as_loaded(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` in `dtype`, except the modules its class keeps in fp32, as `from_pretrained(dtype=...)` loads it."""
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     for name, param in module.named_parameters():
         param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else dtype)

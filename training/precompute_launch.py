@@ -97,7 +97,7 @@ def precompute_processes(
         why = statuses[rank].get("error") or f"exit code {children[rank].returncode}; see its output above"
         raise RuntimeError(f"precompute process {rank} of {processes} failed: {why}")
     total = _added_up([s["result"] for s in statuses])
-    report(total.encoded + total.reused + sum(total.skipped.values()))
+    report(total.finished)
     return total
 
 
@@ -115,7 +115,7 @@ def _environment(rank: int) -> dict[str, str]:
 def _added_up(results: list[dict]) -> PrecomputeResult:
     total = PrecomputeResult(Path(results[0]["cache_dir"]), Path(results[0]["prompts_dir"]))
     for result in results:
-        for name in ("encoded", "reused", "videos_read", "prompts_encoded"):
+        for name in PrecomputeResult.COUNTS:
             setattr(total, name, getattr(total, name) + result[name])
         total.skipped.update(Counter(result["skipped"]))
     return total
@@ -148,10 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         write_json_atomic(status, {"error": f"{type(exc).__name__}: {exc}"})
         traceback.print_exc()
         sys.exit(1)
-    fields = {"encoded", "reused", "videos_read", "prompts_encoded"}
-    done = {name: getattr(result, name) for name in fields} | {"skipped": dict(result.skipped)}
+    done = {name: getattr(result, name) for name in PrecomputeResult.COUNTS} | {"skipped": dict(result.skipped)}
     done |= {"cache_dir": str(result.cache_dir), "prompts_dir": str(result.prompts_dir)}
-    write_json_atomic(status, {"done": result.encoded + result.reused + sum(result.skipped.values()), "result": done})
+    write_json_atomic(status, {"done": result.finished, "result": done})
 
 
 if __name__ == "__main__":
